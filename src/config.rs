@@ -1,0 +1,533 @@
+//! The settings table, and turning environment plus flags into a checked
+//! configuration.
+//!
+//! Every setting is an environment variable `BZPUSH_NAME` and a flag
+//! `--name`; a flag wins. [`SETTINGS`] is the one table: `--help`, the README
+//! and the example environment file are written from it. Resolution is pure:
+//! this module reads the environment and arguments it is given, validates,
+//! and never opens a connection or starts a thread. Credentials never appear
+//! in anything it prints ([`redact_url`]).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::time::Duration;
+
+use log::LevelFilter;
+
+/// One setting: its flag name, default and a line of documentation.
+pub struct Setting {
+    /// The flag without `--`; the variable is `BZPUSH_` + upper snake case.
+    pub name: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+impl Setting {
+    /// The environment variable that carries this setting.
+    pub fn env_var(&self) -> String {
+        format!(
+            "BZPUSH_{}",
+            self.name.to_ascii_uppercase().replace('-', "_")
+        )
+    }
+}
+
+/// Every setting bzpush reads. A subcommand ignores the ones it does not
+/// use, so one environment file can serve every unit.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        name: "database-url",
+        default: "mysql://bugs@localhost:3306/bugs",
+        doc: "Bugzilla's database (poll)",
+    },
+    Setting {
+        name: "source",
+        default: "push_notify",
+        doc: "push_notify (table of the PushNotify extension) or bugs (stock Bugzilla)",
+    },
+    Setting {
+        name: "poll-interval",
+        default: "1s",
+        doc: "time between polls, e.g. 250ms or 2s",
+    },
+    Setting {
+        name: "batch-size",
+        default: "1000",
+        doc: "rows read and published per poll; a full batch polls again at once",
+    },
+    Setting {
+        name: "overlap",
+        default: "30s",
+        doc: "source bugs: how far back each poll looks for late-committing changes",
+    },
+    Setting {
+        name: "lock-name",
+        default: "bzpush.poller",
+        doc: "database lock held by the active poller; one name per Bugzilla database",
+    },
+    Setting {
+        name: "amqp-url",
+        default: "amqp://guest:guest@127.0.0.1:5672/%2f",
+        doc: "the broker; amqps:// for TLS (poll)",
+    },
+    Setting {
+        name: "exchange",
+        default: "exchange/bugzilla/simple",
+        doc: "exchange the poller publishes to",
+    },
+    Setting {
+        name: "log",
+        default: "info",
+        doc: "error, warn, info, debug or trace",
+    },
+];
+
+/// What the user asked for on the command line.
+#[derive(Debug)]
+pub enum Invocation {
+    Help,
+    Version,
+    Poll(PollConfig),
+}
+
+/// A bad or missing setting: printed as one line, exit status 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn setting(setting: &Setting, value: &str, expected: &str) -> ConfigError {
+        ConfigError(format!(
+            "{} (--{}): invalid value {:?}: {expected}",
+            setting.env_var(),
+            setting.name,
+            redact_url(value),
+        ))
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the poller reads changes from (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The PushNotify extension's queue table: read, publish, delete.
+    PushNotify,
+    /// Stock Bugzilla: `bugs.delta_ts` above a watermark, read-only.
+    Bugs,
+}
+
+/// A MySQL/MariaDB URL, checked, that prints without its password.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    pub opts: mysql::Opts,
+    url: String,
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.url))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// An AMQP URL, checked, that prints without its password.
+#[derive(Clone)]
+pub struct AmqpUrl {
+    url: String,
+}
+
+impl AmqpUrl {
+    /// The full URL, credentials included: only for connecting.
+    pub fn secret(&self) -> &str {
+        &self.url
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.url))
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Everything `bzpush poll` needs.
+#[derive(Clone, Debug)]
+pub struct PollConfig {
+    pub database: DatabaseUrl,
+    pub source: Source,
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+    pub overlap: Duration,
+    pub lock_name: String,
+    pub amqp: AmqpUrl,
+    pub exchange: String,
+    pub log: LevelFilter,
+}
+
+/// Largest batch: a batch is held in memory and in one publish round.
+const MAX_BATCH_SIZE: usize = 100_000;
+/// MariaDB and MySQL refuse lock names longer than this.
+const MAX_LOCK_NAME: usize = 64;
+/// AMQP short strings (exchange names) are at most this many bytes.
+const MAX_EXCHANGE_NAME: usize = 255;
+
+/// Resolves the command line (`args`, without the program name) and the
+/// environment into what to do.
+pub fn parse(
+    args: impl IntoIterator<Item = OsString>,
+    env: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<Invocation, ConfigError> {
+    let mut args = args.into_iter().map(|a| {
+        a.into_string()
+            .map_err(|a| ConfigError(format!("argument {a:?} is not valid UTF-8")))
+    });
+    let command = match args.next().transpose()? {
+        None => return Err(ConfigError("no command given; try `bzpush --help`".into())),
+        Some(c) => c,
+    };
+    match command.as_str() {
+        "-h" | "--help" | "help" => return Ok(Invocation::Help),
+        "-V" | "--version" | "version" => return Ok(Invocation::Version),
+        "poll" => {}
+        other => {
+            return Err(ConfigError(format!(
+                "unknown command {other:?}; try `bzpush --help`"
+            )));
+        }
+    }
+    let mut values = from_env(env)?;
+    while let Some(arg) = args.next().transpose()? {
+        if arg == "-h" || arg == "--help" {
+            return Ok(Invocation::Help);
+        }
+        let Some(flag) = arg.strip_prefix("--") else {
+            return Err(ConfigError(format!(
+                "unexpected argument {arg:?}; settings are flags like --poll-interval 2s"
+            )));
+        };
+        let (name, inline) = match flag.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_string())),
+            None => (flag, None),
+        };
+        let setting = lookup(name)
+            .ok_or_else(|| ConfigError(format!("unknown flag --{name}; try `bzpush --help`")))?;
+        let value = match inline {
+            Some(v) => v,
+            None => args
+                .next()
+                .transpose()?
+                .ok_or_else(|| ConfigError(format!("flag --{name} needs a value")))?,
+        };
+        values.insert(setting.name, value);
+    }
+    let get = |name: &str| -> (&'static Setting, &str) {
+        let setting = lookup(name).unwrap_or_else(|| panic!("{name} is in SETTINGS"));
+        let value = values.get(name).map_or(setting.default, String::as_str);
+        (setting, value)
+    };
+    Ok(Invocation::Poll(PollConfig {
+        database: database_url(get("database-url"))?,
+        source: source(get("source"))?,
+        poll_interval: duration(get("poll-interval"))?,
+        batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
+        overlap: duration(get("overlap"))?,
+        lock_name: text(get("lock-name"), MAX_LOCK_NAME)?,
+        amqp: amqp_url(get("amqp-url"))?,
+        exchange: text(get("exchange"), MAX_EXCHANGE_NAME)?,
+        log: log_level(get("log"))?,
+    }))
+}
+
+fn lookup(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+/// The `BZPUSH_*` variables, by setting name. An unknown `BZPUSH_*` variable
+/// is an error: a misspelt line in an environment file must not be silently
+/// ignored.
+fn from_env(
+    env: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<BTreeMap<&'static str, String>, ConfigError> {
+    let mut values = BTreeMap::new();
+    for (key, value) in env {
+        let Some(key) = key.to_str() else { continue };
+        if !key.starts_with("BZPUSH_") {
+            continue;
+        }
+        let setting = SETTINGS
+            .iter()
+            .find(|s| s.env_var() == key)
+            .ok_or_else(|| ConfigError(format!("{key} is not a bzpush setting")))?;
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError(format!("{key}: value is not valid UTF-8")))?;
+        values.insert(setting.name, value);
+    }
+    Ok(values)
+}
+
+fn database_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, ConfigError> {
+    if !value.starts_with("mysql://") {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            "expected mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+        ));
+    }
+    let opts = mysql::Opts::from_url(value)
+        .map_err(|e| ConfigError::setting(setting, value, &e.to_string()))?;
+    if opts.get_db_name().is_none_or(str::is_empty) {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            "the URL names no database (…/DATABASE)",
+        ));
+    }
+    Ok(DatabaseUrl {
+        opts,
+        url: value.to_string(),
+    })
+}
+
+fn amqp_url((setting, value): (&Setting, &str)) -> Result<AmqpUrl, ConfigError> {
+    if !(value.starts_with("amqp://") || value.starts_with("amqps://")) {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            "expected amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://…",
+        ));
+    }
+    value
+        .parse::<lapin::uri::AMQPUri>()
+        .map_err(|e| ConfigError::setting(setting, value, &e))?;
+    Ok(AmqpUrl {
+        url: value.to_string(),
+    })
+}
+
+fn source((setting, value): (&Setting, &str)) -> Result<Source, ConfigError> {
+    match value {
+        "push_notify" => Ok(Source::PushNotify),
+        "bugs" => Ok(Source::Bugs),
+        _ => Err(ConfigError::setting(
+            setting,
+            value,
+            "expected push_notify or bugs",
+        )),
+    }
+}
+
+fn duration((setting, value): (&Setting, &str)) -> Result<Duration, ConfigError> {
+    parse_duration(value)
+        .ok_or_else(|| ConfigError::setting(setting, value, "expected a duration like 250ms or 2s"))
+}
+
+/// `250ms`, `2s`, `5m`: a whole number and a unit, more than zero.
+pub fn parse_duration(value: &str) -> Option<Duration> {
+    let digits = value.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = value.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.checked_mul(60)?),
+        _ => return None,
+    };
+    (!duration.is_zero()).then_some(duration)
+}
+
+fn number(
+    (setting, value): (&Setting, &str),
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            ConfigError::setting(
+                setting,
+                value,
+                &format!("expected a number from {min} to {max}"),
+            )
+        })
+}
+
+fn text((setting, value): (&Setting, &str), max_len: usize) -> Result<String, ConfigError> {
+    if value.is_empty() || value.len() > max_len {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            &format!("expected 1 to {max_len} characters"),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+fn log_level((setting, value): (&Setting, &str)) -> Result<LevelFilter, ConfigError> {
+    match value {
+        "error" => Ok(LevelFilter::Error),
+        "warn" => Ok(LevelFilter::Warn),
+        "info" => Ok(LevelFilter::Info),
+        "debug" => Ok(LevelFilter::Debug),
+        "trace" => Ok(LevelFilter::Trace),
+        _ => Err(ConfigError::setting(
+            setting,
+            value,
+            "expected error, warn, info, debug or trace",
+        )),
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`; anything
+/// else unchanged.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let Some(colon) = authority[..at].find(':') else {
+        return url.to_string();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..scheme_end + 3],
+        &authority[..colon],
+        &rest[at..]
+    )
+}
+
+/// The text of `bzpush --help`, written from [`SETTINGS`].
+pub fn help() -> String {
+    let mut text = format!(
+        "bzpush {}: Bugzilla push notifications\n\n\
+         Usage: bzpush <COMMAND> [--SETTING VALUE]...\n\n\
+         Commands:\n  \
+         poll    poll Bugzilla's database and publish each change to Pulse (AMQP)\n\n\
+         Settings (environment variable, flag, default):\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for s in SETTINGS {
+        text.push_str(&format!(
+            "  {:<22} --{:<15} {}\n      {}\n",
+            s.env_var(),
+            s.name,
+            s.default,
+            s.doc
+        ));
+    }
+    text.push_str("\nA flag wins over the environment. Exit status: 0 clean stop, 1 runtime failure, 2 bad configuration.\n");
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn poll(args: &[&str], env: &[(&str, &str)]) -> Result<PollConfig, ConfigError> {
+        let args = std::iter::once("poll")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        let env = env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        match parse(args, env)? {
+            Invocation::Poll(config) => Ok(config),
+            other => panic!("expected poll, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let config = poll(&[], &[]).expect("defaults are valid");
+        assert_eq!(config.source, Source::PushNotify);
+        assert_eq!(config.poll_interval, Duration::from_secs(1));
+        assert_eq!(config.exchange, "exchange/bugzilla/simple");
+        assert_eq!(
+            config.amqp.to_string(),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            config.database.to_string(),
+            "mysql://bugs@localhost:3306/bugs"
+        );
+    }
+
+    #[test]
+    fn a_flag_wins_over_the_environment() {
+        let config = poll(
+            &["--poll-interval", "250ms", "--source=bugs"],
+            &[
+                ("BZPUSH_POLL_INTERVAL", "2s"),
+                ("BZPUSH_SOURCE", "push_notify"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(config.poll_interval, Duration::from_millis(250));
+        assert_eq!(config.source, Source::Bugs);
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_hide_passwords() {
+        let err = poll(&[], &[("BZPUSH_POLL_INTERVAL", "soon")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("BZPUSH_POLL_INTERVAL (--poll-interval)"),
+            "{err}"
+        );
+        let err = poll(&["--database-url", "postgres://u:hunter2@h/db"], &[]).unwrap_err();
+        assert!(err.to_string().contains("BZPUSH_DATABASE_URL"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = poll(&[], &[("BZPUSH_POLL_INTERVL", "1s")]).unwrap_err();
+        assert!(err.to_string().contains("BZPUSH_POLL_INTERVL"), "{err}");
+        assert!(poll(&["--batch-size", "0"], &[]).is_err());
+        assert!(poll(&["--nope", "1"], &[]).is_err());
+        assert!(poll(&["--log"], &[]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        for bad in ["", "0s", "1", "s", "1.5s", "-1s", "1 s", "1h"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(
+            redact_url("mysql://bugs:pw@host/db"),
+            "mysql://bugs:***@host/db"
+        );
+        assert_eq!(
+            redact_url("amqp://u:p@ss@h:5672/%2f"),
+            "amqp://u:***@h:5672/%2f"
+        );
+        assert_eq!(redact_url("mysql://bugs@host/db"), "mysql://bugs@host/db");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+}

@@ -1,0 +1,109 @@
+//! Source `bugs`: stock Bugzilla, no extension, read-only.
+//!
+//! Bugzilla stamps `bugs.delta_ts` on every change. Each poll reads the
+//! changes stamped at or after `watermark - overlap`, where the watermark is
+//! the database's own clock at the previous poll, and suppresses the
+//! `(bug, delta_ts)` pairs it already published within that window. The
+//! overlap catches transactions that commit after the second they stamped.
+//! This source must never write to the database.
+
+use std::collections::HashSet;
+
+use mysql::Conn;
+use mysql::prelude::Queryable;
+
+use super::{Batch, Source, bug_id, change_time};
+use crate::config::PollConfig;
+use crate::notification::{ChangeTime, Notification};
+
+pub struct Bugs {
+    batch_size: usize,
+    overlap_secs: u64,
+    /// Database time of the last poll that published everything it read.
+    watermark: Option<ChangeTime>,
+    /// What was published (confirmed) within the current window.
+    published: HashSet<Notification>,
+}
+
+/// What a batch needs to be remembered once confirmed.
+pub struct Window {
+    published: Vec<Notification>,
+    /// Everything in the window, published now or earlier.
+    seen: HashSet<Notification>,
+    /// The new watermark, when this batch leaves nothing in the window.
+    complete_at: Option<ChangeTime>,
+}
+
+impl Bugs {
+    pub fn new(config: &PollConfig) -> Bugs {
+        Bugs {
+            batch_size: config.batch_size,
+            overlap_secs: config.overlap.as_secs().max(1),
+            watermark: None,
+            published: HashSet::new(),
+        }
+    }
+}
+
+impl Source for Bugs {
+    type Receipt = Window;
+
+    fn activated(&mut self, now: &ChangeTime, took_over: bool) {
+        // A fresh start begins now (no replay of history). After another
+        // poller was active, begin where it stopped: it was alive at `now`,
+        // and the overlap covers what it read but had not yet published.
+        // Reconnecting with nobody else active keeps our own watermark.
+        if took_over || self.watermark.is_none() {
+            self.watermark = Some(now.clone());
+        }
+    }
+
+    fn read(&mut self, db: &mut Conn) -> Result<Batch<Window>, mysql::Error> {
+        let now: Option<String> =
+            db.query_first("SELECT DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s')")?;
+        let now = ChangeTime::new(now.unwrap_or_default());
+        let watermark = self.watermark.clone().unwrap_or_else(|| now.clone());
+        let rows: Vec<(mysql::Value, mysql::Value)> = db.exec(
+            "SELECT bug_id, delta_ts FROM bugs \
+             WHERE delta_ts >= STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s') - INTERVAL ? SECOND \
+             ORDER BY delta_ts, bug_id",
+            (watermark.as_str(), self.overlap_secs),
+        )?;
+        let in_window: Vec<Notification> = rows
+            .iter()
+            .filter_map(|(bug, delta_ts)| {
+                Some(Notification {
+                    bug: bug_id(bug)?,
+                    when: change_time(delta_ts)?,
+                })
+            })
+            .collect();
+        let seen: HashSet<Notification> = in_window.iter().cloned().collect();
+        let mut fresh: Vec<Notification> = in_window
+            .into_iter()
+            .filter(|n| !self.published.contains(n))
+            .collect();
+        let full = fresh.len() > self.batch_size;
+        fresh.truncate(self.batch_size);
+        Ok(Batch {
+            notifications: fresh.clone(),
+            receipt: Window {
+                published: fresh,
+                seen,
+                complete_at: (!full).then_some(now),
+            },
+            full,
+        })
+    }
+
+    fn confirmed(&mut self, _db: &mut Conn, window: Window) -> Result<(), mysql::Error> {
+        self.published.extend(window.published);
+        if let Some(now) = window.complete_at {
+            // A pair that fell out of this window never comes back into a
+            // later one: forget it.
+            self.published.retain(|n| window.seen.contains(n));
+            self.watermark = Some(now);
+        }
+        Ok(())
+    }
+}

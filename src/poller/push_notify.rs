@@ -1,0 +1,82 @@
+//! Source `push_notify`: the queue table of Mozilla's PushNotify extension.
+//!
+//! The extension keeps one row per bug and updates its `delta_ts` in place.
+//! A poll reads the oldest rows; once the broker has confirmed them, each is
+//! deleted only if it is unchanged (`id` and `delta_ts` both match), so a
+//! change that lands between the read and the delete stays for the next
+//! poll. This source needs SELECT and DELETE on that one table and must
+//! never write anything else.
+
+use log::warn;
+use mysql::prelude::Queryable;
+use mysql::{Conn, Value};
+
+use super::{Batch, Source, bug_id, change_time};
+use crate::config::PollConfig;
+use crate::notification::{ChangeTime, Notification};
+
+/// Rows per DELETE statement: two placeholders each, well under the
+/// protocol's 65,535.
+const DELETE_CHUNK: usize = 1000;
+
+pub struct PushNotify {
+    batch_size: usize,
+}
+
+/// The rows a batch came from, as read: `(id, delta_ts)`.
+pub struct Rows(Vec<(Value, Value)>);
+
+impl PushNotify {
+    pub fn new(config: &PollConfig) -> PushNotify {
+        PushNotify {
+            batch_size: config.batch_size,
+        }
+    }
+}
+
+impl Source for PushNotify {
+    type Receipt = Rows;
+
+    fn activated(&mut self, _now: &ChangeTime, _took_over: bool) {
+        // The table is the whole state: whatever a previous poller left
+        // unconfirmed is still there.
+    }
+
+    fn read(&mut self, db: &mut Conn) -> Result<Batch<Rows>, mysql::Error> {
+        let rows: Vec<(Value, Value, Value)> = db.exec(
+            "SELECT id, bug_id, delta_ts FROM push_notify ORDER BY id LIMIT ?",
+            (self.batch_size,),
+        )?;
+        let full = rows.len() == self.batch_size;
+        let mut notifications = Vec::with_capacity(rows.len());
+        let mut receipt = Vec::with_capacity(rows.len());
+        for (id, bug, delta_ts) in rows {
+            match (bug_id(&bug), change_time(&delta_ts)) {
+                (Some(bug), Some(when)) => notifications.push(Notification { bug, when }),
+                // Deleted below without being published: it can never be,
+                // and leaving it would keep it at the head of every batch.
+                _ => warn!(
+                    "push_notify row id {id:?} has no valid bug_id/delta_ts ({bug:?}, {delta_ts:?}); deleting it"
+                ),
+            }
+            receipt.push((id, delta_ts));
+        }
+        Ok(Batch {
+            notifications,
+            receipt: Rows(receipt),
+            full,
+        })
+    }
+
+    fn confirmed(&mut self, db: &mut Conn, Rows(rows): Rows) -> Result<(), mysql::Error> {
+        for chunk in rows.chunks(DELETE_CHUNK) {
+            let condition = vec!["(id = ? AND delta_ts = ?)"; chunk.len()].join(" OR ");
+            let params: Vec<Value> = chunk
+                .iter()
+                .flat_map(|(id, delta_ts)| [id.clone(), delta_ts.clone()])
+                .collect();
+            db.exec_drop(format!("DELETE FROM push_notify WHERE {condition}"), params)?;
+        }
+        Ok(())
+    }
+}

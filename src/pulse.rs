@@ -1,0 +1,271 @@
+//! Pulse: the AMQP side of bzpush.
+//!
+//! Owns the wire format of `exchange/bugzilla/simple` messages, byte for
+//! byte what Mozilla's `mozillapulse` `SimpleBugzillaPublisher` sends, and
+//! the [`Publisher`] that delivers a batch with publisher confirms. A batch
+//! counts as published only when the broker has acked every message in it;
+//! callers must not forget a change before [`Publisher::publish`] returns
+//! `Ok`. lapin is async; this module drives it from plain threads with
+//! `block_on`, and nothing here may block on one of lapin's executor threads.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_lite::future::block_on;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use serde::Serialize;
+
+use crate::config::AmqpUrl;
+use crate::notification::Notification;
+
+/// AMQP `delivery_mode` for a message the broker keeps on disk.
+const PERSISTENT: u8 = 2;
+
+#[derive(Serialize)]
+struct Message<'a> {
+    payload: Payload<'a>,
+    #[serde(rename = "_meta")]
+    meta: Meta<'a>,
+}
+
+#[derive(Serialize)]
+struct Payload<'a> {
+    id: u32,
+    delta_ts: &'a str,
+}
+
+#[derive(Serialize)]
+struct Meta<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    serializer: &'static str,
+    sent: &'a str,
+}
+
+/// The routing key of a notification: the bug id in decimal.
+pub fn routing_key(notification: &Notification) -> String {
+    notification.bug.to_string()
+}
+
+/// The JSON body of a Pulse message for `notification`, sent at `sent`
+/// (RFC 3339, see [`rfc3339_utc`]).
+pub fn encode(notification: &Notification, exchange: &str, sent: &str) -> Vec<u8> {
+    let routing_key = routing_key(notification);
+    let message = Message {
+        payload: Payload {
+            id: notification.bug.get(),
+            delta_ts: notification.when.as_str(),
+        },
+        meta: Meta {
+            exchange,
+            routing_key: &routing_key,
+            serializer: "json",
+            sent,
+        },
+    };
+    serde_json::to_vec(&message).expect("a struct of numbers and strings always serializes")
+}
+
+/// The AMQP properties every Pulse message carries.
+pub fn properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_delivery_mode(PERSISTENT)
+}
+
+/// `time` as `YYYY-MM-DDTHH:MM:SS+00:00`, the form of `_meta.sent`.
+pub fn rfc3339_utc(time: SystemTime) -> String {
+    let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}+00:00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+/// `civil_from_days`, restricted to dates after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// A broker failure, with what was being done.
+#[derive(Debug)]
+pub struct BrokerError {
+    doing: &'static str,
+    error: lapin::Error,
+}
+
+impl BrokerError {
+    fn new(doing: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+        move |error| BrokerError { doing, error }
+    }
+}
+
+impl fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.doing, self.error)
+    }
+}
+
+impl std::error::Error for BrokerError {}
+
+/// Why a batch did not count as published.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The connection or channel failed; reconnect and publish again.
+    Broker(BrokerError),
+    /// The broker refused (nacked) a message; the batch must be retried.
+    Nacked { bug: String },
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::Broker(e) => e.fmt(f),
+            PublishError::Nacked { bug } => {
+                write!(f, "the broker refused (nacked) the message for bug {bug}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+impl From<BrokerError> for PublishError {
+    fn from(e: BrokerError) -> PublishError {
+        PublishError::Broker(e)
+    }
+}
+
+/// A confirmed-publish channel to one exchange.
+pub struct Publisher {
+    // Held only to keep the connection open: lapin closes it when the
+    // connection and all its channels are dropped.
+    _connection: Connection,
+    channel: Channel,
+    exchange: String,
+}
+
+impl Publisher {
+    /// Connects, declares `exchange` the way mozillapulse does (topic,
+    /// durable) and turns on publisher confirms.
+    pub fn connect(url: &AmqpUrl, exchange: &str, name: &str) -> Result<Publisher, BrokerError> {
+        block_on(async {
+            let properties = ConnectionProperties::default().with_connection_name(name.into());
+            let connection = Connection::connect(url.secret(), properties)
+                .await
+                .map_err(BrokerError::new("connecting"))?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(BrokerError::new("opening a channel"))?;
+            channel
+                .exchange_declare(
+                    exchange.into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(BrokerError::new("declaring the exchange"))?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(BrokerError::new("enabling publisher confirms"))?;
+            Ok(Publisher {
+                _connection: connection,
+                channel,
+                exchange: exchange.to_string(),
+            })
+        })
+    }
+
+    /// Publishes every notification, then waits until the broker has
+    /// confirmed them all. `Ok` means every message is the broker's.
+    pub fn publish(&self, batch: &[Notification]) -> Result<(), PublishError> {
+        let sent = rfc3339_utc(SystemTime::now());
+        block_on(async {
+            // Send the whole batch before waiting for any confirm: one round
+            // trip per batch, not per message.
+            let mut confirms = Vec::with_capacity(batch.len());
+            for notification in batch {
+                let confirm = self
+                    .channel
+                    .basic_publish(
+                        self.exchange.as_str().into(),
+                        routing_key(notification).into(),
+                        BasicPublishOptions::default(),
+                        &encode(notification, &self.exchange, &sent),
+                        properties(),
+                    )
+                    .await
+                    .map_err(BrokerError::new("publishing"))?;
+                confirms.push((notification, confirm));
+            }
+            for (notification, confirm) in confirms {
+                match confirm
+                    .await
+                    .map_err(BrokerError::new("waiting for confirms"))?
+                {
+                    Confirmation::Ack(_) => {}
+                    Confirmation::Nack(_) | Confirmation::NotRequested => {
+                        return Err(PublishError::Nacked {
+                            bug: notification.bug.to_string(),
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notification::{BugId, ChangeTime};
+    use std::time::Duration;
+
+    #[test]
+    fn body_is_what_mozillapulse_sends() {
+        let n = Notification {
+            bug: BugId::new(123456).expect("nonzero"),
+            when: ChangeTime::new("2026-11-28T02:04:50"),
+        };
+        let body = encode(&n, "exchange/bugzilla/simple", "2026-11-28T02:04:51+00:00");
+        assert_eq!(
+            std::str::from_utf8(&body).expect("utf-8"),
+            r#"{"payload":{"id":123456,"delta_ts":"2026-11-28T02:04:50"},"_meta":{"exchange":"exchange/bugzilla/simple","routing_key":"123456","serializer":"json","sent":"2026-11-28T02:04:51+00:00"}}"#
+        );
+    }
+
+    #[test]
+    fn sent_time_is_rfc3339_utc() {
+        assert_eq!(rfc3339_utc(UNIX_EPOCH), "1970-01-01T00:00:00+00:00");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_831_491);
+        assert_eq!(rfc3339_utc(t), "2026-11-28T02:04:51+00:00");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339_utc(leap), "2000-02-29T00:00:00+00:00");
+    }
+}
