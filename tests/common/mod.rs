@@ -1,0 +1,515 @@
+//! The test harness: real MariaDB, real RabbitMQ, the real `bzpush` binary.
+//!
+//! Each test makes its own uniquely named database, exchange and queue and
+//! drops them when it ends, so tests run in parallel without touching each
+//! other's data. Faults are real: [`Proxy`] severs TCP connections, and
+//! [`Bzpush::kill9`] sends SIGKILL. A service that is down fails the test
+//! with how to start it; nothing is skipped. Every wait has a deadline, so a
+//! hung test fails instead of hanging CI.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use futures_lite::StreamExt;
+use futures_lite::future::block_on;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use mysql::prelude::Queryable;
+
+pub const MYSQL_ADDR: &str = "127.0.0.1:3306";
+pub const AMQP_ADDR: &str = "127.0.0.1:5672";
+
+const START_MARIADB: &str = "MariaDB must answer at 127.0.0.1:3306 as root with an empty \
+    password. Start it with `start-stop-daemon --start --oknodo --background --exec \
+    /usr/sbin/mariadbd`, or run `bash .ci/run`, which installs and starts it";
+const START_RABBITMQ: &str = "RabbitMQ must answer at 127.0.0.1:5672 as guest/guest. Start \
+    it with `rabbitmq-server -detached && rabbitmqctl await_startup`, or run `bash .ci/run`, \
+    which installs and starts it";
+
+/// A name no other test (or test run) uses: `prefix_<pid>_<time>_<n>`.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{prefix}_{}_{nanos}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Waits until `check` is true or `timeout` passes; `false` on timeout.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    check()
+}
+
+/// A database of its own, with Bugzilla's `push_notify` and a minimal
+/// `bugs` table, dropped at the end of the test.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        let name = unique("bzpush_test");
+        let mut admin = admin_conn();
+        admin
+            .query_drop(format!("CREATE DATABASE `{name}`"))
+            .expect("create the test database");
+        let db = TestDb { name };
+        db.conn()
+            .query_drop(
+                "CREATE TABLE push_notify (
+                   id INT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                   bug_id MEDIUMINT NOT NULL,
+                   delta_ts DATETIME NOT NULL,
+                   UNIQUE KEY push_notify_idx (bug_id));
+                 CREATE TABLE bugs (
+                   bug_id MEDIUMINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                   short_desc VARCHAR(255) NOT NULL DEFAULT '',
+                   delta_ts DATETIME NOT NULL,
+                   KEY bugs_delta_ts_idx (delta_ts))",
+            )
+            .expect("create the Bugzilla tables");
+        db
+    }
+
+    /// The URL bzpush uses to reach this database at `addr`.
+    pub fn url_at(&self, addr: &str) -> String {
+        format!("mysql://root@{addr}/{}", self.name)
+    }
+
+    pub fn url(&self) -> String {
+        self.url_at(MYSQL_ADDR)
+    }
+
+    pub fn conn(&self) -> mysql::Conn {
+        mysql::Conn::new(mysql::Opts::from_url(&self.url()).expect("valid URL"))
+            .unwrap_or_else(|e| panic!("{START_MARIADB}: {e}"))
+    }
+
+    /// Records a change of `bug` the way the PushNotify extension does: in
+    /// one transaction, find the bug's row, then update it in place or
+    /// insert it. `delta_ts` is a DATETIME literal, or `None` for NOW().
+    pub fn push_notify_change(conn: &mut mysql::Conn, bug: u32, delta_ts: Option<&str>) {
+        let mut tx = conn
+            .start_transaction(mysql::TxOpts::default())
+            .expect("begin");
+        let id: Option<i64> = tx
+            .exec_first("SELECT id FROM push_notify WHERE bug_id = ?", (bug,))
+            .expect("select");
+        let ts = delta_ts.map_or("NOW()".to_string(), |t| format!("'{t}'"));
+        match id {
+            Some(id) => tx
+                .exec_drop(
+                    format!("UPDATE push_notify SET delta_ts = {ts} WHERE id = ?"),
+                    (id,),
+                )
+                .expect("update"),
+            None => tx
+                .exec_drop(
+                    format!("INSERT INTO push_notify (bug_id, delta_ts) VALUES (?, {ts})"),
+                    (bug,),
+                )
+                .expect("insert"),
+        }
+        tx.commit().expect("commit");
+    }
+
+    /// Rows left in `push_notify`.
+    pub fn push_notify_rows(&self) -> u64 {
+        self.conn()
+            .query_first("SELECT COUNT(*) FROM push_notify")
+            .expect("count")
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = try_admin_conn() {
+            let _ = admin.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.name));
+        }
+    }
+}
+
+fn try_admin_conn() -> Result<mysql::Conn, mysql::Error> {
+    let opts = mysql::OptsBuilder::new()
+        .ip_or_hostname(Some("127.0.0.1"))
+        .tcp_port(3306)
+        .user(Some("root"))
+        .tcp_connect_timeout(Some(Duration::from_secs(5)));
+    mysql::Conn::new(opts)
+}
+
+pub fn admin_conn() -> mysql::Conn {
+    try_admin_conn().unwrap_or_else(|e| panic!("{START_MARIADB}: {e}"))
+}
+
+/// A message the test's consumer received.
+#[derive(Debug)]
+pub struct Received {
+    pub routing_key: String,
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("the body is JSON")
+    }
+
+    /// `(payload.id, payload.delta_ts)`.
+    pub fn bug_and_time(&self) -> (u64, String) {
+        let json = self.json();
+        let id = json["payload"]["id"]
+            .as_u64()
+            .expect("payload.id is a number");
+        let ts = json["payload"]["delta_ts"]
+            .as_str()
+            .expect("payload.delta_ts is a string")
+            .to_string();
+        (id, ts)
+    }
+}
+
+/// An exchange of its own (topic, durable, as the publisher declares it)
+/// with an exclusive queue bound to `#`; deleted at the end of the test.
+pub struct TestBroker {
+    pub exchange: String,
+    connection: Connection,
+    received: Receiver<Received>,
+}
+
+pub fn amqp_url_at(addr: &str) -> String {
+    format!("amqp://guest:guest@{addr}/%2f")
+}
+
+impl TestBroker {
+    pub fn new() -> TestBroker {
+        let exchange = unique("bzpush.test");
+        let connection = block_on(Connection::connect(
+            &amqp_url_at(AMQP_ADDR),
+            ConnectionProperties::default(),
+        ))
+        .unwrap_or_else(|e| panic!("{START_RABBITMQ}: {e}"));
+        let channel = block_on(connection.create_channel()).expect("open a channel");
+        block_on(channel.exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .expect("declare the test exchange");
+        let queue = block_on(channel.queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .expect("declare the test queue");
+        block_on(channel.queue_bind(
+            queue.name().clone(),
+            exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ))
+        .expect("bind the test queue");
+        let mut consumer = block_on(channel.basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .expect("consume");
+        let (tx, received) = crossbeam_channel::unbounded();
+        thread::Builder::new()
+            .name("test-consumer".into())
+            .spawn(move || {
+                while let Some(Ok(delivery)) = block_on(consumer.next()) {
+                    let _ = block_on(delivery.ack(BasicAckOptions::default()));
+                    let message = Received {
+                        routing_key: delivery.routing_key.to_string(),
+                        properties: delivery.properties.clone(),
+                        body: delivery.data.clone(),
+                    };
+                    if tx.send(message).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the test consumer");
+        TestBroker {
+            exchange,
+            connection,
+            received,
+        }
+    }
+
+    /// The next message, or `None` after `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<Received> {
+        match self.received.recv_timeout(timeout) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => panic!("the test consumer stopped"),
+        }
+    }
+
+    /// Everything that arrives until nothing has for `quiet`.
+    pub fn drain(&self, quiet: Duration) -> Vec<Received> {
+        std::iter::from_fn(|| self.recv(quiet)).collect()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Ok(channel) = block_on(self.connection.create_channel()) {
+            let _ = block_on(channel.exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            ));
+        }
+        let _ = block_on(self.connection.close(200, "test done".into()));
+    }
+}
+
+/// A TCP proxy in front of a service, which the test can cut off: `sever`
+/// kills every open connection, `set_down(true)` refuses new ones too.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    down: AtomicBool,
+    stop: AtomicBool,
+    live: Mutex<Vec<TcpStream>>,
+}
+
+impl Proxy {
+    pub fn to(target: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = Arc::new(ProxyState {
+            down: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            live: Mutex::new(Vec::new()),
+        });
+        let target = target.to_string();
+        let shared = Arc::clone(&state);
+        thread::Builder::new()
+            .name("test-proxy".into())
+            .spawn(move || {
+                for client in listener.incoming() {
+                    if shared.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    if shared.down.load(Ordering::SeqCst) {
+                        continue; // dropped: the client sees the connection close
+                    }
+                    let Ok(server) = TcpStream::connect(&target) else {
+                        continue;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    if let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (
+                        client.try_clone(),
+                        server.try_clone(),
+                        client.try_clone(),
+                        server.try_clone(),
+                    ) {
+                        shared.live.lock().expect("proxy lock").extend([c3, s3]);
+                        pipe(client, s2);
+                        pipe(server, c2);
+                    }
+                }
+            })
+            .expect("spawn the proxy");
+        Proxy { addr, state }
+    }
+
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Cuts every connection open through the proxy, mid-stream.
+    pub fn sever(&self) {
+        for stream in self.state.live.lock().expect("proxy lock").drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// While down, new connections are accepted and closed at once.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+        if down {
+            self.sever();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        self.sever();
+        let _ = TcpStream::connect(self.addr); // wakes the accept loop
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let _ = thread::Builder::new()
+        .name("test-proxy-pipe".into())
+        .spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = to.shutdown(Shutdown::Both);
+            let _ = from.shutdown(Shutdown::Both);
+        });
+}
+
+/// A running `bzpush` process; killed when dropped.
+pub struct Bzpush {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Bzpush {
+    /// Starts `bzpush <args>` with exactly the `BZPUSH_*` variables given
+    /// (none inherited from the test's environment).
+    pub fn start(args: &[&str], env: &[(&str, String)]) -> Bzpush {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bzpush"));
+        command.args(args);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("BZPUSH_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the bzpush binary");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&log);
+        thread::Builder::new()
+            .name("test-stderr".into())
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("  bzpush| {line}");
+                    let mut log = sink.lock().expect("log lock");
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            })
+            .expect("spawn the stderr reader");
+        Bzpush { child, log }
+    }
+
+    /// `bzpush poll` against `db` (reached at `db_addr`) and the broker at
+    /// `amqp_addr`, publishing to `exchange`, with `extra` settings.
+    pub fn poll(
+        db: &TestDb,
+        db_addr: &str,
+        amqp_addr: &str,
+        exchange: &str,
+        extra: &[(&str, String)],
+    ) -> Bzpush {
+        let mut env = vec![
+            ("BZPUSH_DATABASE_URL", db.url_at(db_addr)),
+            ("BZPUSH_AMQP_URL", amqp_url_at(amqp_addr)),
+            ("BZPUSH_EXCHANGE", exchange.to_string()),
+            ("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name)),
+            ("BZPUSH_POLL_INTERVAL", "100ms".to_string()),
+            ("BZPUSH_LOG", "debug".to_string()),
+        ];
+        env.extend(extra.iter().cloned());
+        Bzpush::start(&["poll"], &env)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits until the log contains `needle`; `false` on timeout.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// The exit status, or `None` if still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Bzpush {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
