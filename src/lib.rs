@@ -12,6 +12,8 @@
 //!   `bugs`), holds the one-active-poller lock, forgets a change only once
 //!   the broker confirmed it.
 //! - [`pulse`]: the Pulse (AMQP) wire format and the confirmed publisher.
+//! - [`protocol`]: the client protocol (bugzfeed's wire format): frames in,
+//!   commands out, and the JSON of every reply and update; no I/O.
 //! - [`notification`]: [`notification::Notification`], the `(bug, when)`
 //!   pair every stage passes on.
 //! - [`config`]: the settings table; environment and flags in, a checked
@@ -23,6 +25,7 @@
 pub mod config;
 pub mod notification;
 pub mod poller;
+pub mod protocol;
 pub mod pulse;
 pub mod shutdown;
 pub mod signals;
