@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use log::LevelFilter;
@@ -77,6 +78,66 @@ pub const SETTINGS: &[Setting] = &[
         doc: "exchange the poller publishes to",
     },
     Setting {
+        name: "feeds",
+        default: "/=exchange/bugzilla/simple",
+        doc: "serve: comma-separated PATH=EXCHANGE, one WebSocket path per Pulse exchange",
+    },
+    Setting {
+        name: "queue",
+        default: "queue/<amqp user>/bzpush-<hostname>",
+        doc: "serve: name prefix of the durable consumer queues (one per feed)",
+    },
+    Setting {
+        name: "queue-expires",
+        default: "24h",
+        doc: "serve: the broker deletes a queue unused this long (x-expires)",
+    },
+    Setting {
+        name: "listen",
+        default: "127.0.0.1:8844",
+        doc: "serve: WebSocket and HTTP address",
+    },
+    Setting {
+        name: "max-connections",
+        default: "10000",
+        doc: "serve: open WebSocket connections; more are refused with HTTP 503",
+    },
+    Setting {
+        name: "max-subscriptions",
+        default: "20000",
+        doc: "serve: bugs one connection may subscribe to",
+    },
+    Setting {
+        name: "max-message-size",
+        default: "1048576",
+        doc: "serve: largest client message in bytes; larger closes with 1009",
+    },
+    Setting {
+        name: "outbound-queue",
+        default: "4096",
+        doc: "serve: messages waiting for one slow client before it is closed with 1008",
+    },
+    Setting {
+        name: "cache-size",
+        default: "100000",
+        doc: "serve: recent updates per feed kept to answer `since`",
+    },
+    Setting {
+        name: "ping-interval",
+        default: "30s",
+        doc: "serve: a silent connection is pinged after this long",
+    },
+    Setting {
+        name: "ping-timeout",
+        default: "30s",
+        doc: "serve: a pinged connection that stays silent this long is closed",
+    },
+    Setting {
+        name: "allowed-origins",
+        default: "*",
+        doc: "serve: comma-separated Origin values allowed to connect; * allows all",
+    },
+    Setting {
         name: "log",
         default: "info",
         doc: "error, warn, info, debug or trace",
@@ -89,6 +150,7 @@ pub enum Invocation {
     Help,
     Version,
     Poll(PollConfig),
+    Serve(ServeConfig),
 }
 
 /// A bad or missing setting: printed as one line, exit status 2.
@@ -181,6 +243,34 @@ pub struct PollConfig {
     pub log: LevelFilter,
 }
 
+/// One WebSocket path and the Pulse exchange it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Feed {
+    /// Starts and ends with `/`.
+    pub path: String,
+    pub exchange: String,
+}
+
+/// Everything `bzpush serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub amqp: AmqpUrl,
+    pub feeds: Vec<Feed>,
+    pub queue_prefix: String,
+    pub queue_expires: Duration,
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub max_subscriptions: usize,
+    pub max_message_size: usize,
+    pub outbound_queue: usize,
+    pub cache_size: usize,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// `None`: every origin may connect.
+    pub allowed_origins: Option<Vec<String>>,
+    pub log: LevelFilter,
+}
+
 /// Largest batch: a batch is held in memory and in one publish round.
 const MAX_BATCH_SIZE: usize = 100_000;
 /// MariaDB and MySQL refuse lock names longer than this.
@@ -205,7 +295,7 @@ pub fn parse(
     match command.as_str() {
         "-h" | "--help" | "help" => return Ok(Invocation::Help),
         "-V" | "--version" | "version" => return Ok(Invocation::Version),
-        "poll" => {}
+        "poll" | "serve" => {}
         other => {
             return Err(ConfigError(format!(
                 "unknown command {other:?}; try `bzpush --help`"
@@ -242,17 +332,38 @@ pub fn parse(
         let value = values.get(name).map_or(setting.default, String::as_str);
         (setting, value)
     };
-    Ok(Invocation::Poll(PollConfig {
-        database: database_url(get("database-url"))?,
-        source: source(get("source"))?,
-        poll_interval: duration(get("poll-interval"))?,
-        batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
-        overlap: duration(get("overlap"))?,
-        lock_name: text(get("lock-name"), MAX_LOCK_NAME)?,
-        amqp: amqp_url(get("amqp-url"))?,
-        exchange: text(get("exchange"), MAX_EXCHANGE_NAME)?,
-        log: log_level(get("log"))?,
-    }))
+    Ok(match command.as_str() {
+        "poll" => Invocation::Poll(PollConfig {
+            database: database_url(get("database-url"))?,
+            source: source(get("source"))?,
+            poll_interval: duration(get("poll-interval"))?,
+            batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
+            overlap: duration(get("overlap"))?,
+            lock_name: text(get("lock-name"), MAX_LOCK_NAME)?,
+            amqp: amqp_url(get("amqp-url"))?,
+            exchange: text(get("exchange"), MAX_EXCHANGE_NAME)?,
+            log: log_level(get("log"))?,
+        }),
+        _ => {
+            let amqp = amqp_url(get("amqp-url"))?;
+            Invocation::Serve(ServeConfig {
+                feeds: feeds(get("feeds"))?,
+                queue_prefix: queue_prefix(get("queue"), &amqp)?,
+                queue_expires: duration(get("queue-expires"))?,
+                listen: socket_addr(get("listen"))?,
+                max_connections: number(get("max-connections"), 1, 1_000_000)?,
+                max_subscriptions: number(get("max-subscriptions"), 1, 10_000_000)?,
+                max_message_size: number(get("max-message-size"), 1024, 64 << 20)?,
+                outbound_queue: number(get("outbound-queue"), 16, 1_000_000)?,
+                cache_size: number(get("cache-size"), 0, 10_000_000)?,
+                ping_interval: duration(get("ping-interval"))?,
+                ping_timeout: duration(get("ping-timeout"))?,
+                allowed_origins: origins(get("allowed-origins")),
+                amqp,
+                log: log_level(get("log"))?,
+            })
+        }
+    })
 }
 
 fn lookup(name: &str) -> Option<&'static Setting> {
@@ -322,6 +433,85 @@ fn amqp_url((setting, value): (&Setting, &str)) -> Result<AmqpUrl, ConfigError> 
     })
 }
 
+fn feeds((setting, value): (&Setting, &str)) -> Result<Vec<Feed>, ConfigError> {
+    let expected = "expected PATH=EXCHANGE[,PATH=EXCHANGE…], e.g. /=exchange/bugzilla/simple";
+    let mut feeds: Vec<Feed> = Vec::new();
+    for part in value.split(',').map(str::trim) {
+        let Some((path, exchange)) = part.split_once('=') else {
+            return Err(ConfigError::setting(setting, value, expected));
+        };
+        let path = feed_path(path.trim())
+            .ok_or_else(|| ConfigError::setting(setting, value, "each PATH must start with /"))?;
+        let exchange = exchange.trim();
+        if exchange.is_empty() || exchange.len() > MAX_EXCHANGE_NAME {
+            return Err(ConfigError::setting(setting, value, expected));
+        }
+        if feeds.iter().any(|f| f.path == path) {
+            return Err(ConfigError::setting(
+                setting,
+                value,
+                "each PATH may appear once",
+            ));
+        }
+        feeds.push(Feed {
+            path,
+            exchange: exchange.to_string(),
+        });
+    }
+    Ok(feeds)
+}
+
+/// A request path as a feed path: `/dev` and `/dev/` are the same feed.
+/// `None` unless it starts with `/`. The query string is not part of it.
+pub fn feed_path(path: &str) -> Option<String> {
+    let path = path.split('?').next().unwrap_or_default();
+    if !path.starts_with('/') {
+        return None;
+    }
+    Some(if path.ends_with('/') {
+        path.to_string()
+    } else {
+        format!("{path}/")
+    })
+}
+
+fn queue_prefix((setting, value): (&Setting, &str), amqp: &AmqpUrl) -> Result<String, ConfigError> {
+    if value != setting.default {
+        return text((setting, value), MAX_EXCHANGE_NAME - 64);
+    }
+    let user = value_of_user(amqp);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_string());
+    Ok(format!("queue/{user}/bzpush-{host}"))
+}
+
+fn value_of_user(amqp: &AmqpUrl) -> String {
+    amqp.url
+        .parse::<lapin::uri::AMQPUri>()
+        .map(|uri| uri.authority.userinfo.username)
+        .unwrap_or_else(|_| "guest".to_string())
+}
+
+fn socket_addr((setting, value): (&Setting, &str)) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::setting(setting, value, "expected IP:PORT, e.g. 127.0.0.1:8844"))
+}
+
+fn origins((_, value): (&Setting, &str)) -> Option<Vec<String>> {
+    let list: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(str::to_string)
+        .collect();
+    (!list.iter().any(|o| o == "*")).then_some(list)
+}
+
 fn source((setting, value): (&Setting, &str)) -> Result<Source, ConfigError> {
     match value {
         "push_notify" => Ok(Source::PushNotify),
@@ -339,7 +529,7 @@ fn duration((setting, value): (&Setting, &str)) -> Result<Duration, ConfigError>
         .ok_or_else(|| ConfigError::setting(setting, value, "expected a duration like 250ms or 2s"))
 }
 
-/// `250ms`, `2s`, `5m`: a whole number and a unit, more than zero.
+/// `250ms`, `2s`, `5m`, `24h`: a whole number and a unit, more than zero.
 pub fn parse_duration(value: &str) -> Option<Duration> {
     let digits = value.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = value.split_at(digits);
@@ -348,6 +538,7 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
         "ms" => Duration::from_millis(number),
         "s" => Duration::from_secs(number),
         "m" => Duration::from_secs(number.checked_mul(60)?),
+        "h" => Duration::from_secs(number.checked_mul(3600)?),
         _ => return None,
     };
     (!duration.is_zero()).then_some(duration)
@@ -425,7 +616,8 @@ pub fn help() -> String {
         "bzpush {}: Bugzilla push notifications\n\n\
          Usage: bzpush <COMMAND> [--SETTING VALUE]...\n\n\
          Commands:\n  \
-         poll    poll Bugzilla's database and publish each change to Pulse (AMQP)\n\n\
+         poll    poll Bugzilla's database and publish each change to Pulse (AMQP)\n  \
+         serve   serve WebSocket clients (bugzfeed protocol) from Pulse\n\n\
          Settings (environment variable, flag, default):\n",
         env!("CARGO_PKG_VERSION")
     );
@@ -512,7 +704,7 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
-        for bad in ["", "0s", "1", "s", "1.5s", "-1s", "1 s", "1h"] {
+        for bad in ["", "0s", "1", "s", "1.5s", "-1s", "1 s", "1d"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }

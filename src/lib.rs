@@ -6,26 +6,47 @@
 //!
 //! # Layout
 //!
-//! The pipeline, one line per module:
+//! The pipeline, in the order a change travels, one line per module:
 //!
 //! - [`poller`]: reads changes from Bugzilla's database (`push_notify` or
 //!   `bugs`), holds the one-active-poller lock, forgets a change only once
 //!   the broker confirmed it.
-//! - [`pulse`]: the Pulse (AMQP) wire format and the confirmed publisher.
+//! - [`pulse`]: the Pulse (AMQP) wire format, the confirmed publisher, and
+//!   the consumer that feeds the hub (ack after hand-off).
+//! - [`hub`]: the subscription index, the catch-up cache, fan-out of
+//!   pre-encoded frames.
+//! - [`outbox`]: each connection's bounded send queue and the writer pool
+//!   that drains them; slow clients are closed, never waited for.
+//! - [`connection`]: one thread per WebSocket client: read, parse, keepalive.
 //! - [`protocol`]: the client protocol (bugzfeed's wire format): frames in,
 //!   commands out, and the JSON of every reply and update; no I/O.
+//! - [`http`]: `/health`, `/metrics`, the live page, request heads.
+//! - [`server`]: `bzpush serve`: the accept loop, handshake limits, and
+//!   starting and joining every thread.
+//!
+//! Around it:
+//!
 //! - [`notification`]: [`notification::Notification`], the `(bug, when)`
 //!   pair every stage passes on.
 //! - [`config`]: the settings table; environment and flags in, a checked
 //!   configuration out.
+//! - [`metrics`]: counters shared by every thread.
+//! - [`retry`]: backoff, and logging a dependency's state once per change.
 //! - [`shutdown`]: one trigger that stops every loop at once.
 //! - [`signals`]: SIGTERM/SIGINT to the shutdown trigger.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod connection;
+pub mod http;
+pub mod hub;
+pub mod metrics;
 pub mod notification;
+pub mod outbox;
 pub mod poller;
 pub mod protocol;
 pub mod pulse;
+pub mod retry;
+pub mod server;
 pub mod shutdown;
 pub mod signals;

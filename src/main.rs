@@ -5,8 +5,10 @@
 use std::process::ExitCode;
 use std::thread;
 
-use bzpush::config::{self, Invocation, PollConfig};
-use bzpush::{poller, shutdown, signals};
+use std::net::TcpListener;
+
+use bzpush::config::{self, Invocation, PollConfig, ServeConfig};
+use bzpush::{poller, server, shutdown, signals};
 use log::{LevelFilter, error, info};
 
 fn main() -> ExitCode {
@@ -28,13 +30,21 @@ fn main() -> ExitCode {
         }
         Invocation::Poll(config) => {
             init_logging(config.log);
-            match poll(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!("{e}");
-                    ExitCode::from(1)
-                }
-            }
+            exit_code(poll(config))
+        }
+        Invocation::Serve(config) => {
+            init_logging(config.log);
+            exit_code(serve(config))
+        }
+    }
+}
+
+fn exit_code(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(1)
         }
     }
 }
@@ -63,13 +73,37 @@ fn poll(config: PollConfig) -> Result<(), String> {
     );
     let (trigger, shutdown) = shutdown::channel();
     let signals = signals::spawn(trigger).map_err(|e| format!("cannot watch signals: {e}"))?;
-    let poller = thread::Builder::new()
+    let result = thread::Builder::new()
         .name("poller".into())
         .spawn(move || poller::run(&config, &shutdown))
-        .map_err(|e| format!("cannot start the poller thread: {e}"))?;
-    let result = poller
-        .join()
-        .map_err(|_| "the poller thread panicked".to_string());
+        .map_err(|e| format!("cannot start the poller thread: {e}"))
+        .and_then(|poller| {
+            poller
+                .join()
+                .map_err(|_| "the poller thread panicked".to_string())
+        });
+    signals.stop();
+    result
+}
+
+fn serve(config: ServeConfig) -> Result<(), String> {
+    info!(
+        "bzpush {} serve: broker {}, feeds {}",
+        env!("CARGO_PKG_VERSION"),
+        config.amqp,
+        config
+            .feeds
+            .iter()
+            .map(|f| format!("{}={}", f.path, f.exchange))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    // Bound before any thread starts: a taken port is a start-up failure.
+    let listener = TcpListener::bind(config.listen)
+        .map_err(|e| format!("cannot listen on {} (BZPUSH_LISTEN): {e}", config.listen))?;
+    let (trigger, shutdown) = shutdown::channel();
+    let signals = signals::spawn(trigger).map_err(|e| format!("cannot watch signals: {e}"))?;
+    let result = server::serve(&config, listener, &shutdown).map_err(|e| format!("serve: {e}"));
     signals.stop();
     result
 }

@@ -1,26 +1,40 @@
 //! Pulse: the AMQP side of bzpush.
 //!
 //! Owns the wire format of `exchange/bugzilla/simple` messages, byte for
-//! byte what Mozilla's `mozillapulse` `SimpleBugzillaPublisher` sends, and
-//! the [`Publisher`] that delivers a batch with publisher confirms. A batch
+//! byte what Mozilla's `mozillapulse` `SimpleBugzillaPublisher` sends; the
+//! [`Publisher`] that delivers a batch with publisher confirms; and the
+//! [`consume`] loop that feeds one exchange's messages to the hub. A batch
 //! counts as published only when the broker has acked every message in it;
 //! callers must not forget a change before [`Publisher::publish`] returns
-//! `Ok`. lapin is async; this module drives it from plain threads with
-//! `block_on`, and nothing here may block on one of lapin's executor threads.
+//! `Ok`. A consumed message is acked only once the hub holds it, and a
+//! message that is not a notification is logged, acked and dropped, never
+//! redelivered in a loop. lapin is async; this module drives it from plain
+//! threads with `block_on`, and nothing here may block on one of lapin's
+//! executor threads.
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_lite::future::block_on;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
+use futures_lite::StreamExt;
+use futures_lite::future::{self, block_on};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
+use log::warn;
 use serde::Serialize;
 
 use crate::config::AmqpUrl;
-use crate::notification::Notification;
+use crate::hub::{FeedId, HubSender, Message as HubMessage};
+use crate::metrics::Metrics;
+use crate::notification::{BugId, ChangeTime, Notification};
+use crate::retry::{Backoff, Link};
+use crate::shutdown::Shutdown;
 
 /// AMQP `delivery_mode` for a message the broker keeps on disk.
 const PERSISTENT: u8 = 2;
@@ -70,6 +84,37 @@ pub fn encode(notification: &Notification, exchange: &str, sent: &str) -> Vec<u8
     serde_json::to_vec(&message).expect("a struct of numbers and strings always serializes")
 }
 
+/// Why a consumed message is not a notification.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DecodeError(&'static str);
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Reads a Pulse message body: any JSON object with `payload.id` (a
+/// positive integer or decimal string) and `payload.delta_ts` (a string,
+/// kept verbatim). Everything else in it is ignored.
+pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
+    let json: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| DecodeError("body is not JSON"))?;
+    let payload = json.get("payload").ok_or(DecodeError("no payload"))?;
+    let bug = payload
+        .get("id")
+        .and_then(BugId::from_json)
+        .ok_or(DecodeError("payload.id is not a bug id"))?;
+    let when = payload
+        .get("delta_ts")
+        .and_then(serde_json::Value::as_str)
+        .ok_or(DecodeError("payload.delta_ts is not a string"))?;
+    Ok(Notification {
+        bug,
+        when: ChangeTime::new(when),
+    })
+}
+
 /// The AMQP properties every Pulse message carries.
 pub fn properties() -> BasicProperties {
     BasicProperties::default()
@@ -110,18 +155,28 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[derive(Debug)]
 pub struct BrokerError {
     doing: &'static str,
-    error: lapin::Error,
+    error: Option<lapin::Error>,
 }
 
 impl BrokerError {
     fn new(doing: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
-        move |error| BrokerError { doing, error }
+        move |error| BrokerError {
+            doing,
+            error: Some(error),
+        }
+    }
+
+    fn closed(doing: &'static str) -> BrokerError {
+        BrokerError { doing, error: None }
     }
 }
 
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.doing, self.error)
+        match &self.error {
+            Some(e) => write!(f, "{}: {e}", self.doing),
+            None => write!(f, "{}: the broker closed the connection", self.doing),
+        }
     }
 }
 
@@ -241,6 +296,150 @@ impl Publisher {
     }
 }
 
+/// Unacked messages the broker may have in flight to one consumer: enough
+/// to keep the pipe full, few enough to redeliver cheaply after a crash.
+const PREFETCH: u16 = 1000;
+/// How long a consumer waits for a message before it looks at shutdown.
+const SHUTDOWN_CHECK: Duration = Duration::from_millis(500);
+
+/// Where and how one feed consumes.
+pub struct ConsumerSetup {
+    pub feed: FeedId,
+    pub exchange: String,
+    pub queue: String,
+    pub expires: Duration,
+}
+
+/// Consumes one feed's exchange into the hub until shutdown: a durable
+/// queue bound with `#`, reconnecting with backoff. `up` reports whether
+/// this consumer is connected, for `/health`.
+pub fn consume(
+    url: &AmqpUrl,
+    setup: &ConsumerSetup,
+    hub: &HubSender,
+    metrics: &Metrics,
+    up: &AtomicBool,
+    shutdown: &Shutdown,
+) {
+    let mut link = Link::new("broker", format!("{url} queue {:?}", setup.queue));
+    let mut backoff = Backoff::default();
+    let mut connected_before = false;
+    while !shutdown.requested() {
+        let result = consume_once(url, setup, hub, metrics, shutdown, &mut || {
+            link.up();
+            up.store(true, Ordering::Relaxed);
+            if connected_before {
+                metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            connected_before = true;
+        });
+        up.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                link.down(&e);
+                if backoff.wait(shutdown) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// One connection's worth of consuming. `Ok` on shutdown or when the hub
+/// is gone.
+fn consume_once(
+    url: &AmqpUrl,
+    setup: &ConsumerSetup,
+    hub: &HubSender,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+    connected: &mut dyn FnMut(),
+) -> Result<(), BrokerError> {
+    let properties = ConnectionProperties::default().with_connection_name("bzpush serve".into());
+    let connection = block_on(Connection::connect(url.secret(), properties))
+        .map_err(BrokerError::new("connecting"))?;
+    let channel =
+        block_on(connection.create_channel()).map_err(BrokerError::new("opening a channel"))?;
+    // Declared as the publisher declares it, so serve may start first.
+    block_on(channel.exchange_declare(
+        setup.exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    ))
+    .map_err(BrokerError::new("declaring the exchange"))?;
+    let mut arguments = FieldTable::default();
+    let expires = u32::try_from(setup.expires.as_millis()).unwrap_or(u32::MAX);
+    arguments.insert("x-expires".into(), AMQPValue::LongUInt(expires));
+    block_on(channel.queue_declare(
+        setup.queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        arguments,
+    ))
+    .map_err(BrokerError::new("declaring the queue"))?;
+    block_on(channel.queue_bind(
+        setup.queue.as_str().into(),
+        setup.exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .map_err(BrokerError::new("binding the queue"))?;
+    block_on(channel.basic_qos(PREFETCH, BasicQosOptions::default()))
+        .map_err(BrokerError::new("setting the prefetch window"))?;
+    let mut consumer = block_on(channel.basic_consume(
+        setup.queue.as_str().into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .map_err(BrokerError::new("starting the consumer"))?;
+    connected();
+    loop {
+        let next = block_on(future::or(async { Some(consumer.next().await) }, async {
+            async_io::Timer::after(SHUTDOWN_CHECK).await;
+            None
+        }));
+        if shutdown.requested() {
+            return Ok(());
+        }
+        let delivery = match next {
+            None => continue,
+            Some(None) => return Err(BrokerError::closed("consuming")),
+            Some(Some(delivery)) => delivery.map_err(BrokerError::new("consuming"))?,
+        };
+        metrics.notifications_in.fetch_add(1, Ordering::Relaxed);
+        match decode(&delivery.data) {
+            Ok(notification) => {
+                let message = HubMessage::Notify {
+                    feed: setup.feed,
+                    notification,
+                };
+                if hub.send(message).is_err() {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                metrics.poison_messages.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    "dropping a message on {:?} (routing key {:?}): {e}",
+                    setup.exchange,
+                    delivery.routing_key.as_str()
+                );
+            }
+        }
+        // Acked only now that the hub holds it.
+        block_on(delivery.ack(BasicAckOptions::default())).map_err(BrokerError::new("acking"))?;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +457,33 @@ mod tests {
             std::str::from_utf8(&body).expect("utf-8"),
             r#"{"payload":{"id":123456,"delta_ts":"2026-11-28T02:04:50"},"_meta":{"exchange":"exchange/bugzilla/simple","routing_key":"123456","serializer":"json","sent":"2026-11-28T02:04:51+00:00"}}"#
         );
+    }
+
+    #[test]
+    fn decode_accepts_what_publishers_send_and_nothing_else() {
+        let ok = |body: &str| decode(body.as_bytes()).map(|n| (n.bug.get(), n.when.to_string()));
+        assert_eq!(
+            ok(r#"{"payload":{"id":5,"delta_ts":"2026-11-28T02:04:50"}}"#),
+            Ok((5, "2026-11-28T02:04:50".into()))
+        );
+        assert_eq!(
+            ok(r#"{"payload":{"id":"5","delta_ts":"x"},"_meta":{}}"#),
+            Ok((5, "x".into()))
+        );
+        for bad in [
+            "",
+            "null",
+            "[]",
+            r#"{"id":5}"#,
+            r#"{"payload":{"id":5}}"#,
+            r#"{"payload":{"id":0,"delta_ts":"x"}}"#,
+            r#"{"payload":{"id":5,"delta_ts":7}}"#,
+            r#"{"payload":{"id":"5x","delta_ts":"x"}}"#,
+            "\u{0}",
+        ] {
+            assert!(decode(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(decode(&[0xff, 0xfe]).is_err());
     }
 
     #[test]

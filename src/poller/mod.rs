@@ -10,24 +10,21 @@
 mod bugs;
 mod push_notify;
 
-use std::fmt;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::info;
 use mysql::prelude::Queryable;
 use mysql::{Conn, OptsBuilder};
 
 use crate::config::{PollConfig, Source as SourceKind};
 use crate::notification::{BugId, ChangeTime, Notification};
 use crate::pulse::{PublishError, Publisher};
+use crate::retry::{Backoff, Link};
 use crate::shutdown::Shutdown;
 
 /// How long one `GET_LOCK` attempt waits: bounds how late a standby notices
 /// shutdown, and how often it asks.
 const LOCK_WAIT_SECS: u32 = 1;
-/// First and largest pause between reconnection attempts.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// A query that takes longer than this means the connection is dead.
 const DB_IO_TIMEOUT: Duration = Duration::from_secs(30);
 const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -97,7 +94,7 @@ impl<'a, S: Source> Poller<'a, S> {
     }
 
     fn run(mut self) {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::default();
         loop {
             match self.connect_and_work(&mut backoff) {
                 Ok(()) => break,
@@ -175,7 +172,7 @@ impl<'a, S: Source> Poller<'a, S> {
     /// Polls while this poller holds the lock on `db`, until shutdown
     /// (`Ok`) or a database error (the lock is gone with the connection).
     fn work(&mut self, db: &mut Conn, db_backoff: &mut Backoff) -> Result<(), mysql::Error> {
-        let mut broker_backoff = Backoff::new();
+        let mut broker_backoff = Backoff::default();
         let mut next_poll = Instant::now();
         loop {
             if self
@@ -221,65 +218,6 @@ impl<'a, S: Source> Poller<'a, S> {
         publisher.publish(batch)?;
         self.publisher = Some(publisher);
         Ok(())
-    }
-}
-
-/// The state of one dependency, logged only when it changes: an outage is
-/// one line when it starts and one when it ends, however many retries.
-struct Link {
-    name: &'static str,
-    target: String,
-    up: Option<bool>,
-}
-
-impl Link {
-    fn new(name: &'static str, target: String) -> Link {
-        Link {
-            name,
-            target,
-            up: None,
-        }
-    }
-
-    fn up(&mut self) {
-        if self.up != Some(true) {
-            info!("{} {}: connected", self.name, self.target);
-            self.up = Some(true);
-        }
-    }
-
-    fn down(&mut self, error: &dyn fmt::Display) {
-        if self.up != Some(false) {
-            warn!(
-                "{} {}: {error}; retrying with backoff",
-                self.name, self.target
-            );
-            self.up = Some(false);
-        }
-    }
-}
-
-/// Capped exponential backoff between reconnection attempts.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff {
-            next: BACKOFF_START,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_START;
-    }
-
-    /// Sleeps the current delay and doubles it; `true` if shutdown came.
-    fn wait(&mut self, shutdown: &Shutdown) -> bool {
-        let delay = self.next;
-        self.next = (self.next * 2).min(BACKOFF_CAP);
-        shutdown.sleep(delay)
     }
 }
 

@@ -1,0 +1,168 @@
+//! One WebSocket client, after its handshake: the connection's only thread.
+//!
+//! The thread blocks reading the socket, parses each text frame into a
+//! command and hands it to the hub; it never writes to the socket itself.
+//! Everything it or tungstenite sends (pongs, pings, close replies) goes
+//! into the connection's [`Outbox`], in order with the hub's replies and
+//! updates, and the writer pool puts it on the wire. An idle connection
+//! costs no CPU: the only timer is the keepalive, which pings a silent
+//! client and closes one that stays silent. This module must never block
+//! the hub: it talks to it by message only.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::debug;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Error as WsError, Message as WsMessage, WebSocket};
+
+use crate::hub::{ConnId, FeedId, HubSender, Message};
+use crate::outbox::{Outbox, OutboxWriter};
+use crate::protocol;
+
+/// Per-connection read buffer: client messages are small commands, and the
+/// buffer is paid for by every idle connection.
+const READ_BUFFER: usize = 4 * 1024;
+
+/// Connection limits and keepalive timing.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    pub max_message_size: usize,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+}
+
+/// The socket as tungstenite sees it: reads from the socket, writes into
+/// the outbox.
+struct Stream {
+    socket: TcpStream,
+    out: OutboxWriter,
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.read(buf)
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Serves one client until it leaves, misbehaves or the outbox closes.
+/// `leftover` is whatever arrived after the handshake request.
+pub fn run(
+    conn: ConnId,
+    feed: FeedId,
+    socket: TcpStream,
+    leftover: Vec<u8>,
+    outbox: Arc<Outbox>,
+    hub: &HubSender,
+    limits: Limits,
+) {
+    if hub
+        .send(Message::Connect {
+            conn,
+            feed,
+            outbox: Arc::clone(&outbox),
+        })
+        .is_err()
+    {
+        return;
+    }
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(Some(limits.max_message_size))
+        .max_frame_size(Some(limits.max_message_size));
+    let stream = Stream {
+        socket,
+        out: OutboxWriter(Arc::clone(&outbox)),
+    };
+    let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(config));
+    let why = serve(conn, &mut ws, &outbox, hub, limits);
+    debug!("connection {conn} ended: {why}");
+    let _ = hub.send(Message::Disconnect { conn });
+}
+
+/// Reads until the connection ends; says why.
+fn serve(
+    conn: ConnId,
+    ws: &mut WebSocket<Stream>,
+    outbox: &Arc<Outbox>,
+    hub: &HubSender,
+    limits: Limits,
+) -> String {
+    let mut pinged = false;
+    loop {
+        let timeout = if pinged {
+            limits.ping_timeout
+        } else {
+            limits.ping_interval
+        };
+        if let Err(e) = ws.get_ref().socket.set_read_timeout(Some(timeout)) {
+            return format!("socket error: {e}");
+        }
+        let text = match ws.read() {
+            Ok(WsMessage::Text(text)) => text.as_str().to_string(),
+            // Not in the protocol, but read as text if it is some, so a
+            // client library that sends binary still gets an answer.
+            Ok(WsMessage::Binary(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_)) => {
+                // Answers a ping: tungstenite queued the pong.
+                let _ = ws.flush();
+                pinged = false;
+                continue;
+            }
+            Ok(WsMessage::Close(_)) => {
+                let _ = ws.flush();
+                outbox.close(CloseCode::Normal, "");
+                return "client closed".into();
+            }
+            Err(WsError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if pinged {
+                    outbox.close(CloseCode::Away, "ping timeout");
+                    return "no answer to ping".into();
+                }
+                if ws.send(WsMessage::Ping(Default::default())).is_err() {
+                    return "closing".into();
+                }
+                pinged = true;
+                continue;
+            }
+            Err(WsError::Capacity(e)) => {
+                outbox.close(CloseCode::Size, "message too big");
+                return format!("closed (1009): {e}");
+            }
+            Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                return "closed".into();
+            }
+            Err(e) => {
+                outbox.close(CloseCode::Protocol, "protocol error");
+                return format!("closed (1002): {e}");
+            }
+        };
+        pinged = false;
+        let message = match protocol::parse(&text) {
+            Ok(command) => Message::Command { conn, command },
+            Err(error) => Message::Error { conn, error },
+        };
+        if hub.send(message).is_err() {
+            return "hub gone".into();
+        }
+    }
+}

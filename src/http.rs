@@ -1,0 +1,166 @@
+//! Plain HTTP on the WebSocket port: reading a request head, and the
+//! answers to requests that are not WebSocket upgrades (`/health`,
+//! `/metrics`, the live page at `/`, 404 for the rest).
+//!
+//! A request head is read with a size cap and under the socket's read
+//! timeout, so a slow or endless client costs one bounded buffer. Nothing
+//! here reveals more than counts and states: never a bug, never a setting.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+
+use tungstenite::handshake::machine::TryParse;
+use tungstenite::handshake::server::Request;
+
+use crate::metrics::Metrics;
+
+/// A request head larger than this is refused (431).
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// How reading a request head went.
+pub enum Head {
+    /// The parsed request and any bytes after it (the start of a
+    /// WebSocket stream).
+    Request(Box<Request>, Vec<u8>),
+    TooLarge,
+    Malformed,
+}
+
+/// Reads one request head from `socket`.
+pub fn read_head(socket: &mut TcpStream) -> io::Result<Head> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = socket.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match Request::try_parse(&buf) {
+            Ok(Some((len, request))) => {
+                return Ok(Head::Request(Box::new(request), buf.split_off(len)));
+            }
+            Ok(None) if buf.len() >= MAX_HEAD => return Ok(Head::TooLarge),
+            Ok(None) => {}
+            Err(_) => return Ok(Head::Malformed),
+        }
+    }
+}
+
+/// Writes a complete response and nothing more (`Connection: close`).
+pub fn respond(
+    socket: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> io::Result<()> {
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(response.as_bytes())
+}
+
+/// A short plain-text answer: errors and refusals.
+pub fn respond_text(socket: &mut TcpStream, status: &str, text: &str) -> io::Result<()> {
+    respond(
+        socket,
+        status,
+        "text/plain; charset=utf-8",
+        &format!("{text}\n"),
+    )
+}
+
+/// Answers a request that is not a WebSocket upgrade.
+pub fn serve_plain(socket: &mut TcpStream, request: &Request, metrics: &Metrics) -> io::Result<()> {
+    if request.method() != "GET" && request.method() != "HEAD" {
+        return respond_text(socket, "405 Method Not Allowed", "only GET");
+    }
+    match request.uri().path() {
+        "/health" => {
+            let up = metrics.broker_up();
+            let body = serde_json::json!({
+                "status": if up { "ok" } else { "unavailable" },
+                "broker": if up { "up" } else { "down" },
+                "connections": metrics.connections.load(Ordering::Relaxed),
+                "uptime_seconds": metrics.uptime_secs(),
+            });
+            let status = if up {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            respond(socket, status, "application/json", &body.to_string())
+        }
+        "/metrics" => respond(
+            socket,
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &metrics.render(),
+        ),
+        "/" => respond(socket, "200 OK", "text/html; charset=utf-8", PAGE),
+        _ => respond_text(socket, "404 Not Found", "not found"),
+    }
+}
+
+/// The live page: connect, subscribe, watch updates. Self-contained: no
+/// external script, style or font.
+const PAGE: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>bzpush</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:15px/1.4 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}
+input{font:inherit;padding:.2rem .4rem}button{font:inherit}
+#log{font:13px/1.5 ui-monospace,monospace;background:#f6f6f6;border:1px solid #ddd;padding:.5rem;height:24rem;overflow:auto;white-space:pre-wrap}
+.err{color:#a00}.upd{color:#060}
+</style></head><body>
+<h1>bzpush</h1>
+<p>Bugzilla push notifications. Subscribe to bugs and watch their changes arrive.</p>
+<p><label>Feed <input id="url" size="40"></label> <button id="connect">Connect</button> <span id="state">disconnected</span></p>
+<p><label>Bugs <input id="bugs" placeholder="1234, 5678" size="30"></label>
+<label>since <input id="since" placeholder="2026-11-28T01:00:00" size="20"></label>
+<button id="sub">Subscribe</button> <button id="unsub">Unsubscribe</button> <button id="list">Subscriptions</button></p>
+<div id="log"></div>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+$("url").value = scheme + "//" + location.host + "/";
+let ws = null;
+function log(text, cls) {
+  const line = document.createElement("div");
+  line.textContent = new Date().toISOString().slice(11, 19) + "  " + text;
+  if (cls) line.className = cls;
+  $("log").appendChild(line);
+  $("log").scrollTop = $("log").scrollHeight;
+}
+function send(obj) {
+  if (!ws || ws.readyState !== WebSocket.OPEN) { log("not connected", "err"); return; }
+  const text = JSON.stringify(obj);
+  log("> " + text);
+  ws.send(text);
+}
+function bugs() {
+  return $("bugs").value.split(/[\s,]+/).filter(Boolean).map((b) => /^\d+$/.test(b) ? Number(b) : b);
+}
+$("connect").onclick = () => {
+  if (ws) ws.close();
+  ws = new WebSocket($("url").value);
+  $("state").textContent = "connecting";
+  ws.onopen = () => { $("state").textContent = "connected"; send({command: "version"}); };
+  ws.onclose = (e) => { $("state").textContent = "disconnected (" + e.code + ")"; };
+  ws.onmessage = (e) => {
+    let msg;
+    try { msg = JSON.parse(e.data); } catch (_) { log("< " + e.data, "err"); return; }
+    if (msg.command === "update") log("bug " + msg.bug + " changed at " + msg.when, "upd");
+    else log("< " + e.data, msg.result === "error" ? "err" : "");
+  };
+};
+$("sub").onclick = () => send({command: "subscribe", bugs: bugs(), since: $("since").value});
+$("unsub").onclick = () => send({command: "unsubscribe", bugs: bugs()});
+$("list").onclick = () => send({command: "subscriptions"});
+</script>
+</body></html>
+"#;

@@ -1,0 +1,295 @@
+//! The hub: who is subscribed to what, and fan-out.
+//!
+//! One thread owns the subscription index of every feed (bug → connections,
+//! connection → bugs) and the catch-up cache; connection threads and broker
+//! consumers talk to it only by [`Message`], never by lock. Each update is
+//! encoded to its WebSocket frame once and the same bytes are queued to every
+//! subscriber's [`Outbox`]. Replies to a connection's commands are queued
+//! here too, so a connection sees its answers, catch-up and live updates in
+//! the order the hub handled them. The hub must never block on a client:
+//! [`Outbox::push`] doesn't.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crossbeam_channel::{Receiver, Sender};
+use log::debug;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::metrics::Metrics;
+use crate::notification::{BugId, ChangeTime, Notification};
+use crate::outbox::{Outbox, text_frame};
+use crate::protocol::{self, Command, ProtocolError, Since};
+
+/// A connection, numbered by the server in accept order.
+pub type ConnId = u64;
+/// A feed, by its index in the configured feed list.
+pub type FeedId = usize;
+
+/// Messages queued for the hub before senders wait: deep enough to absorb a
+/// burst from the broker, small enough to bound memory.
+pub const HUB_QUEUE: usize = 16 * 1024;
+
+/// What the hub is asked to do.
+pub enum Message {
+    /// A WebSocket connection on `feed` opened.
+    Connect {
+        conn: ConnId,
+        feed: FeedId,
+        outbox: Arc<Outbox>,
+    },
+    /// A command from `conn`, already parsed.
+    Command { conn: ConnId, command: Command },
+    /// An error answer for `conn`, queued in order with its other replies.
+    Error { conn: ConnId, error: ProtocolError },
+    /// The connection ended; forget its subscriptions.
+    Disconnect { conn: ConnId },
+    /// Bug changed: tell the feed's subscribers.
+    Notify {
+        feed: FeedId,
+        notification: Notification,
+    },
+    /// Shutdown: close every connection with 1001 (going away).
+    CloseAll,
+}
+
+/// Sends messages to the hub.
+pub type HubSender = Sender<Message>;
+
+struct Connection {
+    feed: FeedId,
+    outbox: Arc<Outbox>,
+    bugs: BTreeSet<BugId>,
+}
+
+struct Feed {
+    subscribers: HashMap<BugId, HashSet<ConnId>>,
+    cache: Cache,
+}
+
+/// The last updates of a feed, to answer `since`.
+struct Cache {
+    entries: VecDeque<Notification>,
+    capacity: usize,
+    /// The cache holds every update whose time is after this: the first
+    /// update it received (anything at that second may have come before it
+    /// started), raised to each update it evicts. `None`: it holds nothing
+    /// and can prove nothing.
+    horizon: Option<ChangeTime>,
+}
+
+impl Cache {
+    fn new(capacity: usize) -> Cache {
+        Cache {
+            entries: VecDeque::new(),
+            capacity,
+            horizon: None,
+        }
+    }
+
+    fn add(&mut self, notification: &Notification) {
+        if self.horizon.is_none() {
+            self.horizon = Some(notification.when.clone());
+        }
+        if self.capacity == 0 {
+            return;
+        }
+        if self.entries.len() == self.capacity
+            && let Some(evicted) = self.entries.pop_front()
+            && self.horizon.as_ref().is_none_or(|h| evicted.when > *h)
+        {
+            self.horizon = Some(evicted.when);
+        }
+        self.entries.push_back(notification.clone());
+    }
+
+    /// Whether every update at or after `since` is here.
+    fn complete_since(&self, since: &Since) -> bool {
+        self.horizon
+            .as_ref()
+            .is_some_and(|h| since.as_str() > h.as_str())
+    }
+
+    /// Cached updates of `bugs` at or after `since`, oldest first.
+    fn since(&self, bugs: &HashSet<BugId>, since: &Since) -> Vec<&Notification> {
+        let mut found: Vec<&Notification> = self
+            .entries
+            .iter()
+            .filter(|n| bugs.contains(&n.bug) && n.when.as_str() >= since.as_str())
+            .collect();
+        // Stable: one bug's updates keep their arrival order.
+        found.sort_by(|a, b| a.when.cmp(&b.when));
+        found
+    }
+}
+
+/// The hub's state; [`Hub::run`] is its thread.
+pub struct Hub {
+    feeds: Vec<Feed>,
+    connections: HashMap<ConnId, Connection>,
+    max_subscriptions: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(
+        feeds: usize,
+        cache_size: usize,
+        max_subscriptions: usize,
+        metrics: Arc<Metrics>,
+    ) -> Hub {
+        Hub {
+            feeds: (0..feeds)
+                .map(|_| Feed {
+                    subscribers: HashMap::new(),
+                    cache: Cache::new(cache_size),
+                })
+                .collect(),
+            connections: HashMap::new(),
+            max_subscriptions,
+            metrics,
+        }
+    }
+
+    /// Handles messages until every sender is gone.
+    pub fn run(mut self, messages: Receiver<Message>) {
+        for message in messages {
+            self.handle(message);
+        }
+        debug!("hub stopped");
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Connect { conn, feed, outbox } => {
+                self.connections.insert(
+                    conn,
+                    Connection {
+                        feed,
+                        outbox,
+                        bugs: BTreeSet::new(),
+                    },
+                );
+            }
+            Message::Command { conn, command } => self.command(conn, command),
+            Message::Error { conn, error } => {
+                self.reply(conn, protocol::error_reply(&error));
+            }
+            Message::Disconnect { conn } => {
+                if let Some(c) = self.connections.remove(&conn) {
+                    self.unsubscribe(conn, c.feed, &c.bugs);
+                }
+            }
+            Message::Notify { feed, notification } => self.notify(feed, &notification),
+            Message::CloseAll => {
+                for c in self.connections.values() {
+                    c.outbox.close(CloseCode::Away, "server shutting down");
+                }
+            }
+        }
+    }
+
+    fn reply(&self, conn: ConnId, text: String) {
+        if let Some(c) = self.connections.get(&conn) {
+            c.outbox.push_reply(text_frame(text));
+        }
+    }
+
+    fn command(&mut self, conn: ConnId, command: Command) {
+        let Some(c) = self.connections.get_mut(&conn) else {
+            return;
+        };
+        match command {
+            Command::Version => {
+                let text = protocol::version_reply();
+                self.reply(conn, text);
+            }
+            Command::Subscriptions => {
+                let text = protocol::subscriptions_reply("subscriptions", c.bugs.iter().copied());
+                self.reply(conn, text);
+            }
+            Command::Unsubscribe { bugs } => {
+                let feed = c.feed;
+                let gone: BTreeSet<BugId> = bugs.into_iter().filter(|b| c.bugs.remove(b)).collect();
+                let text = protocol::subscriptions_reply("unsubscribe", c.bugs.iter().copied());
+                self.unsubscribe(conn, feed, &gone);
+                self.reply(conn, text);
+            }
+            Command::Subscribe { bugs, since } => {
+                let new: BTreeSet<BugId> = bugs
+                    .iter()
+                    .copied()
+                    .filter(|b| !c.bugs.contains(b))
+                    .collect();
+                if c.bugs.len() + new.len() > self.max_subscriptions {
+                    let error =
+                        ProtocolError::too_many_subscriptions("subscribe", self.max_subscriptions);
+                    self.reply(conn, protocol::error_reply(&error));
+                    return;
+                }
+                c.bugs.extend(new.iter().copied());
+                let feed = &mut self.feeds[c.feed];
+                for bug in &new {
+                    feed.subscribers.entry(*bug).or_default().insert(conn);
+                }
+                self.metrics
+                    .subscriptions
+                    .fetch_add(new.len() as u64, Ordering::Relaxed);
+                let Some(since) = since else {
+                    c.outbox.push_reply(text_frame(protocol::subscribe_reply(
+                        c.bugs.iter().copied(),
+                        false,
+                    )));
+                    return;
+                };
+                let partial = !feed.cache.complete_since(&since);
+                c.outbox.push_reply(text_frame(protocol::subscribe_reply(
+                    c.bugs.iter().copied(),
+                    partial,
+                )));
+                let asked: HashSet<BugId> = bugs.into_iter().collect();
+                for update in feed.cache.since(&asked, &since) {
+                    c.outbox.push_reply(text_frame(protocol::update(update)));
+                }
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, conn: ConnId, feed: FeedId, bugs: &BTreeSet<BugId>) {
+        let subscribers = &mut self.feeds[feed].subscribers;
+        for bug in bugs {
+            if let Some(conns) = subscribers.get_mut(bug) {
+                conns.remove(&conn);
+                if conns.is_empty() {
+                    subscribers.remove(bug);
+                }
+            }
+        }
+        self.metrics
+            .subscriptions
+            .fetch_sub(bugs.len() as u64, Ordering::Relaxed);
+    }
+
+    fn notify(&mut self, feed: FeedId, notification: &Notification) {
+        let Some(f) = self.feeds.get_mut(feed) else {
+            return;
+        };
+        f.cache.add(notification);
+        let Some(conns) = f.subscribers.get(&notification.bug) else {
+            return;
+        };
+        let frame = text_frame(protocol::update(notification));
+        let mut sent = 0;
+        for conn in conns {
+            if let Some(c) = self.connections.get(conn)
+                && c.outbox.push(Arc::clone(&frame))
+            {
+                sent += 1;
+            }
+        }
+        self.metrics
+            .notifications_out
+            .fetch_add(sent, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,377 @@
+//! `bzpush serve`: the threads of a WebSocket server and their lifecycle.
+//!
+//! Owns the listening socket and the accept loop, the limits checked at
+//! the handshake (total connections, origin, feed path), and starting and
+//! joining every other thread: the hub, the writer pool, one broker
+//! consumer per feed, one thread per connection. Shutdown stops accepting,
+//! closes every connection with 1001, joins every thread. Nothing here
+//! touches a subscription: that is the hub's.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, info, warn};
+
+use crate::config::{Feed, ServeConfig, feed_path};
+use crate::connection::{self, Limits};
+use crate::http::{self, Head};
+use crate::hub::{ConnId, HUB_QUEUE, Hub, HubSender, Message};
+use crate::metrics::Metrics;
+use crate::outbox::{Outbox, Writers};
+use crate::pulse::{self, ConsumerSetup};
+use crate::shutdown::Shutdown;
+
+/// A connection's thread touches little stack: a blocking read, a JSON
+/// parse bounded by serde_json's recursion limit. Only pages touched cost
+/// memory.
+const CONNECTION_STACK: usize = 128 * 1024;
+/// A client has this long to send its request head (slowloris).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sockets may wait in the handshake beyond the connection limit by this
+/// many before new ones are refused at once.
+const HANDSHAKE_SLACK: usize = 256;
+/// A write to a client that makes no progress this long fails the client.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for connections to take their close frames.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// What every connection thread shares.
+struct Shared {
+    feeds: Vec<Feed>,
+    allowed_origins: Option<Vec<String>>,
+    max_connections: usize,
+    outbound_queue: usize,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    /// Sockets of live connection threads, to cut them at shutdown.
+    sockets: Mutex<HashMap<ConnId, TcpStream>>,
+}
+
+/// Runs the server on `listener` until `shutdown`.
+pub fn serve(config: &ServeConfig, listener: TcpListener, shutdown: &Shutdown) -> io::Result<()> {
+    let metrics = Arc::new(Metrics::new(config.feeds.len()));
+    let writers = Writers::start()?;
+    let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
+    let hub = Hub::new(
+        config.feeds.len(),
+        config.cache_size,
+        config.max_subscriptions,
+        Arc::clone(&metrics),
+    );
+    let hub_thread = thread::Builder::new()
+        .name("hub".into())
+        .spawn(move || hub.run(hub_rx))?;
+    let consumers = start_consumers(config, &hub_tx, &metrics, shutdown)?;
+    let addr = listener.local_addr()?;
+    let waker = thread::Builder::new().name("accept-waker".into()).spawn({
+        let shutdown = shutdown.clone();
+        move || wake_on_shutdown(&shutdown, addr)
+    })?;
+    info!("serving WebSocket and HTTP on {addr}");
+
+    let shared = Arc::new(Shared {
+        feeds: config.feeds.clone(),
+        allowed_origins: config.allowed_origins.clone(),
+        max_connections: config.max_connections,
+        outbound_queue: config.outbound_queue,
+        limits: Limits {
+            max_message_size: config.max_message_size,
+            ping_interval: config.ping_interval,
+            ping_timeout: config.ping_timeout,
+        },
+        metrics: Arc::clone(&metrics),
+        sockets: Mutex::new(HashMap::new()),
+    });
+    let mut acceptor = Acceptor {
+        shared: Arc::clone(&shared),
+        hub: hub_tx.clone(),
+        writers: &writers,
+        threads: HashMap::new(),
+        done: crossbeam_channel::unbounded(),
+        next_id: 0,
+    };
+    acceptor.run(&listener, shutdown);
+
+    info!("stopping: closing {} connections", acceptor.threads.len());
+    let _ = hub_tx.send(Message::CloseAll);
+    acceptor.join_all(&shared);
+    drop(hub_tx);
+    for consumer in consumers {
+        let _ = consumer.join();
+    }
+    let _ = hub_thread.join();
+    drop(acceptor);
+    writers.join();
+    let _ = waker.join();
+    info!("stopped");
+    Ok(())
+}
+
+fn start_consumers(
+    config: &ServeConfig,
+    hub: &HubSender,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+) -> io::Result<Vec<JoinHandle<()>>> {
+    config
+        .feeds
+        .iter()
+        .enumerate()
+        .map(|(feed, f)| {
+            let setup = ConsumerSetup {
+                feed,
+                exchange: f.exchange.clone(),
+                queue: format!("{}/{}", config.queue_prefix, f.exchange),
+                expires: config.queue_expires,
+            };
+            let (url, hub, metrics, shutdown) = (
+                config.amqp.clone(),
+                hub.clone(),
+                Arc::clone(metrics),
+                shutdown.clone(),
+            );
+            thread::Builder::new()
+                .name(format!("pulse-{feed}"))
+                .spawn(move || {
+                    pulse::consume(
+                        &url,
+                        &setup,
+                        &hub,
+                        &metrics,
+                        &metrics.broker_links[feed],
+                        &shutdown,
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Blocks until shutdown, then connects to the listener once so that a
+/// thread blocked in `accept` wakes up and sees it.
+fn wake_on_shutdown(shutdown: &Shutdown, addr: SocketAddr) {
+    while !shutdown.sleep(Duration::from_secs(3600)) {}
+    let _ = TcpStream::connect(addr);
+}
+
+struct Acceptor<'a> {
+    shared: Arc<Shared>,
+    hub: HubSender,
+    writers: &'a Writers,
+    threads: HashMap<ConnId, JoinHandle<()>>,
+    /// Connection threads say here that they are finishing.
+    done: (Sender<ConnId>, Receiver<ConnId>),
+    next_id: ConnId,
+}
+
+impl Acceptor<'_> {
+    fn run(&mut self, listener: &TcpListener, shutdown: &Shutdown) {
+        let mut backoff = Duration::from_millis(10);
+        for socket in listener.incoming() {
+            if shutdown.requested() {
+                break;
+            }
+            self.reap();
+            let socket = match socket {
+                Ok(s) => s,
+                Err(e) => {
+                    // Usually out of file descriptors: wait for some to free.
+                    warn!("accept failed: {e}");
+                    shutdown.sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(10);
+            if let Err(e) = self.start(socket) {
+                warn!("cannot start a connection thread: {e}");
+            }
+        }
+    }
+
+    /// Joins the threads that have finished.
+    fn reap(&mut self) {
+        while let Ok(id) = self.done.1.try_recv() {
+            if let Some(thread) = self.threads.remove(&id) {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    fn start(&mut self, mut socket: TcpStream) -> io::Result<()> {
+        let id = self.next_id;
+        self.next_id += 1;
+        if self.threads.len() >= self.shared.max_connections + HANDSHAKE_SLACK {
+            let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
+            return http::respond_text(
+                &mut socket,
+                "503 Service Unavailable",
+                "too many connections",
+            );
+        }
+        socket.set_nodelay(true)?;
+        socket.set_read_timeout(Some(HEAD_TIMEOUT))?;
+        socket.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        self.shared
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, socket.try_clone()?);
+        let shared = Arc::clone(&self.shared);
+        let hub = self.hub.clone();
+        let outbox_socket = socket.try_clone()?;
+        let outbox = Outbox::new(
+            outbox_socket,
+            shared.outbound_queue,
+            self.writers,
+            Arc::clone(&shared.metrics),
+        );
+        let done = self.done.0.clone();
+        let thread = thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                handle(id, socket, outbox, &shared, &hub);
+                if let Some(s) = shared
+                    .sockets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id)
+                {
+                    let _ = s.shutdown(SocketShutdown::Both);
+                }
+                let _ = done.send(id);
+            });
+        match thread {
+            Ok(thread) => {
+                self.threads.insert(id, thread);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared
+                    .sockets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for connection threads to finish after `CloseAll`; cuts the
+    /// sockets of those that do not in time.
+    fn join_all(&mut self, shared: &Shared) {
+        let deadline = Instant::now() + CLOSE_GRACE;
+        while !self.threads.is_empty() && Instant::now() < deadline {
+            match self
+                .done
+                .1
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(id) => {
+                    if let Some(thread) = self.threads.remove(&id) {
+                        let _ = thread.join();
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        for socket in shared
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            let _ = socket.shutdown(SocketShutdown::Both);
+        }
+        for (_, thread) in self.threads.drain() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One accepted socket: a plain HTTP request, or a WebSocket for its life.
+fn handle(
+    id: ConnId,
+    mut socket: TcpStream,
+    outbox: Arc<Outbox>,
+    shared: &Shared,
+    hub: &HubSender,
+) {
+    let (request, leftover) = match http::read_head(&mut socket) {
+        Ok(Head::Request(request, leftover)) => (request, leftover),
+        Ok(Head::TooLarge) => {
+            let _ = http::respond_text(
+                &mut socket,
+                "431 Request Header Fields Too Large",
+                "request head too large",
+            );
+            return;
+        }
+        Ok(Head::Malformed) => {
+            let _ = http::respond_text(&mut socket, "400 Bad Request", "malformed request");
+            return;
+        }
+        Err(e) => {
+            debug!("connection {id}: no request: {e}");
+            return;
+        }
+    };
+    let upgrade = request
+        .headers()
+        .get("Upgrade")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.eq_ignore_ascii_case("websocket"));
+    if !upgrade {
+        if let Err(e) = http::serve_plain(&mut socket, &request, &shared.metrics) {
+            debug!("connection {id}: {e}");
+        }
+        return;
+    }
+    let Some(feed) = feed_path(request.uri().path())
+        .and_then(|path| shared.feeds.iter().position(|f| f.path == path))
+    else {
+        let _ = http::respond_text(&mut socket, "404 Not Found", "no feed at this path");
+        return;
+    };
+    if let Some(allowed) = &shared.allowed_origins {
+        let origin = request
+            .headers()
+            .get("Origin")
+            .and_then(|h| h.to_str().ok());
+        if origin.is_some_and(|o| !allowed.iter().any(|a| a == o)) {
+            let _ = http::respond_text(&mut socket, "403 Forbidden", "origin not allowed");
+            return;
+        }
+    }
+    let response = match tungstenite::handshake::server::create_response(&request) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = http::respond_text(
+                &mut socket,
+                "400 Bad Request",
+                &format!("bad WebSocket handshake: {e}"),
+            );
+            return;
+        }
+    };
+    let connections = &shared.metrics.connections;
+    if connections.fetch_add(1, Ordering::Relaxed) >= shared.max_connections as u64 {
+        connections.fetch_sub(1, Ordering::Relaxed);
+        let _ = http::respond_text(
+            &mut socket,
+            "503 Service Unavailable",
+            "too many connections",
+        );
+        return;
+    }
+    if tungstenite::handshake::server::write_response(&mut socket, &response).is_ok() {
+        connection::run(id, feed, socket, leftover, outbox, hub, shared.limits);
+    }
+    connections.fetch_sub(1, Ordering::Relaxed);
+}
