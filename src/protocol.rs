@@ -232,9 +232,15 @@ pub fn parse(text: &str) -> Result<Command, ProtocolError> {
     }
 }
 
-/// `bugs`: one id or a list of ids, deduplicated.
+/// `bugs`: one id or a list of ids, deduplicated. Early bugzfeed clients
+/// (its first example page, older BzDeck) send the same as `bug`; it is
+/// read when `bugs` is absent, so they keep working.
 fn bugs(object: &Map<String, Value>) -> Result<Vec<BugId>, ErrorKind> {
-    let ids = match object.get("bugs") {
+    let given = match object.get("bugs") {
+        None | Some(Value::Null) => object.get("bug"),
+        bugs => bugs,
+    };
+    let ids = match given {
         None | Some(Value::Null) => return Err(ErrorKind::MissingBugs),
         Some(Value::Array(list)) => list
             .iter()
@@ -496,7 +502,7 @@ mod tests {
         );
         // unsubscribe has no `since`, so a bad one does not matter.
         assert_eq!(
-            parse(r#"{"command":"unsubscribe","bugs":[1],"since":"garbage","bug":2}"#),
+            parse(r#"{"command":"unsubscribe","bugs":[1],"since":"garbage"}"#),
             Ok(Command::Unsubscribe { bugs: vec![bug(1)] })
         );
         assert_eq!(
@@ -602,12 +608,34 @@ mod tests {
     }
 
     #[test]
+    fn early_bugzfeed_clients_send_bug() {
+        assert_eq!(
+            parse(r#"{"command":"subscribe","bug":"42"}"#),
+            Ok(Command::Subscribe {
+                bugs: vec![bug(42)],
+                since: None
+            })
+        );
+        assert_eq!(
+            parse(r#"{"command":"unsubscribe","bug":[1,2]}"#),
+            Ok(Command::Unsubscribe {
+                bugs: vec![bug(1), bug(2)]
+            })
+        );
+        // `bugs` wins when both are sent.
+        assert_eq!(
+            parse(r#"{"command":"unsubscribe","bugs":1,"bug":2}"#),
+            Ok(Command::Unsubscribe { bugs: vec![bug(1)] })
+        );
+    }
+
+    #[test]
     fn missing_bugs() {
         for command in ["subscribe", "unsubscribe"] {
             for text in [
                 json!({"command": command}),
                 json!({"command": command, "bugs": null}),
-                json!({"command": command, "bug": 1}),
+                json!({"command": command, "bug": null}),
                 json!({"command": command, "since": "2026-11-28T01:00:00"}),
             ] {
                 assert_eq!(
