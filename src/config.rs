@@ -40,7 +40,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "database-url",
         default: "mysql://bugs@localhost:3306/bugs",
-        doc: "Bugzilla's database (poll)",
+        doc: "Bugzilla's database (poll, run)",
     },
     Setting {
         name: "source",
@@ -70,7 +70,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "amqp-url",
         default: "amqp://guest:guest@127.0.0.1:5672/%2f",
-        doc: "the broker; amqps:// for TLS (poll)",
+        doc: "the broker; amqps:// for TLS (poll, serve)",
     },
     Setting {
         name: "exchange",
@@ -95,47 +95,52 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "listen",
         default: "127.0.0.1:8844",
-        doc: "serve: WebSocket and HTTP address",
+        doc: "serve, run: WebSocket and HTTP address",
     },
     Setting {
         name: "max-connections",
         default: "10000",
-        doc: "serve: open WebSocket connections; more are refused with HTTP 503",
+        doc: "serve, run: open WebSocket connections; more are refused with HTTP 503",
     },
     Setting {
         name: "max-subscriptions",
         default: "20000",
-        doc: "serve: bugs one connection may subscribe to",
+        doc: "serve, run: bugs one connection may subscribe to",
     },
     Setting {
         name: "max-message-size",
         default: "1048576",
-        doc: "serve: largest client message in bytes; larger closes with 1009",
+        doc: "serve, run: largest client message in bytes; larger closes with 1009",
     },
     Setting {
         name: "outbound-queue",
         default: "4096",
-        doc: "serve: messages waiting for one slow client before it is closed with 1008",
+        doc: "serve, run: messages waiting for one slow client before it is closed with 1008",
     },
     Setting {
         name: "cache-size",
         default: "100000",
-        doc: "serve: recent updates per feed kept to answer `since`",
+        doc: "serve, run: recent updates per feed kept to answer `since`",
     },
     Setting {
         name: "ping-interval",
         default: "30s",
-        doc: "serve: a silent connection is pinged after this long",
+        doc: "serve, run: a silent connection is pinged after this long",
     },
     Setting {
         name: "ping-timeout",
         default: "30s",
-        doc: "serve: a pinged connection that stays silent this long is closed",
+        doc: "serve, run: a pinged connection that stays silent this long is closed",
     },
     Setting {
         name: "allowed-origins",
         default: "*",
-        doc: "serve: comma-separated Origin values allowed to connect; * allows all",
+        doc: "serve, run: comma-separated Origin values allowed to connect; * allows all",
+    },
+    Setting {
+        name: "catchup-database-url",
+        default: "off",
+        doc: "serve: Bugzilla's database, read-only, to answer `since` beyond the cache (run uses database-url)",
     },
     Setting {
         name: "log",
@@ -149,8 +154,19 @@ pub const SETTINGS: &[Setting] = &[
 pub enum Invocation {
     Help,
     Version,
+    /// Run a subcommand.
+    Start(Mode),
+    /// `bzpush check <mode>`: check a subcommand's configuration and
+    /// dependencies without starting it.
+    Check(Mode),
+}
+
+/// A subcommand that runs, with its configuration.
+#[derive(Clone, Debug)]
+pub enum Mode {
     Poll(PollConfig),
     Serve(ServeConfig),
+    Run(RunConfig),
 }
 
 /// A bad or missing setting: printed as one line, exit status 2.
@@ -229,15 +245,21 @@ impl fmt::Debug for AmqpUrl {
     }
 }
 
-/// Everything `bzpush poll` needs.
+/// The database poller's settings (poll, run).
 #[derive(Clone, Debug)]
-pub struct PollConfig {
+pub struct PollerConfig {
     pub database: DatabaseUrl,
     pub source: Source,
     pub poll_interval: Duration,
     pub batch_size: usize,
     pub overlap: Duration,
     pub lock_name: String,
+}
+
+/// Everything `bzpush poll` needs.
+#[derive(Clone, Debug)]
+pub struct PollConfig {
+    pub poller: PollerConfig,
     pub amqp: AmqpUrl,
     pub exchange: String,
     pub log: LevelFilter,
@@ -258,6 +280,23 @@ pub struct ServeConfig {
     pub feeds: Vec<Feed>,
     pub queue_prefix: String,
     pub queue_expires: Duration,
+    /// Read-only access to Bugzilla's database for catch-up, if set.
+    pub catchup_database: Option<DatabaseUrl>,
+    pub server: ServerConfig,
+    pub log: LevelFilter,
+}
+
+/// Everything `bzpush run` needs: a poller and a server, no broker.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub poller: PollerConfig,
+    pub server: ServerConfig,
+    pub log: LevelFilter,
+}
+
+/// The WebSocket server's settings (serve, run).
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_connections: usize,
     pub max_subscriptions: usize,
@@ -268,7 +307,6 @@ pub struct ServeConfig {
     pub ping_timeout: Duration,
     /// `None`: every origin may connect.
     pub allowed_origins: Option<Vec<String>>,
-    pub log: LevelFilter,
 }
 
 /// Largest batch: a batch is held in memory and in one publish round.
@@ -288,14 +326,20 @@ pub fn parse(
         a.into_string()
             .map_err(|a| ConfigError(format!("argument {a:?} is not valid UTF-8")))
     });
-    let command = match args.next().transpose()? {
+    let mut command = match args.next().transpose()? {
         None => return Err(ConfigError("no command given; try `bzpush --help`".into())),
         Some(c) => c,
     };
+    let check = command == "check";
+    if check {
+        command = args.next().transpose()?.ok_or_else(|| {
+            ConfigError("check needs the command to check: bzpush check poll|serve|run".into())
+        })?;
+    }
     match command.as_str() {
         "-h" | "--help" | "help" => return Ok(Invocation::Help),
-        "-V" | "--version" | "version" => return Ok(Invocation::Version),
-        "poll" | "serve" => {}
+        "-V" | "--version" | "version" if !check => return Ok(Invocation::Version),
+        "poll" | "serve" | "run" => {}
         other => {
             return Err(ConfigError(format!(
                 "unknown command {other:?}; try `bzpush --help`"
@@ -332,38 +376,76 @@ pub fn parse(
         let value = values.get(name).map_or(setting.default, String::as_str);
         (setting, value)
     };
-    Ok(match command.as_str() {
-        "poll" => Invocation::Poll(PollConfig {
+    let poller = || -> Result<PollerConfig, ConfigError> {
+        Ok(PollerConfig {
             database: database_url(get("database-url"))?,
             source: source(get("source"))?,
             poll_interval: duration(get("poll-interval"))?,
             batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
             overlap: duration(get("overlap"))?,
             lock_name: text(get("lock-name"), MAX_LOCK_NAME)?,
+        })
+    };
+    let server = || -> Result<ServerConfig, ConfigError> {
+        Ok(ServerConfig {
+            listen: socket_addr(get("listen"))?,
+            max_connections: number(get("max-connections"), 1, 1_000_000)?,
+            max_subscriptions: number(get("max-subscriptions"), 1, 10_000_000)?,
+            max_message_size: number(get("max-message-size"), 1024, 64 << 20)?,
+            outbound_queue: number(get("outbound-queue"), 16, 1_000_000)?,
+            cache_size: number(get("cache-size"), 0, 10_000_000)?,
+            ping_interval: duration(get("ping-interval"))?,
+            ping_timeout: duration(get("ping-timeout"))?,
+            allowed_origins: origins(get("allowed-origins")),
+        })
+    };
+    let log = log_level(get("log"))?;
+    let mode = match command.as_str() {
+        "poll" => Mode::Poll(PollConfig {
+            poller: poller()?,
             amqp: amqp_url(get("amqp-url"))?,
             exchange: text(get("exchange"), MAX_EXCHANGE_NAME)?,
-            log: log_level(get("log"))?,
+            log,
+        }),
+        "run" => Mode::Run(RunConfig {
+            poller: poller()?,
+            server: server()?,
+            log,
         }),
         _ => {
             let amqp = amqp_url(get("amqp-url"))?;
-            Invocation::Serve(ServeConfig {
+            let catchup = get("catchup-database-url");
+            Mode::Serve(ServeConfig {
                 feeds: feeds(get("feeds"))?,
                 queue_prefix: queue_prefix(get("queue"), &amqp)?,
                 queue_expires: duration(get("queue-expires"))?,
-                listen: socket_addr(get("listen"))?,
-                max_connections: number(get("max-connections"), 1, 1_000_000)?,
-                max_subscriptions: number(get("max-subscriptions"), 1, 10_000_000)?,
-                max_message_size: number(get("max-message-size"), 1024, 64 << 20)?,
-                outbound_queue: number(get("outbound-queue"), 16, 1_000_000)?,
-                cache_size: number(get("cache-size"), 0, 10_000_000)?,
-                ping_interval: duration(get("ping-interval"))?,
-                ping_timeout: duration(get("ping-timeout"))?,
-                allowed_origins: origins(get("allowed-origins")),
+                catchup_database: if catchup.1 == catchup.0.default {
+                    None
+                } else {
+                    Some(database_url(catchup)?)
+                },
+                server: server()?,
                 amqp,
-                log: log_level(get("log"))?,
+                log,
             })
         }
+    };
+    Ok(if check {
+        Invocation::Check(mode)
+    } else {
+        Invocation::Start(mode)
     })
+}
+
+impl Mode {
+    /// The log level this mode was configured with.
+    pub fn log(&self) -> LevelFilter {
+        match self {
+            Mode::Poll(c) => c.log,
+            Mode::Serve(c) => c.log,
+            Mode::Run(c) => c.log,
+        }
+    }
 }
 
 fn lookup(name: &str) -> Option<&'static Setting> {
@@ -479,7 +561,7 @@ fn queue_prefix((setting, value): (&Setting, &str), amqp: &AmqpUrl) -> Result<St
     if value != setting.default {
         return text((setting, value), MAX_EXCHANGE_NAME - 64);
     }
-    let user = value_of_user(amqp);
+    let user = amqp_user(amqp);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
@@ -489,7 +571,7 @@ fn queue_prefix((setting, value): (&Setting, &str), amqp: &AmqpUrl) -> Result<St
     Ok(format!("queue/{user}/bzpush-{host}"))
 }
 
-fn value_of_user(amqp: &AmqpUrl) -> String {
+fn amqp_user(amqp: &AmqpUrl) -> String {
     amqp.url
         .parse::<lapin::uri::AMQPUri>()
         .map(|uri| uri.authority.userinfo.username)
@@ -616,8 +698,10 @@ pub fn help() -> String {
         "bzpush {}: Bugzilla push notifications\n\n\
          Usage: bzpush <COMMAND> [--SETTING VALUE]...\n\n\
          Commands:\n  \
+         run     poll Bugzilla's database and serve WebSocket clients, in one process\n  \
          poll    poll Bugzilla's database and publish each change to Pulse (AMQP)\n  \
-         serve   serve WebSocket clients (bugzfeed protocol) from Pulse\n\n\
+         serve   serve WebSocket clients (bugzfeed protocol) from Pulse\n  \
+         check   check a command's settings and dependencies: bzpush check run|poll|serve\n\n\
          Settings (environment variable, flag, default):\n",
         env!("CARGO_PKG_VERSION")
     );
@@ -646,7 +730,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (OsString::from(k), OsString::from(v)));
         match parse(args, env)? {
-            Invocation::Poll(config) => Ok(config),
+            Invocation::Start(Mode::Poll(config)) => Ok(config),
             other => panic!("expected poll, got {other:?}"),
         }
     }
@@ -654,15 +738,15 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let config = poll(&[], &[]).expect("defaults are valid");
-        assert_eq!(config.source, Source::PushNotify);
-        assert_eq!(config.poll_interval, Duration::from_secs(1));
+        assert_eq!(config.poller.source, Source::PushNotify);
+        assert_eq!(config.poller.poll_interval, Duration::from_secs(1));
         assert_eq!(config.exchange, "exchange/bugzilla/simple");
         assert_eq!(
             config.amqp.to_string(),
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(
-            config.database.to_string(),
+            config.poller.database.to_string(),
             "mysql://bugs@localhost:3306/bugs"
         );
     }
@@ -677,8 +761,8 @@ mod tests {
             ],
         )
         .expect("valid");
-        assert_eq!(config.poll_interval, Duration::from_millis(250));
-        assert_eq!(config.source, Source::Bugs);
+        assert_eq!(config.poller.poll_interval, Duration::from_millis(250));
+        assert_eq!(config.poller.source, Source::Bugs);
     }
 
     #[test]

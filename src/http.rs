@@ -80,10 +80,10 @@ pub fn serve_plain(socket: &mut TcpStream, request: &Request, metrics: &Metrics)
     }
     match request.uri().path() {
         "/health" => {
-            let up = metrics.broker_up();
+            let up = metrics.upstream_up();
             let body = serde_json::json!({
                 "status": if up { "ok" } else { "unavailable" },
-                "broker": if up { "up" } else { "down" },
+                metrics.upstream: if up { "up" } else { "down" },
                 "connections": metrics.connections.load(Ordering::Relaxed),
                 "uptime_seconds": metrics.uptime_secs(),
             });

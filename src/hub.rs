@@ -10,6 +10,7 @@
 //! [`Outbox::push`] doesn't.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -17,9 +18,11 @@ use crossbeam_channel::{Receiver, Sender};
 use log::debug;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::catchup::Job;
 use crate::metrics::Metrics;
 use crate::notification::{BugId, ChangeTime, Notification};
-use crate::outbox::{Outbox, text_frame};
+use crate::outbox::{Bytes, Outbox, text_frame};
+use crate::poller::Sink;
 use crate::protocol::{self, Command, ProtocolError, Since};
 
 /// A connection, numbered by the server in accept order.
@@ -50,6 +53,11 @@ pub enum Message {
         feed: FeedId,
         notification: Notification,
     },
+    /// The database's answer to a catch-up; `None` if it failed.
+    CaughtUp {
+        conn: ConnId,
+        updates: Option<Vec<Notification>>,
+    },
     /// Shutdown: close every connection with 1001 (going away).
     CloseAll,
 }
@@ -57,10 +65,90 @@ pub enum Message {
 /// Sends messages to the hub.
 pub type HubSender = Sender<Message>;
 
+/// The hub as the poller's [`Sink`] (`bzpush run`): a notification is
+/// handed over once it is in the hub's queue.
+pub struct HubSink {
+    pub hub: HubSender,
+    pub feed: FeedId,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The hub has stopped: only during shutdown.
+#[derive(Debug)]
+pub struct HubGone;
+
+impl fmt::Display for HubGone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the hub has stopped")
+    }
+}
+
+impl Sink for HubSink {
+    type Error = HubGone;
+
+    fn describe(&self) -> (&'static str, String) {
+        ("hub", "in-process".to_string())
+    }
+
+    fn deliver(&mut self, batch: &[Notification]) -> Result<(), HubGone> {
+        for notification in batch {
+            let message = Message::Notify {
+                feed: self.feed,
+                notification: notification.clone(),
+            };
+            self.hub.send(message).map_err(|_| HubGone)?;
+            self.metrics
+                .notifications_in
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 struct Connection {
     feed: FeedId,
     outbox: Arc<Outbox>,
     bugs: BTreeSet<BugId>,
+    /// A database catch-up is on its way: everything for this connection
+    /// waits here, so the client still sees answer, catch-up, then live.
+    held: Option<Held>,
+}
+
+/// What waits for a database catch-up.
+struct Held {
+    /// The subscribe answer's list, as it was when the command came.
+    subscribed: Vec<BugId>,
+    /// What to answer from the cache if the database cannot.
+    asked: HashSet<BugId>,
+    since: Since,
+    /// Frames that came meanwhile, in order; `true` for live updates.
+    frames: Vec<(Bytes, bool)>,
+}
+
+impl Connection {
+    /// Queues a reply or catch-up frame (never refused for being many).
+    fn reply(&mut self, frame: Bytes) {
+        match &mut self.held {
+            Some(held) => held.frames.push((frame, false)),
+            None => self.outbox.push_reply(frame),
+        }
+    }
+
+    /// Queues a live update; `false` if the client is too slow for it.
+    fn update(&mut self, frame: Bytes, limit: usize) -> bool {
+        match &mut self.held {
+            Some(held) if held.frames.len() >= limit => {
+                self.outbox
+                    .close(CloseCode::Policy, "too slow: outbound queue full");
+                false
+            }
+            Some(held) => {
+                held.frames.push((frame, true));
+                true
+            }
+            None => self.outbox.push(frame),
+        }
+    }
 }
 
 struct Feed {
@@ -93,6 +181,14 @@ impl Cache {
             self.horizon = Some(notification.when.clone());
         }
         if self.capacity == 0 {
+            // Kept nowhere: evicted as soon as it came.
+            if self
+                .horizon
+                .as_ref()
+                .is_some_and(|h| notification.when > *h)
+            {
+                self.horizon = Some(notification.when.clone());
+            }
             return;
         }
         if self.entries.len() == self.capacity
@@ -129,25 +225,34 @@ pub struct Hub {
     feeds: Vec<Feed>,
     connections: HashMap<ConnId, Connection>,
     max_subscriptions: usize,
+    outbound_queue: usize,
+    /// Where to send catch-ups the cache cannot answer, if anywhere.
+    catchup: Option<Sender<Job>>,
     metrics: Arc<Metrics>,
 }
 
+/// How the hub is set up.
+pub struct HubConfig {
+    pub feeds: usize,
+    pub cache_size: usize,
+    pub max_subscriptions: usize,
+    pub outbound_queue: usize,
+    pub catchup: Option<Sender<Job>>,
+}
+
 impl Hub {
-    pub fn new(
-        feeds: usize,
-        cache_size: usize,
-        max_subscriptions: usize,
-        metrics: Arc<Metrics>,
-    ) -> Hub {
+    pub fn new(config: HubConfig, metrics: Arc<Metrics>) -> Hub {
         Hub {
-            feeds: (0..feeds)
+            feeds: (0..config.feeds)
                 .map(|_| Feed {
                     subscribers: HashMap::new(),
-                    cache: Cache::new(cache_size),
+                    cache: Cache::new(config.cache_size),
                 })
                 .collect(),
             connections: HashMap::new(),
-            max_subscriptions,
+            max_subscriptions: config.max_subscriptions,
+            outbound_queue: config.outbound_queue,
+            catchup: config.catchup,
             metrics,
         }
     }
@@ -169,6 +274,7 @@ impl Hub {
                         feed,
                         outbox,
                         bugs: BTreeSet::new(),
+                        held: None,
                     },
                 );
             }
@@ -182,7 +288,11 @@ impl Hub {
                 }
             }
             Message::Notify { feed, notification } => self.notify(feed, &notification),
+            Message::CaughtUp { conn, updates } => self.caught_up(conn, updates),
             Message::CloseAll => {
+                // The catch-up worker holds a sender to the hub: let it
+                // end, so that the hub can.
+                self.catchup = None;
                 for c in self.connections.values() {
                     c.outbox.close(CloseCode::Away, "server shutting down");
                 }
@@ -190,9 +300,9 @@ impl Hub {
         }
     }
 
-    fn reply(&self, conn: ConnId, text: String) {
-        if let Some(c) = self.connections.get(&conn) {
-            c.outbox.push_reply(text_frame(text));
+    fn reply(&mut self, conn: ConnId, text: String) {
+        if let Some(c) = self.connections.get_mut(&conn) {
+            c.reply(text_frame(text));
         }
     }
 
@@ -237,22 +347,66 @@ impl Hub {
                     .subscriptions
                     .fetch_add(new.len() as u64, Ordering::Relaxed);
                 let Some(since) = since else {
-                    c.outbox.push_reply(text_frame(protocol::subscribe_reply(
+                    c.reply(text_frame(protocol::subscribe_reply(
                         c.bugs.iter().copied(),
                         false,
                     )));
                     return;
                 };
-                let partial = !feed.cache.complete_since(&since);
-                c.outbox.push_reply(text_frame(protocol::subscribe_reply(
-                    c.bugs.iter().copied(),
-                    partial,
-                )));
                 let asked: HashSet<BugId> = bugs.into_iter().collect();
-                for update in feed.cache.since(&asked, &since) {
-                    c.outbox.push_reply(text_frame(protocol::update(update)));
+                if feed.cache.complete_since(&since) {
+                    c.reply(text_frame(protocol::subscribe_reply(
+                        c.bugs.iter().copied(),
+                        false,
+                    )));
+                    for update in feed.cache.since(&asked, &since) {
+                        c.reply(text_frame(protocol::update(update)));
+                    }
+                    return;
+                }
+                let job = Job {
+                    conn,
+                    bugs: asked.iter().copied().collect(),
+                    since: since.clone(),
+                };
+                let held = Held {
+                    subscribed: c.bugs.iter().copied().collect(),
+                    asked,
+                    since,
+                    frames: Vec::new(),
+                };
+                match &self.catchup {
+                    // A worker behind by a whole queue: answer `partial`
+                    // from the cache rather than wait.
+                    Some(catchup) if c.held.is_none() && catchup.try_send(job).is_ok() => {
+                        c.held = Some(held);
+                    }
+                    _ => answer_from_cache(c, &feed.cache, held),
                 }
             }
+        }
+    }
+
+    /// The database answered a catch-up: release what was held.
+    fn caught_up(&mut self, conn: ConnId, updates: Option<Vec<Notification>>) {
+        let Some(c) = self.connections.get_mut(&conn) else {
+            return;
+        };
+        let Some(held) = c.held.take() else {
+            return;
+        };
+        match updates {
+            Some(updates) => {
+                c.reply(text_frame(protocol::subscribe_reply(
+                    held.subscribed.iter().copied(),
+                    false,
+                )));
+                for update in &updates {
+                    c.reply(text_frame(protocol::update(update)));
+                }
+                release(c, held.frames);
+            }
+            None => answer_from_cache(c, &self.feeds[c.feed].cache, held),
         }
     }
 
@@ -282,8 +436,8 @@ impl Hub {
         let frame = text_frame(protocol::update(notification));
         let mut sent = 0;
         for conn in conns {
-            if let Some(c) = self.connections.get(conn)
-                && c.outbox.push(Arc::clone(&frame))
+            if let Some(c) = self.connections.get_mut(conn)
+                && c.update(Arc::clone(&frame), self.outbound_queue)
             {
                 sent += 1;
             }
@@ -291,5 +445,30 @@ impl Hub {
         self.metrics
             .notifications_out
             .fetch_add(sent, Ordering::Relaxed);
+    }
+}
+
+/// Answers a `since` from the cache alone: `partial` unless the cache can
+/// vouch for it. Then releases whatever was held.
+fn answer_from_cache(c: &mut Connection, cache: &Cache, held: Held) {
+    let partial = !cache.complete_since(&held.since);
+    c.reply(text_frame(protocol::subscribe_reply(
+        held.subscribed.iter().copied(),
+        partial,
+    )));
+    for update in cache.since(&held.asked, &held.since) {
+        c.reply(text_frame(protocol::update(update)));
+    }
+    release(c, held.frames);
+}
+
+/// Queues frames that were held, in their order.
+fn release(c: &mut Connection, frames: Vec<(Bytes, bool)>) {
+    for (frame, live) in frames {
+        if live {
+            c.outbox.push(frame);
+        } else {
+            c.outbox.push_reply(frame);
+        }
     }
 }

@@ -15,14 +15,16 @@
 //!   the consumer that feeds the hub (ack after hand-off).
 //! - [`hub`]: the subscription index, the catch-up cache, fan-out of
 //!   pre-encoded frames.
+//! - [`catchup`]: answers `since` from Bugzilla's `bugs` table when the
+//!   cache cannot vouch for it.
 //! - [`outbox`]: each connection's bounded send queue and the writer pool
 //!   that drains them; slow clients are closed, never waited for.
 //! - [`connection`]: one thread per WebSocket client: read, parse, keepalive.
 //! - [`protocol`]: the client protocol (bugzfeed's wire format): frames in,
 //!   commands out, and the JSON of every reply and update; no I/O.
 //! - [`http`]: `/health`, `/metrics`, the live page, request heads.
-//! - [`server`]: `bzpush serve`: the accept loop, handshake limits, and
-//!   starting and joining every thread.
+//! - [`server`]: `bzpush serve` and `bzpush run`: the accept loop, handshake
+//!   limits, and starting and joining every thread.
 //!
 //! Around it:
 //!
@@ -30,14 +32,20 @@
 //!   pair every stage passes on.
 //! - [`config`]: the settings table; environment and flags in, a checked
 //!   configuration out.
+//! - [`database`]: connections to Bugzilla's database, and its values read
+//!   without panics.
+//! - [`check`]: `bzpush check`: each setting and dependency, one line each.
 //! - [`metrics`]: counters shared by every thread.
 //! - [`retry`]: backoff, and logging a dependency's state once per change.
 //! - [`shutdown`]: one trigger that stops every loop at once.
 //! - [`signals`]: SIGTERM/SIGINT to the shutdown trigger.
 #![forbid(unsafe_code)]
 
+pub mod catchup;
+pub mod check;
 pub mod config;
 pub mod connection;
+pub mod database;
 pub mod http;
 pub mod hub;
 pub mod metrics;

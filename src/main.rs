@@ -2,13 +2,15 @@
 //! an exit status (0 clean stop, 1 runtime failure, 2 bad configuration).
 #![forbid(unsafe_code)]
 
+use std::net::TcpListener;
 use std::process::ExitCode;
 use std::thread;
 
-use std::net::TcpListener;
-
-use bzpush::config::{self, Invocation, PollConfig, ServeConfig};
-use bzpush::{poller, server, shutdown, signals};
+use bzpush::config::{self, Invocation, Mode};
+use bzpush::metrics::Metrics;
+use bzpush::pulse::PulseSink;
+use bzpush::shutdown::Shutdown;
+use bzpush::{check, poller, server, shutdown, signals};
 use log::{LevelFilter, error, info};
 
 fn main() -> ExitCode {
@@ -28,23 +30,22 @@ fn main() -> ExitCode {
             println!("bzpush {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Invocation::Poll(config) => {
-            init_logging(config.log);
-            exit_code(poll(config))
+        Invocation::Check(mode) => {
+            if check::run(&mode, &mut std::io::stdout()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
-        Invocation::Serve(config) => {
-            init_logging(config.log);
-            exit_code(serve(config))
-        }
-    }
-}
-
-fn exit_code(result: Result<(), String>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            ExitCode::from(1)
+        Invocation::Start(mode) => {
+            init_logging(mode.log());
+            match start(mode) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e}");
+                    ExitCode::from(1)
+                }
+            }
         }
     }
 }
@@ -62,48 +63,71 @@ fn init_logging(level: LevelFilter) {
     let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
 }
 
-fn poll(config: PollConfig) -> Result<(), String> {
-    info!(
-        "bzpush {} poll: source {:?}, database {}, broker {}, exchange {:?}",
-        env!("CARGO_PKG_VERSION"),
-        config.source,
-        config.database,
-        config.amqp,
-        config.exchange
-    );
+/// Runs `mode` until SIGTERM or SIGINT.
+fn start(mode: Mode) -> Result<(), String> {
+    info!("bzpush {} {}", env!("CARGO_PKG_VERSION"), describe(&mode));
+    // Bound before any thread starts: a taken port is a start-up failure.
+    let listener = match &mode {
+        Mode::Poll(_) => None,
+        Mode::Serve(config) => Some(bind(config.server.listen)?),
+        Mode::Run(config) => Some(bind(config.server.listen)?),
+    };
     let (trigger, shutdown) = shutdown::channel();
     let signals = signals::spawn(trigger).map_err(|e| format!("cannot watch signals: {e}"))?;
-    let result = thread::Builder::new()
-        .name("poller".into())
-        .spawn(move || poller::run(&config, &shutdown))
-        .map_err(|e| format!("cannot start the poller thread: {e}"))
-        .and_then(|poller| {
-            poller
-                .join()
-                .map_err(|_| "the poller thread panicked".to_string())
-        });
+    let result = match (mode, listener) {
+        (Mode::Serve(config), Some(listener)) => {
+            server::serve(&config, listener, &shutdown).map_err(|e| format!("serve: {e}"))
+        }
+        (Mode::Run(config), Some(listener)) => {
+            server::run(&config, listener, &shutdown).map_err(|e| format!("run: {e}"))
+        }
+        (Mode::Poll(config), _) => poll(config, shutdown),
+        _ => Err("no listener".to_string()),
+    };
     signals.stop();
     result
 }
 
-fn serve(config: ServeConfig) -> Result<(), String> {
-    info!(
-        "bzpush {} serve: broker {}, feeds {}",
-        env!("CARGO_PKG_VERSION"),
-        config.amqp,
-        config
-            .feeds
-            .iter()
-            .map(|f| format!("{}={}", f.path, f.exchange))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    // Bound before any thread starts: a taken port is a start-up failure.
-    let listener = TcpListener::bind(config.listen)
-        .map_err(|e| format!("cannot listen on {} (BZPUSH_LISTEN): {e}", config.listen))?;
-    let (trigger, shutdown) = shutdown::channel();
-    let signals = signals::spawn(trigger).map_err(|e| format!("cannot watch signals: {e}"))?;
-    let result = server::serve(&config, listener, &shutdown).map_err(|e| format!("serve: {e}"));
-    signals.stop();
-    result
+fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (BZPUSH_LISTEN): {e}"))
+}
+
+fn poll(config: config::PollConfig, shutdown: Shutdown) -> Result<(), String> {
+    let sink = PulseSink::new(config.amqp, config.exchange);
+    thread::Builder::new()
+        .name("poller".into())
+        .spawn(move || {
+            poller::run(
+                &config.poller,
+                sink,
+                &Metrics::new("database", 1),
+                &shutdown,
+            )
+        })
+        .map_err(|e| format!("cannot start the poller thread: {e}"))?
+        .join()
+        .map_err(|_| "the poller thread panicked".to_string())
+}
+
+/// One line for the log saying what runs against what.
+fn describe(mode: &Mode) -> String {
+    match mode {
+        Mode::Poll(c) => format!(
+            "poll: source {:?}, database {}, broker {}, exchange {:?}",
+            c.poller.source, c.poller.database, c.amqp, c.exchange
+        ),
+        Mode::Serve(c) => format!(
+            "serve: broker {}, feeds {}",
+            c.amqp,
+            c.feeds
+                .iter()
+                .map(|f| format!("{}={}", f.path, f.exchange))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        Mode::Run(c) => format!(
+            "run: source {:?}, database {}, listening on {}",
+            c.poller.source, c.poller.database, c.server.listen
+        ),
+    }
 }

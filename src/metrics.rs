@@ -17,23 +17,34 @@ pub struct Metrics {
     pub slow_client_closes: AtomicU64,
     pub broker_reconnects: AtomicU64,
     pub poison_messages: AtomicU64,
-    /// Whether each feed's broker consumer is connected.
-    pub broker_links: Vec<AtomicBool>,
+    pub poll_batches: AtomicU64,
+    /// Age in seconds of the oldest change in the last batch published.
+    pub poll_lag_seconds: AtomicU64,
+    /// What the server's updates come from: `broker` (serve) or
+    /// `database` (run).
+    pub upstream: &'static str,
+    /// Whether each upstream link (one per feed for serve) is up.
+    pub upstream_links: Vec<AtomicBool>,
     pub started: Option<Instant>,
 }
 
 impl Metrics {
-    pub fn new(feeds: usize) -> Metrics {
+    /// Metrics for a process whose updates come over `links` links of kind
+    /// `upstream`.
+    pub fn new(upstream: &'static str, links: usize) -> Metrics {
         Metrics {
-            broker_links: (0..feeds).map(|_| AtomicBool::new(false)).collect(),
+            upstream,
+            upstream_links: (0..links).map(|_| AtomicBool::new(false)).collect(),
             started: Some(Instant::now()),
             ..Metrics::default()
         }
     }
 
-    /// Whether every feed's broker consumer is connected.
-    pub fn broker_up(&self) -> bool {
-        self.broker_links.iter().all(|l| l.load(Ordering::Relaxed))
+    /// Whether every upstream link is up.
+    pub fn upstream_up(&self) -> bool {
+        self.upstream_links
+            .iter()
+            .all(|l| l.load(Ordering::Relaxed))
     }
 
     pub fn uptime_secs(&self) -> u64 {
@@ -43,67 +54,82 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let upstream_up = format!("{}_up", self.upstream);
+        let metrics: [(&str, &str, &str, u64); 11] = [
+            (
+                "connections",
+                "gauge",
+                "Open WebSocket connections.",
+                get(&self.connections),
+            ),
+            (
+                "subscriptions",
+                "gauge",
+                "Bug subscriptions over all connections.",
+                get(&self.subscriptions),
+            ),
+            (
+                "notifications_in_total",
+                "counter",
+                "Notifications received from upstream.",
+                get(&self.notifications_in),
+            ),
+            (
+                "notifications_out_total",
+                "counter",
+                "Updates queued to clients.",
+                get(&self.notifications_out),
+            ),
+            (
+                "slow_client_closes_total",
+                "counter",
+                "Clients closed (1008) for not keeping up.",
+                get(&self.slow_client_closes),
+            ),
+            (
+                "broker_reconnects_total",
+                "counter",
+                "Broker connections re-established after a failure.",
+                get(&self.broker_reconnects),
+            ),
+            (
+                "poison_messages_total",
+                "counter",
+                "Broker messages dropped as not a notification.",
+                get(&self.poison_messages),
+            ),
+            (
+                "poll_batches_total",
+                "counter",
+                "Batches the poller handed on.",
+                get(&self.poll_batches),
+            ),
+            (
+                "poll_lag_seconds",
+                "gauge",
+                "Age of the oldest change in the last batch handed on.",
+                get(&self.poll_lag_seconds),
+            ),
+            (
+                &upstream_up,
+                "gauge",
+                "1 when every upstream link (broker or database) is up.",
+                u64::from(self.upstream_up()),
+            ),
+            (
+                "uptime_seconds",
+                "counter",
+                "Seconds since start.",
+                self.uptime_secs(),
+            ),
+        ];
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        for (name, kind, help, value) in metrics {
             let _ = write!(
                 out,
                 "# HELP bzpush_{name} {help}\n# TYPE bzpush_{name} {kind}\nbzpush_{name} {value}\n"
             );
-        };
-        metric(
-            "connections",
-            "gauge",
-            "Open WebSocket connections.",
-            get(&self.connections),
-        );
-        metric(
-            "subscriptions",
-            "gauge",
-            "Bug subscriptions over all connections.",
-            get(&self.subscriptions),
-        );
-        metric(
-            "notifications_in_total",
-            "counter",
-            "Notifications received from the broker.",
-            get(&self.notifications_in),
-        );
-        metric(
-            "notifications_out_total",
-            "counter",
-            "Updates queued to clients.",
-            get(&self.notifications_out),
-        );
-        metric(
-            "slow_client_closes_total",
-            "counter",
-            "Clients closed (1008) for not keeping up.",
-            get(&self.slow_client_closes),
-        );
-        metric(
-            "broker_reconnects_total",
-            "counter",
-            "Broker connections re-established after a failure.",
-            get(&self.broker_reconnects),
-        );
-        metric(
-            "poison_messages_total",
-            "counter",
-            "Broker messages dropped as not a notification.",
-            get(&self.poison_messages),
-        );
-        metric(
-            "broker_up",
-            "gauge",
-            "1 when every feed's broker consumer is connected.",
-            u64::from(self.broker_up()),
-        );
-        metric(
-            "uptime_seconds",
-            "counter",
-            "Seconds since start.",
-            self.uptime_secs(),
-        );
+        }
         out
     }
 }

@@ -33,6 +33,7 @@ use crate::config::AmqpUrl;
 use crate::hub::{FeedId, HubSender, Message as HubMessage};
 use crate::metrics::Metrics;
 use crate::notification::{BugId, ChangeTime, Notification};
+use crate::poller::Sink;
 use crate::retry::{Backoff, Link};
 use crate::shutdown::Shutdown;
 
@@ -296,6 +297,43 @@ impl Publisher {
     }
 }
 
+/// The broker as the poller's [`Sink`]: connects on first use, and again
+/// after any failure.
+pub struct PulseSink {
+    url: AmqpUrl,
+    exchange: String,
+    publisher: Option<Publisher>,
+}
+
+impl PulseSink {
+    pub fn new(url: AmqpUrl, exchange: String) -> PulseSink {
+        PulseSink {
+            url,
+            exchange,
+            publisher: None,
+        }
+    }
+}
+
+impl Sink for PulseSink {
+    type Error = PublishError;
+
+    fn describe(&self) -> (&'static str, String) {
+        ("broker", self.url.to_string())
+    }
+
+    fn deliver(&mut self, batch: &[Notification]) -> Result<(), PublishError> {
+        let publisher = match self.publisher.take() {
+            Some(p) => p,
+            None => Publisher::connect(&self.url, &self.exchange, "bzpush poll")?,
+        };
+        // A failed publisher is dropped: the next batch reconnects.
+        publisher.publish(batch)?;
+        self.publisher = Some(publisher);
+        Ok(())
+    }
+}
+
 /// Unacked messages the broker may have in flight to one consumer: enough
 /// to keep the pipe full, few enough to redeliver cheaply after a crash.
 const PREFETCH: u16 = 1000;
@@ -321,19 +359,17 @@ pub fn consume(
     up: &AtomicBool,
     shutdown: &Shutdown,
 ) {
-    let mut link = Link::new("broker", format!("{url} queue {:?}", setup.queue));
+    let mut link = Link::new("broker", format!("{url} queue {:?}", setup.queue)).reporting(up);
     let mut backoff = Backoff::default();
     let mut connected_before = false;
     while !shutdown.requested() {
         let result = consume_once(url, setup, hub, metrics, shutdown, &mut || {
             link.up();
-            up.store(true, Ordering::Relaxed);
             if connected_before {
                 metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
             }
             connected_before = true;
         });
-        up.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => break,
             Err(e) => {

@@ -4,6 +4,7 @@
 //! retries lie between. Nothing here decides what to retry.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use log::{info, warn};
@@ -15,26 +16,37 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// The state of one dependency, logged only when it changes: an outage is
-/// one line when it starts and one when it ends, however many retries.
-pub struct Link {
+/// one line when it starts and one when it ends, however many retries. It
+/// can also report the state to a flag that `/health` reads.
+pub struct Link<'a> {
     name: &'static str,
     target: String,
     up: Option<bool>,
+    flag: Option<&'a AtomicBool>,
 }
 
-impl Link {
-    pub fn new(name: &'static str, target: String) -> Link {
+impl<'a> Link<'a> {
+    pub fn new(name: &'static str, target: String) -> Link<'a> {
         Link {
             name,
             target,
             up: None,
+            flag: None,
+        }
+    }
+
+    /// Also keeps `flag` set to whether the link is up.
+    pub fn reporting(self, flag: &'a AtomicBool) -> Link<'a> {
+        Link {
+            flag: Some(flag),
+            ..self
         }
     }
 
     pub fn up(&mut self) {
         if self.up != Some(true) {
             info!("{} {}: connected", self.name, self.target);
-            self.up = Some(true);
+            self.set(true);
         }
     }
 
@@ -44,7 +56,14 @@ impl Link {
                 "{} {}: {error}; retrying with backoff",
                 self.name, self.target
             );
-            self.up = Some(false);
+            self.set(false);
+        }
+    }
+
+    fn set(&mut self, up: bool) {
+        self.up = Some(up);
+        if let Some(flag) = self.flag {
+            flag.store(up, Ordering::Relaxed);
         }
     }
 }
@@ -63,7 +82,6 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-
     pub fn reset(&mut self) {
         self.next = BACKOFF_START;
     }

@@ -1,9 +1,11 @@
-//! `bzpush serve`: the threads of a WebSocket server and their lifecycle.
+//! `bzpush serve` and `bzpush run`: the threads of a WebSocket server and
+//! their lifecycle.
 //!
 //! Owns the listening socket and the accept loop, the limits checked at
 //! the handshake (total connections, origin, feed path), and starting and
-//! joining every other thread: the hub, the writer pool, one broker
-//! consumer per feed, one thread per connection. Shutdown stops accepting,
+//! joining every other thread: the hub, the writer pool, what feeds the hub
+//! (one broker consumer per feed for `serve`, the poller for `run`), the
+//! catch-up worker, one thread per connection. Shutdown stops accepting,
 //! closes every connection with 1001, joins every thread. Nothing here
 //! touches a subscription: that is the hub's.
 
@@ -18,12 +20,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
 
-use crate::config::{Feed, ServeConfig, feed_path};
+use crate::catchup;
+use crate::config::{DatabaseUrl, Feed, RunConfig, ServeConfig, ServerConfig, feed_path};
 use crate::connection::{self, Limits};
 use crate::http::{self, Head};
-use crate::hub::{ConnId, HUB_QUEUE, Hub, HubSender, Message};
+use crate::hub::{ConnId, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink, Message};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Writers};
+use crate::poller;
 use crate::pulse::{self, ConsumerSetup};
 use crate::shutdown::Shutdown;
 
@@ -53,64 +57,143 @@ struct Shared {
     sockets: Mutex<HashMap<ConnId, TcpStream>>,
 }
 
-/// Runs the server on `listener` until `shutdown`.
+/// `bzpush serve`: the server fed by one Pulse consumer per feed, until
+/// `shutdown`.
 pub fn serve(config: &ServeConfig, listener: TcpListener, shutdown: &Shutdown) -> io::Result<()> {
-    let metrics = Arc::new(Metrics::new(config.feeds.len()));
-    let writers = Writers::start()?;
-    let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
-    let hub = Hub::new(
-        config.feeds.len(),
-        config.cache_size,
-        config.max_subscriptions,
-        Arc::clone(&metrics),
-    );
-    let hub_thread = thread::Builder::new()
-        .name("hub".into())
-        .spawn(move || hub.run(hub_rx))?;
-    let consumers = start_consumers(config, &hub_tx, &metrics, shutdown)?;
-    let addr = listener.local_addr()?;
-    let waker = thread::Builder::new().name("accept-waker".into()).spawn({
-        let shutdown = shutdown.clone();
-        move || wake_on_shutdown(&shutdown, addr)
-    })?;
-    info!("serving WebSocket and HTTP on {addr}");
-
-    let shared = Arc::new(Shared {
-        feeds: config.feeds.clone(),
-        allowed_origins: config.allowed_origins.clone(),
-        max_connections: config.max_connections,
-        outbound_queue: config.outbound_queue,
-        limits: Limits {
-            max_message_size: config.max_message_size,
-            ping_interval: config.ping_interval,
-            ping_timeout: config.ping_timeout,
-        },
-        metrics: Arc::clone(&metrics),
-        sockets: Mutex::new(HashMap::new()),
-    });
-    let mut acceptor = Acceptor {
-        shared: Arc::clone(&shared),
-        hub: hub_tx.clone(),
-        writers: &writers,
-        threads: HashMap::new(),
-        done: crossbeam_channel::unbounded(),
-        next_id: 0,
+    let metrics = Arc::new(Metrics::new("broker", config.feeds.len()));
+    let server = Server {
+        config: &config.server,
+        feeds: &config.feeds,
+        catchup: config.catchup_database.as_ref(),
+        metrics,
     };
-    acceptor.run(&listener, shutdown);
+    server.run(listener, shutdown, |hub, metrics| {
+        start_consumers(config, hub, metrics, shutdown)
+    })
+}
 
-    info!("stopping: closing {} connections", acceptor.threads.len());
-    let _ = hub_tx.send(Message::CloseAll);
-    acceptor.join_all(&shared);
-    drop(hub_tx);
-    for consumer in consumers {
-        let _ = consumer.join();
+/// `bzpush run`: the server fed by the database poller in this process, on
+/// one feed at `/`, until `shutdown`. Catch-up beyond the cache reads the
+/// poller's database.
+pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io::Result<()> {
+    let metrics = Arc::new(Metrics::new("database", 1));
+    let feeds = [Feed {
+        path: "/".into(),
+        exchange: "in-process".into(),
+    }];
+    let server = Server {
+        config: &config.server,
+        feeds: &feeds,
+        catchup: Some(&config.poller.database),
+        metrics,
+    };
+    server.run(listener, shutdown, |hub, metrics| {
+        let sink = HubSink {
+            hub: hub.clone(),
+            feed: 0,
+            metrics: Arc::clone(metrics),
+        };
+        let (poller_config, metrics, shutdown) =
+            (config.poller.clone(), Arc::clone(metrics), shutdown.clone());
+        let poller = thread::Builder::new()
+            .name("poller".into())
+            .spawn(move || poller::run(&poller_config, sink, &metrics, &shutdown))?;
+        Ok(vec![poller])
+    })
+}
+
+/// What `serve` and `run` share: everything but where updates come from.
+struct Server<'a> {
+    config: &'a ServerConfig,
+    feeds: &'a [Feed],
+    catchup: Option<&'a DatabaseUrl>,
+    metrics: Arc<Metrics>,
+}
+
+impl Server<'_> {
+    /// Starts the hub, the writers, `upstream` (the threads that feed the
+    /// hub) and the catch-up worker, then accepts connections until
+    /// `shutdown`, then stops and joins them all.
+    fn run(
+        self,
+        listener: TcpListener,
+        shutdown: &Shutdown,
+        upstream: impl FnOnce(&HubSender, &Arc<Metrics>) -> io::Result<Vec<JoinHandle<()>>>,
+    ) -> io::Result<()> {
+        let metrics = self.metrics;
+        let writers = Writers::start()?;
+        let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
+        let (catchup_tx, catchup_thread) = match self.catchup {
+            Some(url) => {
+                let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(catchup::JOB_QUEUE);
+                let (url, hub) = (url.clone(), hub_tx.clone());
+                let thread = thread::Builder::new()
+                    .name("catchup".into())
+                    .spawn(move || catchup::run(&url, jobs_rx, hub))?;
+                (Some(jobs_tx), Some(thread))
+            }
+            None => (None, None),
+        };
+        let hub = Hub::new(
+            HubConfig {
+                feeds: self.feeds.len(),
+                cache_size: self.config.cache_size,
+                max_subscriptions: self.config.max_subscriptions,
+                outbound_queue: self.config.outbound_queue,
+                catchup: catchup_tx,
+            },
+            Arc::clone(&metrics),
+        );
+        let hub_thread = thread::Builder::new()
+            .name("hub".into())
+            .spawn(move || hub.run(hub_rx))?;
+        let upstream = upstream(&hub_tx, &metrics)?;
+        let addr = listener.local_addr()?;
+        let waker = thread::Builder::new().name("accept-waker".into()).spawn({
+            let shutdown = shutdown.clone();
+            move || wake_on_shutdown(&shutdown, addr)
+        })?;
+        info!("serving WebSocket and HTTP on {addr}");
+
+        let shared = Arc::new(Shared {
+            feeds: self.feeds.to_vec(),
+            allowed_origins: self.config.allowed_origins.clone(),
+            max_connections: self.config.max_connections,
+            outbound_queue: self.config.outbound_queue,
+            limits: Limits {
+                max_message_size: self.config.max_message_size,
+                ping_interval: self.config.ping_interval,
+                ping_timeout: self.config.ping_timeout,
+            },
+            metrics: Arc::clone(&metrics),
+            sockets: Mutex::new(HashMap::new()),
+        });
+        let mut acceptor = Acceptor {
+            shared: Arc::clone(&shared),
+            hub: hub_tx.clone(),
+            writers: &writers,
+            threads: HashMap::new(),
+            done: crossbeam_channel::unbounded(),
+            next_id: 0,
+        };
+        acceptor.run(&listener, shutdown);
+
+        info!("stopping: closing {} connections", acceptor.threads.len());
+        // Also ends the catch-up worker, which holds a sender to the hub.
+        let _ = hub_tx.send(Message::CloseAll);
+        acceptor.join_all(&shared);
+        drop(acceptor);
+        drop(hub_tx);
+        for thread in upstream.into_iter().chain(catchup_thread) {
+            let _ = thread.join();
+        }
+        // Every sender is gone now: the hub ends, then the writers.
+        let _ = hub_thread.join();
+        writers.join();
+        let _ = waker.join();
+        info!("stopped");
+        Ok(())
     }
-    let _ = hub_thread.join();
-    drop(acceptor);
-    writers.join();
-    let _ = waker.join();
-    info!("stopped");
-    Ok(())
 }
 
 fn start_consumers(
@@ -144,7 +227,7 @@ fn start_consumers(
                         &setup,
                         &hub,
                         &metrics,
-                        &metrics.broker_links[feed],
+                        &metrics.upstream_links[feed],
                         &shutdown,
                     )
                 })
@@ -236,12 +319,16 @@ impl Acceptor<'_> {
             .name(format!("conn-{id}"))
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
-                handle(id, socket, outbox, &shared, &hub);
-                if let Some(s) = shared
+                handle(id, socket, Arc::clone(&outbox), &shared, &hub);
+                let socket = shared
                     .sockets
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id)
+                    .remove(&id);
+                // A closing outbox shuts the socket itself once its close
+                // frame is out: shutting it here could cut that frame off.
+                if let Some(s) = socket
+                    && !outbox.is_closing()
                 {
                     let _ = s.shutdown(SocketShutdown::Both);
                 }

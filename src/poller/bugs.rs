@@ -12,8 +12,9 @@ use std::collections::HashSet;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
-use super::{Batch, Source, bug_id, change_time};
-use crate::config::PollConfig;
+use super::{Batch, Source};
+use crate::config::PollerConfig;
+use crate::database::{bug_id, change_time};
 use crate::notification::{ChangeTime, Notification};
 
 pub struct Bugs {
@@ -35,7 +36,7 @@ pub struct Window {
 }
 
 impl Bugs {
-    pub fn new(config: &PollConfig) -> Bugs {
+    pub fn new(config: &PollerConfig) -> Bugs {
         Bugs {
             batch_size: config.batch_size,
             overlap_secs: config.overlap.as_secs().max(1),
@@ -63,26 +64,29 @@ impl Source for Bugs {
             db.query_first("SELECT DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s')")?;
         let now = ChangeTime::new(now.unwrap_or_default());
         let watermark = self.watermark.clone().unwrap_or_else(|| now.clone());
-        let rows: Vec<(mysql::Value, mysql::Value)> = db.exec(
-            "SELECT bug_id, delta_ts FROM bugs \
+        let rows: Vec<(mysql::Value, mysql::Value, Option<i64>)> = db.exec(
+            "SELECT bug_id, delta_ts, TIMESTAMPDIFF(SECOND, delta_ts, NOW()) FROM bugs \
              WHERE delta_ts >= STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s') - INTERVAL ? SECOND \
              ORDER BY delta_ts, bug_id",
             (watermark.as_str(), self.overlap_secs),
         )?;
-        let in_window: Vec<Notification> = rows
+        let in_window: Vec<(Notification, i64)> = rows
             .iter()
-            .filter_map(|(bug, delta_ts)| {
-                Some(Notification {
+            .filter_map(|(bug, delta_ts, lag)| {
+                let notification = Notification {
                     bug: bug_id(bug)?,
                     when: change_time(delta_ts)?,
-                })
+                };
+                Some((notification, lag.unwrap_or(0)))
             })
             .collect();
-        let seen: HashSet<Notification> = in_window.iter().cloned().collect();
-        let mut fresh: Vec<Notification> = in_window
+        let seen: HashSet<Notification> = in_window.iter().map(|(n, _)| n.clone()).collect();
+        let (mut fresh, lags): (Vec<Notification>, Vec<i64>) = in_window
             .into_iter()
-            .filter(|n| !self.published.contains(n))
-            .collect();
+            .filter(|(n, _)| !self.published.contains(n))
+            .unzip();
+        // Rows come oldest first.
+        let lag_secs = lags.first().map_or(0, |lag| lag.max(&0).unsigned_abs());
         let full = fresh.len() > self.batch_size;
         fresh.truncate(self.batch_size);
         Ok(Batch {
@@ -93,6 +97,7 @@ impl Source for Bugs {
                 complete_at: (!full).then_some(now),
             },
             full,
+            lag_secs,
         })
     }
 

@@ -1,24 +1,29 @@
-//! The database poller: Bugzilla's database in, confirmed Pulse messages out.
+//! The database poller: Bugzilla's database in, notifications handed to a
+//! [`Sink`] (the broker for `poll`, the in-process hub for `run`).
 //!
 //! Owns the poll loop, the `GET_LOCK` that makes exactly one poller active
 //! (the others wait as hot standbys), reconnection with capped backoff for
-//! both the database and the broker, and the rule that a change is forgotten
-//! only after the broker confirmed it. It must never drop a change it has
-//! not seen confirmed, and never log a credential. The two sources (what to
-//! read, what to forget) live in [`push_notify`] and [`bugs`].
+//! both the database and the sink, and the rule that a change is forgotten
+//! only after the sink took it (the broker confirmed it). It must never drop
+//! a change the sink has not taken, and never log a credential. The two
+//! sources (what to read, what to forget) live in [`push_notify`] and
+//! [`bugs`].
 
 mod bugs;
 mod push_notify;
 
+use std::fmt;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::info;
+use mysql::Conn;
 use mysql::prelude::Queryable;
-use mysql::{Conn, OptsBuilder};
 
-use crate::config::{PollConfig, Source as SourceKind};
-use crate::notification::{BugId, ChangeTime, Notification};
-use crate::pulse::{PublishError, Publisher};
+use crate::config::{PollerConfig, Source as SourceKind};
+use crate::database;
+use crate::metrics::Metrics;
+use crate::notification::{ChangeTime, Notification};
 use crate::retry::{Backoff, Link};
 use crate::shutdown::Shutdown;
 
@@ -27,7 +32,6 @@ use crate::shutdown::Shutdown;
 const LOCK_WAIT_SECS: u32 = 1;
 /// A query that takes longer than this means the connection is dead.
 const DB_IO_TIMEOUT: Duration = Duration::from_secs(30);
-const DB_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a source read in one poll: the notifications to publish, and what
 /// it needs back to forget them once they are confirmed.
@@ -36,6 +40,21 @@ struct Batch<R> {
     receipt: R,
     /// The source had more than one batch to give: poll again at once.
     full: bool,
+    /// Age in seconds, on the database's clock, of the oldest change read.
+    lag_secs: u64,
+}
+
+/// Where the poller hands its notifications.
+pub trait Sink {
+    type Error: fmt::Display;
+
+    /// What to call it in log lines: a kind and a target, e.g. `broker`
+    /// and a URL without its password.
+    fn describe(&self) -> (&'static str, String);
+
+    /// Hands over every notification of `batch`, in order. `Ok` only once
+    /// the sink is responsible for all of them: the poller forgets them then.
+    fn deliver(&mut self, batch: &[Notification]) -> Result<(), Self::Error>;
 }
 
 /// A place changes are read from. Each poll is `read`, publish, `confirmed`.
@@ -52,24 +71,31 @@ trait Source {
     fn confirmed(&mut self, db: &mut Conn, receipt: Self::Receipt) -> Result<(), mysql::Error>;
 }
 
-/// Runs the poller until `shutdown`. Database and broker failures are
-/// retried forever; they never end the loop.
-pub fn run(config: &PollConfig, shutdown: &Shutdown) {
+/// Runs the poller until `shutdown`, handing changes to `sink`. Database
+/// and sink failures are retried forever; they never end the loop.
+/// `metrics` gets poll counts, and the database link's state in
+/// `upstream_links[0]` when there is one.
+pub fn run(config: &PollerConfig, sink: impl Sink, metrics: &Metrics, shutdown: &Shutdown) {
     match config.source {
         SourceKind::PushNotify => {
-            Poller::new(config, shutdown, push_notify::PushNotify::new(config)).run()
+            let source = push_notify::PushNotify::new(config);
+            Poller::new(config, sink, metrics, shutdown, source).run()
         }
-        SourceKind::Bugs => Poller::new(config, shutdown, bugs::Bugs::new(config)).run(),
+        SourceKind::Bugs => {
+            let source = bugs::Bugs::new(config);
+            Poller::new(config, sink, metrics, shutdown, source).run()
+        }
     }
 }
 
-struct Poller<'a, S> {
-    config: &'a PollConfig,
+struct Poller<'a, S, K> {
+    config: &'a PollerConfig,
     shutdown: &'a Shutdown,
+    metrics: &'a Metrics,
     source: S,
-    database: Link,
-    broker: Link,
-    publisher: Option<Publisher>,
+    sink: K,
+    database: Link<'a>,
+    sink_link: Link<'a>,
     role: Option<Role>,
 }
 
@@ -80,15 +106,27 @@ enum Role {
     Active,
 }
 
-impl<'a, S: Source> Poller<'a, S> {
-    fn new(config: &'a PollConfig, shutdown: &'a Shutdown, source: S) -> Self {
+impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
+    fn new(
+        config: &'a PollerConfig,
+        sink: K,
+        metrics: &'a Metrics,
+        shutdown: &'a Shutdown,
+        source: S,
+    ) -> Self {
+        let mut database = Link::new("database", config.database.to_string());
+        if let Some(flag) = metrics.upstream_links.first() {
+            database = database.reporting(flag);
+        }
+        let (kind, target) = sink.describe();
         Poller {
             config,
             shutdown,
+            metrics,
             source,
-            database: Link::new("database", config.database.to_string()),
-            broker: Link::new("broker", config.amqp.to_string()),
-            publisher: None,
+            sink,
+            database,
+            sink_link: Link::new(kind, target),
             role: None,
         }
     }
@@ -113,19 +151,11 @@ impl<'a, S: Source> Poller<'a, S> {
 
     /// Connects, waits for the lock, polls. `Ok` only on shutdown.
     fn connect_and_work(&mut self, backoff: &mut Backoff) -> Result<(), mysql::Error> {
-        let mut db = self.connect_database()?;
+        let mut db = database::connect(&self.config.database, DB_IO_TIMEOUT)?;
         if self.take_lock(&mut db)? {
             self.work(&mut db, backoff)?;
         }
         Ok(())
-    }
-
-    fn connect_database(&self) -> Result<Conn, mysql::Error> {
-        let opts = OptsBuilder::from_opts(self.config.database.opts.clone())
-            .tcp_connect_timeout(Some(DB_CONNECT_TIMEOUT))
-            .read_timeout(Some(DB_IO_TIMEOUT))
-            .write_timeout(Some(DB_IO_TIMEOUT));
-        Conn::new(opts)
     }
 
     /// Waits for the poller lock as a hot standby. `Ok(false)`: shutdown
@@ -172,7 +202,7 @@ impl<'a, S: Source> Poller<'a, S> {
     /// Polls while this poller holds the lock on `db`, until shutdown
     /// (`Ok`) or a database error (the lock is gone with the connection).
     fn work(&mut self, db: &mut Conn, db_backoff: &mut Backoff) -> Result<(), mysql::Error> {
-        let mut broker_backoff = Backoff::default();
+        let mut sink_backoff = Backoff::default();
         let mut next_poll = Instant::now();
         loop {
             if self
@@ -186,18 +216,21 @@ impl<'a, S: Source> Poller<'a, S> {
             self.database.up();
             db_backoff.reset();
             if !batch.notifications.is_empty() {
-                if let Err(e) = self.publish(&batch.notifications) {
+                if let Err(e) = self.sink.deliver(&batch.notifications) {
                     // Nothing was forgotten: the same changes are read again.
-                    self.broker.down(&e);
-                    self.publisher = None;
-                    if broker_backoff.wait(self.shutdown) {
+                    self.sink_link.down(&e);
+                    if sink_backoff.wait(self.shutdown) {
                         return Ok(());
                     }
                     next_poll = Instant::now();
                     continue;
                 }
-                self.broker.up();
-                broker_backoff.reset();
+                self.sink_link.up();
+                sink_backoff.reset();
+                self.metrics.poll_batches.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .poll_lag_seconds
+                    .store(batch.lag_secs, Ordering::Relaxed);
             }
             self.source.confirmed(db, batch.receipt)?;
             // Poll at a fixed rate, not after a fixed pause, so the lag from
@@ -208,57 +241,5 @@ impl<'a, S: Source> Poller<'a, S> {
                 started + self.config.poll_interval
             };
         }
-    }
-
-    fn publish(&mut self, batch: &[Notification]) -> Result<(), PublishError> {
-        let publisher = match self.publisher.take() {
-            Some(p) => p,
-            None => Publisher::connect(&self.config.amqp, &self.config.exchange, "bzpush poll")?,
-        };
-        publisher.publish(batch)?;
-        self.publisher = Some(publisher);
-        Ok(())
-    }
-}
-
-/// A DATETIME as the database stored it, `YYYY-MM-DDTHH:MM:SS`.
-fn change_time(value: &mysql::Value) -> Option<ChangeTime> {
-    match *value {
-        mysql::Value::Date(year, month, day, hour, minute, second, _) => Some(ChangeTime::new(
-            format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}"),
-        )),
-        _ => None,
-    }
-}
-
-/// A bug id column, which Bugzilla declares as a signed MEDIUMINT.
-fn bug_id(value: &mysql::Value) -> Option<BugId> {
-    match *value {
-        mysql::Value::Int(n) => u32::try_from(n).ok().and_then(BugId::new),
-        mysql::Value::UInt(n) => u32::try_from(n).ok().and_then(BugId::new),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn datetimes_keep_the_stored_value() {
-        let v = mysql::Value::Date(2026, 11, 28, 2, 4, 50, 0);
-        assert_eq!(
-            change_time(&v).map(|t| t.to_string()).as_deref(),
-            Some("2026-11-28T02:04:50")
-        );
-        assert_eq!(change_time(&mysql::Value::NULL), None);
-    }
-
-    #[test]
-    fn bug_ids_must_be_positive() {
-        assert_eq!(bug_id(&mysql::Value::Int(7)), BugId::new(7));
-        assert_eq!(bug_id(&mysql::Value::Int(0)), None);
-        assert_eq!(bug_id(&mysql::Value::Int(-3)), None);
-        assert_eq!(bug_id(&mysql::Value::NULL), None);
     }
 }

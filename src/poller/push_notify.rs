@@ -11,8 +11,9 @@ use log::warn;
 use mysql::prelude::Queryable;
 use mysql::{Conn, Value};
 
-use super::{Batch, Source, bug_id, change_time};
-use crate::config::PollConfig;
+use super::{Batch, Source};
+use crate::config::PollerConfig;
+use crate::database::{bug_id, change_time};
 use crate::notification::{ChangeTime, Notification};
 
 /// Rows per DELETE statement: two placeholders each, well under the
@@ -27,7 +28,7 @@ pub struct PushNotify {
 pub struct Rows(Vec<(Value, Value)>);
 
 impl PushNotify {
-    pub fn new(config: &PollConfig) -> PushNotify {
+    pub fn new(config: &PollerConfig) -> PushNotify {
         PushNotify {
             batch_size: config.batch_size,
         }
@@ -43,14 +44,17 @@ impl Source for PushNotify {
     }
 
     fn read(&mut self, db: &mut Conn) -> Result<Batch<Rows>, mysql::Error> {
-        let rows: Vec<(Value, Value, Value)> = db.exec(
-            "SELECT id, bug_id, delta_ts FROM push_notify ORDER BY id LIMIT ?",
+        let rows: Vec<(Value, Value, Value, Option<i64>)> = db.exec(
+            "SELECT id, bug_id, delta_ts, TIMESTAMPDIFF(SECOND, delta_ts, NOW()) \
+             FROM push_notify ORDER BY id LIMIT ?",
             (self.batch_size,),
         )?;
         let full = rows.len() == self.batch_size;
         let mut notifications = Vec::with_capacity(rows.len());
         let mut receipt = Vec::with_capacity(rows.len());
-        for (id, bug, delta_ts) in rows {
+        let mut lag_secs = 0;
+        for (id, bug, delta_ts, lag) in rows {
+            lag_secs = lag_secs.max(lag.unwrap_or(0).max(0).unsigned_abs());
             match (bug_id(&bug), change_time(&delta_ts)) {
                 (Some(bug), Some(when)) => notifications.push(Notification { bug, when }),
                 // Deleted below without being published: it can never be,
@@ -65,6 +69,7 @@ impl Source for PushNotify {
             notifications,
             receipt: Rows(receipt),
             full,
+            lag_secs,
         })
     }
 

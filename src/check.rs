@@ -1,0 +1,190 @@
+//! `bzpush check <mode>`: the configuration and every dependency that mode
+//! names, one line per check, with what to do when one fails.
+//!
+//! Usable as `ExecStartPre=`: the answer is the exit status. A check only
+//! looks: it reads, attempts a DELETE that matches no row, and declares an
+//! exchange exactly as the publisher would; it never changes data, and never
+//! creates a queue. Credentials never appear in what it prints.
+
+use std::io::Write;
+use std::time::Duration;
+
+use futures_lite::future::block_on;
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use mysql::Conn;
+use mysql::prelude::Queryable;
+
+use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, Source};
+use crate::database;
+
+/// A check query slower than this fails.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs every check of `mode`, printing one line each to `out`. `true` if
+/// all passed.
+pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
+    let mut report = Report { out, ok: true };
+    report.line(Ok("configuration: valid".to_string()));
+    match mode {
+        Mode::Poll(c) => {
+            check_poller(&mut report, &c.poller, false);
+            check_broker(&mut report, &c.amqp, std::slice::from_ref(&c.exchange));
+        }
+        Mode::Run(c) => check_poller(&mut report, &c.poller, true),
+        Mode::Serve(c) => {
+            let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
+            check_broker(&mut report, &c.amqp, &exchanges);
+            if let Some(url) = &c.catchup_database
+                && let Some(mut db) = check_database(&mut report, url)
+            {
+                check_bugs_table(&mut report, &mut db, "catch-up");
+            }
+        }
+    }
+    report.ok
+}
+
+struct Report<'a> {
+    out: &'a mut dyn Write,
+    ok: bool,
+}
+
+impl Report<'_> {
+    fn line(&mut self, result: Result<String, String>) {
+        let line = match result {
+            Ok(what) => format!("ok    {what}"),
+            Err(what) => {
+                self.ok = false;
+                format!("FAIL  {what}")
+            }
+        };
+        let _ = writeln!(self.out, "{line}");
+    }
+}
+
+fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
+    let Some(mut db) = check_database(report, &config.database) else {
+        return;
+    };
+    match config.source {
+        Source::PushNotify => {
+            let read = db.query_drop("SELECT id, bug_id, delta_ts FROM push_notify LIMIT 0");
+            report.line(
+                read.map(|()| "table push_notify: present, SELECT allowed".into())
+                    .map_err(|e| {
+                        format!(
+                            "table push_notify: {}",
+                            advice(
+                                &e,
+                                "install Bugzilla's PushNotify extension, or set BZPUSH_SOURCE=bugs"
+                            )
+                        )
+                    }),
+            );
+            // Matches no row (ids start at 1): proves the privilege only.
+            let delete = db.query_drop("DELETE FROM push_notify WHERE id = 0");
+            report.line(
+                delete
+                    .map(|()| "table push_notify: DELETE allowed".into())
+                    .map_err(|e| {
+                        format!(
+                            "table push_notify: {}",
+                            advice(&e, "GRANT SELECT, DELETE ON push_notify")
+                        )
+                    }),
+            );
+        }
+        Source::Bugs => check_bugs_table(report, &mut db, "source bugs"),
+    }
+    if catchup {
+        check_bugs_table(report, &mut db, "catch-up");
+    }
+}
+
+fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str) {
+    let read = db.query_drop("SELECT bug_id, delta_ts FROM bugs LIMIT 0");
+    report.line(
+        read.map(|()| format!("table bugs ({purpose}): SELECT allowed"))
+            .map_err(|e| {
+                format!(
+                    "table bugs ({purpose}): {}",
+                    advice(&e, "GRANT SELECT (bug_id, delta_ts) ON bugs")
+                )
+            }),
+    );
+}
+
+fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
+    match database::connect(url, TIMEOUT) {
+        Ok(mut db) => {
+            let version: Option<String> = db.query_first("SELECT VERSION()").ok().flatten();
+            report.line(Ok(format!(
+                "database {url}: reachable ({})",
+                version.as_deref().unwrap_or("unknown version")
+            )));
+            Some(db)
+        }
+        Err(e) => {
+            report.line(Err(format!(
+                "database {url}: {}",
+                advice(&e, "is the server running, and BZPUSH_DATABASE_URL right?")
+            )));
+            None
+        }
+    }
+}
+
+/// The error, and what to do about it.
+fn advice(error: &mysql::Error, otherwise: &str) -> String {
+    let todo = match error {
+        mysql::Error::MySqlError(e) if e.code == 1045 => "check the user and password in the URL",
+        mysql::Error::MySqlError(e) if e.code == 1049 => "check the database name in the URL",
+        mysql::Error::MySqlError(_) => otherwise,
+        _ => "is the server running and reachable at that host and port?",
+    };
+    format!("{error} — {todo}")
+}
+
+fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
+    let connection = match block_on(Connection::connect(
+        url.secret(),
+        ConnectionProperties::default().with_connection_name("bzpush check".into()),
+    )) {
+        Ok(c) => {
+            report.line(Ok(format!("broker {url}: reachable")));
+            c
+        }
+        Err(e) => {
+            report.line(Err(format!(
+                "broker {url}: {e} — is RabbitMQ running, and BZPUSH_AMQP_URL (user, password, vhost) right?"
+            )));
+            return;
+        }
+    };
+    for exchange in exchanges {
+        // A fresh channel each: a refused declaration closes its channel.
+        let declared = block_on(async {
+            let channel = connection.create_channel().await?;
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+        });
+        report.line(declared.map(|()| format!("exchange {exchange:?}: declarable (topic, durable)")).map_err(|e| {
+            format!(
+                "exchange {exchange:?}: {e} — an exchange of that name with another type or \
+                 durability exists, or the user may not configure it"
+            )
+        }));
+    }
+    let _ = block_on(connection.close(200, "check done".into()));
+}
