@@ -562,10 +562,12 @@ fn queue_prefix((setting, value): (&Setting, &str), amqp: &AmqpUrl) -> Result<St
         return text((setting, value), MAX_EXCHANGE_NAME - 64);
     }
     let user = amqp_user(amqp);
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
+    // /etc/hostname first: the hardened units hide /proc/sys.
+    let host = ["/etc/hostname", "/proc/sys/kernel/hostname"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
         .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
+        .find(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".to_string());
     Ok(format!("queue/{user}/bzpush-{host}"))

@@ -58,6 +58,8 @@ pub enum Message {
         conn: ConnId,
         updates: Option<Vec<Notification>>,
     },
+    /// The watchdog asks whether the hub still handles messages.
+    Heartbeat,
     /// Shutdown: close every connection with 1001 (going away).
     CloseAll,
 }
@@ -266,7 +268,9 @@ impl Hub {
     }
 
     fn handle(&mut self, message: Message) {
+        self.metrics.beat(&self.metrics.hub_beat);
         match message {
+            Message::Heartbeat => {}
             Message::Connect { conn, feed, outbox } => {
                 self.connections.insert(
                     conn,

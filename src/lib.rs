@@ -39,6 +39,7 @@
 //! - [`retry`]: backoff, and logging a dependency's state once per change.
 //! - [`shutdown`]: one trigger that stops every loop at once.
 //! - [`signals`]: SIGTERM/SIGINT to the shutdown trigger.
+//! - [`systemd`]: readiness and watchdog notifications.
 #![forbid(unsafe_code)]
 
 pub mod catchup;
@@ -58,3 +59,4 @@ pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod signals;
+pub mod systemd;

@@ -4,13 +4,14 @@
 
 use std::net::TcpListener;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::thread;
 
 use bzpush::config::{self, Invocation, Mode};
 use bzpush::metrics::Metrics;
 use bzpush::pulse::PulseSink;
 use bzpush::shutdown::Shutdown;
-use bzpush::{check, poller, server, shutdown, signals};
+use bzpush::{check, poller, server, shutdown, signals, systemd};
 use log::{LevelFilter, error, info};
 
 fn main() -> ExitCode {
@@ -94,19 +95,29 @@ fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, String> {
 
 fn poll(config: config::PollConfig, shutdown: Shutdown) -> Result<(), String> {
     let sink = PulseSink::new(config.amqp, config.exchange);
-    thread::Builder::new()
-        .name("poller".into())
-        .spawn(move || {
-            poller::run(
-                &config.poller,
-                sink,
-                &Metrics::new("database", 1),
-                &shutdown,
-            )
-        })
-        .map_err(|e| format!("cannot start the poller thread: {e}"))?
+    let metrics = Arc::new(Metrics::new("database", 1));
+    let poller = {
+        let (metrics, shutdown) = (Arc::clone(&metrics), shutdown.clone());
+        thread::Builder::new()
+            .name("poller".into())
+            .spawn(move || poller::run(&config.poller, sink, &metrics, &shutdown))
+            .map_err(|e| format!("cannot start the poller thread: {e}"))?
+    };
+    let watchdog = systemd::spawn_watchdog(&shutdown, move |interval| {
+        metrics.since(&metrics.poller_beat) < interval
+    })
+    .map_err(|e| format!("cannot start the watchdog thread: {e}"))?;
+    systemd::notify("READY=1");
+    // Returns only on shutdown, which also ends the watchdog; a panic
+    // returns at once and the process exits with it.
+    poller
         .join()
-        .map_err(|_| "the poller thread panicked".to_string())
+        .map_err(|_| "the poller thread panicked".to_string())?;
+    systemd::notify("STOPPING=1");
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.join();
+    }
+    Ok(())
 }
 
 /// One line for the log saying what runs against what.

@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -25,6 +25,10 @@ pub struct Metrics {
     pub upstream: &'static str,
     /// Whether each upstream link (one per feed for serve) is up.
     pub upstream_links: Vec<AtomicBool>,
+    /// When the poller and the hub last showed they were alive, in
+    /// milliseconds since start: the systemd watchdog reads them.
+    pub poller_beat: AtomicU64,
+    pub hub_beat: AtomicU64,
     pub started: Option<Instant>,
 }
 
@@ -45,6 +49,21 @@ impl Metrics {
         self.upstream_links
             .iter()
             .all(|l| l.load(Ordering::Relaxed))
+    }
+
+    /// Records that the thread behind `beat` is alive now.
+    pub fn beat(&self, beat: &AtomicU64) {
+        beat.store(self.uptime().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since `beat` was last recorded.
+    pub fn since(&self, beat: &AtomicU64) -> Duration {
+        self.uptime()
+            .saturating_sub(Duration::from_millis(beat.load(Ordering::Relaxed)))
+    }
+
+    fn uptime(&self) -> Duration {
+        self.started.map_or(Duration::ZERO, |s| s.elapsed())
     }
 
     pub fn uptime_secs(&self) -> u64 {

@@ -30,6 +30,7 @@ use crate::outbox::{Outbox, Writers};
 use crate::poller;
 use crate::pulse::{self, ConsumerSetup};
 use crate::shutdown::Shutdown;
+use crate::systemd;
 
 /// A connection's thread touches little stack: a blocking read, a JSON
 /// parse bounded by serde_json's recursion limit. Only pages touched cost
@@ -66,6 +67,7 @@ pub fn serve(config: &ServeConfig, listener: TcpListener, shutdown: &Shutdown) -
         feeds: &config.feeds,
         catchup: config.catchup_database.as_ref(),
         metrics,
+        has_poller: false,
     };
     server.run(listener, shutdown, |hub, metrics| {
         start_consumers(config, hub, metrics, shutdown)
@@ -86,6 +88,7 @@ pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io
         feeds: &feeds,
         catchup: Some(&config.poller.database),
         metrics,
+        has_poller: true,
     };
     server.run(listener, shutdown, |hub, metrics| {
         let sink = HubSink {
@@ -108,6 +111,8 @@ struct Server<'a> {
     feeds: &'a [Feed],
     catchup: Option<&'a DatabaseUrl>,
     metrics: Arc<Metrics>,
+    /// The poller runs in this process (`run`): the watchdog watches it too.
+    has_poller: bool,
 }
 
 impl Server<'_> {
@@ -154,6 +159,17 @@ impl Server<'_> {
             move || wake_on_shutdown(&shutdown, addr)
         })?;
         info!("serving WebSocket and HTTP on {addr}");
+        let watchdog = systemd::spawn_watchdog(shutdown, {
+            let (hub, metrics) = (hub_tx.clone(), Arc::clone(&metrics));
+            let poller = self.has_poller;
+            move |interval| {
+                // Answered by the hub before the next check if it is alive.
+                let _ = hub.try_send(Message::Heartbeat);
+                metrics.since(&metrics.hub_beat) < interval
+                    && (!poller || metrics.since(&metrics.poller_beat) < interval)
+            }
+        })?;
+        systemd::notify("READY=1");
 
         let shared = Arc::new(Shared {
             feeds: self.feeds.to_vec(),
@@ -178,13 +194,14 @@ impl Server<'_> {
         };
         acceptor.run(&listener, shutdown);
 
+        systemd::notify("STOPPING=1");
         info!("stopping: closing {} connections", acceptor.threads.len());
         // Also ends the catch-up worker, which holds a sender to the hub.
         let _ = hub_tx.send(Message::CloseAll);
         acceptor.join_all(&shared);
         drop(acceptor);
         drop(hub_tx);
-        for thread in upstream.into_iter().chain(catchup_thread) {
+        for thread in upstream.into_iter().chain(catchup_thread).chain(watchdog) {
             let _ = thread.join();
         }
         // Every sender is gone now: the hub ends, then the writers.

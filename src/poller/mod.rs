@@ -134,6 +134,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     fn run(mut self) {
         let mut backoff = Backoff::default();
         loop {
+            self.metrics.beat(&self.metrics.poller_beat);
             match self.connect_and_work(&mut backoff) {
                 Ok(()) => break,
                 Err(e) => {
@@ -164,6 +165,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
         let name = self.config.lock_name.as_str();
         let mut waited = false;
         loop {
+            self.metrics.beat(&self.metrics.poller_beat);
             let row: Option<(Option<i64>, String, Option<u64>)> = db.exec_first(
                 "SELECT GET_LOCK(?, ?), DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s'), IS_USED_LOCK(?)",
                 (name, LOCK_WAIT_SECS, name),
@@ -205,6 +207,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
         let mut sink_backoff = Backoff::default();
         let mut next_poll = Instant::now();
         loop {
+            self.metrics.beat(&self.metrics.poller_beat);
             if self
                 .shutdown
                 .sleep(next_poll.saturating_duration_since(Instant::now()))
