@@ -39,7 +39,7 @@ pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
             if let Some(url) = &c.catchup_database
                 && let Some(mut db) = check_database(&mut report, url)
             {
-                check_bugs_table(&mut report, &mut db, "catch-up");
+                check_bugs_table(&mut report, &mut db, "catch-up", true);
             }
         }
     }
@@ -96,24 +96,34 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
                     }),
             );
         }
-        Source::Bugs => check_bugs_table(report, &mut db, "source bugs"),
+        Source::Bugs => check_bugs_table(report, &mut db, "source bugs", true),
     }
     if catchup {
-        check_bugs_table(report, &mut db, "catch-up");
+        check_bugs_table(report, &mut db, "catch-up", false);
     }
 }
 
-fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str) {
+/// Reading `bugs`. For `run`'s catch-up it is not `required`: without it
+/// the server still works and answers `partial`, so it only warns.
+fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required: bool) {
     let read = db.query_drop("SELECT bug_id, delta_ts FROM bugs LIMIT 0");
-    report.line(
-        read.map(|()| format!("table bugs ({purpose}): SELECT allowed"))
-            .map_err(|e| {
-                format!(
-                    "table bugs ({purpose}): {}",
-                    advice(&e, "GRANT SELECT (bug_id, delta_ts) ON bugs")
-                )
-            }),
-    );
+    let result = read
+        .map(|()| format!("table bugs ({purpose}): SELECT allowed"))
+        .map_err(|e| {
+            format!(
+                "table bugs ({purpose}): {}",
+                advice(&e, "GRANT SELECT (bug_id, delta_ts) ON bugs")
+            )
+        });
+    match result {
+        Err(e) if !required => {
+            let _ = writeln!(
+                report.out,
+                "warn  {e} (until then `since` may be answered partial)"
+            );
+        }
+        result => report.line(result),
+    }
 }
 
 fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
