@@ -1,1 +1,93 @@
-fn main() {}
+//! Benchmarks against real MariaDB, real RabbitMQ and the real (release)
+//! `bzpush` binary, through the test harness.
+//!
+//! `cargo bench --bench bench -- <GROUP>` runs one group of scenarios and
+//! ends with a Markdown table. Each group is a module here with a
+//! `run() -> Vec<Row>`, listed in [`GROUPS`].
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+#[path = "../common/mod.rs"]
+mod common;
+mod poll;
+
+use std::process::ExitCode;
+
+/// One line of the final table.
+pub struct Row {
+    pub scenario: String,
+    pub setting: String,
+    /// The central figure: a median or a p50.
+    pub center: String,
+    /// The spread: p90/p99, or the individual runs.
+    pub spread: String,
+    pub target: String,
+    /// `None` when the row has no target.
+    pub met: Option<bool>,
+}
+
+struct Group {
+    name: &'static str,
+    about: &'static str,
+    run: fn() -> Vec<Row>,
+}
+
+const GROUPS: &[Group] = &[Group {
+    name: "poll",
+    about: "bzpush poll: push_notify backlog throughput, and commit-to-consumer lag",
+    run: poll::run,
+}];
+
+fn usage() -> String {
+    let mut text = String::from(
+        "Usage: cargo bench --bench bench -- <GROUP>\n\n\
+         Needs MariaDB at 127.0.0.1:3306 (root, no password) and RabbitMQ at \
+         127.0.0.1:5672 (guest/guest).\n\nGroups:\n",
+    );
+    for g in GROUPS {
+        text.push_str(&format!("  {:<8} {}\n", g.name, g.about));
+    }
+    text
+}
+
+fn main() -> ExitCode {
+    // Cargo adds `--bench` (and `cargo test` runs this with no argument at
+    // all): the group is the first argument that is not a flag.
+    let Some(name) = std::env::args().skip(1).find(|a| !a.starts_with('-')) else {
+        print!("{}", usage());
+        return ExitCode::SUCCESS;
+    };
+    let Some(group) = GROUPS.iter().find(|g| g.name == name) else {
+        eprint!("unknown group {name:?}\n\n{}", usage());
+        return ExitCode::from(2);
+    };
+    let rows = (group.run)();
+    println!();
+    print!("{}", table(&rows));
+    ExitCode::SUCCESS
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut text = String::from(
+        "| scenario | setting | median / p50 | p90 / p99 (or runs) | target | met? |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "–",
+        };
+        text.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.scenario, r.setting, r.center, r.spread, r.target, met
+        ));
+    }
+    text
+}
+
+/// The `q`-quantile (0..=1) of `sorted` by nearest rank.
+pub fn quantile<T: Copy>(sorted: &[T], q: f64) -> T {
+    assert!(!sorted.is_empty(), "no samples");
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}

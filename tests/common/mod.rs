@@ -135,6 +135,25 @@ impl TestDb {
         tx.commit().expect("commit");
     }
 
+    /// Fills `push_notify` with one row per bug in `bugs`, all stamped
+    /// `delta_ts` (a DATETIME literal), 1000 rows per INSERT: a large
+    /// backlog in seconds rather than one transaction per row.
+    pub fn push_notify_backlog(&self, bugs: std::ops::Range<u32>, delta_ts: &str) {
+        let mut conn = self.conn();
+        let bugs: Vec<u32> = bugs.collect();
+        for chunk in bugs.chunks(1000) {
+            let values: Vec<String> = chunk
+                .iter()
+                .map(|bug| format!("({bug},'{delta_ts}')"))
+                .collect();
+            conn.query_drop(format!(
+                "INSERT INTO push_notify (bug_id, delta_ts) VALUES {}",
+                values.join(",")
+            ))
+            .expect("insert a backlog chunk");
+        }
+    }
+
     /// Rows left in `push_notify`.
     pub fn push_notify_rows(&self) -> u64 {
         self.conn()
@@ -168,6 +187,8 @@ pub fn admin_conn() -> mysql::Conn {
 /// A message the test's consumer received.
 #[derive(Debug)]
 pub struct Received {
+    /// When the test's consumer got it from the broker.
+    pub at: Instant,
     pub routing_key: String,
     pub properties: BasicProperties,
     pub body: Vec<u8>,
@@ -253,8 +274,10 @@ impl TestBroker {
             .name("test-consumer".into())
             .spawn(move || {
                 while let Some(Ok(delivery)) = block_on(consumer.next()) {
+                    let at = Instant::now();
                     let _ = block_on(delivery.ack(BasicAckOptions::default()));
                     let message = Received {
+                        at,
                         routing_key: delivery.routing_key.to_string(),
                         properties: delivery.properties.clone(),
                         body: delivery.data.clone(),
