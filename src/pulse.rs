@@ -261,22 +261,43 @@ impl Publisher {
     /// confirmed them all. `Ok` means every message is the broker's.
     pub fn publish(&self, batch: &[Notification]) -> Result<(), PublishError> {
         let sent = rfc3339_utc(SystemTime::now());
+        let bodies: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|n| encode(n, &self.exchange, &sent))
+            .collect();
         block_on(async {
-            // Send the whole batch before waiting for any confirm: one round
-            // trip per batch, not per message.
-            let mut confirms = Vec::with_capacity(batch.len());
-            for notification in batch {
-                let confirm = self
-                    .channel
-                    .basic_publish(
+            // Queue the whole batch before waiting for anything. lapin's
+            // `basic_publish` queues a message's frames when first polled,
+            // then waits for its I/O thread to write them: polling every
+            // send once, in batch order, queues the batch in order, and the
+            // writes are awaited together. Awaiting each send before
+            // starting the next costs a hand-off to the I/O thread per
+            // message (measured ~115 µs: most of a 1000-row batch's time).
+            let mut sends: Vec<_> = batch
+                .iter()
+                .zip(&bodies)
+                .map(|(notification, body)| {
+                    Box::pin(self.channel.basic_publish(
                         self.exchange.as_str().into(),
                         routing_key(notification).into(),
                         BasicPublishOptions::default(),
-                        &encode(notification, &self.exchange, &sent),
+                        body,
                         properties(),
-                    )
-                    .await
-                    .map_err(BrokerError::new("publishing"))?;
+                    ))
+                })
+                .collect();
+            let mut queued = Vec::with_capacity(sends.len());
+            for send in &mut sends {
+                queued.push(future::poll_once(send.as_mut()).await);
+            }
+            // Then the writes, then the confirms: one round trip per batch.
+            let mut confirms = Vec::with_capacity(batch.len());
+            for ((notification, send), queued) in batch.iter().zip(&mut sends).zip(queued) {
+                let confirm = match queued {
+                    Some(done) => done,
+                    None => send.as_mut().await,
+                }
+                .map_err(BrokerError::new("publishing"))?;
                 confirms.push((notification, confirm));
             }
             for (notification, confirm) in confirms {
