@@ -75,12 +75,19 @@ impl Source for PushNotify {
 
     fn confirmed(&mut self, db: &mut Conn, Rows(rows): Rows) -> Result<(), mysql::Error> {
         for chunk in rows.chunks(DELETE_CHUNK) {
-            let condition = vec!["(id = ? AND delta_ts = ?)"; chunk.len()].join(" OR ");
+            // A row-constructor IN list, not `(id = ? AND delta_ts = ?) OR …`:
+            // the server tests each row against the OR terms one by one
+            // (quadratic in the chunk, ~30 µs per row at 1000), but looks it
+            // up in the sorted IN list (~7 µs per row).
+            let rows = vec!["(?, ?)"; chunk.len()].join(", ");
             let params: Vec<Value> = chunk
                 .iter()
                 .flat_map(|(id, delta_ts)| [id.clone(), delta_ts.clone()])
                 .collect();
-            db.exec_drop(format!("DELETE FROM push_notify WHERE {condition}"), params)?;
+            db.exec_drop(
+                format!("DELETE FROM push_notify WHERE (id, delta_ts) IN ({rows})"),
+                params,
+            )?;
         }
         Ok(())
     }
