@@ -8,6 +8,8 @@
 //! hung test fails instead of hanging CI.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod run;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};

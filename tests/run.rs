@@ -1,0 +1,476 @@
+//! `bzpush run` and `bzpush check` end to end: real MariaDB, real RabbitMQ
+//! (for `check poll|serve` and `serve`'s catch-up), the real binary.
+//!
+//! `run` (SPEC §1): a PushNotify row reaches a WebSocket client and is
+//! deleted; /health and /metrics (§6); `since` answered from `bugs.delta_ts`
+//! when the cache cannot, complete across restarts (§5); SIGTERM (§7).
+//! `serve`'s catch-up database and its `partial` fallback. `check` (§1):
+//! passes on a good setup, names the problem on each bad one. Each test has
+//! its own database (and exchange, and user).
+
+mod common;
+
+use std::time::Duration;
+
+use common::run::{ExchangeName, TestUser, closed_port};
+use common::serve::{Client, http_get, metric};
+use common::{AMQP_ADDR, Bzpush, Finished, MYSQL_ADDR, Proxy, TestBroker, TestDb};
+use common::{amqp_url_at, datetime, wait_until};
+use mysql::prelude::Queryable;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `2026-01-01 00:00:00` plus `secs` seconds, as SQL writes it.
+fn sql(secs: u32) -> String {
+    datetime(secs).0
+}
+
+/// `2026-01-01T00:00:00` plus `secs` seconds, as the wire carries it.
+fn t(secs: u32) -> String {
+    datetime(secs).1
+}
+
+fn update(bug: u64, when: &str) -> Value {
+    json!({"command": "update", "bug": bug, "when": when})
+}
+
+/// The subscribe answer without `partial`: the whole object, so an extra
+/// field fails the comparison.
+fn subscribed(bugs: &[u64]) -> Value {
+    json!({"command": "subscribe", "result": "ok", "bugs": bugs})
+}
+
+fn partial(bugs: &[u64]) -> Value {
+    json!({"command": "subscribe", "result": "ok", "bugs": bugs, "partial": true})
+}
+
+fn subscribe_since(bugs: &[u64], since: &str) -> Value {
+    json!({"command": "subscribe", "bugs": bugs, "since": since})
+}
+
+/// Asserts that nothing else is queued for `client`: the hub answers in
+/// order, so anything queued before would arrive before this answer.
+fn assert_nothing_queued(client: &mut Client) {
+    assert_eq!(
+        client.request(json!({"command": "version"})),
+        json!({"command": "version", "result": "ok", "version": "0.1.0"}),
+        "a frame was queued that should not have been"
+    );
+}
+
+/// The next `n` frames.
+fn recv_n(client: &mut Client, n: usize) -> Vec<Value> {
+    (0..n).map(|_| client.recv(WAIT)).collect()
+}
+
+// ---- run ----
+
+#[test]
+fn run_delivers_a_push_notify_change_and_deletes_its_row() {
+    let db = TestDb::new();
+    let server = Bzpush::run_on(&db, &[]);
+    server.wait_healthy();
+    let addr = server.listen_addr();
+
+    let (status, body) = http_get(&addr, "/health");
+    assert_eq!(status, 200, "/health: {body}");
+    let health: Value = serde_json::from_str(&body).expect("/health is JSON");
+    assert_eq!(health["database"], "up", "/health: {body}");
+    assert_eq!(health["status"], "ok", "/health: {body}");
+
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [42]})),
+        subscribed(&[42])
+    );
+    let mut conn = db.conn();
+    // Bug 7 first: had it been sent to this client, it would come first.
+    assert!(TestDb::push_notify_change(&mut conn, 7, Some(&sql(4))));
+    assert!(TestDb::push_notify_change(&mut conn, 42, Some(&sql(5))));
+    assert_eq!(client.recv(WAIT), update(42, &t(5)));
+    assert!(
+        wait_until(WAIT, || db.push_notify_rows() == 0),
+        "the poller left {} rows in push_notify",
+        db.push_notify_rows()
+    );
+    assert_nothing_queued(&mut client);
+    assert!(metric(&addr, "bzpush_poll_batches_total") >= 1);
+    assert!(metric(&addr, "bzpush_notifications_in_total") >= 2);
+    assert_eq!(metric(&addr, "bzpush_notifications_out_total"), 1);
+}
+
+/// Bugs 1..7 in `bugs`, and what a subscription to `asked` since `t(50)`
+/// must get: each changed bug's `delta_ts`, oldest first.
+const ASKED: [u64; 6] = [1, 2, 3, 4, 5, 7];
+
+fn seed_bugs(db: &TestDb) {
+    db.set_bug(1, &sql(100));
+    db.set_bug(2, &sql(300));
+    db.set_bug(3, &sql(200));
+    db.set_bug(4, &sql(10)); // before since: not sent
+    db.set_bug(5, &sql(50)); // exactly since: sent
+    db.set_bug(6, &sql(150)); // not asked for
+    // Bug 7 is asked for but has no row.
+}
+
+#[test]
+fn run_answers_since_from_the_database_across_restarts() {
+    let db = TestDb::new();
+    seed_bugs(&db);
+
+    let mut server = Bzpush::run_on(&db, &[]);
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(subscribe_since(&ASKED, &t(50))),
+        subscribed(&ASKED),
+        "a fresh server must answer since from the database, complete"
+    );
+    assert_eq!(
+        recv_n(&mut client, 4),
+        [
+            update(5, &t(50)),
+            update(1, &t(100)),
+            update(3, &t(200)),
+            update(2, &t(300)),
+        ]
+    );
+    assert_nothing_queued(&mut client);
+    // Live updates flow once the catch-up is out.
+    db.set_bug(1, &sql(400));
+    assert!(TestDb::push_notify_change(
+        &mut db.conn(),
+        1,
+        Some(&sql(400))
+    ));
+    assert_eq!(client.recv(WAIT), update(1, &t(400)));
+    assert!(wait_until(WAIT, || db.push_notify_rows() == 0));
+    drop(client);
+
+    // A crash and a restart: the new process's cache is empty, the
+    // database still knows; `since` written the other accepted way.
+    server.kill9();
+    let server = Bzpush::run_on(&db, &[]);
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(subscribe_since(&ASKED, "2026-01-01 00:00:50Z")),
+        subscribed(&ASKED),
+        "after a restart, since must still be answered complete"
+    );
+    assert_eq!(
+        recv_n(&mut client, 4),
+        [
+            update(5, &t(50)),
+            update(3, &t(200)),
+            update(2, &t(300)),
+            update(1, &t(400)),
+        ]
+    );
+    assert_nothing_queued(&mut client);
+}
+
+#[test]
+fn run_stops_on_sigterm_closing_clients_with_1001() {
+    let db = TestDb::new();
+    let mut server = Bzpush::run_on(&db, &[]);
+    server.wait_healthy();
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [1]})),
+        subscribed(&[1])
+    );
+    server.sigterm();
+    assert_eq!(client.close_code(WAIT), Some(1001));
+    let status = server
+        .wait_exit(WAIT)
+        .unwrap_or_else(|| panic!("bzpush run still ran after SIGTERM:\n{}", server.log()));
+    assert_eq!(status.code(), Some(0), "exit status:\n{}", server.log());
+    assert!(server.log().contains("poller stopped"), "{}", server.log());
+}
+
+// ---- serve: catch-up from the database ----
+
+#[test]
+fn serve_catches_up_from_its_database_and_says_partial_when_it_cannot() {
+    let db = TestDb::new();
+    db.set_bug(1, &sql(100));
+    db.set_bug(2, &sql(300));
+    db.set_bug(3, &sql(10));
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(MYSQL_ADDR);
+    proxy.set_down(true);
+    let server = Bzpush::serve(
+        &broker,
+        &[("BZPUSH_CATCHUP_DATABASE_URL", db.url_at(&proxy.addr()))],
+    );
+    server.wait_healthy();
+
+    // Bug 2's change also comes through the broker: now in the cache.
+    let mut watcher = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        watcher.request(json!({"command": "subscribe", "bugs": [2]})),
+        subscribed(&[2])
+    );
+    broker.publish(2, &t(300));
+    assert_eq!(watcher.recv(WAIT), update(2, &t(300)));
+
+    // The catch-up database is unreachable: the cache answers, partial.
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(subscribe_since(&[1, 2, 3], &t(50))),
+        partial(&[1, 2, 3])
+    );
+    assert_eq!(client.recv(WAIT), update(2, &t(300)));
+    assert_nothing_queued(&mut client);
+
+    // Reachable again: the next catch-up is complete, from the database.
+    proxy.set_down(false);
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(subscribe_since(&[1, 2, 3], &t(50))),
+        subscribed(&[1, 2, 3])
+    );
+    assert_eq!(
+        recv_n(&mut client, 2),
+        [update(1, &t(100)), update(2, &t(300))]
+    );
+    assert_nothing_queued(&mut client);
+}
+
+// ---- check ----
+
+/// `bzpush check <mode>` with exactly `env`.
+fn check(mode: &str, env: &[(&str, String)]) -> Finished {
+    let finished = Bzpush::run(&["check", mode], env, Duration::from_secs(30));
+    eprintln!("check {mode}:\n{}{}", finished.stdout, finished.stderr);
+    finished
+}
+
+fn assert_passes(finished: &Finished, expected: &[&str]) {
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "check failed:\n{}{}",
+        finished.stdout,
+        finished.stderr
+    );
+    assert!(!finished.stdout.is_empty(), "check printed nothing");
+    for line in finished.stdout.lines() {
+        assert!(line.starts_with("ok"), "not ok: {line:?}");
+    }
+    for needle in expected {
+        assert!(
+            finished.stdout.contains(needle),
+            "no {needle:?} in:\n{}",
+            finished.stdout
+        );
+    }
+}
+
+/// Asserts that `check` exited 1 and returns its FAIL lines.
+fn assert_fails(finished: &Finished) -> Vec<&str> {
+    assert_eq!(
+        finished.status.code(),
+        Some(1),
+        "check should fail:\n{}{}",
+        finished.stdout,
+        finished.stderr
+    );
+    let fails: Vec<&str> = finished
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("FAIL"))
+        .collect();
+    assert!(!fails.is_empty(), "no FAIL line in:\n{}", finished.stdout);
+    fails
+}
+
+/// The one FAIL line that contains every one of `needles`.
+fn fail_line<'a>(fails: &[&'a str], needles: &[&str]) -> &'a str {
+    fails
+        .iter()
+        .copied()
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+        .unwrap_or_else(|| panic!("no FAIL line with {needles:?} in {fails:#?}"))
+}
+
+#[test]
+fn check_passes_on_a_good_setup() {
+    let db = TestDb::new();
+    let exchange = ExchangeName::new();
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url())]);
+    assert_passes(
+        &finished,
+        &["database", "push_notify: present", "DELETE allowed", "bugs"],
+    );
+
+    let finished = check(
+        "poll",
+        &[
+            ("BZPUSH_DATABASE_URL", db.url()),
+            ("BZPUSH_AMQP_URL", amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_EXCHANGE", exchange.0.clone()),
+        ],
+    );
+    assert_passes(
+        &finished,
+        &["DELETE allowed", "broker", &format!("{:?}", exchange.0)],
+    );
+    assert!(
+        !finished.stdout.contains("guest:guest"),
+        "the broker password was printed:\n{}",
+        finished.stdout
+    );
+
+    let finished = check(
+        "serve",
+        &[
+            ("BZPUSH_AMQP_URL", amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_FEEDS", format!("/={}", exchange.0)),
+            ("BZPUSH_CATCHUP_DATABASE_URL", db.url()),
+        ],
+    );
+    assert_passes(
+        &finished,
+        &[
+            "broker",
+            &format!("{:?}", exchange.0),
+            "table bugs (catch-up)",
+        ],
+    );
+}
+
+#[test]
+fn check_fails_without_a_database() {
+    let db = TestDb::new();
+    let addr = closed_port();
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url_at(&addr))]);
+    let fails = assert_fails(&finished);
+    fail_line(&fails, &["database", &addr]);
+}
+
+#[test]
+fn check_fails_without_push_notify_and_points_to_source_bugs() {
+    let db = TestDb::new();
+    db.conn()
+        .query_drop("DROP TABLE push_notify")
+        .expect("drop push_notify");
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url())]);
+    let fails = assert_fails(&finished);
+    fail_line(
+        &fails,
+        &["push_notify", "PushNotify extension", "BZPUSH_SOURCE=bugs"],
+    );
+    // No privilege would help a table that is not there.
+    assert!(
+        fails.iter().all(|l| !l.contains("GRANT")),
+        "advice to GRANT on a missing table: {fails:#?}"
+    );
+    // And the advice works.
+    let finished = check(
+        "run",
+        &[
+            ("BZPUSH_DATABASE_URL", db.url()),
+            ("BZPUSH_SOURCE", "bugs".into()),
+        ],
+    );
+    assert_passes(&finished, &["table bugs (source bugs)"]);
+}
+
+#[test]
+fn check_fails_without_the_delete_privilege_and_hides_the_password() {
+    let db = TestDb::new();
+    let user = TestUser::new(&[
+        format!("SELECT ON `{}`.push_notify", db.name),
+        format!("SELECT (bug_id, delta_ts) ON `{}`.bugs", db.name),
+    ]);
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", user.url(&db))]);
+    let fails = assert_fails(&finished);
+    assert_eq!(fails.len(), 1, "only DELETE should fail: {fails:#?}");
+    fail_line(&fails, &["push_notify", "DELETE", "GRANT SELECT, DELETE"]);
+    assert!(
+        finished.stdout.contains("ok    table push_notify: present"),
+        "{}",
+        finished.stdout
+    );
+    for text in [&finished.stdout, &finished.stderr] {
+        assert!(
+            !text.contains(&user.password),
+            "the database password was printed:\n{text}"
+        );
+    }
+    assert!(finished.stdout.contains(&format!("{}:***@", user.name)));
+}
+
+#[test]
+fn check_run_only_warns_without_select_on_bugs() {
+    // run works without it, answering `since` partial: not a reason to
+    // refuse to start (check is an ExecStartPre=).
+    let db = TestDb::new();
+    let user = TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", user.url(&db))]);
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "check failed:\n{}",
+        finished.stdout
+    );
+    let warn = finished
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("warn"))
+        .unwrap_or_else(|| panic!("no warn line in:\n{}", finished.stdout));
+    assert!(
+        warn.contains("bugs") && warn.contains("GRANT SELECT"),
+        "{warn}"
+    );
+}
+
+#[test]
+fn check_fails_without_the_select_privilege_and_says_to_grant_it() {
+    let db = TestDb::new();
+    let user = TestUser::new(&[format!("SELECT (bug_id, delta_ts) ON `{}`.bugs", db.name)]);
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", user.url(&db))]);
+    let fails = assert_fails(&finished);
+    let line = fail_line(
+        &fails,
+        &[
+            "push_notify",
+            "SELECT command denied",
+            "GRANT SELECT, DELETE",
+        ],
+    );
+    // The table is there: installing the extension would not help.
+    assert!(!line.contains("PushNotify extension"), "{line}");
+}
+
+#[test]
+fn check_fails_when_the_broker_is_unreachable() {
+    let db = TestDb::new();
+    let addr = closed_port();
+    let exchange = ExchangeName::new();
+    let finished = check(
+        "poll",
+        &[
+            ("BZPUSH_DATABASE_URL", db.url()),
+            ("BZPUSH_AMQP_URL", amqp_url_at(&addr)),
+            ("BZPUSH_EXCHANGE", exchange.0.clone()),
+        ],
+    );
+    let fails = assert_fails(&finished);
+    assert_eq!(fails.len(), 1, "only the broker should fail: {fails:#?}");
+    fail_line(&fails, &["broker", &addr]);
+
+    let finished = check(
+        "serve",
+        &[
+            ("BZPUSH_AMQP_URL", amqp_url_at(&addr)),
+            ("BZPUSH_FEEDS", format!("/={}", exchange.0)),
+        ],
+    );
+    let fails = assert_fails(&finished);
+    fail_line(&fails, &["broker", &addr]);
+    for text in [&finished.stdout, &finished.stderr] {
+        assert!(!text.contains("guest:guest"), "password printed:\n{text}");
+    }
+}
