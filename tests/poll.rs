@@ -2,9 +2,12 @@
 
 mod common;
 
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::thread;
+use std::time::{Duration, Instant};
 
-use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, TestBroker, TestDb};
+use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb};
+use mysql::prelude::Queryable;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -55,5 +58,572 @@ fn wire_format_is_field_for_field_what_mozillapulse_sends() {
     assert!(
         common::wait_until(WAIT, || db.push_notify_rows() == 0),
         "the confirmed row is deleted"
+    );
+}
+
+/// `(bug, delta_ts)` pairs as received, in order.
+type Pairs = Vec<(u64, String)>;
+
+/// The last `delta_ts` received for each bug.
+fn last_per_bug(received: &[(u64, String)]) -> BTreeMap<u64, String> {
+    received.iter().cloned().collect()
+}
+
+/// Every bug whose messages, in the order received, go back in time.
+fn reordered_bugs(received: &[(u64, String)]) -> Vec<u64> {
+    let mut last: HashMap<u64, &str> = HashMap::new();
+    let mut bad = BTreeSet::new();
+    for (bug, when) in received {
+        if let Some(previous) = last.insert(*bug, when.as_str())
+            && previous > when.as_str()
+        {
+            bad.insert(*bug);
+        }
+    }
+    bad.into_iter().collect()
+}
+
+/// Lines of `log` that contain every one of `needles`.
+fn log_lines(log: &str, needles: &[&str]) -> usize {
+    log.lines()
+        .filter(|line| needles.iter().all(|n| line.contains(n)))
+        .count()
+}
+
+/// Whether `log` says this poller took the lock.
+fn says_active(log: &str) -> bool {
+    log_lines(log, &["active:"]) > 0
+}
+
+/// `(bug, delta_ts)` as the wire carries it, for a row of `bugs`.
+fn bugs_row(conn: &mut mysql::Conn, bug: u64) -> (u64, String) {
+    let when: Option<String> = conn
+        .exec_first(
+            "SELECT DATE_FORMAT(delta_ts, '%Y-%m-%dT%H:%i:%s') FROM bugs WHERE bug_id = ?",
+            (bug,),
+        )
+        .expect("read a bug's delta_ts");
+    (bug, when.unwrap_or_else(|| panic!("bug {bug} exists")))
+}
+
+fn insert_bug(conn: &mut mysql::Conn, delta_ts: &str) -> u64 {
+    conn.query_drop(format!(
+        "INSERT INTO bugs (short_desc, delta_ts) VALUES ('test', {delta_ts})"
+    ))
+    .expect("insert a bug");
+    conn.last_insert_id()
+}
+
+#[test]
+fn concurrent_writers_each_bugs_last_message_is_its_latest_change_in_order() {
+    const THREADS: u32 = 4;
+    const CHANGES: u32 = 50;
+    const BUGS_PER_THREAD: u32 = 25;
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    // A slow broker link keeps each batch's rows between read and delete
+    // for tens of milliseconds, so many changes land in that window.
+    let slow = Proxy::to(AMQP_ADDR);
+    slow.set_delay(Duration::from_millis(20));
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, &slow.addr(), &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+
+    // Each thread owns its bugs, so each bug's changes are in one thread's
+    // order and its latest value is the last one that landed. A bug's
+    // second change comes within about a poll of its first.
+    let writers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let mut conn = db.conn();
+            thread::spawn(move || {
+                let mut landed = Vec::new();
+                for i in 0..CHANGES {
+                    let bug = t * BUGS_PER_THREAD + i % BUGS_PER_THREAD + 1;
+                    let (sql, wire) = common::datetime(t * 100 + i);
+                    if TestDb::push_notify_change(&mut conn, bug, Some(&sql)) {
+                        landed.push((u64::from(bug), wire));
+                    }
+                    thread::sleep(Duration::from_millis(u64::from(1 + (i * 7 + t) % 3)));
+                }
+                landed
+            })
+        })
+        .collect();
+    let mut expected = BTreeMap::new();
+    let mut landed = 0;
+    for writer in writers {
+        for (bug, wire) in writer.join().expect("writer thread") {
+            expected.insert(bug, wire);
+            landed += 1;
+        }
+    }
+    assert_eq!(expected.len(), (THREADS * BUGS_PER_THREAD) as usize);
+
+    let mut received = Pairs::new();
+    let done = broker.receive_until(&mut received, WAIT, |r| last_per_bug(r) == expected);
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "push_notify ends empty"
+    );
+    received.extend(
+        broker
+            .drain(Duration::from_millis(500))
+            .iter()
+            .map(|m| m.bug_and_time()),
+    );
+    let last = last_per_bug(&received);
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(bug, when)| last.get(bug) != Some(when))
+        .map(|(bug, when)| (bug, when, last.get(bug)))
+        .collect();
+    assert!(
+        done && wrong.is_empty(),
+        "each bug's last message is its latest change; (bug, latest, last received): {wrong:?}"
+    );
+    assert_eq!(
+        last.len(),
+        expected.len(),
+        "no message for a bug nobody changed"
+    );
+    assert_eq!(
+        reordered_bugs(&received),
+        Vec::<u64>::new(),
+        "no bug's changes reordered"
+    );
+    eprintln!(
+        "{landed} of {} changes landed; {} messages for {} bugs",
+        THREADS * CHANGES,
+        received.len(),
+        last.len()
+    );
+}
+
+#[test]
+fn a_poller_killed_mid_stream_and_restarted_loses_no_bugs_latest_change() {
+    const BUGS: u32 = 50;
+    const CHANGES: u32 = 300;
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let mut poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+
+    let mut conn = db.conn();
+    let writer = thread::spawn(move || {
+        let mut latest = BTreeMap::new();
+        for i in 0..CHANGES {
+            let bug = i % BUGS + 1;
+            let (sql, wire) = common::datetime(i);
+            if TestDb::push_notify_change(&mut conn, bug, Some(&sql)) {
+                latest.insert(u64::from(bug), wire);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        latest
+    });
+
+    let mut received = Pairs::new();
+    assert!(
+        broker.receive_until(&mut received, WAIT, |r| r.len() >= 40),
+        "the first poller publishes while the writer writes"
+    );
+    poller.kill9();
+    let killed_after = received.len();
+    let restarted = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    let expected = writer.join().expect("writer thread");
+    assert!(
+        restarted.wait_for_log("active:", WAIT),
+        "the restarted poller takes the lock"
+    );
+
+    let all_there = |r: &[(u64, String)]| {
+        let got: HashSet<&(u64, String)> = r.iter().collect();
+        expected
+            .iter()
+            .all(|(bug, when)| got.contains(&(*bug, when.clone())))
+    };
+    let done = broker.receive_until(&mut received, WAIT, all_there);
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|(bug, when)| !received.contains(&(**bug, (*when).clone())))
+        .collect();
+    assert!(
+        done && missing.is_empty(),
+        "every bug's latest change reaches the broker ({killed_after} messages before the kill); missing: {missing:?}"
+    );
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "push_notify ends empty"
+    );
+}
+
+#[test]
+fn a_standby_poller_publishes_nothing_until_the_active_one_dies_then_takes_over() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let mut conn = db.conn();
+    let mut first = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        first.wait_for_log("active:", WAIT),
+        "the first poller takes the lock"
+    );
+    let second = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        second.wait_for_log("standby", WAIT),
+        "the second poller says it is a standby"
+    );
+
+    let (sql, wire) = common::datetime(1);
+    TestDb::push_notify_change(&mut conn, 10, Some(&sql));
+    let message = broker.recv(WAIT).expect("the active poller publishes");
+    assert_eq!(message.bug_and_time(), (10, wire));
+    let more = broker.drain(Duration::from_millis(500));
+    assert!(more.is_empty(), "published once, by one poller: {more:?}");
+    let log = second.log();
+    assert!(!says_active(&log), "the standby stays standby:\n{log}");
+    assert_eq!(
+        log_lines(&log, &["broker", "connected"]),
+        0,
+        "the standby never even connects to the broker:\n{log}"
+    );
+
+    first.kill9();
+    assert!(
+        second.wait_for_log("active:", Duration::from_secs(5)),
+        "the standby takes over within seconds:\n{}",
+        second.log()
+    );
+    let (sql, wire) = common::datetime(2);
+    TestDb::push_notify_change(&mut conn, 11, Some(&sql));
+    let message = broker.recv(WAIT).expect("the new active poller publishes");
+    assert_eq!(message.bug_and_time(), (11, wire));
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "and deletes what it published"
+    );
+}
+
+#[test]
+fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
+    const ROWS: u32 = 20;
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(AMQP_ADDR);
+    let mut conn = db.conn();
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, &proxy.addr(), &broker.exchange, &[]);
+
+    // Connected through the proxy first, so the outage cuts a live link.
+    let (sql, wire) = common::datetime(0);
+    TestDb::push_notify_change(&mut conn, 1, Some(&sql));
+    let message = broker.recv(WAIT).expect("published through the proxy");
+    assert_eq!(message.bug_and_time(), (1, wire));
+    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+
+    proxy.set_down(true);
+    let mut expected = BTreeSet::new();
+    for bug in 100..100 + ROWS {
+        let (sql, wire) = common::datetime(bug);
+        TestDb::push_notify_change(&mut conn, bug, Some(&sql));
+        expected.insert((u64::from(bug), wire));
+    }
+    // Polls keep reading the rows and failing to publish them.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(
+            db.push_notify_rows(),
+            u64::from(ROWS),
+            "no row is deleted while the broker is unreachable"
+        );
+        if let Some(m) = broker.recv(Duration::from_millis(100)) {
+            panic!("published while the broker is unreachable: {m:?}");
+        }
+    }
+    assert!(
+        poller.wait_for_log("retrying with backoff", WAIT),
+        "the outage is logged"
+    );
+
+    proxy.set_down(false);
+    let mut received = Pairs::new();
+    let done = broker.receive_until(&mut received, WAIT, |r| {
+        expected.iter().all(|pair| r.contains(pair))
+    });
+    assert!(
+        done,
+        "all rows arrive once the broker is back; got {received:?}"
+    );
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "and the table empties"
+    );
+    let log = poller.log();
+    let down_lines = log_lines(&log, &["broker", "retrying with backoff"]);
+    assert!(
+        (1..=2).contains(&down_lines),
+        "one line per outage, not one per retry ({down_lines}):\n{log}"
+    );
+}
+
+#[test]
+fn the_poller_recovers_from_a_severed_database_connection() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(MYSQL_ADDR);
+    let mut conn = db.conn();
+    let poller = Bzpush::poll(&db, &proxy.addr(), AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+
+    let (sql, wire) = common::datetime(0);
+    TestDb::push_notify_change(&mut conn, 1, Some(&sql));
+    let message = broker.recv(WAIT).expect("published before the outage");
+    assert_eq!(message.bug_and_time(), (1, wire));
+
+    proxy.set_down(true);
+    let (sql, during) = common::datetime(1);
+    TestDb::push_notify_change(&mut conn, 2, Some(&sql));
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        poller.wait_for_log("retrying with backoff", WAIT),
+        "the outage is logged"
+    );
+    proxy.set_down(false);
+    let (sql, after) = common::datetime(2);
+    TestDb::push_notify_change(&mut conn, 3, Some(&sql));
+
+    let mut received = Pairs::new();
+    let expected = [(2, during), (3, after)];
+    let done = broker.receive_until(&mut received, WAIT, |r| {
+        expected.iter().all(|pair| r.contains(pair))
+    });
+    assert!(
+        done,
+        "changes made during and after the outage arrive; got {received:?}"
+    );
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "and are deleted"
+    );
+    let log = poller.log();
+    let down_lines = log_lines(&log, &["database", "retrying with backoff"]);
+    assert!(
+        (1..=2).contains(&down_lines),
+        "one line per outage, not one per retry ({down_lines}):\n{log}"
+    );
+}
+
+#[test]
+fn source_bugs_publishes_each_change_once_catches_late_commits_and_replays_no_history() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let mut conn = db.conn();
+    // History: outside the overlap (30 s by default) when the poller starts.
+    let untouched = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    let updated = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    let late = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    let history = [
+        bugs_row(&mut conn, untouched),
+        bugs_row(&mut conn, updated),
+        bugs_row(&mut conn, late),
+    ];
+    let extra = [("BZPUSH_SOURCE", "bugs".to_string())];
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+
+    let created = insert_bug(&mut conn, "NOW()");
+    conn.exec_drop(
+        "UPDATE bugs SET delta_ts = NOW() WHERE bug_id = ?",
+        (updated,),
+    )
+    .expect("update a bug");
+    let mut expected = vec![bugs_row(&mut conn, created), bugs_row(&mut conn, updated)];
+    let mut received = Pairs::new();
+    let done = broker.receive_until(&mut received, WAIT, |r| {
+        expected.iter().all(|pair| r.contains(pair))
+    });
+    assert!(
+        done,
+        "new changes arrive: expected {expected:?}, got {received:?}"
+    );
+
+    // Several polls later, with the poller's watermark past NOW() - 10 s,
+    // a transaction commits a change it stamped that long ago.
+    thread::sleep(Duration::from_millis(1200));
+    conn.exec_drop(
+        "UPDATE bugs SET delta_ts = NOW() - INTERVAL 10 SECOND WHERE bug_id = ?",
+        (late,),
+    )
+    .expect("update a bug, stamped 10 s ago");
+    expected.push(bugs_row(&mut conn, late));
+    let done = broker.receive_until(&mut received, WAIT, |r| {
+        expected.iter().all(|pair| r.contains(pair))
+    });
+    assert!(
+        done,
+        "a late commit inside the overlap arrives: expected {expected:?}, got {received:?}"
+    );
+
+    // Another second of polls re-reads the whole window: nothing twice.
+    received.extend(
+        broker
+            .drain(Duration::from_millis(1200))
+            .iter()
+            .map(|m| m.bug_and_time()),
+    );
+    let mut sorted = received.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(
+        sorted, expected,
+        "each change exactly once, and none from history ({history:?})"
+    );
+}
+
+#[test]
+fn sigterm_stops_active_standby_and_retrying_pollers_with_status_0() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let mut active = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        active.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let mut standby = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        standby.wait_for_log("standby", WAIT),
+        "the second one waits"
+    );
+
+    for (poller, role) in [(&mut standby, "standby"), (&mut active, "active")] {
+        poller.sigterm();
+        let status = poller.wait_exit(Duration::from_secs(5));
+        assert!(
+            status.is_some_and(|s| s.code() == Some(0)),
+            "the {role} poller exits 0 within 5 s after SIGTERM: {status:?}\n{}",
+            poller.log()
+        );
+    }
+
+    // Busy retrying a broker that is unreachable, with a change in hand.
+    let proxy = Proxy::to(AMQP_ADDR);
+    proxy.set_down(true);
+    let mut conn = db.conn();
+    TestDb::push_notify_change(&mut conn, 1, None);
+    let mut retrying = Bzpush::poll(&db, MYSQL_ADDR, &proxy.addr(), &broker.exchange, &[]);
+    assert!(
+        retrying.wait_for_log("retrying with backoff", WAIT),
+        "the poller fails to publish"
+    );
+    retrying.sigterm();
+    let status = retrying.wait_exit(Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(0)),
+        "a retrying poller exits 0 within 5 s after SIGTERM: {status:?}\n{}",
+        retrying.log()
+    );
+    assert_eq!(db.push_notify_rows(), 1, "the unpublished change stays");
+}
+
+#[test]
+fn bad_settings_exit_2_naming_the_setting_and_never_print_a_password() {
+    let db = TestDb::new();
+    let good = |extra: &[(&'static str, &str)]| {
+        let mut env = vec![
+            ("BZPUSH_DATABASE_URL", db.url()),
+            ("BZPUSH_AMQP_URL", common::amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name)),
+        ];
+        for (key, value) in extra {
+            env.retain(|(k, _)| k != key);
+            env.push((key, value.to_string()));
+        }
+        env
+    };
+    /// Flags, variables over the good ones, and the variable the error names.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (
+            &[],
+            &[("BZPUSH_POLL_INTERVAL", "soon")],
+            "BZPUSH_POLL_INTERVAL",
+        ),
+        (
+            &[],
+            &[("BZPUSH_DATABASE_URL", "postgres://bugs:hunter2@db/bugs")],
+            "BZPUSH_DATABASE_URL",
+        ),
+        (
+            &[],
+            &[("BZPUSH_DATABASE_URL", "mysql://bugs:hunter2@db:3306/")],
+            "BZPUSH_DATABASE_URL",
+        ),
+        (&[], &[("BZPUSH_SOURCE", "nope")], "BZPUSH_SOURCE"),
+        (&[], &[("BZPUSH_AMQP_URL", "http://x")], "BZPUSH_AMQP_URL"),
+        (
+            &[],
+            &[("BZPUSH_AMQP_URL", "http://guest:hunter2@x")],
+            "BZPUSH_AMQP_URL",
+        ),
+        (&[], &[("BZPUSH_FOO", "1")], "BZPUSH_FOO"),
+        (&["--batch-size", "0"], &[], "BZPUSH_BATCH_SIZE"),
+        (&["--log=loud"], &[], "BZPUSH_LOG"),
+    ];
+    for (flags, extra, names) in cases {
+        let args: Vec<&str> = std::iter::once("poll")
+            .chain(flags.iter().copied())
+            .collect();
+        let run = Bzpush::run(&args, &good(extra), Duration::from_secs(10));
+        let out = format!("{}{}", run.stdout, run.stderr);
+        assert_eq!(
+            run.status.code(),
+            Some(2),
+            "{flags:?} {extra:?} exits 2: {run:?}"
+        );
+        assert!(
+            out.contains(names),
+            "{flags:?} {extra:?} names {names}: {out}"
+        );
+        assert_eq!(out.lines().count(), 1, "one line: {out}");
+        assert!(!out.contains("hunter2"), "no password: {out}");
+    }
+
+    // A running poller whose password is wrong says so without printing it.
+    let mut env = good(&[]);
+    env.retain(|(k, _)| *k != "BZPUSH_DATABASE_URL");
+    env.push((
+        "BZPUSH_DATABASE_URL",
+        format!("mysql://root:hunter2@{MYSQL_ADDR}/{}", db.name),
+    ));
+    let poller = Bzpush::start(&["poll"], &env);
+    assert!(
+        poller.wait_for_log("retrying with backoff", WAIT),
+        "the poller cannot log in:\n{}",
+        poller.log()
+    );
+    let log = poller.log();
+    assert!(
+        log.contains("root:***@"),
+        "the URL is shown redacted:\n{log}"
+    );
+    assert!(!log.contains("hunter2"), "no password:\n{log}");
+
+    let help = Bzpush::run(&["--help"], &[], Duration::from_secs(10));
+    assert!(help.status.success(), "--help exits 0: {help:?}");
+    assert!(help.stdout.contains("BZPUSH_DATABASE_URL"), "{help:?}");
+    let version = Bzpush::run(&["--version"], &[], Duration::from_secs(10));
+    assert!(version.status.success(), "--version exits 0: {version:?}");
+    assert_eq!(
+        version.stdout.trim(),
+        format!("bzpush {}", env!("CARGO_PKG_VERSION"))
     );
 }
