@@ -64,6 +64,17 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
+/// `2026-01-01 00:00:00` plus `secs` seconds (less than a day), as a
+/// DATETIME literal for SQL and as the `delta_ts` Pulse carries.
+pub fn datetime(secs: u32) -> (String, String) {
+    assert!(secs < 86_400, "datetime({secs}) must stay within one day");
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    (
+        format!("2026-01-01 {h:02}:{m:02}:{s:02}"),
+        format!("2026-01-01T{h:02}:{m:02}:{s:02}"),
+    )
+}
+
 /// A database of its own, with Bugzilla's `push_notify` and a minimal
 /// `bugs` table, dropped at the end of the test.
 pub struct TestDb {
@@ -112,7 +123,13 @@ impl TestDb {
     /// Records a change of `bug` the way the PushNotify extension does: in
     /// one transaction, find the bug's row, then update it in place or
     /// insert it. `delta_ts` is a DATETIME literal, or `None` for NOW().
-    pub fn push_notify_change(conn: &mut mysql::Conn, bug: u32, delta_ts: Option<&str>) {
+    ///
+    /// Returns whether the change landed in the table. It does not when the
+    /// poller deletes the row between the SELECT and the UPDATE: the UPDATE
+    /// then matches nothing and the change is lost, exactly as it is with
+    /// the real extension (which takes no lock either). Tests that write
+    /// while a poller runs expect only the changes that landed.
+    pub fn push_notify_change(conn: &mut mysql::Conn, bug: u32, delta_ts: Option<&str>) -> bool {
         let mut tx = conn
             .start_transaction(mysql::TxOpts::default())
             .expect("begin");
@@ -120,21 +137,34 @@ impl TestDb {
             .exec_first("SELECT id FROM push_notify WHERE bug_id = ?", (bug,))
             .expect("select");
         let ts = delta_ts.map_or("NOW()".to_string(), |t| format!("'{t}'"));
-        match id {
-            Some(id) => tx
-                .exec_drop(
+        let landed = match id {
+            Some(id) => {
+                tx.exec_drop(
                     format!("UPDATE push_notify SET delta_ts = {ts} WHERE id = ?"),
                     (id,),
                 )
-                .expect("update"),
-            None => tx
-                .exec_drop(
+                .expect("update");
+                // Counts changed rows only (no CLIENT_FOUND_ROWS): 0 is also
+                // an unchanged NOW() in the same second. A locking read sees
+                // the current row, not the transaction's snapshot.
+                tx.affected_rows() == 1 || {
+                    let current: Option<i64> = tx
+                        .exec_first("SELECT id FROM push_notify WHERE id = ? FOR UPDATE", (id,))
+                        .expect("select for update");
+                    current.is_some()
+                }
+            }
+            None => {
+                tx.exec_drop(
                     format!("INSERT INTO push_notify (bug_id, delta_ts) VALUES (?, {ts})"),
                     (bug,),
                 )
-                .expect("insert"),
-        }
+                .expect("insert");
+                true
+            }
+        };
         tx.commit().expect("commit");
+        landed
     }
 
     /// Fills `push_notify` with one row per bug in `bugs`, all stamped
@@ -316,6 +346,30 @@ impl TestBroker {
     pub fn drain(&self, quiet: Duration) -> Vec<Received> {
         std::iter::from_fn(|| self.recv(quiet)).collect()
     }
+
+    /// Appends each arriving message's `(payload.id, payload.delta_ts)` to
+    /// `into` until `done(into)` holds or `timeout` passes; `false` on
+    /// timeout.
+    pub fn receive_until(
+        &self,
+        into: &mut Vec<(u64, String)>,
+        timeout: Duration,
+        mut done: impl FnMut(&[(u64, String)]) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(into) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if let Some(message) = self.recv(left.min(Duration::from_millis(100))) {
+                into.push(message.bug_and_time());
+            }
+        }
+    }
 }
 
 impl Drop for TestBroker {
@@ -331,7 +385,8 @@ impl Drop for TestBroker {
 }
 
 /// A TCP proxy in front of a service, which the test can cut off: `sever`
-/// kills every open connection, `set_down(true)` refuses new ones too.
+/// kills every open connection, `set_down(true)` refuses new ones too, and
+/// `set_delay` slows every chunk it forwards.
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<ProxyState>,
@@ -341,6 +396,7 @@ struct ProxyState {
     down: AtomicBool,
     stop: AtomicBool,
     live: Mutex<Vec<TcpStream>>,
+    delay_ms: AtomicU64,
 }
 
 impl Proxy {
@@ -351,6 +407,7 @@ impl Proxy {
             down: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
+            delay_ms: AtomicU64::new(0),
         });
         let target = target.to_string();
         let shared = Arc::clone(&state);
@@ -377,8 +434,8 @@ impl Proxy {
                         server.try_clone(),
                     ) {
                         shared.live.lock().expect("proxy lock").extend([c3, s3]);
-                        pipe(client, s2);
-                        pipe(server, c2);
+                        pipe(client, s2, Arc::clone(&shared));
+                        pipe(server, c2, Arc::clone(&shared));
                     }
                 }
             })
@@ -395,6 +452,13 @@ impl Proxy {
         for stream in self.state.live.lock().expect("proxy lock").drain(..) {
             let _ = stream.shutdown(Shutdown::Both);
         }
+    }
+
+    /// Holds every chunk `delay` before forwarding it, in both directions:
+    /// a slow link, so a request and its answer are far apart in time.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.state.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// While down, new connections are accepted and closed at once.
@@ -414,7 +478,7 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>) {
     let _ = thread::Builder::new()
         .name("test-proxy-pipe".into())
         .spawn(move || {
@@ -423,6 +487,10 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
                 match from.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        let delay = state.delay_ms.load(Ordering::SeqCst);
+                        if delay > 0 {
+                            thread::sleep(Duration::from_millis(delay));
+                        }
                         if to.write_all(&buf[..n]).is_err() {
                             break;
                         }
@@ -444,15 +512,7 @@ impl Bzpush {
     /// Starts `bzpush <args>` with exactly the `BZPUSH_*` variables given
     /// (none inherited from the test's environment).
     pub fn start(args: &[&str], env: &[(&str, String)]) -> Bzpush {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_bzpush"));
-        command.args(args);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("BZPUSH_") {
-                command.env_remove(key);
-            }
-        }
-        command.envs(env.iter().map(|(k, v)| (k, v)));
-        let mut child = command
+        let mut child = Bzpush::command(args, env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -474,6 +534,53 @@ impl Bzpush {
             })
             .expect("spawn the stderr reader");
         Bzpush { child, log }
+    }
+
+    /// `bzpush <args>` with exactly the `BZPUSH_*` variables given.
+    fn command(args: &[&str], env: &[(&str, String)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bzpush"));
+        command.args(args);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("BZPUSH_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    /// Runs `bzpush <args>` (environment as for [`Bzpush::start`]) to its
+    /// end and returns what it printed; fails the test if it still runs
+    /// after `timeout`.
+    pub fn run(args: &[&str], env: &[(&str, String)], timeout: Duration) -> Finished {
+        let mut child = Bzpush::command(args, env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the bzpush binary");
+        let stdout = read_all(child.stdout.take().expect("piped stdout"));
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("bzpush {args:?} still ran after {timeout:?}");
+                }
+                Err(e) => panic!("waiting for bzpush {args:?}: {e}"),
+            }
+        };
+        // The pipes close when the process exits, so the readers end too.
+        let text = |reader: thread::JoinHandle<String>| reader.join().expect("pipe reader");
+        Finished {
+            status,
+            stdout: text(stdout),
+            stderr: text(stderr),
+        }
     }
 
     /// `bzpush poll` against `db` (reached at `db_addr`) and the broker at
@@ -537,6 +644,26 @@ impl Bzpush {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A `bzpush` run that ended: its status and everything it printed.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Reads a pipe to its end on a thread of its own.
+fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::Builder::new()
+        .name("test-pipe-reader".into())
+        .spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .expect("spawn a pipe reader")
 }
 
 impl Drop for Bzpush {
