@@ -123,29 +123,38 @@ struct Held {
     /// What to answer from the cache if the database cannot.
     asked: HashSet<BugId>,
     since: Since,
-    /// Frames that came meanwhile, in order; `true` for live updates.
-    frames: Vec<(Bytes, bool)>,
+    /// What came meanwhile, in order.
+    waiting: Vec<Waiting>,
+}
+
+/// A frame held for a catch-up.
+enum Waiting {
+    Reply(Bytes),
+    /// A live update, kept with its notification so that one the catch-up
+    /// answer already covers is not sent after it, out of order.
+    Update(Notification, Bytes),
 }
 
 impl Connection {
     /// Queues a reply or catch-up frame (never refused for being many).
     fn reply(&mut self, frame: Bytes) {
         match &mut self.held {
-            Some(held) => held.frames.push((frame, false)),
+            Some(held) => held.waiting.push(Waiting::Reply(frame)),
             None => self.outbox.push_reply(frame),
         }
     }
 
     /// Queues a live update; `false` if the client is too slow for it.
-    fn update(&mut self, frame: Bytes, limit: usize) -> bool {
+    fn update(&mut self, notification: &Notification, frame: Bytes, limit: usize) -> bool {
         match &mut self.held {
-            Some(held) if held.frames.len() >= limit => {
+            Some(held) if held.waiting.len() >= limit => {
                 self.outbox
                     .close(CloseCode::Policy, "too slow: outbound queue full");
                 false
             }
             Some(held) => {
-                held.frames.push((frame, true));
+                held.waiting
+                    .push(Waiting::Update(notification.clone(), frame));
                 true
             }
             None => self.outbox.push(frame),
@@ -377,7 +386,7 @@ impl Hub {
                     subscribed: c.bugs.iter().copied().collect(),
                     asked,
                     since,
-                    frames: Vec::new(),
+                    waiting: Vec::new(),
                 };
                 match &self.catchup {
                     // A worker behind by a whole queue: answer `partial`
@@ -408,7 +417,7 @@ impl Hub {
                 for update in &updates {
                     c.reply(text_frame(protocol::update(update)));
                 }
-                release(c, held.frames);
+                release(c, held.waiting, updates.iter());
             }
             None => answer_from_cache(c, &self.feeds[c.feed].cache, held),
         }
@@ -441,7 +450,7 @@ impl Hub {
         let mut sent = 0;
         for conn in conns {
             if let Some(c) = self.connections.get_mut(conn)
-                && c.update(Arc::clone(&frame), self.outbound_queue)
+                && c.update(notification, Arc::clone(&frame), self.outbound_queue)
             {
                 sent += 1;
             }
@@ -460,19 +469,190 @@ fn answer_from_cache(c: &mut Connection, cache: &Cache, held: Held) {
         held.subscribed.iter().copied(),
         partial,
     )));
-    for update in cache.since(&held.asked, &held.since) {
+    let answer = cache.since(&held.asked, &held.since);
+    for update in &answer {
         c.reply(text_frame(protocol::update(update)));
     }
-    release(c, held.frames);
+    release(c, held.waiting, answer.into_iter());
 }
 
-/// Queues frames that were held, in their order.
-fn release(c: &mut Connection, frames: Vec<(Bytes, bool)>) {
-    for (frame, live) in frames {
-        if live {
-            c.outbox.push(frame);
-        } else {
-            c.outbox.push_reply(frame);
+/// Queues what was held, in its order, except live updates that the
+/// catch-up `answer` already covered with the same or a later time: sent
+/// after it, they would take their bug back in time.
+fn release<'a>(
+    c: &mut Connection,
+    waiting: Vec<Waiting>,
+    answer: impl Iterator<Item = &'a Notification>,
+) {
+    let mut latest: HashMap<BugId, &ChangeTime> = HashMap::new();
+    for n in answer {
+        let time = latest.entry(n.bug).or_insert(&n.when);
+        if n.when > **time {
+            *time = &n.when;
         }
+    }
+    for item in waiting {
+        match item {
+            Waiting::Reply(frame) => c.outbox.push_reply(frame),
+            Waiting::Update(n, frame) => {
+                if latest.get(&n.bug).is_none_or(|t| n.when > **t) {
+                    c.outbox.push(frame);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Writers;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    fn n(bug: u32, when: &str) -> Notification {
+        Notification {
+            bug: BugId::new(bug).expect("nonzero"),
+            when: ChangeTime::new(when),
+        }
+    }
+
+    /// A hub with one connection whose frames arrive on the returned
+    /// socket, and the catch-up jobs it sends.
+    fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<Job>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let metrics = Arc::new(Metrics::new("database", 1));
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(4);
+        let mut hub = Hub::new(
+            HubConfig {
+                feeds: 1,
+                cache_size: 100,
+                max_subscriptions: 100,
+                outbound_queue: 100,
+                catchup: Some(jobs_tx),
+            },
+            Arc::clone(&metrics),
+        );
+        let outbox = Outbox::new(server, 100, writers, metrics);
+        hub.handle(Message::Connect {
+            conn: 1,
+            feed: 0,
+            outbox,
+        });
+        (hub, client, jobs_rx)
+    }
+
+    /// Reads `count` unmasked text frames (short ones: 7-bit lengths).
+    fn read_texts(client: &mut TcpStream, count: usize) -> Vec<serde_json::Value> {
+        (0..count)
+            .map(|_| {
+                let mut head = [0u8; 2];
+                client.read_exact(&mut head).expect("a frame head");
+                let mut len = usize::from(head[1] & 0x7f);
+                if len == 126 {
+                    let mut ext = [0u8; 2];
+                    client.read_exact(&mut ext).expect("a length");
+                    len = usize::from(u16::from_be_bytes(ext));
+                }
+                let mut body = vec![0u8; len];
+                client.read_exact(&mut body).expect("a frame body");
+                serde_json::from_slice(&body).expect("JSON")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn live_updates_wait_for_a_database_catch_up_and_never_go_back_in_time() {
+        let writers = Writers::start().expect("writers");
+        let (mut hub, mut client, jobs) = hub_with_client(&writers);
+        let bugs = vec![BugId::new(5).expect("5"), BugId::new(6).expect("6")];
+        let since = Since::parse("2026-01-01T00:00:00").expect("since");
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Subscribe {
+                bugs,
+                since: Some(since),
+            },
+        });
+        let job = jobs
+            .try_recv()
+            .expect("the cache cannot vouch: the database is asked");
+        assert_eq!(job.conn, 1);
+        // Meanwhile: bug 5 at a time the database answer will cover, bug 6
+        // at a time later than the database's, and a command.
+        hub.handle(Message::Notify {
+            feed: 0,
+            notification: n(5, "2026-01-01T00:00:05"),
+        });
+        hub.handle(Message::Notify {
+            feed: 0,
+            notification: n(6, "2026-01-01T00:00:09"),
+        });
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Version,
+        });
+        hub.handle(Message::CaughtUp {
+            conn: 1,
+            updates: Some(vec![
+                n(6, "2026-01-01T00:00:03"),
+                n(5, "2026-01-01T00:00:07"),
+            ]),
+        });
+        let frames = read_texts(&mut client, 5);
+        assert_eq!(
+            frames[0],
+            serde_json::json!({"command": "subscribe", "result": "ok", "bugs": [5, 6]})
+        );
+        assert_eq!(frames[1]["bug"], 6);
+        assert_eq!(frames[1]["when"], "2026-01-01T00:00:03");
+        assert_eq!(frames[2]["bug"], 5);
+        assert_eq!(frames[2]["when"], "2026-01-01T00:00:07");
+        // Bug 5 at :05 is older than the answer's :07: not sent.
+        assert_eq!(frames[3]["bug"], 6);
+        assert_eq!(frames[3]["when"], "2026-01-01T00:00:09");
+        assert_eq!(frames[4]["command"], "version");
+    }
+
+    #[test]
+    fn a_failed_catch_up_answers_partial_from_the_cache_without_repeats() {
+        let writers = Writers::start().expect("writers");
+        let (mut hub, mut client, jobs) = hub_with_client(&writers);
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Subscribe {
+                bugs: vec![BugId::new(5).expect("5")],
+                since: Since::parse("2026-01-01T00:00:00"),
+            },
+        });
+        assert!(jobs.try_recv().is_ok());
+        hub.handle(Message::Notify {
+            feed: 0,
+            notification: n(5, "2026-01-01T00:00:04"),
+        });
+        hub.handle(Message::Notify {
+            feed: 0,
+            notification: n(5, "2026-01-01T00:00:05"),
+        });
+        hub.handle(Message::CaughtUp {
+            conn: 1,
+            updates: None,
+        });
+        let frames = read_texts(&mut client, 3);
+        assert_eq!(frames[0]["partial"], true);
+        assert_eq!(frames[1]["when"], "2026-01-01T00:00:04");
+        assert_eq!(frames[2]["when"], "2026-01-01T00:00:05");
+        // Nothing more: the held copies of :04 and :05 were not repeated.
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Version,
+        });
+        assert_eq!(read_texts(&mut client, 1)[0]["command"], "version");
     }
 }
