@@ -6,7 +6,10 @@ use bzpush::config::SETTINGS;
 #[test]
 fn readme_settings_table_matches_the_code() {
     let readme = include_str!("../README.md");
-    let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `BZPUSH_")).collect();
+    let rows: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("| `BZPUSH_"))
+        .collect();
     assert_eq!(rows.len(), SETTINGS.len(), "README rows: {rows:#?}");
     for (row, setting) in rows.iter().zip(SETTINGS) {
         let expected = format!(
@@ -25,6 +28,10 @@ fn help_lists_every_setting() {
     let help = bzpush::config::help();
     for setting in SETTINGS {
         assert!(help.contains(&setting.env_var()), "{}", setting.name);
-        assert!(help.contains(&format!("--{}", setting.name)), "{}", setting.name);
+        assert!(
+            help.contains(&format!("--{}", setting.name)),
+            "{}",
+            setting.name
+        );
     }
 }
