@@ -154,10 +154,13 @@ impl Outbox {
             return;
         }
         state.closing = true;
+        // Writing with a full queue: the writer is stuck on this socket. A
+        // writer merely inside `write` is not: it takes the close frame next.
+        let stuck = state.writing && state.frames.len() >= self.limit;
         state.frames.clear();
-        if state.writing {
-            // A writer is stuck on this socket: free it now. The close frame
-            // could not get through a full socket anyway.
+        if stuck {
+            // Free the writer now. The close frame could not get through a
+            // full socket anyway.
             state.closed = true;
             let _ = self.socket.shutdown(Shutdown::Both);
             return;

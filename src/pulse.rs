@@ -386,6 +386,8 @@ pub fn consume(
     while !shutdown.requested() {
         let result = consume_once(url, setup, hub, metrics, shutdown, &mut || {
             link.up();
+            // The next outage starts over from a short pause.
+            backoff.reset();
             if connected_before {
                 metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
             }

@@ -1,0 +1,315 @@
+//! Harness for `bzpush serve`: the server as a child process on a free
+//! port, a Pulse-format publisher, and a real WebSocket client over TCP.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use futures_lite::future::block_on;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::Value;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+use super::{AMQP_ADDR, Bzpush, TestBroker, amqp_url_at, unique};
+
+const STARTUP: Duration = Duration::from_secs(20);
+
+impl Bzpush {
+    /// `bzpush serve` on a free port, one feed `/` on `broker`'s exchange,
+    /// its own queue, and `extra` settings.
+    pub fn serve(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
+        Bzpush::serve_at(AMQP_ADDR, &format!("/={}", broker.exchange), extra)
+    }
+
+    /// `bzpush serve` with the broker at `amqp_addr` and `feeds`.
+    pub fn serve_at(amqp_addr: &str, feeds: &str, extra: &[(&str, String)]) -> Bzpush {
+        let mut env = vec![
+            ("BZPUSH_AMQP_URL", amqp_url_at(amqp_addr)),
+            ("BZPUSH_FEEDS", feeds.to_string()),
+            (
+                "BZPUSH_QUEUE",
+                format!("queue/guest/{}", unique("bzpush-test")),
+            ),
+            ("BZPUSH_QUEUE_EXPIRES", "2m".to_string()),
+            ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
+            ("BZPUSH_LOG", "debug".to_string()),
+        ];
+        env.extend(extra.iter().cloned());
+        let server = Bzpush::start(&["serve"], &env);
+        assert!(
+            server.wait_for_log("serving WebSocket and HTTP on", STARTUP),
+            "bzpush serve did not start:\n{}",
+            server.log()
+        );
+        server
+    }
+
+    /// The address the server listens on, from its log.
+    pub fn listen_addr(&self) -> String {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving WebSocket and HTTP on"))
+            .expect("the server logged its address");
+        line.rsplit(' ').next().expect("an address").to_string()
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.listen_addr())
+    }
+
+    /// Waits until the broker consumers are up (`/health` says 200).
+    pub fn wait_healthy(&self) {
+        let addr = self.listen_addr();
+        assert!(
+            super::wait_until(STARTUP, || http_get(&addr, "/health").0 == 200),
+            "the server never became healthy:\n{}",
+            self.log()
+        );
+    }
+}
+
+/// A plain HTTP GET: `(status, body)`.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut socket = TcpStream::connect(addr).expect("connect for HTTP");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(socket, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    let _ = socket.read_to_string(&mut response);
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The body the poller publishes for `bug` changed at `when`.
+pub fn pulse_body(exchange: &str, bug: u64, when: &str) -> Vec<u8> {
+    serde_json::json!({
+        "payload": {"id": bug, "delta_ts": when},
+        "_meta": {"exchange": exchange, "routing_key": bug.to_string(),
+                  "serializer": "json", "sent": "2026-11-28T00:00:00+00:00"},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The value of the metric `name` in a `/metrics` scrape of `addr`.
+pub fn metric(addr: &str, name: &str) -> u64 {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "/metrics answered {status}: {body}");
+    body.lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+}
+
+fn amqp_connect() -> Connection {
+    block_on(Connection::connect(
+        &amqp_url_at(AMQP_ADDR),
+        ConnectionProperties::default(),
+    ))
+    .expect("connect to publish")
+}
+
+impl TestBroker {
+    /// An exchange of its own, as [`TestBroker::new`] makes, but without
+    /// the test's own queue, whose consumer would halve the rate a flood
+    /// can be published at. [`TestBroker::recv`] is not for this one.
+    pub fn without_queue() -> TestBroker {
+        let exchange = unique("bzpush.test");
+        let connection = amqp_connect();
+        let channel = block_on(connection.create_channel()).expect("open a channel");
+        block_on(channel.exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .expect("declare the test exchange");
+        TestBroker {
+            exchange,
+            connection,
+            received: crossbeam_channel::never(),
+        }
+    }
+
+    /// Publishes a Pulse message for `bug` at `when`, as the poller does.
+    pub fn publish(&self, bug: u64, when: &str) {
+        self.publish_raw(&bug.to_string(), &pulse_body(&self.exchange, bug, when));
+    }
+
+    /// Publishes any body with `routing_key`, confirmed.
+    pub fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        let connection = amqp_connect();
+        let channel = block_on(connection.create_channel()).expect("channel");
+        block_on(channel.confirm_select(ConfirmSelectOptions::default())).expect("confirms");
+        let confirm = block_on(channel.basic_publish(
+            self.exchange.as_str().into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        ))
+        .expect("publish");
+        assert!(
+            matches!(block_on(confirm), Ok(Confirmation::Ack(_))),
+            "the broker did not confirm the message"
+        );
+        let _ = block_on(connection.close(200, "done".into()));
+    }
+
+    /// Publishes a Pulse message for each `(bug, when)`, in order, on one
+    /// channel without waiting in between; returns once the broker has
+    /// confirmed them all.
+    pub fn publish_many(&self, updates: &[(u64, String)]) {
+        let connection = amqp_connect();
+        let channel = block_on(connection.create_channel()).expect("channel");
+        block_on(channel.confirm_select(ConfirmSelectOptions::default())).expect("confirms");
+        block_on(async {
+            let mut confirms = Vec::with_capacity(updates.len());
+            for (bug, when) in updates {
+                let confirm = channel
+                    .basic_publish(
+                        self.exchange.as_str().into(),
+                        bug.to_string().into(),
+                        BasicPublishOptions::default(),
+                        &pulse_body(&self.exchange, *bug, when),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish");
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                assert!(
+                    matches!(confirm.await, Ok(Confirmation::Ack(_))),
+                    "the broker did not confirm a message"
+                );
+            }
+        });
+        let _ = block_on(connection.close(200, "done".into()));
+    }
+}
+
+/// A WebSocket client over TCP.
+pub struct Client {
+    pub ws: WebSocket<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub fn connect(url: &str) -> Client {
+        Client::try_connect(url).unwrap_or_else(|e| panic!("connect {url}: {e}"))
+    }
+
+    /// The handshake's outcome: a refusal is `Err(Error::Http(response))`.
+    pub fn try_connect(url: &str) -> Result<Client, tungstenite::Error> {
+        let (ws, _) = tungstenite::connect(url)?;
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_write_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+        }
+        Ok(Client { ws })
+    }
+
+    pub fn send(&mut self, json: Value) {
+        self.ws
+            .send(Message::text(json.to_string()))
+            .expect("send a frame");
+    }
+
+    /// The next text frame as JSON; panics after `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Value {
+        self.try_recv(timeout)
+            .unwrap_or_else(|| panic!("no message within {timeout:?}"))
+    }
+
+    fn set_timeout(&mut self, timeout: Duration) {
+        if let MaybeTlsStream::Plain(s) = self.ws.get_mut() {
+            s.set_read_timeout(Some(timeout)).expect("timeout");
+        }
+    }
+
+    /// The next text frame as JSON, or `None` after `timeout`.
+    pub fn try_recv(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.set_timeout(left);
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    return Some(serde_json::from_str(text.as_str()).expect("server sends JSON"));
+                }
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None;
+                }
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Sends `json` and returns the next frame.
+    pub fn request(&mut self, json: Value) -> Value {
+        self.send(json);
+        self.recv(Duration::from_secs(10))
+    }
+
+    /// Reads until the server ends the connection: the text frames that
+    /// came first, and the close frame's code, or `None` if the connection
+    /// ended without one. Panics if it is still open after `timeout`.
+    pub fn read_to_end(&mut self, timeout: Duration) -> (Vec<Value>, Option<u16>) {
+        let deadline = Instant::now() + timeout;
+        let mut texts = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "the server did not end the connection within {timeout:?}"
+            );
+            self.set_timeout(left);
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    texts.push(serde_json::from_str(text.as_str()).expect("server sends JSON"));
+                }
+                Ok(Message::Close(frame)) => return (texts, frame.map(|f| u16::from(f.code))),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return (texts, None),
+            }
+        }
+    }
+
+    /// The close code the server ends the connection with, skipping any
+    /// text frames before it; `None` if it ends without a close frame.
+    pub fn close_code(&mut self, timeout: Duration) -> Option<u16> {
+        self.read_to_end(timeout).1
+    }
+}
