@@ -10,14 +10,12 @@ use std::io::Write;
 use std::time::Duration;
 
 use futures_lite::future::block_on;
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ConnectionProperties};
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
 use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, Source};
-use crate::database;
+use crate::{database, pulse};
 
 /// MySQL/MariaDB's ER_NO_SUCH_TABLE.
 const NO_SUCH_TABLE: u16 = 1146;
@@ -179,17 +177,7 @@ fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
         // A fresh channel each: a refused declaration closes its channel.
         let declared = block_on(async {
             let channel = connection.create_channel().await?;
-            channel
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
+            pulse::declare_exchange(&channel, exchange).await
         });
         report.line(declared.map(|()| format!("exchange {exchange:?}: declarable (topic, durable)")).map_err(|e| {
             format!(

@@ -152,6 +152,23 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
+/// Declares `exchange` as mozillapulse's publisher does: topic, durable,
+/// not auto-deleted. Idempotent; fails if it exists with other flags.
+pub async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin::Result<()> {
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// A broker failure, with what was being done.
 #[derive(Debug)]
 pub struct BrokerError {
@@ -233,16 +250,7 @@ impl Publisher {
                 .create_channel()
                 .await
                 .map_err(BrokerError::new("opening a channel"))?;
-            channel
-                .exchange_declare(
-                    exchange.into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+            declare_exchange(&channel, exchange)
                 .await
                 .map_err(BrokerError::new("declaring the exchange"))?;
             channel
@@ -421,16 +429,8 @@ fn consume_once(
     let channel =
         block_on(connection.create_channel()).map_err(BrokerError::new("opening a channel"))?;
     // Declared as the publisher declares it, so serve may start first.
-    block_on(channel.exchange_declare(
-        setup.exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        },
-        FieldTable::default(),
-    ))
-    .map_err(BrokerError::new("declaring the exchange"))?;
+    block_on(declare_exchange(&channel, &setup.exchange))
+        .map_err(BrokerError::new("declaring the exchange"))?;
     let mut arguments = FieldTable::default();
     let expires = u32::try_from(setup.expires.as_millis()).unwrap_or(u32::MAX);
     arguments.insert("x-expires".into(), AMQPValue::LongUInt(expires));
