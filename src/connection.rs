@@ -123,9 +123,12 @@ fn serve(
                 pinged = false;
                 continue;
             }
-            Ok(WsMessage::Close(_)) => {
-                let _ = ws.flush();
-                outbox.close(CloseCode::Normal, "");
+            Ok(WsMessage::Close(frame)) => {
+                // One reply, from the outbox: the client's code echoed, or
+                // 1002 for a code no client may send (tungstenite's
+                // choice). Flushing tungstenite's own reply as well could
+                // put two close frames on the wire.
+                outbox.close(frame.map_or(CloseCode::Normal, |f| f.code), "");
                 return "client closed".into();
             }
             Err(WsError::Io(e))
@@ -150,6 +153,12 @@ fn serve(
             }
             Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
                 return "closed".into();
+            }
+            // A text message (or close reason) that is not UTF-8: RFC 6455
+            // §7.4.1 gives it its own code.
+            Err(WsError::Utf8(e)) => {
+                outbox.close(CloseCode::Invalid, "invalid UTF-8");
+                return format!("closed (1007): invalid UTF-8: {e}");
             }
             Err(e) => {
                 outbox.close(CloseCode::Protocol, "protocol error");

@@ -2,14 +2,17 @@
 //! answers to requests that are not WebSocket upgrades (`/health`,
 //! `/metrics`, the live page at `/`, 404 for the rest).
 //!
-//! A request head is read with a size cap and under the socket's read
-//! timeout, so a slow or endless client costs one bounded buffer. Nothing
-//! here reveals more than counts and states: never a bug, never a setting.
+//! A request head is read with a size cap and a deadline for the whole
+//! head, so a slow or endless client costs one bounded buffer for a
+//! bounded time. Nothing here reveals more than counts and states: never a
+//! bug, never a setting.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
+use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::handshake::machine::TryParse;
 use tungstenite::handshake::server::Request;
 
@@ -25,13 +28,23 @@ pub enum Head {
     Request(Box<Request>, Vec<u8>),
     TooLarge,
     Malformed,
+    /// A well-formed head whose method is not GET (405).
+    NotGet,
 }
 
-/// Reads one request head from `socket`.
-pub fn read_head(socket: &mut TcpStream) -> io::Result<Head> {
+/// Reads one request head from `socket`, all of it within `timeout`: a
+/// client that sends a byte now and then does not get more time (an
+/// `io::ErrorKind::TimedOut` error).
+pub fn read_head(socket: &mut TcpStream, timeout: Duration) -> io::Result<Head> {
+    let deadline = Instant::now() + timeout;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        socket.set_read_timeout(Some(left))?;
         let n = socket.read(&mut chunk)?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -43,6 +56,9 @@ pub fn read_head(socket: &mut TcpStream) -> io::Result<Head> {
             }
             Ok(None) if buf.len() >= MAX_HEAD => return Ok(Head::TooLarge),
             Ok(None) => {}
+            // tungstenite's parser refuses any method but GET, even for a
+            // complete and otherwise valid head.
+            Err(WsError::Protocol(ProtocolError::WrongHttpMethod)) => return Ok(Head::NotGet),
             Err(_) => return Ok(Head::Malformed),
         }
     }
