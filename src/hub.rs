@@ -323,6 +323,11 @@ impl Hub {
         let Some(c) = self.connections.get_mut(&conn) else {
             return;
         };
+        // Its answer would go nowhere: a client that was closed for asking
+        // faster than it reads must not keep the hub encoding answers.
+        if c.outbox.is_closing() {
+            return;
+        }
         match command {
             Command::Version => {
                 let text = protocol::version_reply();

@@ -36,6 +36,12 @@ const WRITER_THREADS: usize = 4;
 const WRITER_STACK: usize = 64 * 1024;
 /// One `write` call gathers up to this many queued bytes.
 const WRITE_CHUNK: usize = 64 * 1024;
+/// An outbox never holds more bytes than this, replies and catch-up
+/// included (they are exempt from the frame limit, not from this): a client
+/// that keeps asking and never reads is too slow, and is closed with 1008.
+/// The largest answer to one command, a catch-up of the whole default cache
+/// (100,000 updates of about 64 bytes), fits more than twice.
+const MAX_QUEUED_BYTES: usize = 16 << 20;
 
 /// Encodes a server-to-client text frame once, for any number of sockets.
 pub fn text_frame(text: String) -> Bytes {
@@ -66,6 +72,8 @@ fn encode(frame: Frame) -> Bytes {
 
 struct State {
     frames: VecDeque<Bytes>,
+    /// The bytes in `frames`.
+    bytes: usize,
     /// In the writers' queue, or being written: not to be queued again.
     scheduled: bool,
     /// A writer is inside `write` on the socket right now.
@@ -98,6 +106,7 @@ impl Outbox {
         Arc::new(Outbox {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
+                bytes: 0,
                 scheduled: false,
                 writing: false,
                 closing: false,
@@ -123,28 +132,45 @@ impl Outbox {
         if state.closing {
             return false;
         }
-        if state.frames.len() >= self.limit {
-            drop(state);
-            self.metrics
-                .slow_client_closes
-                .fetch_add(1, Ordering::Relaxed);
-            self.close(CloseCode::Policy, "too slow: outbound queue full");
+        if self.full(&state) {
+            self.too_slow(state);
             return false;
         }
+        state.bytes += frame.len();
         state.frames.push_back(frame);
         self.schedule(state);
         true
     }
 
-    /// Queues a frame regardless of the limit: replies and catch-up, whose
-    /// size the connection's own request bounds.
+    /// Queues a frame regardless of the frame limit: replies and catch-up,
+    /// whose size the connection's own request bounds. Only a client that
+    /// lets them pile up past `MAX_QUEUED_BYTES` is closed (1008).
     pub fn push_reply(self: &Arc<Self>, frame: Bytes) {
         let mut state = self.lock();
         if state.closing {
             return;
         }
+        state.bytes += frame.len();
         state.frames.push_back(frame);
+        if state.bytes > MAX_QUEUED_BYTES {
+            self.too_slow(state);
+            return;
+        }
         self.schedule(state);
+    }
+
+    /// Whether the queue is as long as a live update may find it.
+    fn full(&self, state: &State) -> bool {
+        state.frames.len() >= self.limit || state.bytes > MAX_QUEUED_BYTES
+    }
+
+    /// The client does not keep up: close it with 1008.
+    fn too_slow(self: &Arc<Self>, state: MutexGuard<'_, State>) {
+        drop(state);
+        self.metrics
+            .slow_client_closes
+            .fetch_add(1, Ordering::Relaxed);
+        self.close(CloseCode::Policy, "too slow: outbound queue full");
     }
 
     /// Drops what is queued, sends a close frame, then shuts the socket.
@@ -156,8 +182,9 @@ impl Outbox {
         state.closing = true;
         // Writing with a full queue: the writer is stuck on this socket. A
         // writer merely inside `write` is not: it takes the close frame next.
-        let stuck = state.writing && state.frames.len() >= self.limit;
+        let stuck = state.writing && self.full(&state);
         state.frames.clear();
+        state.bytes = 0;
         if stuck {
             // Free the writer now. The close frame could not get through a
             // full socket anyway.
@@ -165,7 +192,9 @@ impl Outbox {
             let _ = self.socket.shutdown(Shutdown::Both);
             return;
         }
-        state.frames.push_back(close_frame(code, reason));
+        let frame = close_frame(code, reason);
+        state.bytes = frame.len();
+        state.frames.push_back(frame);
         self.schedule(state);
     }
 
@@ -192,6 +221,7 @@ impl Outbox {
             let mut state = self.lock();
             if state.closed {
                 state.frames.clear();
+                state.bytes = 0;
                 state.scheduled = false;
                 return;
             }
@@ -208,8 +238,10 @@ impl Outbox {
                 if !buffer.is_empty() && buffer.len() + frame.len() > WRITE_CHUNK {
                     break;
                 }
+                let len = frame.len();
                 buffer.extend_from_slice(frame);
                 state.frames.pop_front();
+                state.bytes -= len;
             }
             state.writing = true;
             drop(state);
@@ -221,6 +253,7 @@ impl Outbox {
                 state.closing = true;
                 state.closed = true;
                 state.frames.clear();
+                state.bytes = 0;
                 state.scheduled = false;
                 let _ = self.socket.shutdown(Shutdown::Both);
                 return;

@@ -2318,3 +2318,59 @@ fn a_client_close_gets_exactly_one_close_frame() {
     });
     assert_still_serves(&server, &broker, 10);
 }
+
+// ---- a client that asks and never reads ----
+
+/// The server's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+#[test]
+fn a_client_that_asks_and_never_reads_is_closed_with_bounded_memory() {
+    // 28 bytes of `subscriptions` ask for 110 KB of answer with 20,000
+    // subscriptions: 2,000 of them, never read, would be 220 MB queued.
+    let broker = TestBroker::new();
+    let server = healthy_server(&broker, &[]);
+    let addr = server.listen_addr();
+    let mut c = Raw::connect(&addr);
+    let all: Vec<u64> = (1..=20_000).collect();
+    assert_eq!(
+        c.request(&subscribe_text(1..=20_000)),
+        ok("subscribe", &all)
+    );
+    let before = rss_bytes(server.pid());
+    let ask = m(fin(TEXT), br#"{"command":"subscriptions"}"#);
+    let flood: Vec<u8> = ask.repeat(2_000);
+    let _ = c.send_bytes(&flood);
+    // Not reading: the server gives up on this client.
+    let mut peak = before;
+    let gave_up = wait_until(WAIT, || {
+        peak = peak.max(rss_bytes(server.pid()));
+        metric(&addr, "bzpush_slow_client_closes_total") == 1
+    });
+    assert!(
+        gave_up,
+        "the server still queues for a client that never reads"
+    );
+    let grown = peak.saturating_sub(before);
+    assert!(
+        grown < 96 << 20,
+        "the server grew by {} MiB for one client",
+        grown >> 20
+    );
+    // What it then reads ends with the connection (with a 1008 close frame
+    // if there was room for one).
+    let (_, closes, ended) = c.ending();
+    assert!(ended, "the connection stayed open");
+    assert!(closes.is_empty() || closes == [1008], "{closes:?}");
+    assert!(wait_until(WAIT, || metric(&addr, "bzpush_subscriptions") == 0));
+    assert_still_serves(&server, &broker, 11);
+}
