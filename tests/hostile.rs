@@ -1208,6 +1208,11 @@ impl Raw {
 
     /// A WebSocket handshake on `path`; `Err(status line)` if refused.
     fn handshake(addr: &str, path: &str) -> Result<Raw, String> {
+        Raw::handshake_then(addr, path, &[])
+    }
+
+    /// A WebSocket handshake with `early` bytes in the same write.
+    fn handshake_then(addr: &str, path: &str, early: &[u8]) -> Result<Raw, String> {
         let mut socket = TcpStream::connect(addr).expect("connect");
         socket
             .set_write_timeout(Some(Duration::from_secs(10)))
@@ -1215,13 +1220,14 @@ impl Raw {
         socket
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        write!(
-            socket,
+        let mut request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
              Sec-WebSocket-Version: 13\r\n\r\n"
         )
-        .expect("send the handshake");
+        .into_bytes();
+        request.extend_from_slice(early);
+        socket.write_all(&request).expect("send the handshake");
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -1673,6 +1679,17 @@ fn bad_frames_get_their_documented_answer() {
     });
     let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     assert!(failed.is_empty(), "failed cases:\n{failed:#?}");
+
+    // Frames in the same packet as the handshake are not lost.
+    let early = [
+        m(fin(TEXT), br#"{"command":"version"}"#),
+        m(fin(TEXT), br#"{"command":"subscribe","bugs":5}"#),
+    ]
+    .concat();
+    let mut c = Raw::handshake_then(&addr, "/", &early).expect("handshake");
+    assert_eq!(c.reply(), version());
+    assert_eq!(c.reply(), ok("subscribe", &[5]));
+    drop(c);
 
     // Garbage right after the handshake: whatever it gets, nobody else
     // notices.
@@ -2333,44 +2350,62 @@ fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
+/// Sends `flood` on `c` and never reads: the server must give up on the
+/// client (1008, a slow-client close) before its memory grows by 96 MiB,
+/// and then end the connection.
+fn flood_without_reading(server: &Bzpush, c: &mut Raw, flood: &[u8]) {
+    let addr = server.listen_addr();
+    let closes_before = metric(&addr, "bzpush_slow_client_closes_total");
+    let before = rss_bytes(server.pid());
+    let mut peak = before;
+    thread::scope(|s| {
+        // The server stops reading once it gives up: this may fail.
+        let mut writer = c.socket.try_clone().expect("clone");
+        s.spawn(move || {
+            let _ = writer.write_all(flood);
+        });
+        let gave_up = wait_until(WAIT, || {
+            peak = peak.max(rss_bytes(server.pid()));
+            metric(&addr, "bzpush_slow_client_closes_total") == closes_before + 1
+        });
+        assert!(
+            gave_up,
+            "the server still queues for a client that never reads"
+        );
+        let grown = peak.saturating_sub(before);
+        assert!(
+            grown < 96 << 20,
+            "the server grew by {} MiB for one client",
+            grown >> 20
+        );
+        // What it then reads ends with the connection (with a 1008 close
+        // frame if there was room for one).
+        let (_, closes, ended) = c.ending();
+        assert!(ended, "the connection stayed open");
+        assert!(closes.is_empty() || closes == [1008], "{closes:?}");
+    });
+}
+
 #[test]
-fn a_client_that_asks_and_never_reads_is_closed_with_bounded_memory() {
-    // 28 bytes of `subscriptions` ask for 110 KB of answer with 20,000
-    // subscriptions: 2,000 of them, never read, would be 220 MB queued.
+fn clients_that_ask_and_never_read_are_closed_with_bounded_memory() {
     let broker = TestBroker::new();
     let server = healthy_server(&broker, &[]);
     let addr = server.listen_addr();
+    // 28 bytes of `subscriptions` ask for 110 KB of answer with 20,000
+    // subscriptions: 2,000 of them, never read, would be 220 MB queued.
     let mut c = Raw::connect(&addr);
     let all: Vec<u64> = (1..=20_000).collect();
     assert_eq!(
         c.request(&subscribe_text(1..=20_000)),
         ok("subscribe", &all)
     );
-    let before = rss_bytes(server.pid());
     let ask = m(fin(TEXT), br#"{"command":"subscriptions"}"#);
-    let flood: Vec<u8> = ask.repeat(2_000);
-    let _ = c.send_bytes(&flood);
-    // Not reading: the server gives up on this client.
-    let mut peak = before;
-    let gave_up = wait_until(WAIT, || {
-        peak = peak.max(rss_bytes(server.pid()));
-        metric(&addr, "bzpush_slow_client_closes_total") == 1
-    });
-    assert!(
-        gave_up,
-        "the server still queues for a client that never reads"
-    );
-    let grown = peak.saturating_sub(before);
-    assert!(
-        grown < 96 << 20,
-        "the server grew by {} MiB for one client",
-        grown >> 20
-    );
-    // What it then reads ends with the connection (with a 1008 close frame
-    // if there was room for one).
-    let (_, closes, ended) = c.ending();
-    assert!(ended, "the connection stayed open");
-    assert!(closes.is_empty() || closes == [1008], "{closes:?}");
+    flood_without_reading(&server, &mut c, &ask.repeat(2_000));
     assert!(wait_until(WAIT, || metric(&addr, "bzpush_subscriptions") == 0));
+    // Pings of 125 bytes, whose pongs are never read: 300,000 of them
+    // would be 38 MB of pongs.
+    let mut c = Raw::connect(&addr);
+    let ping = m(fin(PING), &[b'p'; 125]);
+    flood_without_reading(&server, &mut c, &ping.repeat(300_000));
     assert_still_serves(&server, &broker, 11);
 }
