@@ -4,6 +4,13 @@
 //! `cargo bench --bench bench -- <GROUP>` runs one group of scenarios and
 //! ends with a Markdown table. Each group is a module here with a
 //! `run() -> Vec<Row>`, listed in [`GROUPS`].
+//!
+//! The binary under test is the one `cargo bench` builds with the bench
+//! profile (release settings), `target/release/bzpush`: Cargo passes its
+//! path as `CARGO_BIN_EXE_bzpush` to benchmarks as to integration tests,
+//! and the harness starts it from there. The numbers depend on everything
+//! else the machine runs, so the 1-minute load average before and after is
+//! printed with the table.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 #[path = "../common/mod.rs"]
@@ -60,10 +67,20 @@ fn main() -> ExitCode {
         eprint!("unknown group {name:?}\n\n{}", usage());
         return ExitCode::from(2);
     };
+    let load_before = load_average();
     let rows = (group.run)();
     println!();
     print!("{}", table(&rows));
+    if let (Some(before), Some(after)) = (load_before, load_average()) {
+        println!("\nLoad average (1 min) before: {before}, after: {after}.");
+    }
     ExitCode::SUCCESS
+}
+
+/// The 1-minute load average, where the system tells it (Linux).
+fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next().map(str::to_string)
 }
 
 fn table(rows: &[Row]) -> String {

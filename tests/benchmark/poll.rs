@@ -135,6 +135,10 @@ fn drain_backlog(batch_size: usize) -> f64 {
 /// where a free slot allows it). Whatever the poller's own phase, the waits
 /// then form that same even grid, and what the percentiles measure beyond
 /// it is the poller's real cost.
+///
+/// A lag can come out below zero: InnoDB makes a commit visible before it
+/// flushes its log and answers the writer, so a poll can read a change
+/// before the writer's COMMIT returns. Such a lag counts as zero.
 fn lag() -> Row {
     let db = TestDb::new();
     let broker = TestBroker::new();
