@@ -24,8 +24,10 @@ use crate::outbox::{Outbox, OutboxWriter};
 use crate::protocol;
 
 /// Per-connection read buffer: client messages are small commands, and the
-/// buffer is paid for by every idle connection.
-const READ_BUFFER: usize = 4 * 1024;
+/// buffer is paid for by every idle connection (tungstenite fills it with
+/// zeros on the first read). A larger message still arrives whole: the
+/// buffer grows to its length, read this many bytes at a time.
+const READ_BUFFER: usize = 1024;
 
 /// Connection limits and keepalive timing.
 #[derive(Clone, Copy)]
@@ -35,16 +37,16 @@ pub struct Limits {
     pub ping_timeout: Duration,
 }
 
-/// The socket as tungstenite sees it: reads from the socket, writes into
-/// the outbox.
+/// The socket as tungstenite sees it: reads from the socket (shared with
+/// the outbox), writes into the outbox.
 struct Stream {
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
     out: OutboxWriter,
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket.read(buf)
+        (&*self.socket).read(buf)
     }
 }
 
@@ -63,7 +65,7 @@ impl Write for Stream {
 pub fn run(
     conn: ConnId,
     feed: FeedId,
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
     leftover: Vec<u8>,
     outbox: Arc<Outbox>,
     hub: &HubSender,

@@ -35,7 +35,7 @@ pub enum Head {
 /// Reads one request head from `socket`, all of it within `timeout`: a
 /// client that sends a byte now and then does not get more time (an
 /// `io::ErrorKind::TimedOut` error).
-pub fn read_head(socket: &mut TcpStream, timeout: Duration) -> io::Result<Head> {
+pub fn read_head(mut socket: &TcpStream, timeout: Duration) -> io::Result<Head> {
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -66,7 +66,7 @@ pub fn read_head(socket: &mut TcpStream, timeout: Duration) -> io::Result<Head> 
 
 /// Writes a complete response and nothing more (`Connection: close`).
 pub fn respond(
-    socket: &mut TcpStream,
+    mut socket: &TcpStream,
     status: &str,
     content_type: &str,
     body: &str,
@@ -80,7 +80,7 @@ pub fn respond(
 }
 
 /// A short plain-text answer: errors and refusals.
-pub fn respond_text(socket: &mut TcpStream, status: &str, text: &str) -> io::Result<()> {
+pub fn respond_text(socket: &TcpStream, status: &str, text: &str) -> io::Result<()> {
     respond(
         socket,
         status,
@@ -90,7 +90,7 @@ pub fn respond_text(socket: &mut TcpStream, status: &str, text: &str) -> io::Res
 }
 
 /// Answers a request that is not a WebSocket upgrade.
-pub fn serve_plain(socket: &mut TcpStream, request: &Request, metrics: &Metrics) -> io::Result<()> {
+pub fn serve_plain(socket: &TcpStream, request: &Request, metrics: &Metrics) -> io::Result<()> {
     if request.method() != "GET" && request.method() != "HEAD" {
         return respond_text(socket, "405 Method Not Allowed", "only GET");
     }

@@ -544,7 +544,7 @@ mod tests {
             },
             Arc::clone(&metrics),
         );
-        let outbox = Outbox::new(server, 100, writers, metrics);
+        let outbox = Outbox::new(Arc::new(server), 100, writers, metrics);
         hub.handle(Message::Connect {
             conn: 1,
             feed: 0,

@@ -88,17 +88,17 @@ struct State {
 /// One connection's queue of frames to send.
 pub struct Outbox {
     state: Mutex<State>,
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
     limit: usize,
     writers: Sender<Arc<Outbox>>,
     metrics: Arc<Metrics>,
 }
 
 impl Outbox {
-    /// `socket` is a clone of the connection's socket, used only to write
-    /// and to shut it down.
+    /// `socket` is the connection's socket, shared with its thread, used
+    /// here only to write and to shut it down.
     pub fn new(
-        socket: TcpStream,
+        socket: Arc<TcpStream>,
         limit: usize,
         writers: &Writers,
         metrics: Arc<Metrics>,
@@ -245,7 +245,7 @@ impl Outbox {
             }
             state.writing = true;
             drop(state);
-            let written = (&self.socket).write_all(&buffer);
+            let written = (&*self.socket).write_all(&buffer);
             let mut state = self.lock();
             state.writing = false;
             if let Err(e) = written {

@@ -57,9 +57,18 @@ struct Shared {
     outbound_queue: usize,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// Sockets of live connection threads, to cut them at shutdown.
-    sockets: Mutex<HashMap<ConnId, TcpStream>>,
+    /// Sockets of live connections, to cut them at shutdown. A connection
+    /// has one descriptor, shared by this map, its thread and its outbox.
+    sockets: Mutex<HashMap<ConnId, Arc<TcpStream>>>,
 }
+
+/// The thread serving a connection. The thread that reads the request
+/// hands a WebSocket on to a thread of its own and returns that one (see
+/// [`handle`]), so a connection may have two threads in turn.
+type ConnThread = JoinHandle<Successor>;
+
+/// The thread a connection's thread handed the connection to, if any.
+struct Successor(Option<ConnThread>);
 
 /// `bzpush serve`: the server fed by one Pulse consumer per feed, until
 /// `shutdown`.
@@ -266,8 +275,9 @@ struct Acceptor<'a> {
     shared: Arc<Shared>,
     hub: HubSender,
     writers: &'a Writers,
-    threads: HashMap<ConnId, JoinHandle<()>>,
-    /// Connection threads say here that they are finishing.
+    threads: HashMap<ConnId, ConnThread>,
+    /// Each connection thread says here that it is finishing: once, or
+    /// twice for a WebSocket (its handshake thread, then its own).
     done: (Sender<ConnId>, Receiver<ConnId>),
     next_id: ConnId,
 }
@@ -300,59 +310,64 @@ impl Acceptor<'_> {
     /// Joins the threads that have finished.
     fn reap(&mut self) {
         while let Ok(id) = self.done.1.try_recv() {
-            if let Some(thread) = self.threads.remove(&id) {
-                let _ = thread.join();
-            }
+            self.join(id);
         }
     }
 
-    fn start(&mut self, mut socket: TcpStream) -> io::Result<()> {
+    /// Joins connection `id`'s current thread, which has said it is
+    /// finishing, and keeps the thread it handed the connection to. Both of
+    /// a WebSocket's threads say so, in either order: the first word joins
+    /// the handshake thread (the one in the map), the second its successor.
+    fn join(&mut self, id: ConnId) {
+        if let Some(thread) = self.threads.remove(&id)
+            && let Ok(Successor(Some(next))) = thread.join()
+        {
+            self.threads.insert(id, next);
+        }
+    }
+
+    fn start(&mut self, socket: TcpStream) -> io::Result<()> {
         let id = self.next_id;
         self.next_id += 1;
         if self.threads.len() >= self.shared.max_connections + HANDSHAKE_SLACK {
             let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
-            return http::respond_text(
-                &mut socket,
-                "503 Service Unavailable",
-                "too many connections",
-            );
+            return http::respond_text(&socket, "503 Service Unavailable", "too many connections");
         }
         socket.set_nodelay(true)?;
         socket.set_read_timeout(Some(HEAD_TIMEOUT))?;
         socket.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        let socket = Arc::new(socket);
         self.shared
             .sockets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, socket.try_clone()?);
-        let shared = Arc::clone(&self.shared);
-        let hub = self.hub.clone();
-        let outbox_socket = socket.try_clone()?;
-        let outbox = Outbox::new(
-            outbox_socket,
-            shared.outbound_queue,
-            self.writers,
-            Arc::clone(&shared.metrics),
-        );
-        let done = self.done.0.clone();
+            .insert(id, Arc::clone(&socket));
+        let conn = Conn {
+            id,
+            outbox: Outbox::new(
+                Arc::clone(&socket),
+                self.shared.outbound_queue,
+                self.writers,
+                Arc::clone(&self.shared.metrics),
+            ),
+            socket,
+            shared: Arc::clone(&self.shared),
+            hub: self.hub.clone(),
+            done: self.done.0.clone(),
+        };
         let thread = thread::Builder::new()
-            .name(format!("conn-{id}"))
+            .name(format!("http-{id}"))
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
-                handle(id, socket, Arc::clone(&outbox), &shared, &hub);
-                let socket = shared
-                    .sockets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                // A closing outbox shuts the socket itself once its close
-                // frame is out: shutting it here could cut that frame off.
-                if let Some(s) = socket
-                    && !outbox.is_closing()
-                {
-                    let _ = s.shutdown(SocketShutdown::Both);
+                let next = handle(&conn);
+                match next {
+                    // Joined next, which yields the WebSocket's thread.
+                    Some(_) => {
+                        let _ = conn.done.send(id);
+                    }
+                    None => conn.finish(),
                 }
-                let _ = done.send(id);
+                Successor(next)
             });
         match thread {
             Ok(thread) => {
@@ -380,11 +395,7 @@ impl Acceptor<'_> {
                 .1
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             {
-                Ok(id) => {
-                    if let Some(thread) = self.threads.remove(&id) {
-                        let _ = thread.join();
-                    }
-                }
+                Ok(id) => self.join(id),
                 Err(_) => break,
             }
         }
@@ -397,40 +408,74 @@ impl Acceptor<'_> {
             let _ = socket.shutdown(SocketShutdown::Both);
         }
         for (_, thread) in self.threads.drain() {
-            let _ = thread.join();
+            let mut next = Some(thread);
+            while let Some(thread) = next.take() {
+                next = thread.join().ok().and_then(|s| s.0);
+            }
         }
     }
 }
 
-/// One accepted socket: a plain HTTP request, or a WebSocket for its life.
-fn handle(
+/// What a connection's threads hold.
+#[derive(Clone)]
+struct Conn {
     id: ConnId,
-    mut socket: TcpStream,
+    socket: Arc<TcpStream>,
     outbox: Arc<Outbox>,
-    shared: &Shared,
-    hub: &HubSender,
-) {
-    let (request, leftover) = match http::read_head(&mut socket, HEAD_TIMEOUT) {
+    shared: Arc<Shared>,
+    hub: HubSender,
+    done: Sender<ConnId>,
+}
+
+impl Conn {
+    /// The connection's last thread ends: forget the socket, shut it, say
+    /// so.
+    fn finish(&self) {
+        let socket = self
+            .shared
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        // A closing outbox shuts the socket itself once its close frame is
+        // out: shutting it here could cut that frame off.
+        if let Some(s) = socket
+            && !self.outbox.is_closing()
+        {
+            let _ = s.shutdown(SocketShutdown::Both);
+        }
+        let _ = self.done.send(self.id);
+    }
+}
+
+/// One accepted socket: a plain HTTP request, or the handshake of a
+/// WebSocket. The WebSocket then gets a thread of its own, started afresh,
+/// returned here: this thread's stack and malloc cache keep what the
+/// handshake touched, which would otherwise cost every idle connection
+/// some KiB for its whole life. `None`: the connection is over.
+fn handle(conn: &Conn) -> Option<ConnThread> {
+    let (id, mut socket, shared) = (conn.id, &*conn.socket, &*conn.shared);
+    let (request, leftover) = match http::read_head(socket, HEAD_TIMEOUT) {
         Ok(Head::Request(request, leftover)) => (request, leftover),
         Ok(Head::TooLarge) => {
             let _ = http::respond_text(
-                &mut socket,
+                socket,
                 "431 Request Header Fields Too Large",
                 "request head too large",
             );
-            return;
+            return None;
         }
         Ok(Head::Malformed) => {
-            let _ = http::respond_text(&mut socket, "400 Bad Request", "malformed request");
-            return;
+            let _ = http::respond_text(socket, "400 Bad Request", "malformed request");
+            return None;
         }
         Ok(Head::NotGet) => {
-            let _ = http::respond_text(&mut socket, "405 Method Not Allowed", "only GET");
-            return;
+            let _ = http::respond_text(socket, "405 Method Not Allowed", "only GET");
+            return None;
         }
         Err(e) => {
             debug!("connection {id}: no request: {e}");
-            return;
+            return None;
         }
     };
     let upgrade = request
@@ -439,16 +484,16 @@ fn handle(
         .and_then(|h| h.to_str().ok())
         .is_some_and(|h| h.eq_ignore_ascii_case("websocket"));
     if !upgrade {
-        if let Err(e) = http::serve_plain(&mut socket, &request, &shared.metrics) {
+        if let Err(e) = http::serve_plain(socket, &request, &shared.metrics) {
             debug!("connection {id}: {e}");
         }
-        return;
+        return None;
     }
     let Some(feed) = feed_path(request.uri().path())
         .and_then(|path| shared.feeds.iter().position(|f| f.path == path))
     else {
-        let _ = http::respond_text(&mut socket, "404 Not Found", "no feed at this path");
-        return;
+        let _ = http::respond_text(socket, "404 Not Found", "no feed at this path");
+        return None;
     };
     if let Some(allowed) = &shared.allowed_origins {
         let origin = request
@@ -456,33 +501,60 @@ fn handle(
             .get("Origin")
             .and_then(|h| h.to_str().ok());
         if origin.is_some_and(|o| !allowed.iter().any(|a| a == o)) {
-            let _ = http::respond_text(&mut socket, "403 Forbidden", "origin not allowed");
-            return;
+            let _ = http::respond_text(socket, "403 Forbidden", "origin not allowed");
+            return None;
         }
     }
     let response = match tungstenite::handshake::server::create_response(&request) {
         Ok(r) => r,
         Err(e) => {
             let _ = http::respond_text(
-                &mut socket,
+                socket,
                 "400 Bad Request",
                 &format!("bad WebSocket handshake: {e}"),
             );
-            return;
+            return None;
         }
     };
     let connections = &shared.metrics.connections;
     if connections.fetch_add(1, Ordering::Relaxed) >= shared.max_connections as u64 {
         connections.fetch_sub(1, Ordering::Relaxed);
-        let _ = http::respond_text(
-            &mut socket,
-            "503 Service Unavailable",
-            "too many connections",
+        let _ = http::respond_text(socket, "503 Service Unavailable", "too many connections");
+        return None;
+    }
+    if tungstenite::handshake::server::write_response(&mut socket, &response).is_err() {
+        connections.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    let conn = conn.clone();
+    let websocket = move || {
+        let (socket, outbox) = (Arc::clone(&conn.socket), Arc::clone(&conn.outbox));
+        connection::run(
+            id,
+            feed,
+            socket,
+            leftover,
+            outbox,
+            &conn.hub,
+            conn.shared.limits,
         );
-        return;
+        conn.shared
+            .metrics
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        conn.finish();
+        Successor(None)
+    };
+    match thread::Builder::new()
+        .name(format!("conn-{id}"))
+        .stack_size(CONNECTION_STACK)
+        .spawn(websocket)
+    {
+        Ok(thread) => Some(thread),
+        Err(e) => {
+            warn!("cannot start a connection thread: {e}");
+            connections.fetch_sub(1, Ordering::Relaxed);
+            None
+        }
     }
-    if tungstenite::handshake::server::write_response(&mut socket, &response).is_ok() {
-        connection::run(id, feed, socket, leftover, outbox, hub, shared.limits);
-    }
-    connections.fetch_sub(1, Ordering::Relaxed);
 }
