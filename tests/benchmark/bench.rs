@@ -16,6 +16,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod poll;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -38,11 +39,18 @@ struct Group {
     run: fn() -> Vec<Row>,
 }
 
-const GROUPS: &[Group] = &[Group {
-    name: "poll",
-    about: "bzpush poll: push_notify backlog throughput, and commit-to-consumer lag",
-    run: poll::run,
-}];
+const GROUPS: &[Group] = &[
+    Group {
+        name: "poll",
+        about: "bzpush poll: push_notify backlog throughput, and commit-to-consumer lag",
+        run: poll::run,
+    },
+    Group {
+        name: "serve",
+        about: "bzpush serve: idle memory and CPU, fan-out latency, delivery throughput",
+        run: serve::run,
+    },
+];
 
 fn usage() -> String {
     let mut text = String::from(

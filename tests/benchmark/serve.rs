@@ -1,0 +1,1389 @@
+//! Group `serve`: the release `bzpush serve` under many WebSocket clients.
+//!
+//! - idle: `--connections` (10,000) connections held open, no subscription;
+//!   the server's RSS per connection, and its CPU over `--idle-seconds`
+//!   (10) while nothing happens.
+//! - fanout: as many connections, all subscribed to one bug (their RSS is
+//!   reported too); one change at a time, `--repeats` (20) times; the
+//!   latency of every delivery. Beside it, the floor this machine puts
+//!   under any server's fan-out: what one bare loopback write costs, times
+//!   the connections, over the cores.
+//! - throughput: `--tp-connections` (1,000) connections each subscribed to
+//!   the same `--tp-bugs` (100) bugs, so each change fans out to every
+//!   connection; changes published round-robin over the bugs at each of
+//!   `--rates` (changes/s, 100,400,800,1600,3200) for `--seconds` (10) each;
+//!   updates delivered per second in aggregate, loss, latency. Rates stop
+//!   rising at the first that loses an update, gets a client closed, or is
+//!   not sustained: delivers under 95 % of what was offered, or p99 over a
+//!   second.
+//!
+//! Flags follow the group: `cargo bench --bench bench -- serve --only
+//! fanout --connections 5000`; `--only idle,fanout,throughput` runs a
+//! subset. Everything the measurement saw (per-round fan-out times, CPU per
+//! delivery, CPU by server thread, memory by kind) goes to stderr.
+//!
+//! The load generator holds every client socket without a thread per
+//! socket: a few threads open connections over blocking sockets (the
+//! handshake and the subscription by hand), then the sockets go to a couple
+//! of epoll reader threads (mio, non-blocking) that parse server frames
+//! minimally. Latency is a reader's arrival time minus the publish time,
+//! both `Instant`s in this process: the publish time, a phase and a
+//! sequence number travel in the update's `when`, which the server passes
+//! through verbatim. Publishing is one lapin connection without confirms.
+//! Each scenario has its own server process, exchange and queue; all are
+//! killed or deleted when it ends, even on a panic.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use futures_lite::future::block_on;
+use lapin::options::{
+    BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use mio::{Events, Interest, Poll, Token};
+
+use crate::Row;
+use crate::common::{AMQP_ADDR, Bzpush, amqp_url_at, unique};
+
+/// Threads opening connections (blocking handshakes).
+const OPENERS: usize = 4;
+/// Threads watching every open socket with epoll.
+const READERS: usize = 2;
+/// The bug every fanout connection follows.
+const FANOUT_BUG: u64 = 1;
+/// The throughput scenario's bugs are `TP_FIRST_BUG..TP_FIRST_BUG + K`.
+const TP_FIRST_BUG: u64 = 1000;
+/// How long a fanout round may take before it counts as lost.
+const ROUND_DEADLINE: Duration = Duration::from_secs(10);
+/// A throughput phase has ended when nothing arrived for this long.
+const QUIET: Duration = Duration::from_secs(3);
+/// Server keepalive: longer than any scenario, so no ping costs anything
+/// during a measurement (pings are answered anyway).
+const PING_INTERVAL: &str = "10m";
+
+/// Socket pairs for measuring what one loopback write costs here.
+const FLOOR_SOCKETS: usize = 2000;
+
+const TARGET_KIB_PER_CONN: f64 = 16.0;
+const TARGET_IDLE_CPU_PERCENT: f64 = 0.5;
+const TARGET_FANOUT_P99: Duration = Duration::from_millis(25);
+const TARGET_UPDATES_PER_SEC: f64 = 100_000.0;
+/// Sustained throughput keeps p99 latency within this (SPEC: "within
+/// about a second").
+const SUSTAINED_P99: Duration = Duration::from_secs(1);
+
+struct Options {
+    connections: usize,
+    repeats: usize,
+    idle_seconds: u64,
+    tp_connections: usize,
+    tp_bugs: usize,
+    rates: Vec<u64>,
+    seconds: u64,
+    only: Option<Vec<String>>,
+}
+
+impl Options {
+    fn from_args() -> Options {
+        let mut o = Options {
+            connections: 10_000,
+            repeats: 20,
+            idle_seconds: 10,
+            tp_connections: 1000,
+            tp_bugs: 100,
+            rates: vec![100, 400, 800, 1600, 3200],
+            seconds: 10,
+            only: None,
+        };
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let mut i = 0;
+        while i < args.len() {
+            let flag = args[i].as_str();
+            let value = || -> &str {
+                args.get(i + 1)
+                    .map(String::as_str)
+                    .unwrap_or_else(|| panic!("{flag} needs a value"))
+            };
+            match flag {
+                "--connections" => o.connections = parse(flag, value()),
+                "--repeats" => o.repeats = parse(flag, value()),
+                "--idle-seconds" => o.idle_seconds = parse(flag, value()),
+                "--tp-connections" => o.tp_connections = parse(flag, value()),
+                "--tp-bugs" => o.tp_bugs = parse(flag, value()),
+                "--rates" => o.rates = value().split(',').map(|r| parse(flag, r)).collect(),
+                "--seconds" => o.seconds = parse(flag, value()),
+                "--only" => o.only = Some(value().split(',').map(str::to_string).collect()),
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            }
+            i += 2;
+        }
+        o
+    }
+
+    fn runs(&self, scenario: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == scenario))
+    }
+}
+
+fn parse<T: FromStr>(flag: &str, value: &str) -> T {
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{flag}: cannot read {value:?}"))
+}
+
+pub fn run() -> Vec<Row> {
+    let o = Options::from_args();
+    eprintln!("server binary: {}", env!("CARGO_BIN_EXE_bzpush"));
+    let mut rows = Vec::new();
+    if o.runs("idle") {
+        rows.extend(idle(&o));
+    }
+    if o.runs("fanout") {
+        rows.extend(fanout(&o));
+    }
+    if o.runs("throughput") {
+        rows.extend(throughput(&o));
+    }
+    rows
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+
+fn idle(o: &Options) -> Vec<Row> {
+    let server = Server::start(o.connections);
+    thread::sleep(Duration::from_secs(1));
+    let before = Proc::of(server.pid());
+    let opening = Instant::now();
+    let fleet = Fleet::open(server.addr, o.connections, &[], 0);
+    let n = fleet.size;
+    eprintln!(
+        "idle: opened {n} connections in {:.1} s ({} failed)",
+        opening.elapsed().as_secs_f64(),
+        fleet.failed
+    );
+    thread::sleep(Duration::from_secs(2));
+    let after = Proc::of(server.pid());
+    let from = Instant::now();
+    thread::sleep(Duration::from_secs(o.idle_seconds));
+    let cpu = Proc::of(server.pid()).cpu_seconds() - after.cpu_seconds();
+    let cpu_percent = 100.0 * cpu / from.elapsed().as_secs_f64();
+    let still_open = fleet.alive();
+    eprintln!(
+        "idle: server RSS {} -> {} KiB ({}), threads {} -> {}, fds {} -> {}; \
+         {still_open} of {n} still open; load generator RSS {} KiB",
+        before.rss_kib,
+        after.rss_kib,
+        after.memory.per_connection(&before.memory, n),
+        before.threads,
+        after.threads,
+        before.fds,
+        after.fds,
+        Proc::of(std::process::id()).rss_kib
+    );
+    let per_conn = (after.rss_kib as f64 - before.rss_kib as f64) / n.max(1) as f64;
+    let all_open = n == o.connections && still_open == n;
+    let setting = format!(
+        "{} connections{}",
+        group(n as f64),
+        if all_open {
+            String::new()
+        } else {
+            format!(
+                " (**{} asked, {still_open} open**)",
+                group(o.connections as f64)
+            )
+        }
+    );
+    let rows = vec![
+        Row {
+            scenario: "idle: server RSS per connection".into(),
+            setting: format!("{setting}, no subscription"),
+            center: format!("{per_conn:.1} KiB"),
+            spread: format!(
+                "RSS {} → {} MiB; {} threads, {} fds",
+                before.rss_kib / 1024,
+                after.rss_kib / 1024,
+                after.threads,
+                after.fds
+            ),
+            target: format!("<= {TARGET_KIB_PER_CONN:.0} KiB (bugzfeed: 16.6 KiB)"),
+            met: Some(all_open && per_conn <= TARGET_KIB_PER_CONN),
+        },
+        Row {
+            scenario: "idle: server CPU".into(),
+            setting: format!("{setting}, {} s", o.idle_seconds),
+            center: format!("{cpu_percent:.2} % of a core"),
+            spread: format!("{cpu:.2} s CPU"),
+            target: "~0 % (bugzfeed: 0 %)".into(),
+            met: Some(all_open && cpu_percent <= TARGET_IDLE_CPU_PERCENT),
+        },
+    ];
+    tear_down(server, fleet);
+    rows
+}
+
+fn fanout(o: &Options) -> Vec<Row> {
+    let write_cost = loopback_write_cost(FLOOR_SOCKETS);
+    let server = Server::start(o.connections);
+    thread::sleep(Duration::from_secs(1));
+    let before = Proc::of(server.pid());
+    let opening = Instant::now();
+    let fleet = Fleet::open(server.addr, o.connections, &[FANOUT_BUG], 0);
+    let n = fleet.size as u64;
+    eprintln!(
+        "fanout: opened {n} connections in {:.1} s ({} failed)",
+        opening.elapsed().as_secs_f64(),
+        fleet.failed
+    );
+    thread::sleep(Duration::from_secs(1));
+    let after = Proc::of(server.pid());
+    let per_conn = (after.rss_kib as f64 - before.rss_kib as f64) / n.max(1) as f64;
+    eprintln!(
+        "fanout: server RSS {} -> {} KiB ({})",
+        before.rss_kib,
+        after.rss_kib,
+        after.memory.per_connection(&before.memory, n as usize),
+    );
+    let phase = 1;
+    fleet.reset(phase);
+    let cpu_before = Proc::of(server.pid());
+    let own_before = Proc::of(std::process::id());
+    let mut rounds = Vec::new();
+    let mut seq = 0;
+    for round in 1..=o.repeats as u64 {
+        seq += 1;
+        server.exchange.publish(FANOUT_BUG, &when(phase, seq));
+        let complete = wait_until(ROUND_DEADLINE, || fleet.received() >= n * round);
+        let (first, last) = fleet.take_extremes();
+        eprintln!(
+            "fanout round {round}/{}: first of {n} after {:.1} ms, last after {:.1} ms{}",
+            o.repeats,
+            first as f64 / 1000.0,
+            last as f64 / 1000.0,
+            if complete { "" } else { " (INCOMPLETE)" }
+        );
+        rounds.push(last);
+        thread::sleep(Duration::from_millis(200));
+    }
+    let cpu = Proc::of(server.pid()).cpu_seconds() - cpu_before.cpu_seconds();
+    let own_cpu = Proc::of(std::process::id()).cpu_seconds() - own_before.cpu_seconds();
+    let stats = fleet.collect();
+    let expected = n * o.repeats as u64;
+    let lost = expected.saturating_sub(stats.count);
+    rounds.sort_unstable();
+    let (p50, p99) = (stats.latency.quantile(0.5), stats.latency.quantile(0.99));
+    let max = rounds.last().copied().unwrap_or(0);
+    eprintln!(
+        "fanout: {} deliveries, {lost} lost, {} out of order, {} stale, \
+         CPU per delivery: server {:.1} µs, load generator {:.1} µs",
+        stats.count,
+        stats.disorder,
+        stats.stale,
+        cpu * 1e6 / stats.count.max(1) as f64,
+        own_cpu * 1e6 / stats.count.max(1) as f64
+    );
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let floor = write_cost * n as f64 / cores as f64;
+    let rows = vec![
+        Row {
+            scenario: "fanout floor: one bare loopback write per connection".into(),
+            setting: format!(
+                "{} × 60 B, {FLOOR_SOCKETS} socket pairs, no server",
+                group(n as f64)
+            ),
+            center: format!("{write_cost:.1} µs per write"),
+            spread: format!(
+                "{} writes take {} of CPU: >= {} on {cores} cores",
+                group(n as f64),
+                ms((write_cost * n as f64) as u64),
+                ms(floor as u64)
+            ),
+            target: "–".into(),
+            met: None,
+        },
+        Row {
+            scenario: "subscribed: server RSS per connection".into(),
+            setting: format!("{} connections × 1 bug", group(n as f64)),
+            center: format!("{per_conn:.1} KiB"),
+            spread: format!(
+                "RSS {} → {} MiB",
+                before.rss_kib / 1024,
+                after.rss_kib / 1024
+            ),
+            target: "– (information; bugzfeed idle: 16.6 KiB)".into(),
+            met: None,
+        },
+        Row {
+            scenario: "fanout: one change to every connection".into(),
+            setting: format!(
+                "{} connections × 1 bug, {} changes",
+                group(n as f64),
+                o.repeats
+            ),
+            center: format!("p50 {}", ms(p50)),
+            spread: format!(
+                "p99 {}, max {}; all reached in {} (median round); lost {lost}",
+                ms(p99),
+                ms(max),
+                ms(crate::quantile(&rounds, 0.5))
+            ),
+            target: format!(
+                "p99 <= {} ms (bugzfeed: p99 1,267 ms)",
+                TARGET_FANOUT_P99.as_millis()
+            ),
+            met: Some(
+                lost == 0
+                    && n == o.connections as u64
+                    && p99 <= TARGET_FANOUT_P99.as_micros() as u64,
+            ),
+        },
+    ];
+    tear_down(server, fleet);
+    rows
+}
+
+fn throughput(o: &Options) -> Vec<Row> {
+    let server = Server::start(o.tp_connections);
+    let bugs: Vec<u64> = (TP_FIRST_BUG..TP_FIRST_BUG + o.tp_bugs as u64).collect();
+    let opening = Instant::now();
+    let fleet = Fleet::open(server.addr, o.tp_connections, &bugs, TP_FIRST_BUG);
+    eprintln!(
+        "throughput: opened {} connections × {} bugs in {:.1} s ({} failed)",
+        fleet.size,
+        bugs.len(),
+        opening.elapsed().as_secs_f64(),
+        fleet.failed
+    );
+    let setting = format!(
+        "{} conns × {} bugs, {} s",
+        group(fleet.size as f64),
+        bugs.len(),
+        o.seconds
+    );
+    let mut rows = Vec::new();
+    let mut best_clean: Option<f64> = None;
+    let mut seq = 0;
+    for (i, &rate) in o.rates.iter().enumerate() {
+        let phase = 100 + i as u64;
+        fleet.reset(phase);
+        let closed_before = fleet.size - fleet.alive();
+        let subscribers = fleet.alive() as u64;
+        let server_before = Proc::of(server.pid());
+        let threads_before = thread_ticks(server.pid());
+        let own_before = Proc::of(std::process::id());
+        let start = Instant::now();
+        let total = rate * o.seconds;
+        for j in 0..total {
+            let due = start + Duration::from_secs_f64(j as f64 / rate as f64);
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            seq += 1;
+            server
+                .exchange
+                .publish(bugs[j as usize % bugs.len()], &when(phase, seq));
+        }
+        let published_in = start.elapsed();
+        let expected = total * subscribers;
+        // Until everything arrived, or nothing has for QUIET.
+        let mut last_count = 0;
+        let mut last_change = Instant::now();
+        while fleet.received() < expected && last_change.elapsed() < QUIET {
+            thread::sleep(Duration::from_millis(20));
+            let count = fleet.received();
+            if count != last_count {
+                last_count = count;
+                last_change = Instant::now();
+            }
+        }
+        let stats = fleet.collect();
+        let server_cpu = Proc::of(server.pid()).cpu_seconds() - server_before.cpu_seconds();
+        let own_cpu = Proc::of(std::process::id()).cpu_seconds() - own_before.cpu_seconds();
+        let span = stats
+            .last_arrival
+            .map_or(published_in, |t| t.saturating_duration_since(start))
+            .max(published_in);
+        let delivered = stats.count as f64 / span.as_secs_f64();
+        let lost = expected.saturating_sub(stats.count);
+        let closed = fleet.size - fleet.alive() - closed_before;
+        let clean = lost == 0 && closed == 0 && stats.disorder == 0;
+        let (p50, p99) = (stats.latency.quantile(0.5), stats.latency.quantile(0.99));
+        // What was asked for; below it by more than 5 %, the server no
+        // longer keeps up and a backlog grows (in the broker). SPEC: a
+        // client hears of a change within about a second.
+        let offered = expected as f64 / published_in.as_secs_f64();
+        let keeps_up = delivered >= 0.95 * offered && p99 <= SUSTAINED_P99.as_micros() as u64;
+        eprintln!(
+            "throughput @ {rate}/s: published {total} in {:.2} s, delivered {} of {expected} \
+             ({} /s over {:.2} s), lost {lost}, {closed} clients closed ({} with 1008), \
+             {} out of order, p50 {}, p99 {}, max {}; CPU: server {:.0} %, load generator {:.0} %",
+            published_in.as_secs_f64(),
+            stats.count,
+            group(delivered),
+            span.as_secs_f64(),
+            fleet.shared.closed_1008.load(Ordering::Relaxed),
+            stats.disorder,
+            ms(p50),
+            ms(p99),
+            ms(stats.max_us),
+            100.0 * server_cpu / span.as_secs_f64(),
+            100.0 * own_cpu / span.as_secs_f64(),
+        );
+        eprintln!(
+            "  server threads (CPU s): {}",
+            thread_ticks_delta(&threads_before, &thread_ticks(server.pid()))
+        );
+        if clean && keeps_up {
+            best_clean = Some(best_clean.map_or(delivered, |b: f64| b.max(delivered)));
+        }
+        rows.push(Row {
+            scenario: format!("throughput @ {} changes/s", group(rate as f64)),
+            setting: setting.clone(),
+            center: format!("{} updates/s, p50 {}", group(delivered), ms(p50)),
+            spread: format!(
+                "p99 {}, max {}; lost {lost}{}{}",
+                ms(p99),
+                ms(stats.max_us),
+                if closed > 0 {
+                    format!(", {closed} clients closed")
+                } else {
+                    String::new()
+                },
+                if keeps_up {
+                    String::new()
+                } else {
+                    format!(
+                        "; saturated: {} % of the {} /s offered or p99 over {} s",
+                        (100.0 * delivered / offered).round(),
+                        group(offered),
+                        SUSTAINED_P99.as_secs()
+                    )
+                }
+            ),
+            target: "none lost".into(),
+            met: Some(clean),
+        });
+        if !clean || !keeps_up {
+            eprintln!("throughput: saturated at {rate} changes/s; not going higher");
+            break;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    let best = best_clean.unwrap_or(0.0);
+    rows.push(Row {
+        scenario: "throughput: best sustained without loss".into(),
+        setting,
+        center: format!("{} updates/s", group(best)),
+        spread: "–".into(),
+        target: format!(
+            ">= {} updates/s, none lost (bugzfeed: ~220/s)",
+            group(TARGET_UPDATES_PER_SEC)
+        ),
+        met: Some(best >= TARGET_UPDATES_PER_SEC),
+    });
+    tear_down(server, fleet);
+    rows
+}
+
+// ---------------------------------------------------------------------------
+// The server, its exchange and queue
+
+/// Ends a scenario: the server first, so that it is the side that closes
+/// every connection and no client port is left in TIME_WAIT to slow the
+/// next scenario's connects; then the clients; then a moment for the
+/// kernel to tear the sockets down.
+fn tear_down(server: Server, fleet: Fleet) {
+    drop(server);
+    drop(fleet);
+    thread::sleep(Duration::from_secs(1));
+}
+
+/// A `bzpush serve` process on a feed `/` of its own exchange; killed, and
+/// its queue and exchange deleted, when dropped.
+struct Server {
+    // Dropped first: the server goes before its queue does.
+    process: Bzpush,
+    exchange: Exchange,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(connections: usize) -> Server {
+        let mut exchange = Exchange::declare();
+        let queue_prefix = format!("queue/guest/{}", unique("bzpush-bench"));
+        let env = [
+            ("BZPUSH_LOG", "info".to_string()),
+            ("BZPUSH_QUEUE", queue_prefix.clone()),
+            ("BZPUSH_MAX_CONNECTIONS", (connections + 100).to_string()),
+            ("BZPUSH_PING_INTERVAL", PING_INTERVAL.to_string()),
+        ];
+        exchange.queue = Some(format!("{queue_prefix}/{}", exchange.name));
+        let process = Bzpush::serve_at(AMQP_ADDR, &format!("/={}", exchange.name), &env);
+        process.wait_healthy();
+        let addr = process
+            .listen_addr()
+            .parse()
+            .expect("the server logs a socket address");
+        Server {
+            process,
+            exchange,
+            addr,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+}
+
+/// A topic exchange of its own and a publisher channel without confirms.
+struct Exchange {
+    name: String,
+    /// The server's queue, deleted with the exchange.
+    queue: Option<String>,
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Exchange {
+    fn declare() -> Exchange {
+        let name = unique("bzpush.bench");
+        let connection = block_on(Connection::connect(
+            &amqp_url_at(AMQP_ADDR),
+            ConnectionProperties::default(),
+        ))
+        .expect("connect to RabbitMQ at 127.0.0.1:5672 (guest/guest)");
+        let channel = block_on(connection.create_channel()).expect("open a channel");
+        block_on(channel.exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ))
+        .expect("declare the exchange");
+        Exchange {
+            name,
+            queue: None,
+            connection,
+            channel,
+        }
+    }
+
+    /// A change of `bug` at `when`, as the poller sends it; waits only
+    /// until lapin has it, not for the broker's confirm.
+    fn publish(&self, bug: u64, when: &str) {
+        let body = format!(
+            r#"{{"payload":{{"id":{bug},"delta_ts":"{when}"}},"_meta":{{"exchange":"{}","routing_key":"{bug}","serializer":"json","sent":"2026-11-28T00:00:00+00:00"}}}}"#,
+            self.name
+        );
+        block_on(
+            self.channel.basic_publish(
+                self.name.as_str().into(),
+                bug.to_string().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            ),
+        )
+        .expect("publish");
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if let Some(queue) = &self.queue {
+            let _ = block_on(
+                self.channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
+            );
+        }
+        let _ = block_on(
+            self.channel
+                .exchange_delete(self.name.as_str().into(), ExchangeDeleteOptions::default()),
+        );
+        let _ = block_on(self.connection.close(200, "benchmark done".into()));
+    }
+}
+
+/// What `/proc` says about a process.
+struct Proc {
+    rss_kib: u64,
+    memory: Memory,
+    threads: u64,
+    fds: usize,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
+}
+
+impl Proc {
+    fn of(pid: u32) -> Proc {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        Proc {
+            rss_kib: field("VmRSS:"),
+            memory: Memory::of(pid),
+            threads: field("Threads:"),
+            fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count),
+            cpu_ticks: stat_cpu_ticks(&stat),
+        }
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        self.cpu_ticks as f64 / clock_ticks()
+    }
+}
+
+/// A process's RSS by kind of mapping, KiB: where per-connection memory
+/// goes.
+#[derive(Default)]
+struct Memory {
+    /// Anonymous mappings right after a one-page guard: thread stacks (and
+    /// their signal stacks).
+    stacks: u64,
+    /// Other anonymous mappings and `[heap]`: malloc.
+    heap: u64,
+    /// Mapped files: the binary and its libraries.
+    files: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Memory {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let mut memory = Memory::default();
+        let mut kind: Option<fn(&mut Memory) -> &mut u64> = None;
+        let mut previous_guard_end = None;
+        for line in smaps.lines() {
+            let mut fields = line.split_whitespace();
+            let first = fields.next().unwrap_or_default();
+            if let Some((start, end)) = first.split_once('-')
+                && let (Ok(start), Ok(end)) =
+                    (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            {
+                let perms = fields.next().unwrap_or_default();
+                let path = fields.nth(3).unwrap_or_default();
+                let after_guard = previous_guard_end == Some(start);
+                previous_guard_end =
+                    (perms.starts_with("---") && end - start == 4096).then_some(end);
+                kind = match path {
+                    "" if after_guard => Some(|m| &mut m.stacks),
+                    "" | "[heap]" => Some(|m| &mut m.heap),
+                    p if p.starts_with('/') => Some(|m| &mut m.files),
+                    _ => None,
+                };
+            } else if first == "Rss:"
+                && let Some(kind) = kind
+            {
+                *kind(&mut memory) += fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
+        }
+        memory
+    }
+
+    /// What each of `n` connections added since `before`.
+    fn per_connection(&self, before: &Memory, n: usize) -> String {
+        let per = |a: u64, b: u64| (a as f64 - b as f64) / n.max(1) as f64;
+        format!(
+            "per connection: stacks {:.1} KiB, heap {:.1} KiB, files {:.1} KiB",
+            per(self.stacks, before.stacks),
+            per(self.heap, before.heap),
+            per(self.files, before.files)
+        )
+    }
+}
+
+/// What one 60-byte write to a loopback TCP socket costs on this machine,
+/// µs: `pairs` connected pairs, one write each, nobody reading. The floor
+/// under any server's fan-out here: one write per connection.
+fn loopback_write_cost(pairs: usize) -> f64 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    let addr = listener.local_addr().expect("listener address");
+    let mut sockets = Vec::with_capacity(2 * pairs);
+    for _ in 0..pairs {
+        let client = TcpStream::connect(addr).expect("connect a socket pair");
+        let (server, _) = listener.accept().expect("accept a socket pair");
+        server.set_nodelay(true).expect("TCP_NODELAY");
+        sockets.push((client, server));
+    }
+    let frame = [b'x'; 60];
+    let mut costs: Vec<f64> = (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            for (_, server) in &sockets {
+                let mut server: &TcpStream = server;
+                server.write_all(&frame).expect("write to a socket pair");
+            }
+            start.elapsed().as_secs_f64() * 1e6 / pairs as f64
+        })
+        .collect();
+    costs.sort_by(f64::total_cmp);
+    // The accepted side closes first: no client port is left in TIME_WAIT.
+    for (client, server) in sockets {
+        drop(server);
+        drop(client);
+    }
+    costs[costs.len() / 2]
+}
+
+/// utime + stime from a `/proc/…/stat` line (fields 14 and 15; the name in
+/// parentheses may hold spaces).
+fn stat_cpu_ticks(stat: &str) -> u64 {
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    get(11) + get(12)
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU ticks of a process's threads, by name with any `-N` suffix dropped
+/// (`conn-17` and `writer-2` count as `conn` and `writer`).
+fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
+    let mut ticks = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return ticks;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map_or("?", |(n, _)| n);
+        let name = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        let name = name.strip_suffix('-').unwrap_or(name);
+        *ticks.entry(name.to_string()).or_default() += stat_cpu_ticks(&stat);
+    }
+    ticks
+}
+
+fn thread_ticks_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
+    let mut parts: Vec<(u64, &String)> = after
+        .iter()
+        .map(|(name, t)| (t.saturating_sub(*before.get(name).unwrap_or(&0)), name))
+        .filter(|(t, _)| *t > 0)
+        .collect();
+    parts.sort_unstable_by(|a, b| b.cmp(a));
+    parts
+        .iter()
+        .map(|(t, name)| format!("{name} {:.2}", *t as f64 / clock_ticks()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------------------
+// The load generator
+
+/// The instant every publish time is measured from.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn nanos_since_base(at: Instant) -> u64 {
+    at.saturating_duration_since(base()).as_nanos() as u64
+}
+
+/// The `when` of a change: `phase.seq.publish-time-in-ns`.
+fn when(phase: u64, seq: u64) -> String {
+    format!("{phase}.{seq}.{}", nanos_since_base(Instant::now()))
+}
+
+/// Latencies in µs: exact below 128, then 64 buckets per power of two
+/// (under 1.6 % error).
+#[derive(Clone)]
+struct Histogram {
+    buckets: Vec<u64>,
+    count: u64,
+}
+
+impl Histogram {
+    const BUCKETS: usize = 64 * 64;
+
+    fn new() -> Histogram {
+        Histogram {
+            buckets: vec![0; Histogram::BUCKETS],
+            count: 0,
+        }
+    }
+
+    fn bucket(us: u64) -> usize {
+        if us < 128 {
+            return us as usize;
+        }
+        let shift = 63 - us.leading_zeros() as usize - 6;
+        (shift * 64 + (us >> shift) as usize).min(Histogram::BUCKETS - 1)
+    }
+
+    /// The middle of bucket `i`.
+    fn value(i: usize) -> u64 {
+        if i < 128 {
+            return i as u64;
+        }
+        let shift = i / 64 - 1;
+        let low = ((i % 64 + 64) as u64) << shift;
+        low + (1u64 << shift) / 2
+    }
+
+    fn record(&mut self, us: u64) {
+        self.buckets[Histogram::bucket(us)] += 1;
+        self.count += 1;
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+    }
+
+    /// The `q`-quantile by nearest rank, in µs; 0 when empty.
+    fn quantile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Histogram::value(i);
+            }
+        }
+        Histogram::value(Histogram::BUCKETS - 1)
+    }
+}
+
+/// What a reader saw in the current phase.
+struct Stats {
+    latency: Histogram,
+    /// Updates of the current phase.
+    count: u64,
+    /// Largest latency, µs.
+    max_us: u64,
+    /// Smallest latency, µs.
+    min_us: u64,
+    /// Updates of an earlier phase.
+    stale: u64,
+    /// Updates not newer than the last one of the same bug on the same
+    /// connection: duplicates or reordering.
+    disorder: u64,
+    last_arrival: Option<Instant>,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            latency: Histogram::new(),
+            count: 0,
+            max_us: 0,
+            min_us: u64::MAX,
+            stale: 0,
+            disorder: 0,
+            last_arrival: None,
+        }
+    }
+
+    fn merge(&mut self, other: &Stats) {
+        self.latency.merge(&other.latency);
+        self.count += other.count;
+        self.max_us = self.max_us.max(other.max_us);
+        self.min_us = self.min_us.min(other.min_us);
+        self.stale += other.stale;
+        self.disorder += other.disorder;
+        self.last_arrival = self.last_arrival.max(other.last_arrival);
+    }
+}
+
+/// What the readers and the benchmark share.
+struct Shared {
+    stop: AtomicBool,
+    phase: AtomicU64,
+    /// Connections not yet closed.
+    open: AtomicUsize,
+    closed_1008: AtomicU64,
+    /// One per reader, locked by it while it handles a batch of events.
+    stats: Vec<Mutex<Stats>>,
+}
+
+/// Client connections, watched by [`READERS`] epoll threads; closed when
+/// dropped.
+struct Fleet {
+    shared: Arc<Shared>,
+    readers: Vec<JoinHandle<()>>,
+    /// Connections opened.
+    size: usize,
+    /// Connections that could not be opened.
+    failed: usize,
+}
+
+impl Fleet {
+    /// Opens `n` connections to `addr`, each subscribed to `bugs` (an
+    /// answer awaited) unless there are none, and starts watching them. Updates of bug
+    /// `first_bug + i` are checked for order per connection for `i` below
+    /// `bugs.len()`.
+    fn open(addr: SocketAddr, n: usize, bugs: &[u64], first_bug: u64) -> Fleet {
+        let subscribe = if bugs.is_empty() {
+            Vec::new()
+        } else {
+            client_text_frame(&format!(
+                r#"{{"command":"subscribe","bugs":[{}]}}"#,
+                bugs.iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ))
+        };
+        let next = AtomicUsize::new(0);
+        let failed = AtomicUsize::new(0);
+        let opened: Vec<(TcpStream, Vec<u8>)> = thread::scope(|scope| {
+            let openers: Vec<_> = (0..OPENERS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        while next.fetch_add(1, Ordering::Relaxed) < n {
+                            match open_one(addr, &subscribe) {
+                                Ok(c) => mine.push(c),
+                                Err(e) => {
+                                    if failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                                        eprintln!("cannot open a connection: {e}");
+                                    }
+                                }
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            openers
+                .into_iter()
+                .flat_map(|t| t.join().expect("an opener thread panicked"))
+                .collect()
+        });
+        let size = opened.len();
+        assert!(size > 0, "no connection could be opened to {addr}");
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            phase: AtomicU64::new(0),
+            open: AtomicUsize::new(size),
+            closed_1008: AtomicU64::new(0),
+            stats: (0..READERS).map(|_| Mutex::new(Stats::new())).collect(),
+        });
+        let mut groups: Vec<Vec<Conn>> = (0..READERS).map(|_| Vec::new()).collect();
+        for (i, (socket, pending)) in opened.into_iter().enumerate() {
+            socket
+                .set_nonblocking(true)
+                .expect("make a socket non-blocking");
+            groups[i % READERS].push(Conn {
+                stream: mio::net::TcpStream::from_std(socket),
+                pending,
+                last_seq: vec![0; bugs.len()],
+                first_bug,
+                open: true,
+            });
+        }
+        let readers = groups
+            .into_iter()
+            .enumerate()
+            .map(|(me, conns)| {
+                let shared = Arc::clone(&shared);
+                thread::Builder::new()
+                    .name(format!("lg-reader-{me}"))
+                    .spawn(move || read_loop(me, conns, &shared))
+                    .expect("spawn a reader")
+            })
+            .collect();
+        Fleet {
+            shared,
+            readers,
+            size,
+            failed: failed.into_inner(),
+        }
+    }
+
+    fn lock(&self, reader: usize) -> MutexGuard<'_, Stats> {
+        self.shared.stats[reader]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts counting updates of `phase` only, from zero.
+    fn reset(&self, phase: u64) {
+        self.shared.phase.store(phase, Ordering::SeqCst);
+        for r in 0..READERS {
+            *self.lock(r) = Stats::new();
+        }
+    }
+
+    /// Updates of the current phase received so far.
+    fn received(&self) -> u64 {
+        (0..READERS).map(|r| self.lock(r).count).sum()
+    }
+
+    /// The smallest and largest latency since the last call, µs.
+    fn take_extremes(&self) -> (u64, u64) {
+        (0..READERS)
+            .map(|r| {
+                let mut stats = self.lock(r);
+                let min = std::mem::replace(&mut stats.min_us, u64::MAX);
+                (min, std::mem::take(&mut stats.max_us))
+            })
+            .fold((u64::MAX, 0), |(a, b), (c, d)| (a.min(c), b.max(d)))
+    }
+
+    /// Everything seen in the current phase (except the extremes
+    /// `take_extremes` took).
+    fn collect(&self) -> Stats {
+        let mut all = Stats::new();
+        for r in 0..READERS {
+            all.merge(&self.lock(r));
+        }
+        all
+    }
+
+    /// Connections not yet closed.
+    fn alive(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// Connects, upgrades to WebSocket and subscribes; returns the socket
+/// (blocking) and whatever arrived after the subscription's answer.
+fn open_one(addr: SocketAddr, subscribe: &[u8]) -> io::Result<(TcpStream, Vec<u8>)> {
+    let timeout = Duration::from_secs(10);
+    let mut socket = TcpStream::connect_timeout(&addr, timeout)?;
+    socket.set_nodelay(true)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))?;
+    write!(
+        socket,
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )?;
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n = socket.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::other("closed during the handshake"));
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    if !buffer.starts_with(b"HTTP/1.1 101") {
+        let line = String::from_utf8_lossy(&buffer[..head_end]);
+        let line = line.lines().next().unwrap_or_default().to_string();
+        return Err(io::Error::other(format!("handshake refused: {line}")));
+    }
+    buffer.drain(..head_end);
+    if subscribe.is_empty() {
+        return Ok((socket, buffer));
+    }
+    socket.write_all(subscribe)?;
+    loop {
+        while let Some((opcode, payload, used)) = server_frame(&buffer) {
+            let answer = (opcode == 1).then(|| String::from_utf8_lossy(payload).into_owned());
+            buffer.drain(..used);
+            if let Some(answer) = answer
+                && answer.contains(r#""command":"subscribe""#)
+            {
+                if answer.contains(r#""result":"ok""#) {
+                    return Ok((socket, buffer));
+                }
+                return Err(io::Error::other(format!("subscribe refused: {answer}")));
+            }
+        }
+        let n = socket.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::other("closed before answering subscribe"));
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A masked client frame: FIN, `opcode`, `payload`.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+fn client_text_frame(text: &str) -> Vec<u8> {
+    client_frame(0x1, text.as_bytes())
+}
+
+/// The first whole server frame in `buffer`: `(opcode, payload, bytes
+/// used)`. Server frames are unmasked; fragmentation is not expected.
+fn server_frame(buffer: &[u8]) -> Option<(u8, &[u8], usize)> {
+    if buffer.len() < 2 {
+        return None;
+    }
+    let opcode = buffer[0] & 0x0f;
+    let (len, head) = match buffer[1] & 0x7f {
+        126 => (
+            u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = buffer.get(head..head + len)?;
+    Some((opcode, payload, head + len))
+}
+
+/// `(bug, phase, seq, publish ns)` of an update this benchmark published.
+fn parse_update(payload: &[u8]) -> Option<(u64, u64, u64, u64)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let rest = text.strip_prefix(r#"{"command":"update","bug":"#)?;
+    let (bug, rest) = rest.split_once(',')?;
+    let when = rest.strip_prefix(r#""when":""#)?.split('"').next()?;
+    let mut parts = when.split('.').map(|p| p.parse::<u64>().ok());
+    Some((
+        bug.parse().ok()?,
+        parts.next()??,
+        parts.next()??,
+        parts.next()??,
+    ))
+}
+
+/// One client socket, owned by its reader.
+struct Conn {
+    stream: mio::net::TcpStream,
+    /// Bytes of frames not yet whole.
+    pending: Vec<u8>,
+    /// The last sequence number seen, per bug `first_bug + i`.
+    last_seq: Vec<u64>,
+    first_bug: u64,
+    open: bool,
+}
+
+impl Conn {
+    /// Handles every whole frame in `pending`, all arrived at `at`.
+    fn frames(&mut self, at: Instant, phase: u64, stats: &mut Stats, shared: &Shared) {
+        let mut used = 0;
+        let mut pongs = Vec::new();
+        while let Some((opcode, payload, n)) = server_frame(&self.pending[used..]) {
+            used += n;
+            match opcode {
+                0x1 => match parse_update(payload) {
+                    Some((bug, p, seq, sent)) if p == phase => {
+                        let us = nanos_since_base(at).saturating_sub(sent) / 1000;
+                        stats.latency.record(us);
+                        stats.count += 1;
+                        stats.max_us = stats.max_us.max(us);
+                        stats.min_us = stats.min_us.min(us);
+                        stats.last_arrival = Some(at);
+                        if let Some(last) = bug
+                            .checked_sub(self.first_bug)
+                            .and_then(|i| self.last_seq.get_mut(i as usize))
+                        {
+                            if seq <= *last {
+                                stats.disorder += 1;
+                            } else {
+                                *last = seq;
+                            }
+                        }
+                    }
+                    Some(_) => stats.stale += 1,
+                    None => {}
+                },
+                0x8 => {
+                    if payload.starts_with(&1008u16.to_be_bytes()) {
+                        shared.closed_1008.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.open = false;
+                }
+                0x9 => pongs.push(client_frame(0xA, payload)),
+                _ => {}
+            }
+        }
+        self.pending.drain(..used);
+        for pong in pongs {
+            // A pong is small and the socket idle: it fits at once.
+            let _ = self.stream.write_all(&pong);
+        }
+    }
+}
+
+fn read_loop(me: usize, mut conns: Vec<Conn>, shared: &Shared) {
+    let mut poll = Poll::new().expect("create an epoll instance");
+    for (i, conn) in conns.iter_mut().enumerate() {
+        poll.registry()
+            .register(&mut conn.stream, Token(i), Interest::READABLE)
+            .expect("register a socket");
+    }
+    let mut events = Events::with_capacity(1024);
+    let mut scratch = vec![0u8; 64 * 1024];
+    let close = |conn: &mut Conn, poll: &Poll| {
+        let _ = poll.registry().deregister(&mut conn.stream);
+        conn.open = false;
+        conn.pending = Vec::new();
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+    };
+    // Whatever arrived with the subscription's answer.
+    {
+        let mut stats = shared.stats[me].lock().unwrap_or_else(|e| e.into_inner());
+        let phase = shared.phase.load(Ordering::SeqCst);
+        for conn in &mut conns {
+            conn.frames(Instant::now(), phase, &mut stats, shared);
+            if !conn.open {
+                close(conn, &poll);
+            }
+        }
+    }
+    while !shared.stop.load(Ordering::Relaxed) {
+        match poll.poll(&mut events, Some(Duration::from_millis(50))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("epoll failed: {e}"),
+        }
+        if events.is_empty() {
+            continue;
+        }
+        let mut stats = shared.stats[me].lock().unwrap_or_else(|e| e.into_inner());
+        let phase = shared.phase.load(Ordering::SeqCst);
+        for event in &events {
+            let conn = &mut conns[event.token().0];
+            if !conn.open {
+                continue;
+            }
+            loop {
+                match conn.stream.read(&mut scratch) {
+                    Ok(0) => {
+                        close(conn, &poll);
+                        break;
+                    }
+                    Ok(n) => {
+                        let at = Instant::now();
+                        conn.pending.extend_from_slice(&scratch[..n]);
+                        conn.frames(at, phase, &mut stats, shared);
+                        if !conn.open {
+                            close(conn, &poll);
+                            break;
+                        }
+                        // A short read emptied the socket; data arriving
+                        // later raises a new edge, so skip the read that
+                        // would only say WouldBlock.
+                        if n < scratch.len() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        close(conn, &poll);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers
+
+/// Polls `check` every millisecond until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    check()
+}
+
+/// µs as milliseconds, `12.3 ms`.
+fn ms(us: u64) -> String {
+    let ms = us as f64 / 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else if ms < 100.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{} ms", group(ms))
+    }
+}
+
+/// A count with thousands separators: `12,345`.
+fn group(x: f64) -> String {
+    let digits = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
