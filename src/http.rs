@@ -12,14 +12,15 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tungstenite::error::{Error as WsError, ProtocolError};
-use tungstenite::handshake::machine::TryParse;
 use tungstenite::handshake::server::Request;
+use tungstenite::http::{self, Method, Version};
 
 use crate::metrics::Metrics;
 
 /// A request head larger than this is refused (431).
 pub const MAX_HEAD: usize = 8 * 1024;
+/// More header lines than this is refused (400), as tungstenite does.
+const MAX_HEADERS: usize = 124;
 
 /// How reading a request head went.
 pub enum Head {
@@ -28,13 +29,12 @@ pub enum Head {
     Request(Box<Request>, Vec<u8>),
     TooLarge,
     Malformed,
-    /// A well-formed head whose method is not GET (405).
-    NotGet,
 }
 
 /// Reads one request head from `socket`, all of it within `timeout`: a
 /// client that sends a byte now and then does not get more time (an
-/// `io::ErrorKind::TimedOut` error).
+/// `io::ErrorKind::TimedOut` error). Any method and HTTP/1.0 or 1.1 parse;
+/// what to make of them is the caller's.
 pub fn read_head(mut socket: &TcpStream, timeout: Duration) -> io::Result<Head> {
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::with_capacity(1024);
@@ -50,33 +50,93 @@ pub fn read_head(mut socket: &TcpStream, timeout: Duration) -> io::Result<Head> 
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        match Request::try_parse(&buf) {
+        match parse_head(&buf) {
             Ok(Some((len, request))) => {
                 return Ok(Head::Request(Box::new(request), buf.split_off(len)));
             }
             Ok(None) if buf.len() >= MAX_HEAD => return Ok(Head::TooLarge),
             Ok(None) => {}
-            // tungstenite's parser refuses any method but GET, even for a
-            // complete and otherwise valid head.
-            Err(WsError::Protocol(ProtocolError::WrongHttpMethod)) => return Ok(Head::NotGet),
-            Err(_) => return Ok(Head::Malformed),
+            Err(()) => return Ok(Head::Malformed),
         }
     }
 }
 
+/// A complete head as a request and its length; `None` while incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request)>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let len = match parsed.parse(buf).map_err(drop)? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        Some(1) => Version::HTTP_11,
+        _ => return Err(()),
+    };
+    let mut request = http::Request::builder()
+        .method(parsed.method.ok_or(())?)
+        .uri(parsed.path.ok_or(())?)
+        .version(version);
+    for header in parsed.headers.iter() {
+        request = request.header(header.name, header.value);
+    }
+    request.body(()).map(|r| Some((len, r))).map_err(drop)
+}
+
 /// Writes a complete response and nothing more (`Connection: close`).
-pub fn respond(
-    mut socket: &TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &str,
-) -> io::Result<()> {
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(response.as_bytes())
+pub fn respond(socket: &TcpStream, status: &str, content_type: &str, body: &str) -> io::Result<()> {
+    Response {
+        status,
+        content_type,
+        body,
+        extra: "",
+        head_only: false,
+    }
+    .write(socket)
+}
+
+/// A response, written whole.
+struct Response<'a> {
+    status: &'a str,
+    content_type: &'a str,
+    body: &'a str,
+    /// More header lines, each ending in CRLF.
+    extra: &'a str,
+    /// HEAD: the headers of the GET answer, without its body.
+    head_only: bool,
+}
+
+impl Response<'_> {
+    fn write(&self, mut socket: &TcpStream) -> io::Result<()> {
+        let response = format!(
+            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
+             Cache-Control: no-store\r\nConnection: close\r\n{}\r\n{}",
+            self.status,
+            self.content_type,
+            self.body.len(),
+            self.extra,
+            if self.head_only { "" } else { self.body }
+        );
+        socket.write_all(response.as_bytes())
+    }
+}
+
+/// Whether a request's method is one plain HTTP here answers.
+pub fn method_allowed(request: &Request) -> bool {
+    request.method() == Method::GET || request.method() == Method::HEAD
+}
+
+/// Refuses a method other than GET and HEAD.
+pub fn respond_not_allowed(socket: &TcpStream) -> io::Result<()> {
+    Response {
+        status: "405 Method Not Allowed",
+        content_type: "text/plain; charset=utf-8",
+        body: "only GET and HEAD\n",
+        extra: "Allow: GET, HEAD\r\n",
+        head_only: false,
+    }
+    .write(socket)
 }
 
 /// A short plain-text answer: errors and refusals.
@@ -89,36 +149,46 @@ pub fn respond_text(socket: &TcpStream, status: &str, text: &str) -> io::Result<
     )
 }
 
-/// Answers a request that is not a WebSocket upgrade.
+/// Answers a GET or HEAD request that is not a WebSocket upgrade.
 pub fn serve_plain(socket: &TcpStream, request: &Request, metrics: &Metrics) -> io::Result<()> {
-    if request.method() != "GET" && request.method() != "HEAD" {
-        return respond_text(socket, "405 Method Not Allowed", "only GET");
-    }
-    match request.uri().path() {
+    let health;
+    let rendered;
+    let (status, content_type, body) = match request.uri().path() {
         "/health" => {
             let up = metrics.upstream_up();
-            let body = serde_json::json!({
+            health = serde_json::json!({
                 "status": if up { "ok" } else { "unavailable" },
                 metrics.upstream: if up { "up" } else { "down" },
                 "connections": metrics.connections.load(Ordering::Relaxed),
                 "uptime_seconds": metrics.uptime_secs(),
-            });
+            })
+            .to_string();
             let status = if up {
                 "200 OK"
             } else {
                 "503 Service Unavailable"
             };
-            respond(socket, status, "application/json", &body.to_string())
+            (status, "application/json", health.as_str())
         }
-        "/metrics" => respond(
-            socket,
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            &metrics.render(),
-        ),
-        "/" => respond(socket, "200 OK", "text/html; charset=utf-8", PAGE),
-        _ => respond_text(socket, "404 Not Found", "not found"),
+        "/metrics" => {
+            rendered = metrics.render();
+            (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                rendered.as_str(),
+            )
+        }
+        "/" => ("200 OK", "text/html; charset=utf-8", PAGE),
+        _ => ("404 Not Found", "text/plain; charset=utf-8", "not found\n"),
+    };
+    Response {
+        status,
+        content_type,
+        body,
+        extra: "",
+        head_only: request.method() == Method::HEAD,
     }
+    .write(socket)
 }
 
 /// The live page: connect, subscribe, watch updates. Self-contained: no

@@ -469,15 +469,15 @@ fn handle(conn: &Conn) -> Option<ConnThread> {
             let _ = http::respond_text(socket, "400 Bad Request", "malformed request");
             return None;
         }
-        Ok(Head::NotGet) => {
-            let _ = http::respond_text(socket, "405 Method Not Allowed", "only GET");
-            return None;
-        }
         Err(e) => {
             debug!("connection {id}: no request: {e}");
             return None;
         }
     };
+    if !http::method_allowed(&request) {
+        let _ = http::respond_not_allowed(socket);
+        return None;
+    }
     let upgrade = request
         .headers()
         .get("Upgrade")

@@ -2157,7 +2157,12 @@ fn bad_http_requests_get_4xx() {
         (
             "HEAD /health",
             b"HEAD /health HTTP/1.1\r\n\r\n".to_vec(),
-            405,
+            200,
+        ),
+        (
+            "an HTTP/1.0 health check",
+            b"GET /health HTTP/1.0\r\n\r\n".to_vec(),
+            200,
         ),
         (
             "POST with Upgrade: websocket",
