@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::serve::{Client, http_get, metric};
-use common::{AMQP_ADDR, Bzpush, TestBroker, datetime};
+use common::serve::{Client, http_get, metric, ok, t, update};
+use common::{AMQP_ADDR, Bzpush, TestBroker};
 use serde_json::{Value, json};
 use tungstenite::Message;
 use tungstenite::protocol::frame::Frame;
@@ -20,19 +20,6 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::stream::MaybeTlsStream;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// `2026-01-01T00:00:00` plus `secs` seconds.
-fn t(secs: u32) -> String {
-    datetime(secs).1
-}
-
-fn update(bug: u64, when: &str) -> Value {
-    json!({"command": "update", "bug": bug, "when": when})
-}
-
-fn ok(command: &str, bugs: &[u64]) -> Value {
-    json!({"command": command, "result": "ok", "bugs": bugs})
-}
 
 fn partial(bugs: &[u64]) -> Value {
     json!({"command": "subscribe", "result": "ok", "bugs": bugs, "partial": true})

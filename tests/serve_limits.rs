@@ -9,24 +9,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::serve::{Client, http_get, metric};
-use common::{AMQP_ADDR, Bzpush, Proxy, TestBroker, datetime, wait_until};
+use common::serve::{Client, http_get, metric, ok, t, update};
+use common::{AMQP_ADDR, Bzpush, Proxy, TestBroker, wait_until};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// `2026-01-01T00:00:00` plus `secs` seconds (less than a day).
-fn t(secs: u32) -> String {
-    datetime(secs).1
-}
-
-fn update(bug: u64, when: &str) -> Value {
-    json!({"command": "update", "bug": bug, "when": when})
-}
-
-fn ok(command: &str, bugs: &[u64]) -> Value {
-    json!({"command": command, "result": "ok", "bugs": bugs})
-}
 
 fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
     let server = Bzpush::serve(broker, extra);

@@ -313,3 +313,18 @@ impl Client {
         self.read_to_end(timeout).1
     }
 }
+
+/// `2026-01-01T00:00:00` plus `secs` seconds, as the server sends it.
+pub fn t(secs: u32) -> String {
+    super::datetime(secs).1
+}
+
+/// The update frame the server sends for `bug` changed at `when`.
+pub fn update(bug: u64, when: &str) -> Value {
+    serde_json::json!({"command": "update", "bug": bug, "when": when})
+}
+
+/// The ok answer to `command` listing `bugs`.
+pub fn ok(command: &str, bugs: &[u64]) -> Value {
+    serde_json::json!({"command": command, "result": "ok", "bugs": bugs})
+}
