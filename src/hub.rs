@@ -114,6 +114,11 @@ struct Connection {
     /// A database catch-up is on its way: everything for this connection
     /// waits here, so the client still sees answer, catch-up, then live.
     held: Option<Held>,
+    /// The time a catch-up answer gave each bug. The database is ahead of
+    /// the live stream: an older update of the bug may still be on its way
+    /// (not yet polled, or in the broker's queue) and must not follow the
+    /// answer. The first live update newer than this clears it.
+    answered: HashMap<BugId, ChangeTime>,
 }
 
 /// What waits for a database catch-up.
@@ -144,8 +149,12 @@ impl Connection {
         }
     }
 
-    /// Queues a live update; `false` if the client is too slow for it.
+    /// Queues a live update; `false` if the client is too slow for it, or
+    /// a catch-up answer already gave it the same or a later time.
     fn update(&mut self, notification: &Notification, frame: Bytes, limit: usize) -> bool {
+        if self.held.is_none() && self.already_answered(notification) {
+            return false;
+        }
         match &mut self.held {
             Some(held) if held.waiting.len() >= limit => {
                 self.outbox
@@ -158,6 +167,19 @@ impl Connection {
                 true
             }
             None => self.outbox.push(frame),
+        }
+    }
+
+    /// Whether a catch-up answer gave `notification`'s bug the same or a
+    /// later time; forgets that answer once the live stream passes it.
+    fn already_answered(&mut self, notification: &Notification) -> bool {
+        match self.answered.get(&notification.bug) {
+            Some(time) if notification.when <= *time => true,
+            Some(_) => {
+                self.answered.remove(&notification.bug);
+                false
+            }
+            None => false,
         }
     }
 }
@@ -288,6 +310,7 @@ impl Hub {
                         outbox,
                         bugs: BTreeSet::new(),
                         held: None,
+                        answered: HashMap::new(),
                     },
                 );
             }
@@ -340,6 +363,9 @@ impl Hub {
             Command::Unsubscribe { bugs } => {
                 let feed = c.feed;
                 let gone: BTreeSet<BugId> = bugs.into_iter().filter(|b| c.bugs.remove(b)).collect();
+                for bug in &gone {
+                    c.answered.remove(bug);
+                }
                 let text = protocol::subscriptions_reply("unsubscribe", c.bugs.iter().copied());
                 self.unsubscribe(conn, feed, &gone);
                 self.reply(conn, text);
@@ -483,24 +509,27 @@ fn answer_from_cache(c: &mut Connection, cache: &Cache, held: Held) {
 
 /// Queues what was held, in its order, except live updates that the
 /// catch-up `answer` already covered with the same or a later time: sent
-/// after it, they would take their bug back in time.
+/// after it, they would take their bug back in time. The answer's times
+/// stay with the connection for the live updates still on their way.
 fn release<'a>(
     c: &mut Connection,
     waiting: Vec<Waiting>,
     answer: impl Iterator<Item = &'a Notification>,
 ) {
-    let mut latest: HashMap<BugId, &ChangeTime> = HashMap::new();
     for n in answer {
-        let time = latest.entry(n.bug).or_insert(&n.when);
-        if n.when > **time {
-            *time = &n.when;
+        match c.answered.get_mut(&n.bug) {
+            Some(time) if n.when > *time => *time = n.when.clone(),
+            Some(_) => {}
+            None => {
+                c.answered.insert(n.bug, n.when.clone());
+            }
         }
     }
     for item in waiting {
         match item {
             Waiting::Reply(frame) => c.outbox.push_reply(frame),
             Waiting::Update(n, frame) => {
-                if latest.get(&n.bug).is_none_or(|t| n.when > **t) {
+                if !c.already_answered(&n) {
                     c.outbox.push(frame);
                 }
             }
@@ -623,6 +652,45 @@ mod tests {
         assert_eq!(frames[3]["bug"], 6);
         assert_eq!(frames[3]["when"], "2026-01-01T00:00:09");
         assert_eq!(frames[4]["command"], "version");
+    }
+
+    #[test]
+    fn live_updates_still_on_their_way_after_a_database_catch_up_never_go_back_in_time() {
+        let writers = Writers::start().expect("writers");
+        let (mut hub, mut client, jobs) = hub_with_client(&writers);
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Subscribe {
+                bugs: vec![BugId::new(5).expect("5")],
+                since: Since::parse("2026-01-01T00:00:00"),
+            },
+        });
+        assert!(jobs.try_recv().is_ok());
+        // The database is ahead of the live stream: it answers :07 while
+        // :05 and :07 are still in the broker's queue.
+        hub.handle(Message::CaughtUp {
+            conn: 1,
+            updates: Some(vec![n(5, "2026-01-01T00:00:07")]),
+        });
+        for when in [
+            "2026-01-01T00:00:05",
+            "2026-01-01T00:00:07",
+            "2026-01-01T00:00:09",
+        ] {
+            hub.handle(Message::Notify {
+                feed: 0,
+                notification: n(5, when),
+            });
+        }
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Version,
+        });
+        let frames = read_texts(&mut client, 4);
+        assert_eq!(frames[0]["command"], "subscribe");
+        assert_eq!(frames[1]["when"], "2026-01-01T00:00:07");
+        assert_eq!(frames[2]["when"], "2026-01-01T00:00:09");
+        assert_eq!(frames[3]["command"], "version");
     }
 
     #[test]
