@@ -128,30 +128,43 @@ impl TestDb {
     /// Returns whether the change landed in the table. It does not when the
     /// poller deletes the row between the SELECT and the UPDATE: the UPDATE
     /// then matches nothing and the change is lost, exactly as it is with
-    /// the real extension (which takes no lock either). Tests that write
-    /// while a poller runs expect only the changes that landed.
+    /// the real extension (which takes no lock either). Nor when InnoDB
+    /// picks the transaction as a deadlock victim (an INSERT racing the
+    /// poller's DELETE over the unique `bug_id` index) or its lock wait
+    /// times out: the transaction is rolled back, as Bugzilla's whole change
+    /// would be. Tests that write while a poller runs expect only the
+    /// changes that landed.
     pub fn push_notify_change(conn: &mut mysql::Conn, bug: u32, delta_ts: Option<&str>) -> bool {
-        let mut tx = conn
-            .start_transaction(mysql::TxOpts::default())
-            .expect("begin");
-        let id: Option<i64> = tx
-            .exec_first("SELECT id FROM push_notify WHERE bug_id = ?", (bug,))
-            .expect("select");
+        match Self::try_push_notify_change(conn, bug, delta_ts) {
+            Ok(landed) => landed,
+            // ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT: rolled back.
+            Err(mysql::Error::MySqlError(e)) if e.code == 1213 || e.code == 1205 => false,
+            Err(e) => panic!("push_notify change of bug {bug}: {e}"),
+        }
+    }
+
+    fn try_push_notify_change(
+        conn: &mut mysql::Conn,
+        bug: u32,
+        delta_ts: Option<&str>,
+    ) -> Result<bool, mysql::Error> {
+        // Dropped without a commit on an error: rolled back.
+        let mut tx = conn.start_transaction(mysql::TxOpts::default())?;
+        let id: Option<i64> =
+            tx.exec_first("SELECT id FROM push_notify WHERE bug_id = ?", (bug,))?;
         let ts = delta_ts.map_or("NOW()".to_string(), |t| format!("'{t}'"));
         let landed = match id {
             Some(id) => {
                 tx.exec_drop(
                     format!("UPDATE push_notify SET delta_ts = {ts} WHERE id = ?"),
                     (id,),
-                )
-                .expect("update");
+                )?;
                 // Counts changed rows only (no CLIENT_FOUND_ROWS): 0 is also
                 // an unchanged NOW() in the same second. A locking read sees
                 // the current row, not the transaction's snapshot.
                 tx.affected_rows() == 1 || {
-                    let current: Option<i64> = tx
-                        .exec_first("SELECT id FROM push_notify WHERE id = ? FOR UPDATE", (id,))
-                        .expect("select for update");
+                    let current: Option<i64> =
+                        tx.exec_first("SELECT id FROM push_notify WHERE id = ? FOR UPDATE", (id,))?;
                     current.is_some()
                 }
             }
@@ -159,13 +172,12 @@ impl TestDb {
                 tx.exec_drop(
                     format!("INSERT INTO push_notify (bug_id, delta_ts) VALUES (?, {ts})"),
                     (bug,),
-                )
-                .expect("insert");
+                )?;
                 true
             }
         };
-        tx.commit().expect("commit");
-        landed
+        tx.commit()?;
+        Ok(landed)
     }
 
     /// Fills `push_notify` with one row per bug in `bugs`, all stamped
