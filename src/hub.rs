@@ -198,6 +198,8 @@ struct Cache {
     /// started), raised to each update it evicts. `None`: it holds nothing
     /// and can prove nothing.
     horizon: Option<ChangeTime>,
+    /// Per bug in the cache: its latest time and how many entries it has.
+    latest: HashMap<BugId, (ChangeTime, usize)>,
 }
 
 impl Cache {
@@ -206,10 +208,23 @@ impl Cache {
             entries: VecDeque::new(),
             capacity,
             horizon: None,
+            latest: HashMap::new(),
         }
     }
 
-    fn add(&mut self, notification: &Notification) {
+    /// Takes an update in; `false` if it is older than one the cache holds
+    /// for its bug. Such a stale copy (a poller that lost its lock still
+    /// finishing a publish, a redelivery after a broker outage) must not
+    /// reach clients after the newer one: it would take the bug back in
+    /// time.
+    fn add(&mut self, notification: &Notification) -> bool {
+        if self
+            .latest
+            .get(&notification.bug)
+            .is_some_and(|(latest, _)| notification.when < *latest)
+        {
+            return false;
+        }
         if self.horizon.is_none() {
             self.horizon = Some(notification.when.clone());
         }
@@ -222,15 +237,29 @@ impl Cache {
             {
                 self.horizon = Some(notification.when.clone());
             }
-            return;
+            return true;
         }
         if self.entries.len() == self.capacity
             && let Some(evicted) = self.entries.pop_front()
-            && self.horizon.as_ref().is_none_or(|h| evicted.when > *h)
         {
-            self.horizon = Some(evicted.when);
+            if let Some((_, count)) = self.latest.get_mut(&evicted.bug) {
+                *count -= 1;
+                if *count == 0 {
+                    self.latest.remove(&evicted.bug);
+                }
+            }
+            if self.horizon.as_ref().is_none_or(|h| evicted.when > *h) {
+                self.horizon = Some(evicted.when);
+            }
         }
+        let entry = self
+            .latest
+            .entry(notification.bug)
+            .or_insert_with(|| (notification.when.clone(), 0));
+        entry.0 = notification.when.clone();
+        entry.1 += 1;
         self.entries.push_back(notification.clone());
+        true
     }
 
     /// Whether every update at or after `since` is here.
@@ -473,7 +502,13 @@ impl Hub {
         let Some(f) = self.feeds.get_mut(feed) else {
             return;
         };
-        f.cache.add(notification);
+        if !f.cache.add(notification) {
+            debug!(
+                "dropping a stale update: bug {} at {} after a later one",
+                notification.bug, notification.when
+            );
+            return;
+        }
         let Some(conns) = f.subscribers.get(&notification.bug) else {
             return;
         };
@@ -727,5 +762,39 @@ mod tests {
             command: Command::Version,
         });
         assert_eq!(read_texts(&mut client, 1)[0]["command"], "version");
+    }
+
+    #[test]
+    fn a_stale_update_never_takes_a_bug_back_in_time() {
+        let writers = Writers::start().expect("writers");
+        let (mut hub, mut client, _jobs) = hub_with_client(&writers);
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Subscribe {
+                bugs: vec![BugId::new(5).expect("5")],
+                since: None,
+            },
+        });
+        for when in [
+            "2026-01-01T00:00:09",
+            "2026-01-01T00:00:05",
+            "2026-01-01T00:00:09",
+        ] {
+            hub.handle(Message::Notify {
+                feed: 0,
+                notification: n(5, when),
+            });
+        }
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Version,
+        });
+        let frames = read_texts(&mut client, 4);
+        assert_eq!(frames[0]["result"], "ok");
+        assert_eq!(frames[1]["when"], "2026-01-01T00:00:09");
+        // :05 came after :09 and was dropped; a repeat of :09 is delivered
+        // (at-least-once allows duplicates, not going back).
+        assert_eq!(frames[2]["when"], "2026-01-01T00:00:09");
+        assert_eq!(frames[3]["command"], "version");
     }
 }
