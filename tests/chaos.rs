@@ -49,8 +49,10 @@
 //! cannot refresh from the REST API would.
 //!
 //! Bounded by default (~40 s of chaos). `CHAOS_SECS=600` soaks longer;
-//! `CHAOS_SEED=<n>` replays a run's fault schedule (printed at the start).
-//! Run with `--nocapture` to see the report.
+//! `CHAOS_SEED=<n>` replays a run's fault schedule (printed at the start);
+//! `CHAOS_NO_KILL=1` injects only link faults, so that the same processes
+//! live through the whole soak and their memory can be watched. Run with
+//! `--nocapture` to see the report.
 
 mod common;
 
@@ -192,7 +194,7 @@ fn nothing_lost_nothing_crashes() {
         // Memory, then a clean stop of every process, servers first, with
         // their clients still connected.
         for p in cluster.pollers.iter().chain(cluster.servers.iter()) {
-            p.sample_end(&world);
+            p.sample_end(&world, true);
         }
         world.no_reconnect.store(true, Ordering::SeqCst);
         cluster.stop(&world);
@@ -320,6 +322,8 @@ struct Cluster<'a> {
     exits: Vec<String>,
     /// Clients connected when the servers got SIGTERM.
     connected_at_stop: u64,
+    /// Whether faults include kill -9.
+    kills: bool,
 }
 
 impl<'a> Cluster<'a> {
@@ -338,6 +342,7 @@ impl<'a> Cluster<'a> {
             faults: BTreeMap::new(),
             exits: Vec::new(),
             connected_at_stop: 0,
+            kills: env_number("CHAOS_NO_KILL").is_none_or(|n| n == 0),
         };
         let first = cluster.start_poller(&[ACTIVE]);
         cluster.pollers.push(first);
@@ -397,7 +402,11 @@ impl<'a> Cluster<'a> {
 
     /// One fault, picked by `rng`.
     fn inject(&mut self, rng: &mut Rng, world: &World, timeline: &mut Timeline) {
-        let kind = match rng.below(6) {
+        let kind = match if self.kills {
+            rng.below(6)
+        } else {
+            2 + rng.below(4)
+        } {
             0 => {
                 let active = self
                     .pollers
@@ -405,6 +414,7 @@ impl<'a> Cluster<'a> {
                     .position(|p| poller_is_active(&p.bzpush))
                     .unwrap_or_else(|| rng.below(self.pollers.len() as u64) as usize);
                 let mut old = self.pollers.remove(active);
+                old.sample_end(world, false);
                 old.bzpush.kill9();
                 timeline.note(format!(
                     "kill -9 the active poller (pid {})",
@@ -435,6 +445,7 @@ impl<'a> Cluster<'a> {
                     .write()
                     .expect("servers")
                     .retain(|a| *a != addr);
+                old.sample_end(world, false);
                 old.bzpush.kill9();
                 timeline.note(format!(
                     "kill -9 server {slot} (pid {}, {addr})",
@@ -645,12 +656,23 @@ fn report(world: &World, cluster: &Cluster, clients: &[Client], seed: u64) -> Ve
         "chaos: (client, bug) pairs at the latest committed time: {} of {pairs}",
         pairs - missed.len()
     );
-    let mut grew = Vec::new();
-    for (name, pid, start, end) in world.rss.lock().expect("rss").iter() {
-        println!("chaos: rss {name} pid {pid}: {start} KiB at start, {end} KiB at end");
-        if *end > 3 * start + 50 * 1024 {
-            grew.push(format!("{name} pid {pid}: {start} KiB -> {end} KiB"));
-        }
+    let memory = world.rss.lock().expect("rss");
+    let grew: Vec<String> = memory
+        .iter()
+        .filter(|m| m.grew_too_much())
+        .map(ToString::to_string)
+        .collect();
+    let most = memory
+        .iter()
+        .max_by_key(|m| m.end_kib.saturating_sub(m.start_kib));
+    println!(
+        "chaos: memory of {} processes, each at start and just before kill -9 or SIGTERM; \
+         the most growth: {}",
+        memory.len(),
+        most.map_or("-".to_string(), ToString::to_string)
+    );
+    for m in memory.iter().filter(|m| m.last) {
+        println!("chaos: rss {m}");
     }
     for exit in &cluster.exits {
         println!("chaos: SIGTERM: {exit}");
@@ -719,11 +741,12 @@ impl Rng {
     }
 }
 
-/// A bzpush process and its memory at start and end.
+/// A bzpush process and its memory at start.
 struct Proc {
     name: &'static str,
     bzpush: Bzpush,
     rss_start: u64,
+    sampled: Instant,
 }
 
 impl Proc {
@@ -732,20 +755,26 @@ impl Proc {
             name,
             bzpush,
             rss_start: 0,
+            sampled: Instant::now(),
         }
     }
 
     fn sample_start(&mut self) {
         self.rss_start = rss_kib(self.bzpush.pid());
+        self.sampled = Instant::now();
     }
 
-    fn sample_end(&self, world: &World) {
-        let end = rss_kib(self.bzpush.pid());
-        world
-            .rss
-            .lock()
-            .expect("rss")
-            .push((self.name, self.bzpush.pid(), self.rss_start, end));
+    /// Records its memory now against its memory at start: just before it
+    /// is killed, or at the end of the run (`last`).
+    fn sample_end(&self, world: &World, last: bool) {
+        world.rss.lock().expect("rss").push(Memory {
+            name: self.name,
+            pid: self.bzpush.pid(),
+            start_kib: self.rss_start,
+            end_kib: rss_kib(self.bzpush.pid()),
+            lived: self.sampled.elapsed(),
+            last,
+        });
     }
 }
 
@@ -758,6 +787,37 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// A process's memory over its life.
+struct Memory {
+    name: &'static str,
+    pid: u32,
+    start_kib: u64,
+    end_kib: u64,
+    lived: Duration,
+    /// Still running at the end of the run.
+    last: bool,
+}
+
+impl Memory {
+    fn grew_too_much(&self) -> bool {
+        self.end_kib > 3 * self.start_kib + 50 * 1024
+    }
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} pid {}: {} KiB at start, {} KiB {:.0} s later",
+            self.name,
+            self.pid,
+            self.start_kib,
+            self.end_kib,
+            self.lived.as_secs_f64()
+        )
+    }
 }
 
 /// What a poller logs when it becomes active, or a standby.
@@ -817,8 +877,8 @@ struct World {
     stale: AtomicU64,
     backwards: Mutex<Vec<String>>,
     anomalies: Mutex<Vec<String>>,
-    /// `(name, pid, KiB at start, KiB at end)` of each process.
-    rss: Mutex<Vec<(&'static str, u32, u64, u64)>>,
+    /// Each process's memory at start and just before it ended.
+    rss: Mutex<Vec<Memory>>,
 }
 
 impl World {
