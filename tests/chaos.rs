@@ -64,7 +64,7 @@ use std::sync::{Mutex, OnceLock, RwLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, unique, wait_until};
+use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, Rng, TestBroker, TestDb, unique, wait_until};
 use mio::{Events, Interest, Poll, Token};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
@@ -720,18 +720,7 @@ fn parse_wire(s: &str) -> Option<u32> {
     Some((n(0..2)? - 1) * 86_400 + n(3..5)? * 3600 + n(6..8)? * 60 + n(9..11)?)
 }
 
-/// SplitMix64: small, seedable, good enough to pick faults and bugs.
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }

@@ -30,7 +30,7 @@ use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::protocol::{self, Command, ProtocolError, Since};
 use bzpush::pulse;
 use common::serve::{Client, http_get, metric};
-use common::{Bzpush, TestBroker, datetime, wait_until};
+use common::{Bzpush, Rng, TestBroker, datetime, wait_until};
 use serde_json::{Map, Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -39,18 +39,7 @@ const WAIT: Duration = Duration::from_secs(20);
 // Part 1: the decoders
 // ======================================================================
 
-/// splitmix64: small, fast, and the same sequence everywhere.
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     /// A number in `0..n` (`n > 0`).
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize

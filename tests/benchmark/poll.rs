@@ -59,7 +59,7 @@ fn throughput(batch_size: usize) -> Row {
         .collect();
     let runs = rates
         .iter()
-        .map(|r| thousands(*r))
+        .map(|r| crate::thousands(*r))
         .collect::<Vec<_>>()
         .join(" / ");
     rates.sort_by(f64::total_cmp);
@@ -67,9 +67,9 @@ fn throughput(batch_size: usize) -> Row {
     Row {
         scenario: format!("throughput ({}k-row backlog)", BACKLOG / 1000),
         setting: format!("BZPUSH_BATCH_SIZE={batch_size}"),
-        center: format!("{} rows/s", thousands(median)),
+        center: format!("{} rows/s", crate::thousands(median)),
         spread: format!("runs: {runs}"),
-        target: format!(">= {} rows/s", thousands(TARGET_ROWS_PER_SEC)),
+        target: format!(">= {} rows/s", crate::thousands(TARGET_ROWS_PER_SEC)),
         met: Some(median >= TARGET_ROWS_PER_SEC),
     }
 }
@@ -235,19 +235,6 @@ fn stratified_schedule(rng: &mut XorShift) -> Vec<Duration> {
         schedule.push(Duration::from_micros(now));
     }
     schedule
-}
-
-/// 12345.6 → "12,346".
-fn thousands(x: f64) -> String {
-    let digits = format!("{:.0}", x);
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// A small PRNG: the schedule needs variety, not quality.

@@ -199,13 +199,13 @@ fn idle(o: &Options) -> Vec<Row> {
     let all_open = n == o.connections && still_open == n;
     let setting = format!(
         "{} connections{}",
-        group(n as f64),
+        crate::thousands(n as f64),
         if all_open {
             String::new()
         } else {
             format!(
                 " (**{} asked, {still_open} open**)",
-                group(o.connections as f64)
+                crate::thousands(o.connections as f64)
             )
         }
     );
@@ -304,12 +304,12 @@ fn fanout(o: &Options) -> Vec<Row> {
             scenario: "fanout floor: one bare loopback write per connection".into(),
             setting: format!(
                 "{} × 60 B, {FLOOR_SOCKETS} socket pairs, no server",
-                group(n as f64)
+                crate::thousands(n as f64)
             ),
             center: format!("{write_cost:.1} µs per write"),
             spread: format!(
                 "{} writes take {} of CPU: >= {} on {cores} cores",
-                group(n as f64),
+                crate::thousands(n as f64),
                 ms((write_cost * n as f64) as u64),
                 ms(floor as u64)
             ),
@@ -318,7 +318,7 @@ fn fanout(o: &Options) -> Vec<Row> {
         },
         Row {
             scenario: "subscribed: server RSS per connection".into(),
-            setting: format!("{} connections × 1 bug", group(n as f64)),
+            setting: format!("{} connections × 1 bug", crate::thousands(n as f64)),
             center: format!("{per_conn:.1} KiB"),
             spread: format!(
                 "RSS {} → {} MiB",
@@ -332,7 +332,7 @@ fn fanout(o: &Options) -> Vec<Row> {
             scenario: "fanout: one change to every connection".into(),
             setting: format!(
                 "{} connections × 1 bug, {} changes",
-                group(n as f64),
+                crate::thousands(n as f64),
                 o.repeats
             ),
             center: format!("p50 {}", ms(p50)),
@@ -371,7 +371,7 @@ fn throughput(o: &Options) -> Vec<Row> {
     );
     let setting = format!(
         "{} conns × {} bugs, {} s",
-        group(fleet.size as f64),
+        crate::thousands(fleet.size as f64),
         bugs.len(),
         o.seconds
     );
@@ -435,7 +435,7 @@ fn throughput(o: &Options) -> Vec<Row> {
              {} out of order, p50 {}, p99 {}, max {}; CPU: server {:.0} %, load generator {:.0} %",
             published_in.as_secs_f64(),
             stats.count,
-            group(delivered),
+            crate::thousands(delivered),
             span.as_secs_f64(),
             fleet.shared.closed_1008.load(Ordering::Relaxed),
             stats.disorder,
@@ -453,9 +453,9 @@ fn throughput(o: &Options) -> Vec<Row> {
             best_clean = Some(best_clean.map_or(delivered, |b: f64| b.max(delivered)));
         }
         rows.push(Row {
-            scenario: format!("throughput @ {} changes/s", group(rate as f64)),
+            scenario: format!("throughput @ {} changes/s", crate::thousands(rate as f64)),
             setting: setting.clone(),
-            center: format!("{} updates/s, p50 {}", group(delivered), ms(p50)),
+            center: format!("{} updates/s, p50 {}", crate::thousands(delivered), ms(p50)),
             spread: format!(
                 "p99 {}, max {}; lost {lost}{}{}",
                 ms(p99),
@@ -471,7 +471,7 @@ fn throughput(o: &Options) -> Vec<Row> {
                     format!(
                         "; saturated: {} % of the {} /s offered or p99 over {} s",
                         (100.0 * delivered / offered).round(),
-                        group(offered),
+                        crate::thousands(offered),
                         SUSTAINED_P99.as_secs()
                     )
                 }
@@ -489,11 +489,11 @@ fn throughput(o: &Options) -> Vec<Row> {
     rows.push(Row {
         scenario: "throughput: best sustained without loss".into(),
         setting,
-        center: format!("{} updates/s", group(best)),
+        center: format!("{} updates/s", crate::thousands(best)),
         spread: "–".into(),
         target: format!(
             ">= {} updates/s, none lost (bugzfeed: ~220/s)",
-            group(TARGET_UPDATES_PER_SEC)
+            crate::thousands(TARGET_UPDATES_PER_SEC)
         ),
         met: Some(best >= TARGET_UPDATES_PER_SEC),
     });
@@ -1371,19 +1371,6 @@ fn ms(us: u64) -> String {
     } else if ms < 100.0 {
         format!("{ms:.1} ms")
     } else {
-        format!("{} ms", group(ms))
+        format!("{} ms", crate::thousands(ms))
     }
-}
-
-/// A count with thousands separators: `12,345`.
-fn group(x: f64) -> String {
-    let digits = format!("{:.0}", x.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

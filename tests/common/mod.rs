@@ -23,11 +23,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_lite::StreamExt;
 use futures_lite::future::block_on;
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use mysql::prelude::Queryable;
 
 pub const MYSQL_ADDR: &str = "127.0.0.1:3306";
@@ -51,6 +50,20 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// SplitMix64: small, seedable, the same sequence everywhere, so a seed
+/// printed by a failing test replays it. Each test adds the helpers it needs.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 /// Waits until `check` is true or `timeout` passes; `false` on timeout.
@@ -279,16 +292,9 @@ impl TestBroker {
         ))
         .unwrap_or_else(|e| panic!("{START_RABBITMQ}: {e}"));
         let channel = block_on(connection.create_channel()).expect("open a channel");
-        block_on(channel.exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ))
-        .expect("declare the test exchange");
+        // As the publisher declares it.
+        block_on(bzpush::pulse::declare_exchange(&channel, &exchange))
+            .expect("declare the test exchange");
         let queue = block_on(channel.queue_declare(
             "".into(),
             QueueDeclareOptions {

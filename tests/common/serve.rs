@@ -6,9 +6,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::block_on;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use serde_json::Value;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
@@ -132,16 +131,9 @@ impl TestBroker {
         let exchange = unique("bzpush.test");
         let connection = amqp_connect();
         let channel = block_on(connection.create_channel()).expect("open a channel");
-        block_on(channel.exchange_declare(
-            exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ))
-        .expect("declare the test exchange");
+        // As the publisher declares it.
+        block_on(bzpush::pulse::declare_exchange(&channel, &exchange))
+            .expect("declare the test exchange");
         TestBroker {
             exchange,
             connection,
