@@ -617,6 +617,14 @@ mod tests {
         (hub, client, jobs_rx)
     }
 
+    /// Sends connection 1's subscribe command to `hub`.
+    fn subscribe(hub: &mut Hub, bugs: Vec<BugId>, since: Option<Since>) {
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Subscribe { bugs, since },
+        });
+    }
+
     /// Reads `count` unmasked text frames (short ones: 7-bit lengths).
     fn read_texts(client: &mut TcpStream, count: usize) -> Vec<serde_json::Value> {
         (0..count)
@@ -642,13 +650,7 @@ mod tests {
         let (mut hub, mut client, jobs) = hub_with_client(&writers);
         let bugs = vec![BugId::new(5).expect("5"), BugId::new(6).expect("6")];
         let since = Since::parse("2026-01-01T00:00:00").expect("since");
-        hub.handle(Message::Command {
-            conn: 1,
-            command: Command::Subscribe {
-                bugs,
-                since: Some(since),
-            },
-        });
+        subscribe(&mut hub, bugs, Some(since));
         let job = jobs
             .try_recv()
             .expect("the cache cannot vouch: the database is asked");
@@ -693,13 +695,11 @@ mod tests {
     fn live_updates_still_on_their_way_after_a_database_catch_up_never_go_back_in_time() {
         let writers = Writers::start().expect("writers");
         let (mut hub, mut client, jobs) = hub_with_client(&writers);
-        hub.handle(Message::Command {
-            conn: 1,
-            command: Command::Subscribe {
-                bugs: vec![BugId::new(5).expect("5")],
-                since: Since::parse("2026-01-01T00:00:00"),
-            },
-        });
+        subscribe(
+            &mut hub,
+            vec![BugId::new(5).expect("5")],
+            Since::parse("2026-01-01T00:00:00"),
+        );
         assert!(jobs.try_recv().is_ok());
         // The database is ahead of the live stream: it answers :07 while
         // :05 and :07 are still in the broker's queue.
@@ -732,13 +732,11 @@ mod tests {
     fn a_failed_catch_up_answers_partial_from_the_cache_without_repeats() {
         let writers = Writers::start().expect("writers");
         let (mut hub, mut client, jobs) = hub_with_client(&writers);
-        hub.handle(Message::Command {
-            conn: 1,
-            command: Command::Subscribe {
-                bugs: vec![BugId::new(5).expect("5")],
-                since: Since::parse("2026-01-01T00:00:00"),
-            },
-        });
+        subscribe(
+            &mut hub,
+            vec![BugId::new(5).expect("5")],
+            Since::parse("2026-01-01T00:00:00"),
+        );
         assert!(jobs.try_recv().is_ok());
         hub.handle(Message::Notify {
             feed: 0,
@@ -768,13 +766,7 @@ mod tests {
     fn a_stale_update_never_takes_a_bug_back_in_time() {
         let writers = Writers::start().expect("writers");
         let (mut hub, mut client, _jobs) = hub_with_client(&writers);
-        hub.handle(Message::Command {
-            conn: 1,
-            command: Command::Subscribe {
-                bugs: vec![BugId::new(5).expect("5")],
-                since: None,
-            },
-        });
+        subscribe(&mut hub, vec![BugId::new(5).expect("5")], None);
         for when in [
             "2026-01-01T00:00:09",
             "2026-01-01T00:00:05",
