@@ -9,7 +9,6 @@
 use std::io::Write;
 use std::time::Duration;
 
-use futures_lite::future::block_on;
 use lapin::{Connection, ConnectionProperties};
 use mysql::Conn;
 use mysql::prelude::Queryable;
@@ -158,10 +157,10 @@ fn advice(error: &mysql::Error, otherwise: &str) -> String {
 }
 
 fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
-    let connection = match block_on(Connection::connect(
-        url.secret(),
-        ConnectionProperties::default().with_connection_name("bzpush check".into()),
-    )) {
+    let properties = ConnectionProperties::default().with_connection_name("bzpush check".into());
+    // Bounded like every other broker operation: a check must end.
+    let connection = match pulse::wait("connecting", Connection::connect(url.secret(), properties))
+    {
         Ok(c) => {
             report.line(Ok(format!("broker {url}: reachable")));
             c
@@ -175,7 +174,7 @@ fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
     };
     for exchange in exchanges {
         // A fresh channel each: a refused declaration closes its channel.
-        let declared = block_on(async {
+        let declared = pulse::wait("declaring the exchange", async {
             let channel = connection.create_channel().await?;
             pulse::declare_exchange(&channel, exchange).await
         });
@@ -186,5 +185,5 @@ fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
             )
         }));
     }
-    let _ = block_on(connection.close(200, "check done".into()));
+    let _ = pulse::wait("closing", connection.close(200, "check done".into()));
 }

@@ -247,7 +247,7 @@ fn bounded<T, E: From<BrokerError>>(
 }
 
 /// One lapin operation, bounded by [`OPERATION_TIMEOUT`].
-fn wait<T>(
+pub(crate) fn wait<T>(
     doing: &'static str,
     operation: impl Future<Output = lapin::Result<T>>,
 ) -> Result<T, BrokerError> {
