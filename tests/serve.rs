@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 use tungstenite::Message;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
-use tungstenite::stream::MaybeTlsStream;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -44,12 +43,6 @@ fn request_text(client: &mut Client, text: &str) -> Value {
 /// would arrive first.
 fn assert_nothing_before_version(client: &mut Client) {
     assert_eq!(client.request(json!({"command": "version"})), version());
-}
-
-fn set_read_timeout(client: &mut Client, timeout: Duration) {
-    if let MaybeTlsStream::Plain(s) = client.ws.get_mut() {
-        s.set_read_timeout(Some(timeout)).expect("timeout");
-    }
 }
 
 /// A server on `broker` with `extra` settings, its consumer running.
@@ -685,7 +678,7 @@ fn client_pings_are_answered() {
     let mut c = Client::connect(&server.ws_url("/"));
     c.ws.send(Message::Ping(b"hello".to_vec().into()))
         .expect("ping");
-    set_read_timeout(&mut c, WAIT);
+    c.set_read_timeout(WAIT);
     match c.ws.read().expect("read") {
         Message::Pong(payload) => assert_eq!(&payload[..], b"hello"),
         other => panic!("expected a pong, got {other:?}"),
@@ -710,7 +703,7 @@ fn keepalive_pings_idle_clients_and_closes_silent_ones() {
     let mut pings = 0;
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        set_read_timeout(&mut live, Duration::from_millis(100));
+        live.set_read_timeout(Duration::from_millis(100));
         match live.ws.read() {
             Ok(Message::Ping(_)) => pings += 1,
             Ok(other) => panic!("unexpected {other:?}"),

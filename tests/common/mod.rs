@@ -5,11 +5,13 @@
 //! other's data. Faults are real: [`Proxy`] severs TCP connections, and
 //! [`Bzpush::kill9`] sends SIGKILL. A service that is down fails the test
 //! with how to start it; nothing is skipped. Every wait has a deadline, so a
-//! hung test fails instead of hanging CI.
+//! hung test fails instead of hanging CI, and a [`watchdog`] ends a test binary
+//! that runs far too long, printing where it hung.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod run;
 pub mod serve;
+mod watchdog;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_lite::StreamExt;
-use futures_lite::future::block_on;
+use futures_lite::future::{self, block_on};
 use lapin::options::{
     BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -39,8 +41,46 @@ const START_RABBITMQ: &str = "RabbitMQ must answer at 127.0.0.1:5672 as guest/gu
     it with `rabbitmq-server -detached && rabbitmqctl await_startup`, or run `bash .ci/run`, \
     which installs and starts it";
 
+/// How long one broker operation may take before the test fails: lapin can
+/// leave an operation pending forever on a connection that died under it
+/// (see `src/pulse.rs`), and a test must then fail, not hang.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one lapin operation; fails the test, saying what it was doing, if
+/// it errs or is still pending after [`BROKER_TIMEOUT`].
+pub fn broker<T, E: std::fmt::Display>(
+    doing: &str,
+    operation: impl Future<Output = Result<T, E>>,
+) -> T {
+    broker_within(doing, BROKER_TIMEOUT, operation)
+}
+
+/// [`broker`] with a bound of its own, for an operation that takes long.
+pub fn broker_within<T, E: std::fmt::Display>(
+    doing: &str,
+    timeout: Duration,
+    operation: impl Future<Output = Result<T, E>>,
+) -> T {
+    match within(timeout, operation) {
+        Some(Ok(value)) => value,
+        Some(Err(e)) => panic!("{doing}: {e}"),
+        None => panic!("{doing}: no answer from the broker within {timeout:?}"),
+    }
+}
+
+/// `operation`'s outcome, or `None` if it is still pending after
+/// `timeout`: for cleanup, which must neither panic nor hang.
+pub fn within<T>(timeout: Duration, operation: impl Future<Output = T>) -> Option<T> {
+    block_on(future::or(async { Some(operation.await) }, async {
+        async_io::Timer::after(timeout).await;
+        None
+    }))
+}
+
 /// A name no other test (or test run) uses: `prefix_<pid>_<time>_<n>`.
+/// Nearly every test asks for one first, so this arms the [`watchdog`].
 pub fn unique(prefix: &str) -> String {
+    watchdog::arm();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -283,50 +323,73 @@ pub fn amqp_url_at(addr: &str) -> String {
     format!("amqp://guest:guest@{addr}/%2f")
 }
 
+/// A connection to the test broker; fails the test saying how to start
+/// RabbitMQ if it does not answer.
+pub fn amqp_connect() -> Connection {
+    let url = amqp_url_at(AMQP_ADDR);
+    broker(
+        START_RABBITMQ,
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+}
+
+/// Deletes `exchange` at the end of a test; gives up quietly, since a
+/// leftover exchange harms no other test.
+pub fn delete_exchange(connection: &Connection, exchange: &str) {
+    if let Some(Ok(channel)) = within(BROKER_TIMEOUT, connection.create_channel()) {
+        let delete = channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default());
+        let _ = within(BROKER_TIMEOUT, delete);
+    }
+}
+
 impl TestBroker {
     pub fn new() -> TestBroker {
         let exchange = unique("bzpush.test");
-        let connection = block_on(Connection::connect(
-            &amqp_url_at(AMQP_ADDR),
-            ConnectionProperties::default(),
-        ))
-        .unwrap_or_else(|e| panic!("{START_RABBITMQ}: {e}"));
-        let channel = block_on(connection.create_channel()).expect("open a channel");
+        let connection = amqp_connect();
+        let channel = broker("open a channel", connection.create_channel());
         // As the publisher declares it.
-        block_on(bzpush::pulse::declare_exchange(&channel, &exchange))
-            .expect("declare the test exchange");
-        let queue = block_on(channel.queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ))
-        .expect("declare the test queue");
-        block_on(channel.queue_bind(
-            queue.name().clone(),
-            exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ))
-        .expect("bind the test queue");
+        broker(
+            "declare the test exchange",
+            bzpush::pulse::declare_exchange(&channel, &exchange),
+        );
+        let queue = broker(
+            "declare the test queue",
+            channel.queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        );
+        broker(
+            "bind the test queue",
+            channel.queue_bind(
+                queue.name().clone(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        );
         // The queue is this test's alone and dies with it, so messages are
         // taken as delivered (no_ack): acking each one costs a hand-off to
         // lapin's I/O thread and a frame to the broker, which on a 2-core
         // machine took more CPU than the poller a benchmark measures.
-        let mut consumer = block_on(channel.basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        ))
-        .expect("consume");
+        let mut consumer = broker(
+            "consume",
+            channel.basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        );
         let (tx, received) = crossbeam_channel::unbounded();
         thread::Builder::new()
             .name("test-consumer".into())
@@ -393,13 +456,11 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
-        if let Ok(channel) = block_on(self.connection.create_channel()) {
-            let _ = block_on(channel.exchange_delete(
-                self.exchange.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            ));
-        }
-        let _ = block_on(self.connection.close(200, "test done".into()));
+        delete_exchange(&self.connection, &self.exchange);
+        let _ = within(
+            BROKER_TIMEOUT,
+            self.connection.close(200, "test done".into()),
+        );
     }
 }
 
@@ -557,6 +618,7 @@ impl Bzpush {
 
     /// `bzpush <args>` with exactly the `BZPUSH_*` variables given.
     fn command(args: &[&str], env: &[(&str, String)]) -> Command {
+        watchdog::arm();
         let mut command = Command::new(env!("CARGO_BIN_EXE_bzpush"));
         command.args(args);
         for (key, _) in std::env::vars() {

@@ -5,12 +5,13 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use futures_lite::future::block_on;
-use lapin::options::ExchangeDeleteOptions;
 use lapin::{Connection, ConnectionProperties};
 use mysql::prelude::Queryable;
 
-use super::{AMQP_ADDR, Bzpush, TestDb, admin_conn, amqp_url_at, unique};
+use super::{
+    AMQP_ADDR, BROKER_TIMEOUT, Bzpush, TestDb, admin_conn, amqp_url_at, delete_exchange, unique,
+    within,
+};
 
 const STARTUP: Duration = Duration::from_secs(20);
 
@@ -121,17 +122,11 @@ impl ExchangeName {
 
 impl Drop for ExchangeName {
     fn drop(&mut self) {
-        let Ok(connection) = block_on(Connection::connect(
-            &amqp_url_at(AMQP_ADDR),
-            ConnectionProperties::default(),
-        )) else {
-            return;
-        };
-        if let Ok(channel) = block_on(connection.create_channel()) {
-            let _ = block_on(
-                channel.exchange_delete(self.0.as_str().into(), ExchangeDeleteOptions::default()),
-            );
+        let url = amqp_url_at(AMQP_ADDR);
+        let connect = Connection::connect(&url, ConnectionProperties::default());
+        if let Some(Ok(connection)) = within(BROKER_TIMEOUT, connect) {
+            delete_exchange(&connection, &self.0);
+            let _ = within(BROKER_TIMEOUT, connection.close(200, "test done".into()));
         }
-        let _ = block_on(connection.close(200, "test done".into()));
     }
 }

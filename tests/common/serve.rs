@@ -5,14 +5,16 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use futures_lite::future::block_on;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde_json::Value;
-use tungstenite::stream::MaybeTlsStream;
+use tungstenite::handshake::HandshakeError;
 use tungstenite::{Message, WebSocket};
 
-use super::{AMQP_ADDR, Bzpush, TestBroker, amqp_url_at, unique};
+use super::{
+    AMQP_ADDR, BROKER_TIMEOUT, Bzpush, TestBroker, amqp_connect, amqp_url_at, broker,
+    broker_within, unique, within,
+};
 
 const STARTUP: Duration = Duration::from_secs(20);
 
@@ -115,12 +117,14 @@ pub fn metric(addr: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
 }
 
-fn amqp_connect() -> Connection {
-    block_on(Connection::connect(
-        &amqp_url_at(AMQP_ADDR),
-        ConnectionProperties::default(),
-    ))
-    .expect("connect to publish")
+/// A channel on `connection` in confirm mode.
+fn confirming_channel(connection: &Connection) -> Channel {
+    let channel = broker("open a channel", connection.create_channel());
+    broker(
+        "select confirms",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    );
+    channel
 }
 
 impl TestBroker {
@@ -130,10 +134,12 @@ impl TestBroker {
     pub fn without_queue() -> TestBroker {
         let exchange = unique("bzpush.test");
         let connection = amqp_connect();
-        let channel = block_on(connection.create_channel()).expect("open a channel");
+        let channel = broker("open a channel", connection.create_channel());
         // As the publisher declares it.
-        block_on(bzpush::pulse::declare_exchange(&channel, &exchange))
-            .expect("declare the test exchange");
+        broker(
+            "declare the test exchange",
+            bzpush::pulse::declare_exchange(&channel, &exchange),
+        );
         TestBroker {
             exchange,
             connection,
@@ -149,21 +155,22 @@ impl TestBroker {
     /// Publishes any body with `routing_key`, confirmed.
     pub fn publish_raw(&self, routing_key: &str, body: &[u8]) {
         let connection = amqp_connect();
-        let channel = block_on(connection.create_channel()).expect("channel");
-        block_on(channel.confirm_select(ConfirmSelectOptions::default())).expect("confirms");
-        let confirm = block_on(channel.basic_publish(
-            self.exchange.as_str().into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default().with_delivery_mode(2),
-        ))
-        .expect("publish");
+        let channel = confirming_channel(&connection);
+        let confirm = broker(
+            "publish",
+            channel.basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            ),
+        );
         assert!(
-            matches!(block_on(confirm), Ok(Confirmation::Ack(_))),
+            matches!(broker("confirm", confirm), Confirmation::Ack(_)),
             "the broker did not confirm the message"
         );
-        let _ = block_on(connection.close(200, "done".into()));
+        let _ = within(BROKER_TIMEOUT, connection.close(200, "done".into()));
     }
 
     /// Publishes a Pulse message for each `(bug, when)`, in order, on one
@@ -171,9 +178,11 @@ impl TestBroker {
     /// confirmed them all.
     pub fn publish_many(&self, updates: &[(u64, String)]) {
         let connection = amqp_connect();
-        let channel = block_on(connection.create_channel()).expect("channel");
-        block_on(channel.confirm_select(ConfirmSelectOptions::default())).expect("confirms");
-        block_on(async {
+        let channel = confirming_channel(&connection);
+        // A 100,000-message flood takes seconds in a debug build; a stuck
+        // broker operation would take forever.
+        let bound = BROKER_TIMEOUT + Duration::from_millis(updates.len() as u64);
+        let publish_all = async {
             let mut confirms = Vec::with_capacity(updates.len());
             for (bug, when) in updates {
                 let confirm = channel
@@ -184,39 +193,71 @@ impl TestBroker {
                         &pulse_body(&self.exchange, *bug, when),
                         BasicProperties::default().with_delivery_mode(2),
                     )
-                    .await
-                    .expect("publish");
+                    .await?;
                 confirms.push(confirm);
             }
+            let mut acked = 0;
             for confirm in confirms {
-                assert!(
-                    matches!(confirm.await, Ok(Confirmation::Ack(_))),
-                    "the broker did not confirm a message"
-                );
+                if matches!(confirm.await?, Confirmation::Ack(_)) {
+                    acked += 1;
+                }
             }
-        });
-        let _ = block_on(connection.close(200, "done".into()));
+            Ok::<usize, lapin::Error>(acked)
+        };
+        let acked = broker_within("publish and confirm", bound, publish_all);
+        assert_eq!(
+            acked,
+            updates.len(),
+            "the broker did not confirm every message"
+        );
+        let _ = within(BROKER_TIMEOUT, connection.close(200, "done".into()));
     }
 }
 
 /// A WebSocket client over TCP.
 pub struct Client {
-    pub ws: WebSocket<MaybeTlsStream<TcpStream>>,
+    pub ws: WebSocket<TcpStream>,
 }
+
+/// How long connecting, the handshake and any one write may take.
+const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Client {
     pub fn connect(url: &str) -> Client {
         Client::try_connect(url).unwrap_or_else(|e| panic!("connect {url}: {e}"))
     }
 
-    /// The handshake's outcome: a refusal is `Err(Error::Http(response))`.
+    /// The handshake's outcome: a refusal is `Err(Error::Http(response))`,
+    /// a server that does not answer in time an `Err(Error::Io(_))`.
     pub fn try_connect(url: &str) -> Result<Client, tungstenite::Error> {
-        let (ws, _) = tungstenite::connect(url)?;
-        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
-            s.set_write_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
+        super::watchdog::arm();
+        let addr = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|host| host.parse().ok())
+            .unwrap_or_else(|| panic!("{url}: expected ws://IP:PORT/PATH"));
+        let socket = TcpStream::connect_timeout(&addr, CLIENT_IO_TIMEOUT)?;
+        socket.set_read_timeout(Some(CLIENT_IO_TIMEOUT))?;
+        socket.set_write_timeout(Some(CLIENT_IO_TIMEOUT))?;
+        match tungstenite::client(url, socket) {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(HandshakeError::Failure(e)) => Err(e),
+            // A blocking socket is "interrupted" only by its read timeout.
+            Err(HandshakeError::Interrupted(_)) => {
+                Err(tungstenite::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no handshake answer within {CLIENT_IO_TIMEOUT:?}"),
+                )))
+            }
         }
-        Ok(Client { ws })
+    }
+
+    /// Sets the socket's read timeout.
+    pub fn set_read_timeout(&mut self, timeout: Duration) {
+        self.ws
+            .get_mut()
+            .set_read_timeout(Some(timeout))
+            .expect("set a read timeout");
     }
 
     pub fn send(&mut self, json: Value) {
@@ -231,12 +272,6 @@ impl Client {
             .unwrap_or_else(|| panic!("no message within {timeout:?}"))
     }
 
-    fn set_timeout(&mut self, timeout: Duration) {
-        if let MaybeTlsStream::Plain(s) = self.ws.get_mut() {
-            s.set_read_timeout(Some(timeout)).expect("timeout");
-        }
-    }
-
     /// The next text frame as JSON, or `None` after `timeout`.
     pub fn try_recv(&mut self, timeout: Duration) -> Option<Value> {
         let deadline = Instant::now() + timeout;
@@ -245,7 +280,7 @@ impl Client {
             if left.is_zero() {
                 return None;
             }
-            self.set_timeout(left);
+            self.set_read_timeout(left);
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
                     return Some(serde_json::from_str(text.as_str()).expect("server sends JSON"));
@@ -282,7 +317,7 @@ impl Client {
                 !left.is_zero(),
                 "the server did not end the connection within {timeout:?}"
             );
-            self.set_timeout(left);
+            self.set_read_timeout(left);
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
                     texts.push(serde_json::from_str(text.as_str()).expect("server sends JSON"));
