@@ -102,7 +102,7 @@ impl Metrics {
             (
                 "slow_client_closes_total",
                 "counter",
-                "Clients closed (1008) for not keeping up.",
+                "Clients closed for not keeping up: 1008, or cut when a write stalled.",
                 get(&self.slow_client_closes),
             ),
             (

@@ -250,6 +250,17 @@ impl Outbox {
             state.writing = false;
             if let Err(e) = written {
                 debug!("write failed: {e}");
+                // A socket that took nothing for the whole write timeout
+                // belongs to a client that does not keep up, as surely as
+                // a full queue does: count it with them.
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    self.metrics
+                        .slow_client_closes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 state.closing = true;
                 state.closed = true;
                 state.frames.clear();
