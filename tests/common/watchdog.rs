@@ -10,7 +10,7 @@
 //! "has been running for over 60 seconds" lines name the tests that hung.
 
 use std::io::Write;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::thread;
 use std::time::Duration;
@@ -61,16 +61,16 @@ fn fire(limit: Duration) -> ! {
     for pid in std::iter::once(me.to_string()).chain(children.split_whitespace().map(String::from))
     {
         let _ = writeln!(stderr, "\n---- stacks of pid {pid} ----");
-        match Command::new("gdb")
+        // gdb writes to our stderr itself: while it holds this process
+        // stopped, no thread here could read a pipe from it.
+        let gdb = Command::new("gdb")
             .args(["-p", &pid, "-batch", "-ex", "thread apply all bt 20"])
-            .output()
-        {
-            Ok(out) => {
-                let _ = stderr.write_all(&out.stdout);
-            }
-            Err(e) => {
-                let _ = writeln!(stderr, "(no stacks: gdb did not run: {e})");
-            }
+            .stdin(Stdio::null())
+            .stdout(std::io::stderr())
+            .stderr(Stdio::null())
+            .status();
+        if let Err(e) = gdb {
+            let _ = writeln!(stderr, "(no stacks: gdb did not run: {e})");
         }
     }
     std::process::exit(101);
