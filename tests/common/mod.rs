@@ -64,7 +64,10 @@ pub fn broker_within<T, E: std::fmt::Display>(
     match within(timeout, operation) {
         Some(Ok(value)) => value,
         Some(Err(e)) => panic!("{doing}: {e}"),
-        None => panic!("{doing}: no answer from the broker within {timeout:?}"),
+        None => panic!(
+            "{doing}: no answer from the broker within {timeout:?}. A broker with a \
+             disk or memory alarm blocks every publisher: `rabbitmq-diagnostics alarms`"
+        ),
     }
 }
 
