@@ -6,7 +6,8 @@
 //! to say where. So the first harness call starts a timer; if the binary is
 //! still running when it fires, the stacks of the test process and of every
 //! `bzpush` it started are printed (with gdb, when the machine has it) and
-//! the binary exits with status 101, as a failed test does. libtest's
+//! the children are killed and the binary exits with status 101, as a
+//! failed test does. libtest's
 //! "has been running for over 60 seconds" lines name the tests that hung.
 
 use std::io::Write;
@@ -72,6 +73,11 @@ fn fire(limit: Duration) -> ! {
         if let Err(e) = gdb {
             let _ = writeln!(stderr, "(no stacks: gdb did not run: {e})");
         }
+    }
+    // Exiting runs no destructor: the children would live on as orphans
+    // and load the machine for every test binary after this one.
+    for pid in children.split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
     }
     std::process::exit(101);
 }
