@@ -227,6 +227,19 @@ pub struct AmqpUrl {
 }
 
 impl AmqpUrl {
+    /// Checks `value`; the error says what is wrong with it.
+    pub fn parse(value: &str) -> Result<AmqpUrl, String> {
+        if !(value.starts_with("amqp://") || value.starts_with("amqps://")) {
+            return Err("expected amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://…".into());
+        }
+        value
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| e.to_string())?;
+        Ok(AmqpUrl {
+            url: value.to_string(),
+        })
+    }
+
     /// The full URL, credentials included: only for connecting.
     pub fn secret(&self) -> &str {
         &self.url
@@ -500,19 +513,7 @@ fn database_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, Confi
 }
 
 fn amqp_url((setting, value): (&Setting, &str)) -> Result<AmqpUrl, ConfigError> {
-    if !(value.starts_with("amqp://") || value.starts_with("amqps://")) {
-        return Err(ConfigError::setting(
-            setting,
-            value,
-            "expected amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://…",
-        ));
-    }
-    value
-        .parse::<lapin::uri::AMQPUri>()
-        .map_err(|e| ConfigError::setting(setting, value, &e))?;
-    Ok(AmqpUrl {
-        url: value.to_string(),
-    })
+    AmqpUrl::parse(value).map_err(|why| ConfigError::setting(setting, value, &why))
 }
 
 fn feeds((setting, value): (&Setting, &str)) -> Result<Vec<Feed>, ConfigError> {

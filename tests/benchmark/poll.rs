@@ -2,14 +2,20 @@
 //!
 //! - throughput: a backlog of [`BACKLOG`] rows, drained into the broker
 //!   with publisher confirms and deleted, from the poller's start until the
-//!   table is empty and the consumer has every bug. Fresh database, exchange
-//!   and process per run.
+//!   table is empty and the broker has every bug: waiting in a queue nobody
+//!   consumes (as when Pulse's consumers run on other machines), or taken
+//!   by a consumer in this process, on the same two cores. Fresh database,
+//!   exchange and process per run.
 //! - lag: single changes committed at random moments while the poller runs
 //!   at its default interval; lag is the consumer's arrival time minus the
 //!   writer's commit time, both taken in this process.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bzpush::config::AmqpUrl;
+use bzpush::notification::{BugId, ChangeTime, Notification};
+use bzpush::pulse::Publisher;
 
 use crate::common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, TestBroker, TestDb};
 use crate::{Row, quantile};
@@ -31,9 +37,25 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 const ARRIVAL_DEADLINE: Duration = Duration::from_secs(20);
 
 pub fn run() -> Vec<Row> {
-    let mut rows: Vec<Row> = BATCH_SIZES.iter().map(|&b| throughput(b)).collect();
+    let mut rows = vec![broker_floor(), throughput(1000, Consumer::None)];
+    rows.extend(
+        BATCH_SIZES
+            .iter()
+            .map(|&b| throughput(b, Consumer::SameCores)),
+    );
     rows.push(lag());
     rows
+}
+
+/// Who takes the messages off the broker while the backlog drains.
+#[derive(Clone, Copy)]
+enum Consumer {
+    /// Nobody: they wait in a queue, counted at the end. Pulse consumers
+    /// run elsewhere; here they would share the two cores with the broker,
+    /// the poller and the database.
+    None,
+    /// This process, on the same two cores.
+    SameCores,
 }
 
 /// The settings every scenario gives the poller; `extra` wins.
@@ -49,10 +71,10 @@ fn poller(db: &TestDb, broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush 
     Bzpush::poll(db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &env)
 }
 
-fn throughput(batch_size: usize) -> Row {
+fn throughput(batch_size: usize, consumer: Consumer) -> Row {
     let mut rates: Vec<f64> = (1..=RUNS)
         .map(|run| {
-            let rate = drain_backlog(batch_size);
+            let rate = drain_backlog(batch_size, consumer);
             eprintln!("throughput, batch {batch_size}, run {run}/{RUNS}: {rate:.0} rows/s");
             rate
         })
@@ -64,8 +86,12 @@ fn throughput(batch_size: usize) -> Row {
         .join(" / ");
     rates.sort_by(f64::total_cmp);
     let median = quantile(&rates, 0.5);
+    let who = match consumer {
+        Consumer::None => "queued, no consumer",
+        Consumer::SameCores => "a consumer on the same cores",
+    };
     Row {
-        scenario: format!("throughput ({}k-row backlog)", BACKLOG / 1000),
+        scenario: format!("throughput ({}k-row backlog), {who}", BACKLOG / 1000),
         setting: format!("BZPUSH_BATCH_SIZE={batch_size}"),
         center: format!("{} rows/s", crate::thousands(median)),
         spread: format!("runs: {runs}"),
@@ -74,23 +100,168 @@ fn throughput(batch_size: usize) -> Row {
     }
 }
 
-/// One run: rows per second from the poller's start until every bug has
-/// arrived and the table is empty.
-fn drain_backlog(batch_size: usize) -> f64 {
+/// One run: rows per second from the poller's start until the table is
+/// empty and every bug is the broker's (arrived at the consumer, or
+/// waiting in the queue).
+fn drain_backlog(batch_size: usize, consumer: Consumer) -> f64 {
     let db = TestDb::new();
     db.push_notify_backlog(1..BACKLOG + 1, "2026-11-28 02:04:50");
-    let broker = TestBroker::new();
-    let mut seen = vec![false; BACKLOG as usize + 1];
-    let mut distinct = 0;
-    let mut messages = 0u64;
-
+    let broker = match consumer {
+        Consumer::None => TestBroker::holding(),
+        Consumer::SameCores => TestBroker::new(),
+    };
+    let (rabbit, maria) = (
+        CpuClock::of_process("beam.smp"),
+        CpuClock::of_process("mariadbd"),
+    );
     let start = Instant::now();
     let deadline = start + DRAIN_DEADLINE;
-    let _poller = poller(
+    let poller = poller(
         &db,
         &broker,
         &[("BZPUSH_BATCH_SIZE", batch_size.to_string())],
     );
+    // Read whole at the end: the process starts at zero.
+    let bzpush = CpuClock::of_pid(Some(poller.pid().to_string()));
+    let messages = match consumer {
+        Consumer::None => None,
+        Consumer::SameCores => Some(receive_every_bug(&broker, deadline)),
+    };
+    let mut conn = db.conn();
+    let emptied =
+        crate::common::wait_until(deadline.saturating_duration_since(Instant::now()), || {
+            use mysql::prelude::Queryable;
+            let left: Option<u64> = conn
+                .query_first("SELECT COUNT(*) FROM push_notify")
+                .expect("count");
+            left == Some(0)
+        });
+    assert!(emptied, "push_notify not empty within {DRAIN_DEADLINE:?}");
+    let elapsed = start.elapsed();
+    // Every row is deleted only after its confirm, so the queue holds them
+    // all now; more if some went out twice.
+    let messages = messages.unwrap_or_else(|| u64::from(broker.queued()));
+    assert!(
+        messages >= u64::from(BACKLOG),
+        "only {messages} messages reached the broker"
+    );
+    eprintln!(
+        "  {messages} messages ({} duplicates); table empty after {:.2} s; CPU-s: \
+         RabbitMQ {:.1}, MariaDB {:.1}, bzpush {:.1}",
+        messages - u64::from(BACKLOG),
+        elapsed.as_secs_f64(),
+        rabbit.seconds(),
+        maria.seconds(),
+        bzpush.total(),
+    );
+    f64::from(BACKLOG) / elapsed.as_secs_f64()
+}
+
+/// What the broker alone takes on this machine: bzpush's own publisher
+/// sends [`BACKLOG`] notifications with confirms, all in flight at once,
+/// with no database to read or delete from. No poller, however it
+/// overlaps its steps, can drain faster than this.
+fn broker_floor() -> Row {
+    let mut rates: Vec<f64> = (1..=RUNS)
+        .map(|run| {
+            let broker = TestBroker::holding();
+            let url = AmqpUrl::parse(&crate::common::amqp_url_at(AMQP_ADDR)).expect("a URL");
+            let publisher =
+                Publisher::connect(&url, &broker.exchange, "bench").expect("connect to publish");
+            let all: Vec<Notification> = (1..=BACKLOG)
+                .map(|i| Notification {
+                    bug: BugId::new(i).expect("a bug id"),
+                    when: ChangeTime::new("2026-11-28T02:04:50"),
+                })
+                .collect();
+            let rabbit = CpuClock::of_process("beam.smp");
+            let start = Instant::now();
+            publisher.publish(&all).expect("publish");
+            let elapsed = start.elapsed();
+            let rate = f64::from(BACKLOG) / elapsed.as_secs_f64();
+            eprintln!(
+                "broker floor, run {run}/{RUNS}: {rate:.0} messages/s; RabbitMQ {:.1} CPU-s",
+                rabbit.seconds()
+            );
+            assert_eq!(
+                broker.queued(),
+                BACKLOG,
+                "the queue should hold every message"
+            );
+            rate
+        })
+        .collect();
+    let runs = rates
+        .iter()
+        .map(|r| crate::thousands(*r))
+        .collect::<Vec<_>>()
+        .join(" / ");
+    rates.sort_by(f64::total_cmp);
+    Row {
+        scenario: format!(
+            "broker floor: {}k messages published with confirms, no database",
+            BACKLOG / 1000
+        ),
+        setting: "all in flight at once".into(),
+        center: format!("{} messages/s", crate::thousands(quantile(&rates, 0.5))),
+        spread: format!("runs: {runs}"),
+        target: "-".into(),
+        met: None,
+    }
+}
+
+/// CPU time a process spent since this clock started, from `/proc`.
+struct CpuClock {
+    pid: Option<String>,
+    start: f64,
+}
+
+impl CpuClock {
+    /// The oldest process named `name`; reads as zero if there is none.
+    fn of_process(name: &str) -> CpuClock {
+        let pid = std::process::Command::new("pgrep")
+            .args(["-o", "-x", name])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|p| !p.is_empty());
+        CpuClock::of_pid(pid)
+    }
+
+    fn of_pid(pid: Option<String>) -> CpuClock {
+        let mut clock = CpuClock { pid, start: 0.0 };
+        clock.start = clock.total();
+        clock
+    }
+
+    /// utime + stime, in seconds (at Linux's 100 ticks per second).
+    fn total(&self) -> f64 {
+        let Some(pid) = &self.pid else { return 0.0 };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of stat; 12 and 13 here.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    fn seconds(&self) -> f64 {
+        self.total() - self.start
+    }
+}
+
+/// Receives until every bug of the backlog has arrived; the messages
+/// received.
+fn receive_every_bug(broker: &TestBroker, deadline: Instant) -> u64 {
+    let mut seen = vec![false; BACKLOG as usize + 1];
+    let (mut distinct, mut messages) = (0, 0u64);
     while distinct < BACKLOG {
         let message = broker
             .recv(deadline.saturating_duration_since(Instant::now()))
@@ -103,25 +274,7 @@ fn drain_backlog(batch_size: usize) -> f64 {
             distinct += 1;
         }
     }
-    let all_arrived = start.elapsed();
-    let mut conn = db.conn();
-    let emptied =
-        crate::common::wait_until(deadline.saturating_duration_since(Instant::now()), || {
-            use mysql::prelude::Queryable;
-            let left: Option<u64> = conn
-                .query_first("SELECT COUNT(*) FROM push_notify")
-                .expect("count");
-            left == Some(0)
-        });
-    assert!(emptied, "push_notify not empty within {DRAIN_DEADLINE:?}");
-    let elapsed = start.elapsed();
-    eprintln!(
-        "  {messages} messages ({} duplicates); all arrived after {:.2} s, table empty after {:.2} s",
-        messages - u64::from(BACKLOG),
-        all_arrived.as_secs_f64(),
-        elapsed.as_secs_f64()
-    );
-    f64::from(BACKLOG) / elapsed.as_secs_f64()
+    messages
 }
 
 /// Commit-to-arrival lag of single changes at the default interval.

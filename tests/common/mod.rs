@@ -28,7 +28,7 @@ use lapin::options::{
     BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use mysql::prelude::Queryable;
 
 pub const MYSQL_ADDR: &str = "127.0.0.1:3306";
@@ -319,6 +319,8 @@ impl Received {
 pub struct TestBroker {
     pub exchange: String,
     connection: Connection,
+    /// The test's own queue, if it has one.
+    queue: Option<String>,
     received: Receiver<Received>,
 }
 
@@ -347,6 +349,55 @@ pub fn delete_exchange(connection: &Connection, exchange: &str) {
 
 impl TestBroker {
     pub fn new() -> TestBroker {
+        let (mut test_broker, channel, queue) = TestBroker::with_queue();
+        // The queue is this test's alone and dies with it, so messages are
+        // taken as delivered (no_ack): acking each one costs a hand-off to
+        // lapin's I/O thread and a frame to the broker, which on a 2-core
+        // machine took more CPU than the poller a benchmark measures.
+        let mut consumer = broker(
+            "consume",
+            channel.basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        );
+        let (tx, received) = crossbeam_channel::unbounded();
+        thread::Builder::new()
+            .name("test-consumer".into())
+            .spawn(move || {
+                while let Some(Ok(delivery)) = block_on(consumer.next()) {
+                    let at = Instant::now();
+                    let message = Received {
+                        at,
+                        routing_key: delivery.routing_key.to_string(),
+                        properties: delivery.properties.clone(),
+                        body: delivery.data.clone(),
+                    };
+                    if tx.send(message).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the test consumer");
+        test_broker.received = received;
+        test_broker
+    }
+
+    /// An exchange and a queue bound to `#` that nobody consumes: messages
+    /// stay in it, for [`TestBroker::queued`] to count, and cost the broker
+    /// no deliveries. [`TestBroker::recv`] is not for this one.
+    pub fn holding() -> TestBroker {
+        TestBroker::with_queue().0
+    }
+
+    /// The exchange and its exclusive queue, bound to `#`; the channel that
+    /// declared them and the queue's name.
+    fn with_queue() -> (TestBroker, Channel, String) {
         let exchange = unique("bzpush.test");
         let connection = amqp_connect();
         let channel = broker("open a channel", connection.create_channel());
@@ -377,45 +428,33 @@ impl TestBroker {
                 FieldTable::default(),
             ),
         );
-        // The queue is this test's alone and dies with it, so messages are
-        // taken as delivered (no_ack): acking each one costs a hand-off to
-        // lapin's I/O thread and a frame to the broker, which on a 2-core
-        // machine took more CPU than the poller a benchmark measures.
-        let mut consumer = broker(
-            "consume",
-            channel.basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
+        let queue = queue.name().to_string();
+        let test_broker = TestBroker {
+            exchange,
+            connection,
+            queue: Some(queue.clone()),
+            received: crossbeam_channel::never(),
+        };
+        (test_broker, channel, queue)
+    }
+
+    /// How many messages wait in the test queue.
+    pub fn queued(&self) -> u32 {
+        let queue = self.queue.as_deref().expect("a broker with a queue");
+        let channel = broker("open a channel", self.connection.create_channel());
+        let declared = broker(
+            "count the test queue",
+            channel.queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
                 },
                 FieldTable::default(),
             ),
         );
-        let (tx, received) = crossbeam_channel::unbounded();
-        thread::Builder::new()
-            .name("test-consumer".into())
-            .spawn(move || {
-                while let Some(Ok(delivery)) = block_on(consumer.next()) {
-                    let at = Instant::now();
-                    let message = Received {
-                        at,
-                        routing_key: delivery.routing_key.to_string(),
-                        properties: delivery.properties.clone(),
-                        body: delivery.data.clone(),
-                    };
-                    if tx.send(message).is_err() {
-                        break;
-                    }
-                }
-            })
-            .expect("spawn the test consumer");
-        TestBroker {
-            exchange,
-            connection,
-            received,
-        }
+        let _ = within(BROKER_TIMEOUT, channel.close(200, "counted".into()));
+        declared.message_count()
     }
 
     /// The next message, or `None` after `timeout`.

@@ -143,6 +143,7 @@ impl TestBroker {
         TestBroker {
             exchange,
             connection,
+            queue: None,
             received: crossbeam_channel::never(),
         }
     }
