@@ -534,13 +534,22 @@ fn consume_once(
         ),
     )?;
     connected();
+    let mut acks = Acks::default();
     loop {
-        let next = block_on(future::or(async { Some(consumer.next().await) }, async {
-            async_io::Timer::after(SHUTDOWN_CHECK).await;
-            None
-        }));
+        // What is ready is taken without a timer; only an idle consumer
+        // waits with one, after acking what the hub already holds.
+        let next = match block_on(future::poll_once(consumer.next())) {
+            Some(ready) => Some(ready),
+            None => {
+                acks.flush()?;
+                block_on(future::or(async { Some(consumer.next().await) }, async {
+                    async_io::Timer::after(SHUTDOWN_CHECK).await;
+                    None
+                }))
+            }
+        };
         if shutdown.requested() {
-            return Ok(());
+            return acks.flush();
         }
         let delivery = match next {
             None => continue,
@@ -555,7 +564,7 @@ fn consume_once(
                     notification,
                 };
                 if hub.send(message).is_err() {
-                    return Ok(());
+                    return acks.flush();
                 }
             }
             Err(e) => {
@@ -567,12 +576,49 @@ fn consume_once(
                 );
             }
         }
-        // Acked only now that the hub holds it.
-        wait_at_most(
-            "acking",
-            ACK_TIMEOUT,
-            delivery.ack(BasicAckOptions::default()),
-        )?;
+        // Acked only now that the hub holds it (or it was dropped).
+        acks.handed_off(delivery.acker)?;
+    }
+}
+
+/// Acks owed to the broker for deliveries the hub holds. One ack with
+/// `multiple` covers every earlier delivery on the channel, so a busy
+/// consumer acks once per [`ACK_EVERY`] messages instead of once per
+/// message: each ack is a hand-off to lapin's I/O thread and a frame the
+/// broker must handle, and in a flood those cost more than the delivery.
+#[derive(Default)]
+struct Acks {
+    /// The latest delivery handed off and not yet acked.
+    last: Option<lapin::Acker>,
+    owed: usize,
+}
+
+/// Most deliveries a busy consumer leaves unacked: well inside
+/// [`PREFETCH`], so the broker never stops sending for want of acks.
+const ACK_EVERY: usize = 100;
+
+impl Acks {
+    fn handed_off(&mut self, acker: lapin::Acker) -> Result<(), BrokerError> {
+        self.last = Some(acker);
+        self.owed += 1;
+        if self.owed >= ACK_EVERY {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Acks every delivery handed off so far.
+    fn flush(&mut self) -> Result<(), BrokerError> {
+        self.owed = 0;
+        match self.last.take() {
+            Some(acker) => wait_at_most(
+                "acking",
+                ACK_TIMEOUT,
+                acker.ack(BasicAckOptions { multiple: true }),
+            )
+            .map(drop),
+            None => Ok(()),
+        }
     }
 }
 

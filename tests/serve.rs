@@ -9,10 +9,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use common::serve::{Client, http_get, metric, ok, t, update};
-use common::{AMQP_ADDR, Bzpush, TestBroker};
+use common::{AMQP_ADDR, Bzpush, TestBroker, unique, wait_until};
 use serde_json::{Value, json};
 use tungstenite::Message;
 use tungstenite::protocol::frame::Frame;
@@ -537,6 +538,35 @@ fn since_is_always_partial_without_a_cache() {
 }
 
 // ---- Pulse input ----
+
+#[test]
+fn an_idle_consumer_has_acked_everything_it_handed_on() {
+    // Acks go out in batches while messages flow; once none is ready, the
+    // rest must be acked at once, or a crash would deliver them again.
+    let broker = TestBroker::new();
+    let prefix = format!("queue/guest/{}", unique("bzpush-test"));
+    let mut server = healthy_server(&broker, &[("BZPUSH_QUEUE", prefix.clone())]);
+    let mut c = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        c.request(json!({"command": "subscribe", "bugs": [5]})),
+        ok("subscribe", &[5])
+    );
+    // Not a multiple of any batch size.
+    let updates: Vec<(u64, String)> = (1..=251).map(|i| (5, t(i))).collect();
+    broker.publish_many(&updates);
+    for (bug, when) in &updates {
+        assert_eq!(c.recv(WAIT), update(*bug, when));
+    }
+    thread::sleep(Duration::from_millis(500));
+    server.kill9();
+    // Whatever the server had not acked is back in its queue now.
+    let queue = format!("{prefix}/{}", broker.exchange);
+    assert!(
+        !wait_until(Duration::from_secs(2), || broker.ready_in(&queue) > 0),
+        "{} messages came back to the queue: the server had not acked them",
+        broker.ready_in(&queue)
+    );
+}
 
 #[test]
 fn poison_messages_are_dropped_and_the_consumer_goes_on() {

@@ -440,7 +440,12 @@ impl TestBroker {
 
     /// How many messages wait in the test queue.
     pub fn queued(&self) -> u32 {
-        let queue = self.queue.as_deref().expect("a broker with a queue");
+        self.ready_in(self.queue.as_deref().expect("a broker with a queue"))
+    }
+
+    /// How many messages wait in `queue`, ready for a consumer (delivered
+    /// but unacked ones not counted).
+    pub fn ready_in(&self, queue: &str) -> u32 {
         let channel = broker("open a channel", self.connection.create_channel());
         let declared = broker(
             "count the test queue",
