@@ -825,9 +825,14 @@ fn nanos_since_base(at: Instant) -> u64 {
     at.saturating_duration_since(base()).as_nanos() as u64
 }
 
-/// The `when` of a change: `phase.seq.publish-time-in-ns`.
+/// The `when` of a change: `phase.seq.publish-time-in-ns`, zero-padded:
+/// the server compares change times as text and drops one that sorts
+/// before the bug's latest, as it would drop a stale Bugzilla change.
 fn when(phase: u64, seq: u64) -> String {
-    format!("{phase}.{seq}.{}", nanos_since_base(Instant::now()))
+    format!(
+        "{phase:03}.{seq:012}.{:020}",
+        nanos_since_base(Instant::now())
+    )
 }
 
 /// Latencies in µs: exact below 128, then 64 buckets per power of two
