@@ -87,12 +87,18 @@ impl fmt::Display for HubGone {
 
 impl Sink for HubSink {
     type Error = HubGone;
+    /// The hub holds a batch as soon as it is sent.
+    type Pending = ();
 
     fn describe(&self) -> (&'static str, String) {
         ("hub", "in-process".to_string())
     }
 
-    fn deliver(&mut self, batch: &[Notification]) -> Result<(), HubGone> {
+    fn settle(&mut self, (): ()) -> Result<(), HubGone> {
+        Ok(())
+    }
+
+    fn send(&mut self, batch: &[Notification]) -> Result<(), HubGone> {
         for notification in batch {
             let message = Message::Notify {
                 feed: self.feed,

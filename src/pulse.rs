@@ -26,6 +26,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
 };
 use log::warn;
 use serde::Serialize;
@@ -333,6 +334,14 @@ impl Publisher {
     /// Publishes every notification, then waits until the broker has
     /// confirmed them all. `Ok` means every message is the broker's.
     pub fn publish(&self, batch: &[Notification]) -> Result<(), PublishError> {
+        let sent = self.send(batch)?;
+        self.confirm(sent)
+    }
+
+    /// Puts every notification of `batch` on the wire, in order after any
+    /// batch sent before, without waiting for the broker's confirms: the
+    /// caller gets them from [`Publisher::confirm`].
+    pub fn send(&self, batch: &[Notification]) -> Result<Sent, PublishError> {
         let sent = rfc3339_utc(SystemTime::now());
         let bodies: Vec<Vec<u8>> = batch
             .iter()
@@ -363,7 +372,6 @@ impl Publisher {
             for send in &mut sends {
                 queued.push(future::poll_once(send.as_mut()).await);
             }
-            // Then the writes, then the confirms: one round trip per batch.
             let mut confirms = Vec::with_capacity(batch.len());
             for ((notification, send), queued) in batch.iter().zip(&mut sends).zip(queued) {
                 let confirm = match queued {
@@ -371,9 +379,17 @@ impl Publisher {
                     None => send.as_mut().await,
                 }
                 .map_err(BrokerError::new("publishing"))?;
-                confirms.push((notification, confirm));
+                confirms.push((notification.bug, confirm));
             }
-            for (notification, confirm) in confirms {
+            Ok(Sent(confirms))
+        })
+    }
+
+    /// Waits until the broker has confirmed every message of `sent`. `Ok`
+    /// means every one is the broker's.
+    pub fn confirm(&self, Sent(confirms): Sent) -> Result<(), PublishError> {
+        bounded("waiting for confirms", PUBLISH_TIMEOUT, async {
+            for (bug, confirm) in confirms {
                 match confirm
                     .await
                     .map_err(BrokerError::new("waiting for confirms"))?
@@ -381,7 +397,7 @@ impl Publisher {
                     Confirmation::Ack(_) => {}
                     Confirmation::Nack(_) | Confirmation::NotRequested => {
                         return Err(PublishError::Nacked {
-                            bug: notification.bug.to_string(),
+                            bug: bug.to_string(),
                         });
                     }
                 }
@@ -390,6 +406,9 @@ impl Publisher {
         })
     }
 }
+
+/// A batch on the wire, its confirms still to come.
+pub struct Sent(Vec<(BugId, PublisherConfirm)>);
 
 /// The broker as the poller's [`Sink`]: connects on first use, and again
 /// after any failure.
@@ -411,18 +430,30 @@ impl PulseSink {
 
 impl Sink for PulseSink {
     type Error = PublishError;
+    type Pending = Sent;
 
     fn describe(&self) -> (&'static str, String) {
         ("broker", self.url.to_string())
     }
 
-    fn deliver(&mut self, batch: &[Notification]) -> Result<(), PublishError> {
+    fn send(&mut self, batch: &[Notification]) -> Result<Sent, PublishError> {
         let publisher = match self.publisher.take() {
             Some(p) => p,
             None => Publisher::connect(&self.url, &self.exchange, "bzpush poll")?,
         };
         // A failed publisher is dropped: the next batch reconnects.
-        publisher.publish(batch)?;
+        let sent = publisher.send(batch)?;
+        self.publisher = Some(publisher);
+        Ok(sent)
+    }
+
+    fn settle(&mut self, sent: Sent) -> Result<(), PublishError> {
+        // Its confirms can only come on the connection it was sent on.
+        let publisher = self
+            .publisher
+            .take()
+            .ok_or_else(|| PublishError::Broker(BrokerError::closed("waiting for confirms")))?;
+        publisher.confirm(sent)?;
         self.publisher = Some(publisher);
         Ok(())
     }

@@ -114,6 +114,11 @@ fn insert_bug(conn: &mut mysql::Conn, delta_ts: &str) -> u64 {
     conn.last_insert_id()
 }
 
+/// Batches so small that a poll finds them full: the poller overlaps them.
+fn small_batches() -> [(&'static str, String); 1] {
+    [("BZPUSH_BATCH_SIZE", "3".to_string())]
+}
+
 #[test]
 fn concurrent_writers_each_bugs_last_message_is_its_latest_change_in_order() {
     const THREADS: u32 = 4;
@@ -125,7 +130,16 @@ fn concurrent_writers_each_bugs_last_message_is_its_latest_change_in_order() {
     // for tens of milliseconds, so many changes land in that window.
     let slow = Proxy::to(AMQP_ADDR);
     slow.set_delay(Duration::from_millis(20));
-    let poller = Bzpush::poll(&db, MYSQL_ADDR, &slow.addr(), &broker.exchange, &[]);
+    // Small batches are full batches: the next one is read and published
+    // while this one's confirms and DELETE are pending, and rows changed
+    // in that window are left by the DELETE and read again.
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        &slow.addr(),
+        &broker.exchange,
+        &small_batches(),
+    );
     assert!(
         poller.wait_for_log("active:", WAIT),
         "the poller takes the lock"
@@ -207,7 +221,14 @@ fn a_poller_killed_mid_stream_and_restarted_loses_no_bugs_latest_change() {
     const CHANGES: u32 = 300;
     let db = TestDb::new();
     let broker = TestBroker::new();
-    let mut poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    // Small batches: the kill lands with batches in flight.
+    let mut poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &small_batches(),
+    );
     assert!(
         poller.wait_for_log("active:", WAIT),
         "the poller takes the lock"
@@ -234,7 +255,13 @@ fn a_poller_killed_mid_stream_and_restarted_loses_no_bugs_latest_change() {
     );
     poller.kill9();
     let killed_after = received.len();
-    let restarted = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    let restarted = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &small_batches(),
+    );
     let expected = writer.join().expect("writer thread");
     assert!(
         restarted.wait_for_log("active:", WAIT),
@@ -315,7 +342,14 @@ fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
     let broker = TestBroker::new();
     let proxy = Proxy::to(AMQP_ADDR);
     let mut conn = db.conn();
-    let poller = Bzpush::poll(&db, MYSQL_ADDR, &proxy.addr(), &broker.exchange, &[]);
+    // Small batches: the outage finds one batch sent and the next in flight.
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        &proxy.addr(),
+        &broker.exchange,
+        &small_batches(),
+    );
 
     // Connected through the proxy first, so the outage cuts a live link.
     let (sql, wire) = common::datetime(0);
@@ -366,6 +400,58 @@ fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
     assert!(
         (1..=2).contains(&down_lines),
         "one line per outage, not one per retry ({down_lines}):\n{log}"
+    );
+}
+
+#[test]
+fn a_broker_link_cut_while_confirms_are_pending_deletes_nothing() {
+    const ROWS: u32 = 20;
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(AMQP_ADDR);
+    let mut conn = db.conn();
+    // Small batches: several are sent, and read ahead, before any confirm.
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        &proxy.addr(),
+        &broker.exchange,
+        &small_batches(),
+    );
+    let (sql, wire) = common::datetime(0);
+    TestDb::push_notify_change(&mut conn, 1, Some(&sql));
+    let message = broker.recv(WAIT).expect("published through the proxy");
+    assert_eq!(message.bug_and_time(), (1, wire));
+    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+
+    // The link stalls: publishing succeeds, confirms never come.
+    proxy.set_delay(Duration::from_secs(3600));
+    let mut expected = BTreeSet::new();
+    for bug in 100..100 + ROWS {
+        let (sql, wire) = common::datetime(bug);
+        TestDb::push_notify_change(&mut conn, bug, Some(&sql));
+        expected.insert((u64::from(bug), wire));
+    }
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(
+            db.push_notify_rows(),
+            u64::from(ROWS),
+            "no row is deleted before its confirm"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    proxy.set_delay(Duration::ZERO);
+    proxy.sever();
+    let mut received = Pairs::new();
+    let done = broker.receive_until(&mut received, WAIT, |r| {
+        expected.iter().all(|pair| r.contains(pair))
+    });
+    assert!(done, "all rows arrive after the cut; got {received:?}");
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "and the table empties:\n{}",
+        poller.log()
     );
 }
 

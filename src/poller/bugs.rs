@@ -59,6 +59,15 @@ impl Source for Bugs {
         }
     }
 
+    fn reads_ahead(&self) -> bool {
+        // What a read finds depends on what was confirmed before it.
+        false
+    }
+
+    fn reset(&mut self) {
+        // Nothing moves before a confirm, so nothing is to be undone.
+    }
+
     fn read(&mut self, db: &mut Conn) -> Result<Batch<Window>, mysql::Error> {
         let now: Option<String> =
             db.query_first("SELECT DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s')")?;

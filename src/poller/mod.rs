@@ -47,17 +47,25 @@ struct Batch<R> {
 /// Where the poller hands its notifications.
 pub trait Sink {
     type Error: fmt::Display;
+    /// A batch sent and not yet settled.
+    type Pending;
 
     /// What to call it in log lines: a kind and a target, e.g. `broker`
     /// and a URL without its password.
     fn describe(&self) -> (&'static str, String);
 
-    /// Hands over every notification of `batch`, in order. `Ok` only once
-    /// the sink is responsible for all of them: the poller forgets them then.
-    fn deliver(&mut self, batch: &[Notification]) -> Result<(), Self::Error>;
+    /// Starts handing over every notification of `batch`, in order after
+    /// any batch sent before it.
+    fn send(&mut self, batch: &[Notification]) -> Result<Self::Pending, Self::Error>;
+
+    /// Waits for a sent batch. `Ok` only once the sink is responsible for
+    /// every notification in it: the poller forgets them then.
+    fn settle(&mut self, pending: Self::Pending) -> Result<(), Self::Error>;
 }
 
-/// A place changes are read from. Each poll is `read`, publish, `confirmed`.
+/// A place changes are read from. Each batch is `read`, sent, settled,
+/// then `confirmed`; while one batch is being settled, the next may be
+/// read and sent, if the source can read past it.
 trait Source {
     type Receipt;
 
@@ -65,10 +73,39 @@ trait Source {
     /// lock attempt; `took_over` says another poller was active before it.
     fn activated(&mut self, now: &ChangeTime, took_over: bool);
 
+    /// Whether `read` would now skip every batch not yet confirmed. If not,
+    /// the poller settles what is in flight before it reads again.
+    fn reads_ahead(&self) -> bool;
+
     fn read(&mut self, db: &mut Conn) -> Result<Batch<Self::Receipt>, mysql::Error>;
 
-    /// Every notification of the batch is now the broker's.
+    /// Every notification of the batch is now the sink's.
     fn confirmed(&mut self, db: &mut Conn, receipt: Self::Receipt) -> Result<(), mysql::Error>;
+
+    /// The batches in flight were not delivered: read them again.
+    fn reset(&mut self);
+}
+
+/// Why a poll stopped short.
+enum Failure<E> {
+    /// The database failed: the connection, and the lock, are gone.
+    Database(mysql::Error),
+    /// The sink failed: nothing in flight counts as delivered.
+    Sink(E),
+}
+
+impl<E> From<mysql::Error> for Failure<E> {
+    fn from(e: mysql::Error) -> Self {
+        Failure::Database(e)
+    }
+}
+
+/// A batch sent to the sink, not yet settled and forgotten.
+struct InFlight<P, R> {
+    /// `None` when the batch had nothing to send (only rows to forget).
+    pending: Option<P>,
+    receipt: R,
+    lag_secs: u64,
 }
 
 /// Runs the poller until `shutdown`, handing changes to `sink`. Database
@@ -96,6 +133,7 @@ struct Poller<'a, S, K> {
     sink: K,
     database: Link<'a>,
     sink_link: Link<'a>,
+    sink_backoff: Backoff,
     role: Option<Role>,
 }
 
@@ -127,6 +165,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             sink,
             database,
             sink_link: Link::new(kind, target),
+            sink_backoff: Backoff::default(),
             role: None,
         }
     }
@@ -204,45 +243,113 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     /// Polls while this poller holds the lock on `db`, until shutdown
     /// (`Ok`) or a database error (the lock is gone with the connection).
     fn work(&mut self, db: &mut Conn, db_backoff: &mut Backoff) -> Result<(), mysql::Error> {
-        let mut sink_backoff = Backoff::default();
         let mut next_poll = Instant::now();
+        let mut in_flight = None;
         loop {
             self.metrics.beat(&self.metrics.poller_beat);
             if self
                 .shutdown
                 .sleep(next_poll.saturating_duration_since(Instant::now()))
             {
-                return Ok(());
+                // Finish the batch in hand.
+                return match self.settle(db, in_flight.take()) {
+                    Ok(()) => Ok(()),
+                    Err(Failure::Sink(e)) => {
+                        self.sink_link.down(&e);
+                        Ok(())
+                    }
+                    Err(Failure::Database(e)) => Err(e),
+                };
             }
             let started = Instant::now();
-            let batch = self.source.read(db)?;
-            self.database.up();
-            db_backoff.reset();
-            if !batch.notifications.is_empty() {
-                if let Err(e) = self.sink.deliver(&batch.notifications) {
-                    // Nothing was forgotten: the same changes are read again.
+            next_poll = match self.step(db, &mut in_flight) {
+                // Poll at a fixed rate, not after a fixed pause, so the lag
+                // from a commit to its publication averages half an interval.
+                Ok(false) => started + self.config.poll_interval,
+                Ok(true) => Instant::now(),
+                Err(Failure::Sink(e)) => {
+                    // Nothing in flight was forgotten: it is read again.
+                    in_flight = None;
+                    self.source.reset();
                     self.sink_link.down(&e);
-                    if sink_backoff.wait(self.shutdown) {
+                    if self.sink_backoff.wait(self.shutdown) {
                         return Ok(());
                     }
-                    next_poll = Instant::now();
-                    continue;
+                    Instant::now()
                 }
-                self.sink_link.up();
-                sink_backoff.reset();
-                self.metrics.poll_batches.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .poll_lag_seconds
-                    .store(batch.lag_secs, Ordering::Relaxed);
-            }
-            self.source.confirmed(db, batch.receipt)?;
-            // Poll at a fixed rate, not after a fixed pause, so the lag from
-            // a commit to its publication averages half an interval.
-            next_poll = if batch.full {
-                Instant::now()
-            } else {
-                started + self.config.poll_interval
+                Err(Failure::Database(e)) => return Err(e),
             };
+            db_backoff.reset();
         }
+    }
+
+    /// One poll: reads a batch and sends it, then settles the batch before
+    /// it, and this one too if it ended a backlog. `Ok(true)`: the batch was
+    /// full, poll again at once.
+    ///
+    /// In a backlog the steps overlap: batch N+1 is read and sent while the
+    /// sink still works on batch N, whose confirms are then awaited and
+    /// whose rows are then forgotten. The broker is the slowest part, and
+    /// this way it never waits for the database. Batches are still settled
+    /// and forgotten in order, and none is forgotten before the sink took
+    /// it.
+    fn step(
+        &mut self,
+        db: &mut Conn,
+        in_flight: &mut Option<InFlight<K::Pending, S::Receipt>>,
+    ) -> Result<bool, Failure<K::Error>> {
+        if !self.source.reads_ahead() {
+            self.settle(db, in_flight.take())?;
+        }
+        let batch = self.source.read(db)?;
+        self.database.up();
+        let pending = if batch.notifications.is_empty() {
+            None
+        } else {
+            Some(
+                self.sink
+                    .send(&batch.notifications)
+                    .map_err(Failure::Sink)?,
+            )
+        };
+        let previous = in_flight.replace(InFlight {
+            pending,
+            receipt: batch.receipt,
+            lag_secs: batch.lag_secs,
+        });
+        self.settle(db, previous)?;
+        if !batch.full {
+            // The backlog is drained: nothing stays in flight between polls.
+            self.settle(db, in_flight.take())?;
+        }
+        Ok(batch.full)
+    }
+
+    /// Waits until the sink holds `in_flight`, then lets the source forget
+    /// it. A sink failure forgets nothing.
+    fn settle(
+        &mut self,
+        db: &mut Conn,
+        in_flight: Option<InFlight<K::Pending, S::Receipt>>,
+    ) -> Result<(), Failure<K::Error>> {
+        let Some(InFlight {
+            pending,
+            receipt,
+            lag_secs,
+        }) = in_flight
+        else {
+            return Ok(());
+        };
+        if let Some(pending) = pending {
+            self.sink.settle(pending).map_err(Failure::Sink)?;
+            self.sink_link.up();
+            self.sink_backoff.reset();
+            self.metrics.poll_batches.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .poll_lag_seconds
+                .store(lag_secs, Ordering::Relaxed);
+        }
+        self.source.confirmed(db, receipt)?;
+        Ok(())
     }
 }

@@ -4,7 +4,8 @@
 //! A poll reads the oldest rows; once the broker has confirmed them, each is
 //! deleted only if it is unchanged (`id` and `delta_ts` both match), so a
 //! change that lands between the read and the delete stays for the next
-//! poll. This source needs SELECT and DELETE on that one table and must
+//! poll. In a backlog the next batch is read past the last `id` of the one
+//! still in flight, so the two overlap. This source needs SELECT and DELETE on that one table and must
 //! never write anything else.
 
 use log::warn;
@@ -22,6 +23,10 @@ const DELETE_CHUNK: usize = 1000;
 
 pub struct PushNotify {
     batch_size: usize,
+    /// The last `id` of a full batch: in a backlog the next batch is read
+    /// past it while that batch's confirms and DELETE are still pending.
+    /// `None`: read from the start of the table.
+    after: Option<Value>,
 }
 
 /// The rows a batch came from, as read: `(id, delta_ts)`.
@@ -31,6 +36,7 @@ impl PushNotify {
     pub fn new(config: &PollerConfig) -> PushNotify {
         PushNotify {
             batch_size: config.batch_size,
+            after: None,
         }
     }
 }
@@ -39,17 +45,35 @@ impl Source for PushNotify {
     type Receipt = Rows;
 
     fn activated(&mut self, _now: &ChangeTime, _took_over: bool) {
-        // The table is the whole state: whatever a previous poller left
-        // unconfirmed is still there.
+        // The table is the whole state: whatever a previous poller (or this
+        // one, before it lost its connection) left unconfirmed is still
+        // there, from the start.
+        self.after = None;
+    }
+
+    fn reads_ahead(&self) -> bool {
+        self.after.is_some()
     }
 
     fn read(&mut self, db: &mut Conn) -> Result<Batch<Rows>, mysql::Error> {
-        let rows: Vec<(Value, Value, Value, Option<i64>)> = db.exec(
-            "SELECT id, bug_id, delta_ts, TIMESTAMPDIFF(SECOND, delta_ts, NOW()) \
-             FROM push_notify ORDER BY id LIMIT ?",
-            (self.batch_size,),
-        )?;
+        const COLUMNS: &str = "SELECT id, bug_id, delta_ts, TIMESTAMPDIFF(SECOND, delta_ts, NOW()) \
+             FROM push_notify";
+        let rows: Vec<(Value, Value, Value, Option<i64>)> = match &self.after {
+            Some(after) => db.exec(
+                format!("{COLUMNS} WHERE id > ? ORDER BY id LIMIT ?"),
+                (after.clone(), self.batch_size),
+            )?,
+            None => db.exec(format!("{COLUMNS} ORDER BY id LIMIT ?"), (self.batch_size,))?,
+        };
         let full = rows.len() == self.batch_size;
+        // Reading ahead skips a row whose id came from AUTO_INCREMENT before
+        // a lower one committed, and a row updated after it was read; both
+        // are read when the backlog ends and the next read starts over.
+        self.after = if full {
+            rows.last().map(|(id, ..)| id.clone())
+        } else {
+            None
+        };
         let mut notifications = Vec::with_capacity(rows.len());
         let mut receipt = Vec::with_capacity(rows.len());
         let mut lag_secs = 0;
@@ -73,7 +97,12 @@ impl Source for PushNotify {
         })
     }
 
+    fn reset(&mut self) {
+        self.after = None;
+    }
+
     fn confirmed(&mut self, db: &mut Conn, Rows(rows): Rows) -> Result<(), mysql::Error> {
+        let mut deleted = 0;
         for chunk in rows.chunks(DELETE_CHUNK) {
             // A row-constructor IN list, not `(id = ? AND delta_ts = ?) OR …`:
             // the server tests each row against the OR terms one by one
@@ -88,6 +117,13 @@ impl Source for PushNotify {
                 format!("DELETE FROM push_notify WHERE (id, delta_ts) IN ({rows})"),
                 params,
             )?;
+            deleted += db.affected_rows();
+        }
+        if deleted < rows.len() as u64 {
+            // A row changed since it was read, and stays for its new
+            // change: read from the start again rather than skip it until
+            // the backlog ends.
+            self.after = None;
         }
         Ok(())
     }
