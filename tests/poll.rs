@@ -335,6 +335,37 @@ fn a_standby_poller_publishes_nothing_until_the_active_one_dies_then_takes_over(
     );
 }
 
+/// A poller with small batches whose broker link goes through `proxy`,
+/// once it has published a first change through it: a fault on the proxy
+/// then cuts a live link.
+fn poll_through(proxy: &Proxy, db: &TestDb, broker: &TestBroker, conn: &mut mysql::Conn) -> Bzpush {
+    let poller = Bzpush::poll(
+        db,
+        MYSQL_ADDR,
+        &proxy.addr(),
+        &broker.exchange,
+        &small_batches(),
+    );
+    let (sql, wire) = common::datetime(0);
+    TestDb::push_notify_change(conn, 1, Some(&sql));
+    let message = broker.recv(WAIT).expect("published through the proxy");
+    assert_eq!(message.bug_and_time(), (1, wire));
+    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+    poller
+}
+
+/// Changes bugs 100, 101, … (`count` of them) once each; the pairs the
+/// broker must end up with.
+fn change_bugs_from_100(conn: &mut mysql::Conn, count: u32) -> BTreeSet<(u64, String)> {
+    (100..100 + count)
+        .map(|bug| {
+            let (sql, wire) = common::datetime(bug);
+            TestDb::push_notify_change(conn, bug, Some(&sql));
+            (u64::from(bug), wire)
+        })
+        .collect()
+}
+
 #[test]
 fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
     const ROWS: u32 = 20;
@@ -343,28 +374,10 @@ fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
     let proxy = Proxy::to(AMQP_ADDR);
     let mut conn = db.conn();
     // Small batches: the outage finds one batch sent and the next in flight.
-    let poller = Bzpush::poll(
-        &db,
-        MYSQL_ADDR,
-        &proxy.addr(),
-        &broker.exchange,
-        &small_batches(),
-    );
-
-    // Connected through the proxy first, so the outage cuts a live link.
-    let (sql, wire) = common::datetime(0);
-    TestDb::push_notify_change(&mut conn, 1, Some(&sql));
-    let message = broker.recv(WAIT).expect("published through the proxy");
-    assert_eq!(message.bug_and_time(), (1, wire));
-    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+    let poller = poll_through(&proxy, &db, &broker, &mut conn);
 
     proxy.set_down(true);
-    let mut expected = BTreeSet::new();
-    for bug in 100..100 + ROWS {
-        let (sql, wire) = common::datetime(bug);
-        TestDb::push_notify_change(&mut conn, bug, Some(&sql));
-        expected.insert((u64::from(bug), wire));
-    }
+    let expected = change_bugs_from_100(&mut conn, ROWS);
     // Polls keep reading the rows and failing to publish them.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
@@ -411,27 +424,11 @@ fn a_broker_link_cut_while_confirms_are_pending_deletes_nothing() {
     let proxy = Proxy::to(AMQP_ADDR);
     let mut conn = db.conn();
     // Small batches: several are sent, and read ahead, before any confirm.
-    let poller = Bzpush::poll(
-        &db,
-        MYSQL_ADDR,
-        &proxy.addr(),
-        &broker.exchange,
-        &small_batches(),
-    );
-    let (sql, wire) = common::datetime(0);
-    TestDb::push_notify_change(&mut conn, 1, Some(&sql));
-    let message = broker.recv(WAIT).expect("published through the proxy");
-    assert_eq!(message.bug_and_time(), (1, wire));
-    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+    let poller = poll_through(&proxy, &db, &broker, &mut conn);
 
     // The link stalls: publishing succeeds, confirms never come.
     proxy.set_delay(Duration::from_secs(3600));
-    let mut expected = BTreeSet::new();
-    for bug in 100..100 + ROWS {
-        let (sql, wire) = common::datetime(bug);
-        TestDb::push_notify_change(&mut conn, bug, Some(&sql));
-        expected.insert((u64::from(bug), wire));
-    }
+    let expected = change_bugs_from_100(&mut conn, ROWS);
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         assert_eq!(
