@@ -72,20 +72,14 @@ fn poller(db: &TestDb, broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush 
 }
 
 fn throughput(batch_size: usize, consumer: Consumer) -> Row {
-    let mut rates: Vec<f64> = (1..=RUNS)
+    let rates: Vec<f64> = (1..=RUNS)
         .map(|run| {
             let rate = drain_backlog(batch_size, consumer);
             eprintln!("throughput, batch {batch_size}, run {run}/{RUNS}: {rate:.0} rows/s");
             rate
         })
         .collect();
-    let runs = rates
-        .iter()
-        .map(|r| crate::thousands(*r))
-        .collect::<Vec<_>>()
-        .join(" / ");
-    rates.sort_by(f64::total_cmp);
-    let median = quantile(&rates, 0.5);
+    let (median, runs) = median_and_runs(rates);
     let who = match consumer {
         Consumer::None => "queued, no consumer",
         Consumer::SameCores => "a consumer on the same cores",
@@ -162,7 +156,7 @@ fn drain_backlog(batch_size: usize, consumer: Consumer) -> f64 {
 /// with no database to read or delete from. No poller, however it
 /// overlaps its steps, can drain faster than this.
 fn broker_floor() -> Row {
-    let mut rates: Vec<f64> = (1..=RUNS)
+    let rates: Vec<f64> = (1..=RUNS)
         .map(|run| {
             let broker = TestBroker::holding();
             let url = AmqpUrl::parse(&crate::common::amqp_url_at(AMQP_ADDR)).expect("a URL");
@@ -191,23 +185,30 @@ fn broker_floor() -> Row {
             rate
         })
         .collect();
-    let runs = rates
-        .iter()
-        .map(|r| crate::thousands(*r))
-        .collect::<Vec<_>>()
-        .join(" / ");
-    rates.sort_by(f64::total_cmp);
+    let (median, runs) = median_and_runs(rates);
     Row {
         scenario: format!(
             "broker floor: {}k messages published with confirms, no database",
             BACKLOG / 1000
         ),
         setting: "all in flight at once".into(),
-        center: format!("{} messages/s", crate::thousands(quantile(&rates, 0.5))),
+        center: format!("{} messages/s", crate::thousands(median)),
         spread: format!("runs: {runs}"),
         target: "-".into(),
         met: None,
     }
+}
+
+/// The median of `rates`, and every run in the order it ran, for the
+/// table's spread column.
+fn median_and_runs(mut rates: Vec<f64>) -> (f64, String) {
+    let runs = rates
+        .iter()
+        .map(|r| crate::thousands(*r))
+        .collect::<Vec<_>>()
+        .join(" / ");
+    rates.sort_by(f64::total_cmp);
+    (quantile(&rates, 0.5), runs)
 }
 
 /// CPU time a process spent since this clock started, from `/proc`.
