@@ -398,14 +398,7 @@ impl TestBroker {
     /// The exchange and its exclusive queue, bound to `#`; the channel that
     /// declared them and the queue's name.
     fn with_queue() -> (TestBroker, Channel, String) {
-        let exchange = unique("bzpush.test");
-        let connection = amqp_connect();
-        let channel = broker("open a channel", connection.create_channel());
-        // As the publisher declares it.
-        broker(
-            "declare the test exchange",
-            bzpush::pulse::declare_exchange(&channel, &exchange),
-        );
+        let (exchange, connection, channel) = TestBroker::declare_exchange();
         let queue = broker(
             "declare the test queue",
             channel.queue_declare(
@@ -436,6 +429,19 @@ impl TestBroker {
             received: crossbeam_channel::never(),
         };
         (test_broker, channel, queue)
+    }
+
+    /// A uniquely named exchange, declared as the publisher declares it;
+    /// the connection and channel that declared it.
+    fn declare_exchange() -> (String, Connection, Channel) {
+        let exchange = unique("bzpush.test");
+        let connection = amqp_connect();
+        let channel = broker("open a channel", connection.create_channel());
+        broker(
+            "declare the test exchange",
+            bzpush::pulse::declare_exchange(&channel, &exchange),
+        );
+        (exchange, connection, channel)
     }
 
     /// How many messages wait in the test queue.

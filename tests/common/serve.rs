@@ -135,14 +135,7 @@ impl TestBroker {
     /// the test's own queue, whose consumer would halve the rate a flood
     /// can be published at. [`TestBroker::recv`] is not for this one.
     pub fn without_queue() -> TestBroker {
-        let exchange = unique("bzpush.test");
-        let connection = amqp_connect();
-        let channel = broker("open a channel", connection.create_channel());
-        // As the publisher declares it.
-        broker(
-            "declare the test exchange",
-            bzpush::pulse::declare_exchange(&channel, &exchange),
-        );
+        let (exchange, connection, _) = TestBroker::declare_exchange();
         TestBroker {
             exchange,
             connection,
