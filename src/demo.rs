@@ -26,7 +26,6 @@ use mysql::{Conn, OptsBuilder};
 use crate::config::{DatabaseUrl, DemoConfig, PollerConfig, RunConfig, Source};
 use crate::database;
 use crate::hub::HubSink;
-use crate::metrics::Metrics;
 use crate::notification::{BugId, ChangeTime, Notification};
 use crate::poller::Sink;
 use crate::pulse::rfc3339_utc;
@@ -75,17 +74,23 @@ pub fn run(config: &DemoConfig, listener: TcpListener, shutdown: &Shutdown) -> R
     server_config.page_bugs = BUGS.collect();
     let Some(url) = &config.database else {
         info!("demo: simulating Bugzilla in memory; bugs {BUGS:?} change every {TICK:?}");
-        print_address(addr);
         return server::run_fed(
             &server_config,
             "simulation",
             listener,
             shutdown,
             |sink, metrics| {
+                // The simulation cannot fail: up from the start, and the
+                // server is ready once it runs (connections made before
+                // the accept loop wait in the listen backlog).
+                if let Some(link) = metrics.upstream_links.first() {
+                    link.store(true, Ordering::Relaxed);
+                }
+                print_address(addr);
                 let shutdown = shutdown.clone();
                 thread::Builder::new()
                     .name("demo-bugzilla".into())
-                    .spawn(move || simulate_in_memory(sink, &metrics, &shutdown))
+                    .spawn(move || simulate_in_memory(sink, &shutdown))
             },
         )
         .map_err(|e| format!("demo: {e}"));
@@ -143,10 +148,7 @@ impl Dice {
 
 /// The in-memory Bugzilla: every tick some bugs change now (UTC), and each
 /// change goes to the hub as the poller's would, until `shutdown`.
-fn simulate_in_memory(mut sink: HubSink, metrics: &Metrics, shutdown: &Shutdown) {
-    if let Some(link) = metrics.upstream_links.first() {
-        link.store(true, Ordering::Relaxed);
-    }
+fn simulate_in_memory(mut sink: HubSink, shutdown: &Shutdown) {
     let mut dice = Dice::new();
     while !shutdown.sleep(TICK) {
         let now = rfc3339_utc(SystemTime::now());
