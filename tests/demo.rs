@@ -8,7 +8,9 @@ mod common;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::demo::{Demo, Nginx, chromium_until_updates, readme_nginx_block, shown_updates};
+use common::demo::{
+    Browser, Demo, Nginx, chromium_until_updates, readme_nginx_block, shown_updates,
+};
 use common::serve::{Client, http_get};
 use common::{Bzpush, MYSQL_ADDR, admin_conn, wait_until};
 use mysql::prelude::Queryable;
@@ -224,5 +226,60 @@ fn the_page_shows_updates_in_chromium_directly_and_behind_nginx() {
     assert!(dom.contains("class=\"ok\">connected"), "{dom}");
     assert!(!shown_updates(&dom).is_empty());
     let (status, _) = demo.stop();
+    assert!(status.success());
+}
+
+/// `bzpush.js` in a real browser: the server goes away and the page says
+/// why (close code 1001); a new server comes up on the same port and the
+/// page reconnects by itself and resubscribes with `since` from the last
+/// `when` it saw. The new server's cache starts after that time, so its
+/// answer is `partial`, which the page shows (a resubscribe without
+/// `since` would get no `partial`), and new updates follow.
+#[test]
+fn the_page_reconnects_and_resubscribes_with_since_in_chromium() {
+    let listen = {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        listener.local_addr().expect("its address").to_string()
+    };
+    let first = Demo::start(&["--listen", &listen], &[]);
+    let mut browser = Browser::open(&first.page_url);
+    let updates = "document.querySelectorAll('#updates li.update').length";
+    let partials = "document.querySelectorAll('#updates li.partial').length";
+    let state = "document.getElementById('state').textContent";
+    assert!(
+        browser.wait_for(&format!("{updates} > 0"), WAIT),
+        "no update shown; state: {}",
+        browser.eval(state)
+    );
+    let (status, _) = first.stop();
+    assert!(status.success());
+    assert!(
+        browser.wait_for(&format!("{state}.includes('1001')"), WAIT),
+        "the page does not say why it disconnected: {}",
+        browser.eval(state)
+    );
+    let before = browser.eval(partials);
+    let newest = browser.eval(
+        "[...document.querySelectorAll('#updates li.update')].map((li) => li.dataset.when).sort().pop()",
+    );
+    let newest = newest.as_str().expect("a when").to_string();
+
+    let second = Demo::start(&["--listen", &listen], &[]);
+    assert!(
+        browser.wait_for(&format!("{partials} > {before}"), WAIT),
+        "no partial after reconnecting (since not sent?); state: {}",
+        browser.eval(state)
+    );
+    assert_eq!(browser.eval(state), "connected");
+    assert!(
+        browser.wait_for(
+            &format!(
+                "[...document.querySelectorAll('#updates li.update')].some((li) => li.dataset.when > '{newest}')"
+            ),
+            WAIT
+        ),
+        "no update after reconnecting"
+    );
+    let (status, _) = second.stop();
     assert!(status.success());
 }

@@ -275,3 +275,148 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Headless Chromium driven over the DevTools protocol: one page, whose
+/// scripts run in real time, and JavaScript evaluated in it on demand.
+pub struct Browser {
+    child: Child,
+    devtools: tungstenite::WebSocket<TcpStream>,
+    session: String,
+    next_id: u64,
+    _profile: TempDir,
+}
+
+impl Browser {
+    /// Opens `url` in a new headless Chromium. Fails the test, saying how
+    /// to install it, if there is no `chromium`.
+    pub fn open(url: &str) -> Browser {
+        super::watchdog::arm();
+        let profile = TempDir::new("bzpush-chromium");
+        let mut child = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.0.display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run chromium ({e}): the browser test needs Debian's chromium: \
+                     apt-get install -y chromium (.ci/run installs it)"
+                )
+            });
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        thread::Builder::new()
+            .name("test-chromium-stderr".into())
+            .spawn(move || {
+                // Read to the end so that Chromium never blocks on a full pipe.
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                        let _ = tx.try_send(url.trim().to_string());
+                    }
+                }
+            })
+            .expect("spawn the chromium stderr reader");
+        let endpoint = match rx.recv_timeout(BROWSER_TIMEOUT) {
+            Ok(endpoint) => endpoint,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("chromium did not open its DevTools port within {BROWSER_TIMEOUT:?}");
+            }
+        };
+        let addr: SocketAddr = endpoint
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("DevTools address {endpoint:?}"));
+        let socket = TcpStream::connect(addr).expect("connect to DevTools");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let (devtools, _) = tungstenite::client(endpoint.as_str(), socket)
+            .unwrap_or_else(|e| panic!("DevTools handshake: {e}"));
+        let mut browser = Browser {
+            child,
+            devtools,
+            session: String::new(),
+            next_id: 0,
+            _profile: profile,
+        };
+        let target = browser.call("Target.createTarget", serde_json::json!({"url": url}));
+        let target_id = target["targetId"].clone();
+        let attached = browser.call(
+            "Target.attachToTarget",
+            serde_json::json!({"targetId": target_id, "flatten": true}),
+        );
+        browser.session = attached["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
+        browser
+    }
+
+    /// Sends a DevTools command (to the page once attached) and returns
+    /// its result; events that come first are skipped.
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next_id += 1;
+        let mut command =
+            serde_json::json!({"id": self.next_id, "method": method, "params": params});
+        if !self.session.is_empty() {
+            command["sessionId"] = self.session.clone().into();
+        }
+        self.devtools
+            .send(tungstenite::Message::text(command.to_string()))
+            .expect("send to DevTools");
+        loop {
+            let message = self.devtools.read().expect("read from DevTools");
+            let tungstenite::Message::Text(text) = message else {
+                continue;
+            };
+            let reply: serde_json::Value =
+                serde_json::from_str(text.as_str()).expect("DevTools sends JSON");
+            if reply["id"] == self.next_id {
+                assert!(reply["error"].is_null(), "{method}: {reply}");
+                return reply["result"].clone();
+            }
+        }
+    }
+
+    /// The value of JavaScript `expression` in the page.
+    pub fn eval(&mut self, expression: &str) -> serde_json::Value {
+        let result = self.call(
+            "Runtime.evaluate",
+            serde_json::json!({"expression": expression, "returnByValue": true}),
+        );
+        result["result"]["value"].clone()
+    }
+
+    /// Waits until `expression` is true in the page; `false` after
+    /// `timeout`.
+    pub fn wait_for(&mut self, expression: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.eval(expression) == true)
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
