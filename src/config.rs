@@ -885,6 +885,62 @@ mod tests {
         assert!(poll(&["--log"], &[]).is_err());
     }
 
+    fn demo(args: &[&str], env: &[(&str, &str)]) -> Result<DemoConfig, ConfigError> {
+        let args = std::iter::once("demo")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        let env = env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        match parse(args, env)? {
+            Invocation::Start(Mode::Demo(config)) => Ok(config),
+            other => panic!("expected demo, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn demo_simulates_in_memory_unless_given_a_database_server() {
+        let config = demo(&[], &[]).expect("defaults are valid");
+        assert!(config.database.is_none());
+        assert!(!config.listen_given);
+        assert_eq!(config.server.bugzilla_url, None);
+        let config = demo(
+            &[
+                "--database-url",
+                "mysql://root:pw@db:3306/?prefer_socket=false",
+            ],
+            &[("BZPUSH_LISTEN", "127.0.0.1:0")],
+        )
+        .expect("a server without a database is valid for the demo");
+        assert!(config.listen_given);
+        let scratch = config.database.expect("a server").with_database("scratch");
+        assert_eq!(
+            scratch.to_string(),
+            "mysql://root:***@db:3306/scratch?prefer_socket=false"
+        );
+        assert_eq!(scratch.opts.get_db_name(), Some("scratch"));
+        assert!(parse(["check", "demo"].map(OsString::from), []).is_err());
+    }
+
+    #[test]
+    fn bugzilla_url_is_an_address_that_cannot_break_out_of_html() {
+        let config =
+            demo(&["--bugzilla-url", "https://bugzilla.example.org/"], &[]).expect("valid");
+        assert_eq!(
+            config.server.bugzilla_url.as_deref(),
+            Some("https://bugzilla.example.org")
+        );
+        for bad in [
+            "bugzilla.example.org",
+            "javascript:alert(1)",
+            "https://b/\"><x>",
+            "https://b/ x",
+        ] {
+            let err = demo(&["--bugzilla-url", bad], &[]).unwrap_err();
+            assert!(err.to_string().contains("BZPUSH_BUGZILLA_URL"), "{err}");
+        }
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
