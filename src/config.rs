@@ -455,9 +455,10 @@ pub fn parse(
             log,
         }),
         "demo" => Mode::Demo(DemoConfig {
-            database: match values.contains_key("database-url") {
-                true => Some(server_url(get("database-url"))?),
-                false => None,
+            database: if values.contains_key("database-url") {
+                Some(server_url(get("database-url"))?)
+            } else {
+                None
             },
             poll_interval: duration(get("poll-interval"))?,
             server: server()?,
