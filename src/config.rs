@@ -143,6 +143,11 @@ pub const SETTINGS: &[Setting] = &[
         doc: "serve: Bugzilla's database, read-only, to answer `since` beyond the cache (run uses database-url)",
     },
     Setting {
+        name: "bugzilla-url",
+        default: "off",
+        doc: "serve, run, demo: Bugzilla's address, e.g. https://bugzilla.example.org; the live page links bug numbers to it",
+    },
+    Setting {
         name: "log",
         default: "info",
         doc: "error, warn, info, debug or trace",
@@ -167,6 +172,7 @@ pub enum Mode {
     Poll(PollConfig),
     Serve(ServeConfig),
     Run(RunConfig),
+    Demo(DemoConfig),
 }
 
 /// A bad or missing setting: printed as one line, exit status 2.
@@ -307,6 +313,21 @@ pub struct RunConfig {
     pub log: LevelFilter,
 }
 
+/// Everything `bzpush demo` needs: `run` fed by a simulated Bugzilla.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    /// A server where the demo may create (and drop) a scratch database;
+    /// `None`: simulate in memory. The database the URL names, if any, is
+    /// not touched.
+    pub database: Option<DatabaseUrl>,
+    pub poll_interval: Duration,
+    pub server: ServerConfig,
+    /// `--listen` was given: a busy port is then an error, not a reason to
+    /// pick another.
+    pub listen_given: bool,
+    pub log: LevelFilter,
+}
+
 /// The WebSocket server's settings (serve, run).
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -320,6 +341,11 @@ pub struct ServerConfig {
     pub ping_timeout: Duration,
     /// `None`: every origin may connect.
     pub allowed_origins: Option<Vec<String>>,
+    /// Where the live page links bug numbers to, if set.
+    pub bugzilla_url: Option<String>,
+    /// Bugs the live page subscribes to when its address names none (the
+    /// demo's simulated bugs).
+    pub page_bugs: Vec<u32>,
 }
 
 /// Largest batch: a batch is held in memory and in one publish round.
@@ -353,6 +379,7 @@ pub fn parse(
         "-h" | "--help" | "help" => return Ok(Invocation::Help),
         "-V" | "--version" | "version" if !check => return Ok(Invocation::Version),
         "poll" | "serve" | "run" => {}
+        "demo" if !check => {}
         other => {
             return Err(ConfigError(format!(
                 "unknown command {other:?}; try `bzpush --help`"
@@ -410,6 +437,8 @@ pub fn parse(
             ping_interval: duration(get("ping-interval"))?,
             ping_timeout: duration(get("ping-timeout"))?,
             allowed_origins: origins(get("allowed-origins")),
+            bugzilla_url: bugzilla_url(get("bugzilla-url"))?,
+            page_bugs: Vec::new(),
         })
     };
     let log = log_level(get("log"))?;
@@ -423,6 +452,17 @@ pub fn parse(
         "run" => Mode::Run(RunConfig {
             poller: poller()?,
             server: server()?,
+            log,
+        }),
+        "demo" => Mode::Demo(DemoConfig {
+            database: if values.contains_key("database-url") {
+                Some(server_url(get("database-url"))?)
+            } else {
+                None
+            },
+            poll_interval: duration(get("poll-interval"))?,
+            server: server()?,
+            listen_given: values.contains_key("listen"),
             log,
         }),
         _ => {
@@ -457,6 +497,7 @@ impl Mode {
             Mode::Poll(c) => c.log,
             Mode::Serve(c) => c.log,
             Mode::Run(c) => c.log,
+            Mode::Demo(c) => c.log,
         }
     }
 }
@@ -510,6 +551,64 @@ fn database_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, Confi
         opts,
         url: value.to_string(),
     })
+}
+
+/// A database server the demo may create a database on: a MySQL URL that
+/// may name no database.
+fn server_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, ConfigError> {
+    if !value.starts_with("mysql://") {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            "expected mysql://USER[:PASSWORD]@HOST[:PORT]/",
+        ));
+    }
+    let opts = mysql::Opts::from_url(value)
+        .map_err(|e| ConfigError::setting(setting, value, &e.to_string()))?;
+    Ok(DatabaseUrl {
+        opts,
+        url: value.to_string(),
+    })
+}
+
+impl DatabaseUrl {
+    /// The same server and account, database `name`.
+    pub fn with_database(&self, name: &str) -> DatabaseUrl {
+        let opts = mysql::OptsBuilder::from_opts(self.opts.clone()).db_name(Some(name));
+        // scheme://authority/PATH?query: replace PATH, keep the rest.
+        let start = self.url.find("://").map_or(0, |i| i + 3);
+        let path = self.url[start..]
+            .find('/')
+            .map_or(self.url.len(), |i| start + i);
+        let query = self.url[path..]
+            .find('?')
+            .map_or("", |i| &self.url[path + i..]);
+        DatabaseUrl {
+            opts: opts.into(),
+            url: format!("{}/{name}{query}", &self.url[..path]),
+        }
+    }
+}
+
+/// `off`, or an http(s) address without quotes or spaces: it goes into the
+/// page's HTML (escaped as well) and into links.
+fn bugzilla_url((setting, value): (&Setting, &str)) -> Result<Option<String>, ConfigError> {
+    if value == setting.default {
+        return Ok(None);
+    }
+    let scheme = value.starts_with("https://") || value.starts_with("http://");
+    if !scheme
+        || value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "\"'<>`".contains(c))
+    {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            "expected off or an address like https://bugzilla.example.org",
+        ));
+    }
+    Ok(Some(value.trim_end_matches('/').to_string()))
 }
 
 fn amqp_url((setting, value): (&Setting, &str)) -> Result<AmqpUrl, ConfigError> {
@@ -704,6 +803,7 @@ pub fn help() -> String {
          run     poll Bugzilla's database and serve WebSocket clients, in one process\n  \
          poll    poll Bugzilla's database and publish each change to Pulse (AMQP)\n  \
          serve   serve WebSocket clients (bugzfeed protocol) from Pulse\n  \
+         demo    run fed by a simulated Bugzilla (in memory, or a scratch database with --database-url)\n  \
          check   check a command's settings and dependencies: bzpush check run|poll|serve\n\n\
          Settings (environment variable, flag, default):\n",
         env!("CARGO_PKG_VERSION")
@@ -784,6 +884,62 @@ mod tests {
         assert!(poll(&["--batch-size", "0"], &[]).is_err());
         assert!(poll(&["--nope", "1"], &[]).is_err());
         assert!(poll(&["--log"], &[]).is_err());
+    }
+
+    fn demo(args: &[&str], env: &[(&str, &str)]) -> Result<DemoConfig, ConfigError> {
+        let args = std::iter::once("demo")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        let env = env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        match parse(args, env)? {
+            Invocation::Start(Mode::Demo(config)) => Ok(config),
+            other => panic!("expected demo, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn demo_simulates_in_memory_unless_given_a_database_server() {
+        let config = demo(&[], &[]).expect("defaults are valid");
+        assert!(config.database.is_none());
+        assert!(!config.listen_given);
+        assert_eq!(config.server.bugzilla_url, None);
+        let config = demo(
+            &[
+                "--database-url",
+                "mysql://root:pw@db:3306/?prefer_socket=false",
+            ],
+            &[("BZPUSH_LISTEN", "127.0.0.1:0")],
+        )
+        .expect("a server without a database is valid for the demo");
+        assert!(config.listen_given);
+        let scratch = config.database.expect("a server").with_database("scratch");
+        assert_eq!(
+            scratch.to_string(),
+            "mysql://root:***@db:3306/scratch?prefer_socket=false"
+        );
+        assert_eq!(scratch.opts.get_db_name(), Some("scratch"));
+        assert!(parse(["check", "demo"].map(OsString::from), []).is_err());
+    }
+
+    #[test]
+    fn bugzilla_url_is_an_address_that_cannot_break_out_of_html() {
+        let config =
+            demo(&["--bugzilla-url", "https://bugzilla.example.org/"], &[]).expect("valid");
+        assert_eq!(
+            config.server.bugzilla_url.as_deref(),
+            Some("https://bugzilla.example.org")
+        );
+        for bad in [
+            "bugzilla.example.org",
+            "javascript:alert(1)",
+            "https://b/\"><x>",
+            "https://b/ x",
+        ] {
+            let err = demo(&["--bugzilla-url", bad], &[]).unwrap_err();
+            assert!(err.to_string().contains("BZPUSH_BUGZILLA_URL"), "{err}");
+        }
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Plain HTTP on the WebSocket port: reading a request head, and the
 //! answers to requests that are not WebSocket upgrades (`/health`,
-//! `/metrics`, the live page at `/`, 404 for the rest).
+//! `/metrics`, the live page at `/` and its client library at `/bzpush.js`,
+//! 404 for the rest).
 //!
 //! A request head is read with a size cap and a deadline for the whole
 //! head, so a slow or endless client costs one bounded buffer for a
 //! bounded time. Nothing here reveals more than counts and states: never a
-//! bug, never a setting.
+//! bug, and no setting but the public Bugzilla address the page links to.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -150,9 +151,15 @@ pub fn respond_text(socket: &TcpStream, status: &str, text: &str) -> io::Result<
 }
 
 /// Answers a GET or HEAD request that is not a WebSocket upgrade.
-pub fn serve_plain(socket: &TcpStream, request: &Request, metrics: &Metrics) -> io::Result<()> {
+pub fn serve_plain(
+    socket: &TcpStream,
+    request: &Request,
+    metrics: &Metrics,
+    page: &Page,
+) -> io::Result<()> {
     let health;
     let rendered;
+    let html;
     let (status, content_type, body) = match request.uri().path() {
         "/health" => {
             let up = metrics.upstream_up();
@@ -178,7 +185,13 @@ pub fn serve_plain(socket: &TcpStream, request: &Request, metrics: &Metrics) -> 
                 rendered.as_str(),
             )
         }
-        "/" => ("200 OK", "text/html; charset=utf-8", PAGE),
+        "/" => {
+            html = page.render();
+            ("200 OK", "text/html; charset=utf-8", html.as_str())
+        }
+        "/bzpush.js" => ("200 OK", "text/javascript; charset=utf-8", CLIENT),
+        // Browsers ask for it whatever the page says; the page has none.
+        "/favicon.ico" => ("204 No Content", "image/x-icon", ""),
         _ => ("404 Not Found", "text/plain; charset=utf-8", "not found\n"),
     };
     Response {
@@ -191,62 +204,68 @@ pub fn serve_plain(socket: &TcpStream, request: &Request, metrics: &Metrics) -> 
     .write(socket)
 }
 
-/// The live page: connect, subscribe, watch updates. Self-contained: no
-/// external script, style or font.
-const PAGE: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>bzpush</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:15px/1.4 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}
-input{font:inherit;padding:.2rem .4rem}button{font:inherit}
-#log{font:13px/1.5 ui-monospace,monospace;background:#f6f6f6;border:1px solid #ddd;padding:.5rem;height:24rem;overflow:auto;white-space:pre-wrap}
-.err{color:#a00}.upd{color:#060}
-</style></head><body>
-<h1>bzpush</h1>
-<p>Bugzilla push notifications. Subscribe to bugs and watch their changes arrive.</p>
-<p><label>Feed <input id="url" size="40"></label> <button id="connect">Connect</button> <span id="state">disconnected</span></p>
-<p><label>Bugs <input id="bugs" placeholder="1234, 5678" size="30"></label>
-<label>since <input id="since" placeholder="2026-11-28T01:00:00" size="20"></label>
-<button id="sub">Subscribe</button> <button id="unsub">Unsubscribe</button> <button id="list">Subscriptions</button></p>
-<div id="log"></div>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-$("url").value = scheme + "//" + location.host + "/";
-let ws = null;
-function log(text, cls) {
-  const line = document.createElement("div");
-  line.textContent = new Date().toISOString().slice(11, 19) + "  " + text;
-  if (cls) line.className = cls;
-  $("log").appendChild(line);
-  $("log").scrollTop = $("log").scrollHeight;
+/// The live page (see `page.html`): connect, subscribe, watch updates.
+/// Self-contained but for the client library it loads from this server:
+/// no external script, style or font.
+const PAGE: &str = include_str!("page.html");
+/// The client library (`GET /bzpush.js`), which the page uses too.
+const CLIENT: &str = include_str!("bzpush.js");
+
+/// What the live page is given when it is served.
+#[derive(Clone, Debug, Default)]
+pub struct Page {
+    /// Bugzilla's address, to link bug numbers to.
+    pub bugzilla_url: Option<String>,
+    /// Bugs to subscribe to when the page's address names none.
+    pub bugs: Vec<u32>,
 }
-function send(obj) {
-  if (!ws || ws.readyState !== WebSocket.OPEN) { log("not connected", "err"); return; }
-  const text = JSON.stringify(obj);
-  log("> " + text);
-  ws.send(text);
+
+impl Page {
+    /// The page's HTML with its settings filled in, escaped for an HTML
+    /// attribute.
+    fn render(&self) -> String {
+        let bugs: Vec<String> = self.bugs.iter().map(u32::to_string).collect();
+        PAGE.replace(
+            "{{bugzilla_url}}",
+            &escape_attribute(self.bugzilla_url.as_deref().unwrap_or("")),
+        )
+        .replace("{{bugs}}", &escape_attribute(&bugs.join(",")))
+    }
 }
-function bugs() {
-  return $("bugs").value.split(/[\s,]+/).filter(Boolean).map((b) => /^\d+$/.test(b) ? Number(b) : b);
+
+/// `text` safe inside a double- or single-quoted HTML attribute.
+fn escape_attribute(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
-$("connect").onclick = () => {
-  if (ws) ws.close();
-  ws = new WebSocket($("url").value);
-  $("state").textContent = "connecting";
-  ws.onopen = () => { $("state").textContent = "connected"; send({command: "version"}); };
-  ws.onclose = (e) => { $("state").textContent = "disconnected (" + e.code + ")"; };
-  ws.onmessage = (e) => {
-    let msg;
-    try { msg = JSON.parse(e.data); } catch (_) { log("< " + e.data, "err"); return; }
-    if (msg.command === "update") log("bug " + msg.bug + " changed at " + msg.when, "upd");
-    else log("< " + e.data, msg.result === "error" ? "err" : "");
-  };
-};
-$("sub").onclick = () => send({command: "subscribe", bugs: bugs(), since: $("since").value});
-$("unsub").onclick = () => send({command: "unsubscribe", bugs: bugs()});
-$("list").onclick = () => send({command: "subscriptions"});
-</script>
-</body></html>
-"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_escapes_what_it_is_given() {
+        let page = Page {
+            bugzilla_url: Some("https://b.example/\"><script>x</script>&'".into()),
+            bugs: vec![1, 20],
+        }
+        .render();
+        assert!(!page.contains("<script>x"), "{page}");
+        assert!(
+            page.contains("https://b.example/&quot;&gt;&lt;script&gt;x&lt;/script&gt;&amp;&#39;"),
+            "{page}"
+        );
+        assert!(page.contains("content=\"1,20\""), "{page}");
+        assert!(!page.contains("{{"), "{page}");
+    }
+}

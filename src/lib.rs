@@ -25,6 +25,8 @@
 //! - [`http`]: `/health`, `/metrics`, the live page, request heads.
 //! - [`server`]: `bzpush serve` and `bzpush run`: the accept loop, handshake
 //!   limits, and starting and joining every thread.
+//! - [`demo`]: `bzpush demo`: `run` fed by a simulated Bugzilla, in memory
+//!   or in a scratch database it creates and drops.
 //!
 //! Around it:
 //!
@@ -47,6 +49,7 @@ pub mod check;
 pub mod config;
 pub mod connection;
 pub mod database;
+pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod metrics;

@@ -11,7 +11,7 @@ use bzpush::config::{self, Invocation, Mode};
 use bzpush::metrics::Metrics;
 use bzpush::pulse::PulseSink;
 use bzpush::shutdown::Shutdown;
-use bzpush::{check, poller, server, shutdown, signals, systemd};
+use bzpush::{check, demo, poller, server, shutdown, signals, systemd};
 use log::{LevelFilter, error, info};
 
 fn main() -> ExitCode {
@@ -72,6 +72,7 @@ fn start(mode: Mode) -> Result<(), String> {
         Mode::Poll(_) => None,
         Mode::Serve(config) => Some(bind(config.server.listen)?),
         Mode::Run(config) => Some(bind(config.server.listen)?),
+        Mode::Demo(config) => Some(demo::bind(config.server.listen, config.listen_given)?),
     };
     let (trigger, shutdown) = shutdown::channel();
     let signals = signals::spawn(trigger).map_err(|e| format!("cannot watch signals: {e}"))?;
@@ -82,6 +83,7 @@ fn start(mode: Mode) -> Result<(), String> {
         (Mode::Run(config), Some(listener)) => {
             server::run(&config, listener, &shutdown).map_err(|e| format!("run: {e}"))
         }
+        (Mode::Demo(config), Some(listener)) => demo::run(&config, listener, &shutdown),
         (Mode::Poll(config), _) => poll(config, shutdown),
         _ => Err("no listener".to_string()),
     };
@@ -140,5 +142,9 @@ fn describe(mode: &Mode) -> String {
             "run: source {:?}, database {}, listening on {}",
             c.poller.source, c.poller.database, c.server.listen
         ),
+        Mode::Demo(c) => match &c.database {
+            Some(server) => format!("demo: a scratch database on {server}"),
+            None => "demo: in memory".to_string(),
+        },
     }
 }

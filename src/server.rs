@@ -57,6 +57,8 @@ struct Shared {
     outbound_queue: usize,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// What the live page is given: where bugs link to, what it watches.
+    page: http::Page,
     /// Sockets of live connections, to cut them at shutdown. A connection
     /// has one descriptor, shared by this map, its thread and its outbox.
     sockets: Mutex<HashMap<ConnId, Arc<TcpStream>>>,
@@ -114,6 +116,38 @@ pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io
             .name("poller".into())
             .spawn(move || poller::run(&poller_config, sink, &metrics, &shutdown))?;
         Ok(vec![poller])
+    })
+}
+
+/// `bzpush demo` in memory: the server of `run`, fed by `feed` (given
+/// the sink `run`'s poller would get) instead of a database poller, until
+/// `shutdown`. `upstream` names what feeds it in `/health` and `/metrics`;
+/// `feed` reports that link's state in `upstream_links[0]`.
+pub fn run_fed(
+    config: &ServerConfig,
+    upstream: &'static str,
+    listener: TcpListener,
+    shutdown: &Shutdown,
+    feed: impl FnOnce(HubSink, Arc<Metrics>) -> io::Result<JoinHandle<()>>,
+) -> io::Result<()> {
+    let feeds = [Feed {
+        path: "/".into(),
+        exchange: "in-process".into(),
+    }];
+    let server = Server {
+        config,
+        feeds: &feeds,
+        catchup: None,
+        metrics: Arc::new(Metrics::new(upstream, 1)),
+        has_poller: false,
+    };
+    server.run(listener, shutdown, |hub, metrics| {
+        let sink = HubSink {
+            hub: hub.clone(),
+            feed: 0,
+            metrics: Arc::clone(metrics),
+        };
+        Ok(vec![feed(sink, Arc::clone(metrics))?])
     })
 }
 
@@ -194,6 +228,10 @@ impl Server<'_> {
                 ping_timeout: self.config.ping_timeout,
             },
             metrics: Arc::clone(&metrics),
+            page: http::Page {
+                bugzilla_url: self.config.bugzilla_url.clone(),
+                bugs: self.config.page_bugs.clone(),
+            },
             sockets: Mutex::new(HashMap::new()),
         });
         let mut acceptor = Acceptor {
@@ -484,7 +522,7 @@ fn handle(conn: &Conn) -> Option<ConnThread> {
         .and_then(|h| h.to_str().ok())
         .is_some_and(|h| h.eq_ignore_ascii_case("websocket"));
     if !upgrade {
-        if let Err(e) = http::serve_plain(socket, &request, &shared.metrics) {
+        if let Err(e) = http::serve_plain(socket, &request, &shared.metrics, &shared.page) {
             debug!("connection {id}: {e}");
         }
         return None;

@@ -9,6 +9,7 @@
 //! that runs far too long, printing where it hung.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod demo;
 pub mod run;
 pub mod serve;
 mod watchdog;
@@ -645,9 +646,15 @@ impl Bzpush {
     /// Starts `bzpush <args>` with exactly the `BZPUSH_*` variables given
     /// (none inherited from the test's environment).
     pub fn start(args: &[&str], env: &[(&str, String)]) -> Bzpush {
+        Bzpush::start_with(args, env, Stdio::null())
+    }
+
+    /// As [`Bzpush::start`], with stdout going to `stdout`; `Stdio::piped()`
+    /// leaves it to read from [`Bzpush::take_stdout`].
+    pub fn start_with(args: &[&str], env: &[(&str, String)], stdout: Stdio) -> Bzpush {
         let mut child = Bzpush::command(args, env)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the bzpush binary");
@@ -736,6 +743,11 @@ impl Bzpush {
         ];
         env.extend(extra.iter().cloned());
         Bzpush::start(&["poll"], &env)
+    }
+
+    /// The piped stdout of a process started with [`Bzpush::start_with`].
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
     }
 
     pub fn pid(&self) -> u32 {
