@@ -107,8 +107,9 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
 /// starts), but it is said, naming the holder: a forgotten poller elsewhere
 /// would make this one a standby that delivers nothing.
 fn check_lock(report: &mut Report, db: &mut Conn, name: &str) {
-    let holder: Result<Option<u64>, _> = db.exec_first("SELECT IS_USED_LOCK(?)", (name,));
-    match holder {
+    // NULL when free: a bare u64 would make the mysql crate panic.
+    let holder: Result<Option<Option<u64>>, _> = db.exec_first("SELECT IS_USED_LOCK(?)", (name,));
+    match holder.map(Option::flatten) {
         Ok(Some(id)) => {
             let holder = poller::lock_holder(db, id);
             let _ = writeln!(
