@@ -319,8 +319,8 @@ fn without_delete_one_warning_and_each_notification_counted_once() {
     assert_eq!(log_lines(&log, &["refused"]), 1, "one warning:\n{log}");
     assert_eq!(
         log_lines(&log, &["] database ", "connected"]),
-        1,
-        "one line when the refusal ends, none per retry:\n{log}"
+        2,
+        "one line at start, one when the refusal ends, none per retry:\n{log}"
     );
     assert_eq!(log_lines(&log, &["retrying with backoff"]), 0, "{log}");
     assert_eq!(
