@@ -866,6 +866,9 @@ mod tests {
         }
         // Stable: every poller of a database, on any host, derives it.
         assert_eq!(default_lock_name("Bugs"), default_lock_name("Bugs"));
-        assert_eq!(default_lock_name("Bugs"), "bzpush.poller.bugs.2a46d4a7e4573732");
+        assert_eq!(
+            default_lock_name("Bugs"),
+            "bzpush.poller.bugs.2a46d4a7e4573732"
+        );
     }
 }

@@ -91,7 +91,10 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
     }
     // systemd hears the role.
     let mut statuses = Vec::new();
-    while !statuses.iter().any(|s: &String| s.starts_with("STATUS=active:")) {
+    while !statuses
+        .iter()
+        .any(|s: &String| s.starts_with("STATUS=active:"))
+    {
         let mut buf = [0u8; 4096];
         let n = notify.recv(&mut buf).unwrap_or_else(|e| {
             panic!("no STATUS=active: on the notify socket ({e}); got {statuses:?}")
@@ -107,12 +110,21 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         second.log()
     );
     let id: u64 = admin_conn()
-        .exec_first("SELECT IS_USED_LOCK(?)", (format!("bzpush.poller.{}", a.name),))
+        .exec_first(
+            "SELECT IS_USED_LOCK(?)",
+            (format!("bzpush.poller.{}", a.name),),
+        )
         .expect("ask for the holder")
         .expect("the lock is held");
     let log = second.log();
     assert_eq!(
-        log_lines(&log, &["standby:", &format!("held by database connection {id} from 127.0.0.1:")]),
+        log_lines(
+            &log,
+            &[
+                "standby:",
+                &format!("held by database connection {id} from 127.0.0.1:")
+            ]
+        ),
         1,
         "one line names the holder and its host:\n{log}"
     );
@@ -155,7 +167,9 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         Duration::from_secs(30),
     );
     assert!(
-        finished.stdout.contains("free; this poller will be the active one"),
+        finished
+            .stdout
+            .contains("free; this poller will be the active one"),
         "{}",
         finished.stdout
     );
@@ -291,9 +305,10 @@ fn without_delete_one_warning_and_each_notification_counted_once() {
     let (status, json) = health(&server);
     assert_eq!(status, 503, "{json}");
     assert!(
-        json["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains(&format!("GRANT SELECT, DELETE ON `{}`.push_notify", db.name))),
+        json["reason"].as_str().is_some_and(|r| r.contains(&format!(
+            "GRANT SELECT, DELETE ON `{}`.push_notify",
+            db.name
+        ))),
         "{json}"
     );
 
@@ -328,4 +343,29 @@ fn without_delete_one_warning_and_each_notification_counted_once() {
         None,
         "delivered once"
     );
+}
+
+#[test]
+fn a_wrong_password_is_refused_with_the_fix_not_an_outage() {
+    let db = TestDb::new();
+    let user = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", db.name)]);
+    let url = user.url(&db).replace(&user.password, "not-the-password");
+    let server = run_default(url, &[]);
+    assert!(
+        wait_until(WAIT, || health(&server).1["database"] == "refused"),
+        "/health says refused:\n{}",
+        server.log()
+    );
+    let (status, json) = health(&server);
+    assert_eq!(status, 503, "{json}");
+    assert_eq!(json["poller"], "none", "{json}");
+    assert!(
+        json["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("Access denied") && r.contains("BZPUSH_DATABASE_URL")),
+        "{json}"
+    );
+    let log = server.log();
+    assert_eq!(log_lines(&log, &["refused"]), 1, "{log}");
+    assert_eq!(log_lines(&log, &["retrying with backoff"]), 0, "{log}");
 }

@@ -305,20 +305,20 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 return Ok(true);
             }
             self.database_up();
-            if let Some(id) = holder_id
-                && holder.as_ref().is_none_or(|h| h.connection != id)
-            {
-                holder = Some(lock_holder(db, id));
-            }
-            if let Some(current) = &holder
-                && self.session.as_ref() == Some(current)
-            {
-                self.end_own_session(db, current.connection);
-                continue;
-            }
-            if let Some(holder) = &holder {
+            // `None`: freed since GET_LOCK gave up; the next one takes it.
+            if let Some(id) = holder_id {
+                // Looked up once per holder, not once a second.
+                let current = match holder.take() {
+                    Some(known) if known.connection == id => known,
+                    _ => lock_holder(db, id),
+                };
+                if self.session.as_ref() == Some(&current) {
+                    self.end_own_session(db, id);
+                    continue;
+                }
                 waited = true;
-                self.set_role(PollerRole::Standby(holder.clone()));
+                self.set_role(PollerRole::Standby(current.clone()));
+                holder = Some(current);
             }
             if self.shutdown.requested() {
                 return Ok(false);
@@ -339,7 +339,9 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             "database lock {name:?} is still held by this poller's previous connection {id}: ending it"
         );
         if let Err(e) = db.query_drop(format!("KILL CONNECTION {id}")) {
-            warn!("could not end database connection {id} ({e}); waiting for the server to drop it");
+            warn!(
+                "could not end database connection {id} ({e}); waiting for the server to drop it"
+            );
         }
     }
 
@@ -377,7 +379,11 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     }
 
     fn database_down(&mut self, error: &mysql::Error) {
-        self.metrics.poller().refused = None;
+        let was_refused = self.metrics.poller().refused.take().is_some();
+        if was_refused {
+            // The last STATUS= was the refusal.
+            systemd::notify("STATUS=database down; retrying with backoff");
+        }
         self.database.down(error);
     }
 
@@ -561,5 +567,62 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+    use crate::config::{Invocation, Mode};
+
+    fn config(source: &str) -> PollerConfig {
+        let env = [
+            ("BZPUSH_SOURCE", source),
+            ("BZPUSH_DATABASE_URL", "mysql://bzpush@db.example/bugs"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        match crate::config::parse([OsString::from("run")], env) {
+            Ok(Invocation::Start(Mode::Run(c))) => c.poller,
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    fn server_error(code: u16) -> mysql::Error {
+        mysql::Error::MySqlError(mysql::MySqlError {
+            state: "42000".into(),
+            message: "refused".into(),
+            code,
+        })
+    }
+
+    #[test]
+    fn a_refusal_says_its_fix_and_an_outage_is_no_refusal() {
+        let push_notify = config("push_notify");
+        let bugs = config("bugs");
+        let says = |e: &mysql::Error, c: &PollerConfig, fix: &str| {
+            let reason = refusal(e, c).unwrap_or_else(|| panic!("{e} is a refusal"));
+            assert!(reason.contains(fix), "{reason}");
+        };
+        says(&server_error(1146), &push_notify, "BZPUSH_SOURCE=bugs");
+        says(
+            &server_error(1142),
+            &push_notify,
+            "GRANT SELECT, DELETE ON `bugs`.push_notify",
+        );
+        says(
+            &server_error(1143),
+            &bugs,
+            "GRANT SELECT (bug_id, delta_ts) ON `bugs`.bugs",
+        );
+        says(&server_error(1045), &bugs, "BZPUSH_DATABASE_URL");
+        // Lock wait timeout, deadlock, too many connections, server
+        // shutting down: a retry cures them.
+        for code in [1205, 1213, 1040, 1053] {
+            assert_eq!(refusal(&server_error(code), &push_notify), None, "{code}");
+        }
+        let io = mysql::Error::IoError(std::io::ErrorKind::TimedOut.into());
+        assert_eq!(refusal(&io, &push_notify), None);
     }
 }
