@@ -139,6 +139,24 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         "{json}"
     );
     assert_eq!(metric(&second.listen_addr(), "bzpush_poller_active"), 0);
+    // A user without the PROCESS privilege sees only its own connections.
+    let user = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", a.name)]);
+    let third = run_default(user.url(&a), &[]);
+    assert!(
+        wait_until(WAIT, || health(&third).1["poller"] == "standby"),
+        "{}",
+        third.log()
+    );
+    let (_, json) = health(&third);
+    assert_eq!(json["lock_holder"]["connection"], id, "{json}");
+    assert_eq!(json["lock_holder"]["host"], "unknown", "{json}");
+    assert!(
+        third.log().contains(&format!(
+            "held by database connection {id} from an unknown host"
+        )),
+        "{}",
+        third.log()
+    );
 
     // check warns, naming the holder, and still passes.
     let finished = Bzpush::run(
