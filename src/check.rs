@@ -14,7 +14,7 @@ use mysql::Conn;
 use mysql::prelude::Queryable;
 
 use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, Source};
-use crate::{database, pulse};
+use crate::{database, poller, pulse};
 
 /// MySQL/MariaDB's ER_NO_SUCH_TABLE.
 const NO_SUCH_TABLE: u16 = 1146;
@@ -69,6 +69,7 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
     let Some(mut db) = check_database(report, &config.database) else {
         return;
     };
+    check_lock(report, &mut db, &config.lock_name);
     match config.source {
         Source::PushNotify => {
             let read = db.query_drop("SELECT id, bug_id, delta_ts FROM push_notify LIMIT 0");
@@ -101,6 +102,32 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
     }
     if catchup {
         check_bugs_table(report, &mut db, "catch-up", false);
+    }
+}
+
+/// Who holds the poller lock. Held is no failure (it is how a standby
+/// starts), but it is said, naming the holder: a forgotten poller elsewhere
+/// would make this one a standby that delivers nothing.
+fn check_lock(report: &mut Report, db: &mut Conn, name: &str) {
+    // NULL when free: a bare u64 would make the mysql crate panic.
+    let holder: Result<Option<Option<u64>>, _> = db.exec_first("SELECT IS_USED_LOCK(?)", (name,));
+    match holder.map(Option::flatten) {
+        Ok(Some(id)) => {
+            let holder = poller::lock_holder(db, id);
+            let _ = writeln!(
+                report.out,
+                "warn  lock {name:?}: held by {holder}; this poller will wait as a standby \
+                 until it is released (if that is no poller of this database, set \
+                 BZPUSH_LOCK_NAME)"
+            );
+        }
+        Ok(None) => report.line(Ok(format!(
+            "lock {name:?}: free; this poller will be the active one"
+        ))),
+        Err(e) => report.line(Err(format!(
+            "lock {name:?}: {}",
+            advice(&e, "is the server MariaDB or MySQL?")
+        ))),
     }
 }
 

@@ -64,8 +64,8 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "lock-name",
-        default: "bzpush.poller",
-        doc: "database lock held by the active poller; one name per Bugzilla database",
+        default: "bzpush.poller.<database>",
+        doc: "database lock held by the active poller; server-wide, so the default names the database",
     },
     Setting {
         name: "amqp-url",
@@ -417,13 +417,14 @@ pub fn parse(
         (setting, value)
     };
     let poller = || -> Result<PollerConfig, ConfigError> {
+        let database = database_url(get("database-url"))?;
         Ok(PollerConfig {
-            database: database_url(get("database-url"))?,
+            lock_name: lock_name(get("lock-name"), &database)?,
+            database,
             source: source(get("source"))?,
             poll_interval: duration(get("poll-interval"))?,
             batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
             overlap: duration(get("overlap"))?,
-            lock_name: text(get("lock-name"), MAX_LOCK_NAME)?,
         })
     };
     let server = || -> Result<ServerConfig, ConfigError> {
@@ -671,6 +672,39 @@ fn queue_prefix((setting, value): (&Setting, &str), amqp: &AmqpUrl) -> Result<St
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".to_string());
     Ok(format!("queue/{user}/bzpush-{host}"))
+}
+
+/// The poller lock's name. `GET_LOCK` names are server-wide, so the default
+/// names the database: pollers of one database exclude each other, pollers
+/// of two databases on one server never do. A database name that does not
+/// fit MySQL's 64 characters, or that has upper-case letters (MySQL compares
+/// lock names case-blind, MariaDB does not), is cut and followed by a hash of
+/// the whole name: stable across hosts and versions (FNV-1a, not std's
+/// hasher, which may change), so every poller of the database agrees.
+fn lock_name(
+    (setting, value): (&Setting, &str),
+    database: &DatabaseUrl,
+) -> Result<String, ConfigError> {
+    if value != setting.default {
+        return text((setting, value), MAX_LOCK_NAME);
+    }
+    let db = database.opts.get_db_name().unwrap_or_default();
+    Ok(default_lock_name(db))
+}
+
+fn default_lock_name(db: &str) -> String {
+    const PREFIX: &str = "bzpush.poller.";
+    let exact = format!("{PREFIX}{db}");
+    if exact.chars().count() <= MAX_LOCK_NAME && db.to_lowercase() == db {
+        return exact;
+    }
+    // `.` and 16 hex digits after the cut part.
+    let keep = MAX_LOCK_NAME - PREFIX.len() - 17;
+    let cut: String = db.to_lowercase().chars().take(keep).collect();
+    let hash = db.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{PREFIX}{cut}.{hash:016x}")
 }
 
 fn amqp_user(amqp: &AmqpUrl) -> String {
@@ -964,5 +998,33 @@ mod tests {
         );
         assert_eq!(redact_url("mysql://bugs@host/db"), "mysql://bugs@host/db");
         assert_eq!(redact_url("not a url"), "not a url");
+    }
+    #[test]
+    fn the_default_lock_name_names_the_database_and_fits() {
+        let config = poll(&[], &[]).expect("defaults are valid");
+        assert_eq!(config.poller.lock_name, "bzpush.poller.bugs");
+        let set = poll(&["--lock-name", "mine"], &[]).expect("an explicit name");
+        assert_eq!(set.poller.lock_name, "mine");
+        // Long names and case-only differences: cut, told apart by a hash.
+        let long = "b".repeat(64);
+        let longer = format!("{long}x");
+        let names = [
+            default_lock_name(&long),
+            default_lock_name(&longer),
+            default_lock_name("Bugs"),
+            default_lock_name("bugs"),
+            default_lock_name("BUGS"),
+        ];
+        for (i, name) in names.iter().enumerate() {
+            assert!(name.chars().count() <= MAX_LOCK_NAME, "{name}");
+            assert!(name.starts_with("bzpush.poller."), "{name}");
+            assert!(!names[..i].contains(name), "{name} twice");
+        }
+        // Stable: every poller of a database, on any host, derives it.
+        assert_eq!(default_lock_name("Bugs"), default_lock_name("Bugs"));
+        assert_eq!(
+            default_lock_name("Bugs"),
+            "bzpush.poller.bugs.2a46d4a7e4573732"
+        );
     }
 }

@@ -5,8 +5,10 @@
 //!
 //! A request head is read with a size cap and a deadline for the whole
 //! head, so a slow or endless client costs one bounded buffer for a
-//! bounded time. Nothing here reveals more than counts and states: never a
-//! bug, and no setting but the public Bugzilla address the page links to.
+//! bounded time. Nothing here reveals more than counts and states (with
+//! the poller lock's holder, and why the database refuses, for an operator
+//! to act on): never a bug, never a credential, and no setting but the
+//! public Bugzilla address the page links to.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use tungstenite::handshake::server::Request;
 use tungstenite::http::{self, Method, Version};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PollerRole, PollerState};
 
 /// A request head larger than this is refused (431).
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -163,13 +165,16 @@ pub fn serve_plain(
     let (status, content_type, body) = match request.uri().path() {
         "/health" => {
             let up = metrics.upstream_up();
-            health = serde_json::json!({
+            let mut json = serde_json::json!({
                 "status": if up { "ok" } else { "unavailable" },
                 metrics.upstream: if up { "up" } else { "down" },
                 "connections": metrics.connections.load(Ordering::Relaxed),
                 "uptime_seconds": metrics.uptime_secs(),
-            })
-            .to_string();
+            });
+            if metrics.upstream == "database" {
+                add_poller(&mut json, &metrics.poller());
+            }
+            health = json.to_string();
             let status = if up {
                 "200 OK"
             } else {
@@ -202,6 +207,27 @@ pub fn serve_plain(
         head_only: request.method() == Method::HEAD,
     }
     .write(socket)
+}
+
+/// The poller's part of `/health`: its role (`active`, `standby` with the
+/// lock's holder, or `none` while unconnected), and a database that refuses
+/// it as `"database": "refused"` with the reason and the fix.
+fn add_poller(json: &mut serde_json::Value, state: &PollerState) {
+    json["poller"] = match &state.role {
+        Some(PollerRole::Active) => "active".into(),
+        Some(PollerRole::Standby(holder)) => {
+            json["lock_holder"] = serde_json::json!({
+                "connection": holder.connection,
+                "host": holder.host.as_deref().unwrap_or("unknown"),
+            });
+            "standby".into()
+        }
+        None => "none".into(),
+    };
+    if let Some(reason) = &state.refused {
+        json["database"] = "refused".into();
+        json["reason"] = reason.as_str().into();
+    }
 }
 
 /// The live page (see `page.html`): connect, subscribe, watch updates.

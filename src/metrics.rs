@@ -6,6 +6,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
@@ -30,6 +31,47 @@ pub struct Metrics {
     pub poller_beat: AtomicU64,
     pub hub_beat: AtomicU64,
     pub started: Option<Instant>,
+    /// The database poller's role and state (poll, run); see
+    /// [`Metrics::poller`].
+    poller_state: Mutex<PollerState>,
+}
+
+/// What the poller last said about itself: written by the poller thread
+/// when it changes, read by `/health` and `/metrics`. Not on a hot path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PollerState {
+    /// `None` while the poller has no database connection.
+    pub role: Option<PollerRole>,
+    /// The database answers but refuses the poller: what, and the fix.
+    pub refused: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PollerRole {
+    /// Holds the lock and polls.
+    Active,
+    /// Waits for the lock, which this connection holds.
+    Standby(LockHolder),
+}
+
+/// The database connection holding the poller lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockHolder {
+    pub connection: u64,
+    /// Where it connects from, as the server sees it (`host:port`); `None`
+    /// when this user may not see it (no PROCESS privilege).
+    pub host: Option<String>,
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "database connection {} from {}",
+            self.connection,
+            self.host.as_deref().unwrap_or("an unknown host")
+        )
+    }
 }
 
 impl Metrics {
@@ -64,6 +106,14 @@ impl Metrics {
 
     fn uptime(&self) -> Duration {
         self.started.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// The poller's state, to read or to change. A panic while it was held
+    /// left a whole value behind: take it.
+    pub fn poller(&self) -> MutexGuard<'_, PollerState> {
+        self.poller_state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn uptime_secs(&self) -> u64 {
@@ -143,7 +193,15 @@ impl Metrics {
             ),
         ];
         let mut out = String::new();
-        for (name, kind, help, value) in metrics {
+        let poller_active = (self.upstream == "database").then(|| {
+            (
+                "poller_active",
+                "gauge",
+                "1 while this poller holds the lock and polls; 0 as a standby or unconnected.",
+                u64::from(self.poller().role == Some(PollerRole::Active)),
+            )
+        });
+        for (name, kind, help, value) in metrics.into_iter().chain(poller_active) {
             let _ = write!(
                 out,
                 "# HELP bzpush_{name} {help}\n# TYPE bzpush_{name} {kind}\nbzpush_{name} {value}\n"

@@ -1,7 +1,10 @@
 //! Living with dependencies that come and go: capped exponential backoff,
 //! and a [`Link`] that logs a dependency's state only when it changes, so an
 //! outage is one line when it starts and one when it ends, however many
-//! retries lie between. Nothing here decides what to retry.
+//! retries lie between. A dependency that is up but refuses what is asked
+//! of it (a missing table, a missing privilege) is a third state, retried
+//! slowly: no retry cures it, someone must act. Nothing here decides what
+//! to retry.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +17,10 @@ use crate::shutdown::Shutdown;
 /// First and largest pause between reconnection attempts.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Pause between attempts while a dependency refuses: an operator has to
+/// act first (install a table, grant a privilege), so a fast retry only
+/// fills the log; this picks up the fix within half a minute.
+pub const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 /// The state of one dependency, logged only when it changes: an outage is
 /// one line when it starts and one when it ends, however many retries. It
@@ -21,8 +28,17 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 pub struct Link<'a> {
     name: &'static str,
     target: String,
-    up: Option<bool>,
+    state: Option<State>,
     flag: Option<&'a AtomicBool>,
+}
+
+/// What a link was last logged as.
+#[derive(PartialEq, Eq)]
+enum State {
+    Up,
+    Down,
+    /// Refused, for this reason: a different reason is logged again.
+    Refused(String),
 }
 
 impl<'a> Link<'a> {
@@ -30,7 +46,7 @@ impl<'a> Link<'a> {
         Link {
             name,
             target,
-            up: None,
+            state: None,
             flag: None,
         }
     }
@@ -44,27 +60,45 @@ impl<'a> Link<'a> {
     }
 
     pub fn up(&mut self) {
-        if self.up != Some(true) {
+        if self.state != Some(State::Up) {
             info!("{} {}: connected", self.name, self.target);
-            self.set(true);
+            self.set(State::Up);
         }
     }
 
     pub fn down(&mut self, error: &dyn fmt::Display) {
-        if self.up != Some(false) {
+        if self.state != Some(State::Down) {
             warn!(
                 "{} {}: {error}; retrying with backoff",
                 self.name, self.target
             );
-            self.set(false);
+            self.set(State::Down);
         }
     }
 
-    fn set(&mut self, up: bool) {
-        self.up = Some(up);
-        if let Some(flag) = self.flag {
-            flag.store(up, Ordering::Relaxed);
+    /// The dependency answers but refuses: `reason` says what and how to
+    /// fix it, once for as long as the reason stays the same. `true` if
+    /// that was news (logged).
+    pub fn refused(&mut self, reason: &str) -> bool {
+        let state = State::Refused(reason.to_string());
+        if self.state.as_ref() == Some(&state) {
+            return false;
         }
+        warn!(
+            "{} {}: refused: {reason}; retrying every {} s",
+            self.name,
+            self.target,
+            REFUSED_RETRY.as_secs()
+        );
+        self.set(state);
+        true
+    }
+
+    fn set(&mut self, state: State) {
+        if let Some(flag) = self.flag {
+            flag.store(state == State::Up, Ordering::Relaxed);
+        }
+        self.state = Some(state);
     }
 }
 

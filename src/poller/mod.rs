@@ -8,30 +8,44 @@
 //! a change the sink has not taken, and never log a credential. The two
 //! sources (what to read, what to forget) live in [`push_notify`] and
 //! [`bugs`].
+//!
+//! Errors come in two kinds: the database is down (connection and I/O
+//! errors, retried with capped backoff) or it answers and refuses (a missing
+//! table or privilege: said once with the fix, retried slowly). The role
+//! (active or standby, and who holds the lock) and a refusal are logged once
+//! per change, sent to systemd as `STATUS=`, and kept in [`Metrics`] for
+//! `/health` and `/metrics`.
 
 mod bugs;
 mod push_notify;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::info;
+use log::{info, warn};
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
 use crate::config::{PollerConfig, Source as SourceKind};
 use crate::database;
-use crate::metrics::Metrics;
+use crate::metrics::{LockHolder, Metrics, PollerRole};
 use crate::notification::{ChangeTime, Notification};
-use crate::retry::{Backoff, Link};
+use crate::retry::{Backoff, Link, REFUSED_RETRY};
 use crate::shutdown::Shutdown;
+use crate::systemd;
 
 /// How long one `GET_LOCK` attempt waits: bounds how late a standby notices
 /// shutdown, and how often it asks.
 const LOCK_WAIT_SECS: u32 = 1;
 /// A query that takes longer than this means the connection is dead.
 const DB_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many batches' worth of changes the sink took but the source could
+/// not yet forget are remembered, so that they are not handed over (and
+/// counted) again when read again. Past that, the memory starts over: the
+/// sink may see a change twice, which it tolerates.
+const HANDED_OVER_BATCHES: usize = 4;
 
 /// What a source read in one poll: the notifications to publish, and what
 /// it needs back to forget them once they are confirmed.
@@ -104,8 +118,62 @@ impl<E> From<mysql::Error> for Failure<E> {
 struct InFlight<P, R> {
     /// `None` when the batch had nothing to send (only rows to forget).
     pending: Option<P>,
+    /// Every change the batch carries, sent now or before.
+    notifications: Vec<Notification>,
     receipt: R,
     lag_secs: u64,
+}
+
+/// Whether the database `error` is one no retry cures: the server is up
+/// and answers, but refuses what the poller asks. If so, what it means and
+/// what to do, for the log and `/health`; `None` for an outage.
+fn refusal(error: &mysql::Error, config: &PollerConfig) -> Option<String> {
+    let mysql::Error::MySqlError(e) = error else {
+        return None;
+    };
+    let db = config.database.opts.get_db_name().unwrap_or_default();
+    let user = config.database.opts.get_user().unwrap_or_default();
+    let todo = match (e.code, config.source) {
+        // ER_NO_SUCH_TABLE
+        (1146, SourceKind::PushNotify) => "push_notify does not exist: install Mozilla's \
+             PushNotify extension in Bugzilla, or set BZPUSH_SOURCE=bugs"
+            .to_string(),
+        (1146, SourceKind::Bugs) => {
+            "is the database in BZPUSH_DATABASE_URL Bugzilla's?".to_string()
+        }
+        // ER_TABLEACCESS_DENIED_ERROR, ER_COLUMNACCESS_DENIED_ERROR
+        (1142 | 1143, SourceKind::PushNotify) => {
+            format!("GRANT SELECT, DELETE ON `{db}`.push_notify TO '{user}'@…")
+        }
+        (1142 | 1143, SourceKind::Bugs) => {
+            format!("GRANT SELECT (bug_id, delta_ts) ON `{db}`.bugs TO '{user}'@…")
+        }
+        // ER_DBACCESS_DENIED_ERROR, ER_ACCESS_DENIED_ERROR, ER_BAD_DB_ERROR,
+        // ER_HOST_NOT_PRIVILEGED
+        (1044 | 1045 | 1049 | 1130, _) => "check the user, password, host and database \
+             in BZPUSH_DATABASE_URL against the server's accounts (`bzpush check`)"
+            .to_string(),
+        // ER_BAD_FIELD_ERROR
+        (1054, _) => "the table lacks a column bzpush reads: is it Bugzilla's?".to_string(),
+        _ => return None,
+    };
+    Some(format!("{error} — {todo}"))
+}
+
+/// The holder of lock `id` as the server lists it, if this user may see it
+/// (its own connections always; others' with the PROCESS privilege).
+pub fn lock_holder(db: &mut Conn, id: u64) -> LockHolder {
+    let host: Option<String> = db
+        .exec_first(
+            "SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = ?",
+            (id,),
+        )
+        .ok()
+        .flatten();
+    LockHolder {
+        connection: id,
+        host,
+    }
 }
 
 /// Runs the poller until `shutdown`, handing changes to `sink`. Database
@@ -134,14 +202,16 @@ struct Poller<'a, S, K> {
     database: Link<'a>,
     sink_link: Link<'a>,
     sink_backoff: Backoff,
-    role: Option<Role>,
-}
-
-/// Which part this poller plays; logged when it changes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Standby,
-    Active,
+    /// The role last logged: a reconnect that takes the same role again
+    /// says nothing.
+    role: Option<PollerRole>,
+    /// The connection that last held the lock, as the server lists it: if
+    /// it still holds the lock after this poller reconnected (the server
+    /// has not noticed it is gone), it is ended rather than waited for.
+    session: Option<LockHolder>,
+    /// Changes the sink took whose rows the source has not forgotten yet
+    /// (the confirm failed): read again, they are not handed over again.
+    handed_over: HashSet<Notification>,
 }
 
 impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
@@ -167,6 +237,8 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             sink_link: Link::new(kind, target),
             sink_backoff: Backoff::default(),
             role: None,
+            session: None,
+            handed_over: HashSet::new(),
         }
     }
 
@@ -179,8 +251,18 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 Err(e) => {
                     // The lock went with the connection: whoever reconnects
                     // first is the active poller.
-                    self.database.down(&e);
-                    if backoff.wait(self.shutdown) {
+                    self.metrics.poller().role = None;
+                    let stop = match refusal(&e, self.config) {
+                        Some(reason) => {
+                            self.refused(&reason);
+                            self.shutdown.sleep(REFUSED_RETRY)
+                        }
+                        None => {
+                            self.database_down(&e);
+                            backoff.wait(self.shutdown)
+                        }
+                    };
+                    if stop {
                         break;
                     }
                 }
@@ -203,40 +285,113 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     fn take_lock(&mut self, db: &mut Conn) -> Result<bool, mysql::Error> {
         let name = self.config.lock_name.as_str();
         let mut waited = false;
+        let mut holder: Option<LockHolder> = None;
         loop {
             self.metrics.beat(&self.metrics.poller_beat);
             let row: Option<(Option<i64>, String, Option<u64>)> = db.exec_first(
                 "SELECT GET_LOCK(?, ?), DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s'), IS_USED_LOCK(?)",
                 (name, LOCK_WAIT_SECS, name),
             )?;
-            let (got, now, holder) = row.unwrap_or((None, String::new(), None));
+            let (got, now, holder_id) = row.unwrap_or((None, String::new(), None));
             if got == Some(1) {
-                self.set_role(Role::Active, None);
+                let id: Option<u64> = db.query_first("SELECT CONNECTION_ID()")?;
+                // Without its host, an id alone could name another
+                // process's connection after a server restart: not kept.
+                self.session = id
+                    .map(|id| lock_holder(db, id))
+                    .filter(|h| h.host.is_some());
+                self.set_role(PollerRole::Active);
                 self.source.activated(&ChangeTime::new(now), waited);
                 return Ok(true);
             }
-            self.database.up();
-            waited = true;
-            let holder = holder.map_or("another poller".to_string(), |id| {
-                format!("database connection {id}")
-            });
-            self.set_role(Role::Standby, Some(&holder));
+            self.database_up();
+            // `None`: freed since GET_LOCK gave up; the next one takes it.
+            if let Some(id) = holder_id {
+                // Looked up once per holder, not once a second.
+                let current = match holder.take() {
+                    Some(known) if known.connection == id => known,
+                    _ => lock_holder(db, id),
+                };
+                if self.session.as_ref() == Some(&current) {
+                    self.end_own_session(db, id);
+                    continue;
+                }
+                waited = true;
+                self.set_role(PollerRole::Standby(current.clone()));
+                holder = Some(current);
+            }
             if self.shutdown.requested() {
                 return Ok(false);
             }
         }
     }
 
-    fn set_role(&mut self, role: Role, holder: Option<&str>) {
-        if self.role != Some(role) {
-            let name = &self.config.lock_name;
-            match holder {
-                Some(holder) => info!(
-                    "standby: database lock {name:?} is held by {holder}; waiting to take over"
-                ),
-                None => info!("active: holding database lock {name:?}"),
+    /// This poller's previous connection still holds the lock: the server
+    /// has not noticed it is gone (a link that went silent, a query stuck
+    /// in a lock wait). Waiting on it would make this poller a standby of
+    /// itself until the server's `wait_timeout`, hours away: end it. KILL
+    /// of a connection of one's own user needs no privilege. Tried once;
+    /// if it fails, the poller waits as a standby like any other.
+    fn end_own_session(&mut self, db: &mut Conn, id: u64) {
+        self.session = None;
+        let name = &self.config.lock_name;
+        info!(
+            "database lock {name:?} is still held by this poller's previous connection {id}: ending it"
+        );
+        if let Err(e) = db.query_drop(format!("KILL CONNECTION {id}")) {
+            warn!(
+                "could not end database connection {id} ({e}); waiting for the server to drop it"
+            );
+        }
+    }
+
+    /// Logs, tells systemd and records a role that differs from the last
+    /// one (for a standby: or whose lock holder differs).
+    fn set_role(&mut self, role: PollerRole) {
+        self.metrics.poller().role = Some(role.clone());
+        if self.role.as_ref() == Some(&role) {
+            return;
+        }
+        let line = self.role_line(&role);
+        info!("{line}");
+        systemd::notify(&format!("STATUS={line}"));
+        self.role = Some(role);
+    }
+
+    fn role_line(&self, role: &PollerRole) -> String {
+        let name = &self.config.lock_name;
+        match role {
+            PollerRole::Standby(holder) => {
+                format!("standby: database lock {name:?} is held by {holder}; waiting to take over")
             }
-            self.role = Some(role);
+            PollerRole::Active => format!("active: holding database lock {name:?}"),
+        }
+    }
+
+    /// The database answers: connected, no longer refusing.
+    fn database_up(&mut self) {
+        self.database.up();
+        let was_refused = self.metrics.poller().refused.take().is_some();
+        if was_refused && let Some(role) = &self.role {
+            // The last STATUS= was the refusal.
+            systemd::notify(&format!("STATUS={}", self.role_line(role)));
+        }
+    }
+
+    fn database_down(&mut self, error: &mysql::Error) {
+        let was_refused = self.metrics.poller().refused.take().is_some();
+        if was_refused {
+            // The last STATUS= was the refusal.
+            systemd::notify("STATUS=database down; retrying with backoff");
+        }
+        self.database.down(error);
+    }
+
+    /// The database refuses the poller for `reason` (which says the fix).
+    fn refused(&mut self, reason: &str) {
+        self.metrics.poller().refused = Some(reason.to_string());
+        if self.database.refused(reason) {
+            systemd::notify(&format!("STATUS=database refused: {reason}"));
         }
     }
 
@@ -265,8 +420,17 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             next_poll = match self.step(db, &mut in_flight) {
                 // Poll at a fixed rate, not after a fixed pause, so the lag
                 // from a commit to its publication averages half an interval.
-                Ok(false) => started + self.config.poll_interval,
-                Ok(true) => Instant::now(),
+                Ok(full) => {
+                    // Only a whole poll, its confirm included, shows that
+                    // a refusal is over.
+                    self.database_up();
+                    db_backoff.reset();
+                    if full {
+                        Instant::now()
+                    } else {
+                        started + self.config.poll_interval
+                    }
+                }
                 Err(Failure::Sink(e)) => {
                     // Nothing in flight was forgotten: it is read again.
                     in_flight = None;
@@ -277,10 +441,51 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                     }
                     Instant::now()
                 }
-                Err(Failure::Database(e)) => return Err(e),
+                Err(Failure::Database(e)) => {
+                    // What the sink already has is not handed over again.
+                    self.abandon(in_flight.take());
+                    self.source.reset();
+                    let Some(reason) = refusal(&e, self.config) else {
+                        return Err(e);
+                    };
+                    // The connection and the lock are fine: keep them, and
+                    // ask again later.
+                    self.refused(&reason);
+                    if self.shutdown.sleep(REFUSED_RETRY) {
+                        return Ok(());
+                    }
+                    Instant::now()
+                }
             };
-            db_backoff.reset();
         }
+    }
+
+    /// A batch in flight that will not be forgotten now: whatever the sink
+    /// takes of it is remembered as handed over, so that reading it again
+    /// sends (and counts) nothing twice.
+    fn abandon(&mut self, in_flight: Option<InFlight<K::Pending, S::Receipt>>) {
+        let Some(InFlight {
+            pending,
+            notifications,
+            ..
+        }) = in_flight
+        else {
+            return;
+        };
+        if let Some(pending) = pending
+            && self.sink.settle(pending).is_ok()
+        {
+            self.remember_handed_over(notifications);
+        }
+    }
+
+    fn remember_handed_over(&mut self, notifications: Vec<Notification>) {
+        if self.handed_over.len() + notifications.len()
+            > HANDED_OVER_BATCHES * self.config.batch_size
+        {
+            self.handed_over.clear();
+        }
+        self.handed_over.extend(notifications);
     }
 
     /// One poll: reads a batch and sends it, then settles the batch before
@@ -302,18 +507,20 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             self.settle(db, in_flight.take())?;
         }
         let batch = self.source.read(db)?;
-        self.database.up();
-        let pending = if batch.notifications.is_empty() {
+        let fresh: Vec<Notification> = batch
+            .notifications
+            .iter()
+            .filter(|n| !self.handed_over.contains(n))
+            .cloned()
+            .collect();
+        let pending = if fresh.is_empty() {
             None
         } else {
-            Some(
-                self.sink
-                    .send(&batch.notifications)
-                    .map_err(Failure::Sink)?,
-            )
+            Some(self.sink.send(&fresh).map_err(Failure::Sink)?)
         };
         let previous = in_flight.replace(InFlight {
             pending,
+            notifications: batch.notifications,
             receipt: batch.receipt,
             lag_secs: batch.lag_secs,
         });
@@ -334,6 +541,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     ) -> Result<(), Failure<K::Error>> {
         let Some(InFlight {
             pending,
+            notifications,
             receipt,
             lag_secs,
         }) = in_flight
@@ -349,7 +557,72 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 .poll_lag_seconds
                 .store(lag_secs, Ordering::Relaxed);
         }
-        self.source.confirmed(db, receipt)?;
+        if let Err(e) = self.source.confirmed(db, receipt) {
+            self.remember_handed_over(notifications);
+            return Err(e.into());
+        }
+        if !self.handed_over.is_empty() {
+            for n in &notifications {
+                self.handed_over.remove(n);
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+    use crate::config::{Invocation, Mode};
+
+    fn config(source: &str) -> PollerConfig {
+        let env = [
+            ("BZPUSH_SOURCE", source),
+            ("BZPUSH_DATABASE_URL", "mysql://bzpush@db.example/bugs"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        match crate::config::parse([OsString::from("run")], env) {
+            Ok(Invocation::Start(Mode::Run(c))) => c.poller,
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    fn server_error(code: u16) -> mysql::Error {
+        mysql::Error::MySqlError(mysql::MySqlError {
+            state: "42000".into(),
+            message: "refused".into(),
+            code,
+        })
+    }
+
+    #[test]
+    fn a_refusal_says_its_fix_and_an_outage_is_no_refusal() {
+        let push_notify = config("push_notify");
+        let bugs = config("bugs");
+        let says = |e: &mysql::Error, c: &PollerConfig, fix: &str| {
+            let reason = refusal(e, c).unwrap_or_else(|| panic!("{e} is a refusal"));
+            assert!(reason.contains(fix), "{reason}");
+        };
+        says(&server_error(1146), &push_notify, "BZPUSH_SOURCE=bugs");
+        says(
+            &server_error(1142),
+            &push_notify,
+            "GRANT SELECT, DELETE ON `bugs`.push_notify",
+        );
+        says(
+            &server_error(1143),
+            &bugs,
+            "GRANT SELECT (bug_id, delta_ts) ON `bugs`.bugs",
+        );
+        says(&server_error(1045), &bugs, "BZPUSH_DATABASE_URL");
+        // Lock wait timeout, deadlock, too many connections, server
+        // shutting down: a retry cures them.
+        for code in [1205, 1213, 1040, 1053] {
+            assert_eq!(refusal(&server_error(code), &push_notify), None, "{code}");
+        }
+        let io = mysql::Error::IoError(std::io::ErrorKind::TimedOut.into());
+        assert_eq!(refusal(&io, &push_notify), None);
     }
 }

@@ -519,8 +519,9 @@ impl Drop for TestBroker {
 }
 
 /// A TCP proxy in front of a service, which the test can cut off: `sever`
-/// kills every open connection, `set_down(true)` refuses new ones too, and
-/// `set_delay` slows every chunk it forwards.
+/// kills every open connection, `set_down(true)` refuses new ones too,
+/// `set_delay` slows every chunk it forwards, and `stall` makes the open
+/// connections go silent without closing them.
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<ProxyState>,
@@ -531,6 +532,8 @@ struct ProxyState {
     stop: AtomicBool,
     live: Mutex<Vec<TcpStream>>,
     delay_ms: AtomicU64,
+    /// One flag per connection: set, its pipes hold what they read.
+    stalled: Mutex<Vec<Arc<AtomicBool>>>,
 }
 
 impl Proxy {
@@ -542,6 +545,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
             delay_ms: AtomicU64::new(0),
+            stalled: Mutex::new(Vec::new()),
         });
         let target = target.to_string();
         let shared = Arc::clone(&state);
@@ -568,8 +572,14 @@ impl Proxy {
                         server.try_clone(),
                     ) {
                         shared.live.lock().expect("proxy lock").extend([c3, s3]);
-                        pipe(client, s2, Arc::clone(&shared));
-                        pipe(server, c2, Arc::clone(&shared));
+                        let stalled = Arc::new(AtomicBool::new(false));
+                        shared
+                            .stalled
+                            .lock()
+                            .expect("proxy lock")
+                            .push(Arc::clone(&stalled));
+                        pipe(client, s2, Arc::clone(&shared), Arc::clone(&stalled));
+                        pipe(server, c2, Arc::clone(&shared), stalled);
                     }
                 }
             })
@@ -595,6 +605,15 @@ impl Proxy {
         self.state.delay_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Every connection open now stops forwarding, in both directions,
+    /// without closing: a link that went silent (no FIN, no RST). Both
+    /// ends wait on it until their own timeouts; new connections work.
+    pub fn stall(&self) {
+        for flag in self.state.stalled.lock().expect("proxy lock").drain(..) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// While down, new connections are accepted and closed at once.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
@@ -612,7 +631,7 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>, stalled: Arc<AtomicBool>) {
     let _ = thread::Builder::new()
         .name("test-proxy-pipe".into())
         .spawn(move || {
@@ -624,6 +643,13 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>) {
                         let delay = state.delay_ms.load(Ordering::SeqCst);
                         if delay > 0 {
                             thread::sleep(Duration::from_millis(delay));
+                        }
+                        // Held, not forwarded, until the proxy goes.
+                        while stalled.load(Ordering::SeqCst) {
+                            if state.stop.load(Ordering::SeqCst) {
+                                return;
+                            }
+                            thread::sleep(Duration::from_millis(50));
                         }
                         if to.write_all(&buf[..n]).is_err() {
                             break;
