@@ -6,7 +6,8 @@
 //! exchange exactly as the publisher would; it never changes data, and never
 //! creates a queue. Credentials never appear in what it prints.
 
-use std::io::Write;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
@@ -31,8 +32,12 @@ pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
             check_poller(&mut report, &c.poller, false);
             check_broker(&mut report, &c.amqp, std::slice::from_ref(&c.exchange));
         }
-        Mode::Run(c) => check_poller(&mut report, &c.poller, true),
+        Mode::Run(c) => {
+            check_listen(&mut report, c.server.listen);
+            check_poller(&mut report, &c.poller, true);
+        }
         Mode::Serve(c) => {
+            check_listen(&mut report, c.server.listen);
             let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
             check_broker(&mut report, &c.amqp, &exchanges);
             if let Some(url) = &c.catchup_database
@@ -143,6 +148,23 @@ fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
             None
         }
     }
+}
+
+/// Binds the listen address and lets it go at once: a port another process
+/// holds, or one this user may not bind, fails here rather than when the
+fn check_listen(report: &mut Report, addr: SocketAddr) {
+    report.line(match TcpListener::bind(addr) {
+        Ok(_) => Ok(format!("listen {addr}: free")),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(format!(
+            "listen {addr}: in use ({e}) — another process listens there (`ss -ltnp 'sport = :{}'` \
+             names it): stop it, or set BZPUSH_LISTEN to a free address",
+            addr.port()
+        )),
+        Err(e) => Err(format!(
+            "listen {addr}: cannot bind ({e}) — ports below 1024 need privileges bzpush does not \
+             have, and the IP must belong to this host: set BZPUSH_LISTEN"
+        )),
+    });
 }
 
 /// The error, and what to do about it.
