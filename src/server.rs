@@ -474,6 +474,14 @@ fn handle(conn: &Conn) -> Option<ConnThread> {
             return None;
         }
     };
+    if let Some(name) = http::duplicated_singleton(&request) {
+        let _ = http::respond_text(
+            socket,
+            "400 Bad Request",
+            &format!("more than one {name} header"),
+        );
+        return None;
+    }
     if !http::method_allowed(&request) {
         let _ = http::respond_not_allowed(socket);
         return None;
