@@ -35,6 +35,8 @@
 //! - [`database`]: connections to Bugzilla's database, and its values read
 //!   without panics.
 //! - [`check`]: `bzpush check`: each setting and dependency, one line each.
+//! - [`logging`]: log lines on stderr, with journal priorities when stderr
+//!   is the journal.
 //! - [`metrics`]: counters shared by every thread.
 //! - [`retry`]: backoff, and logging a dependency's state once per change.
 //! - [`shutdown`]: one trigger that stops every loop at once.
@@ -49,6 +51,7 @@ pub mod connection;
 pub mod database;
 pub mod http;
 pub mod hub;
+pub mod logging;
 pub mod metrics;
 pub mod notification;
 pub mod outbox;

@@ -7,9 +7,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Bzpush, Finished, TestDb};
+use common::run::closed_port;
+use common::{Bzpush, Finished, TestDb, unique, wait_until};
 
 /// `bzpush check <mode>` with exactly `env`.
 fn check(mode: &str, env: &[(&str, String)]) -> Finished {
@@ -54,7 +58,9 @@ fn check_fails_when_the_listen_port_is_in_use() {
         ],
     );
     assert!(
-        finished.stdout.contains(&format!("ok    listen {addr}: free")),
+        finished
+            .stdout
+            .contains(&format!("ok    listen {addr}: free")),
         "{}",
         finished.stdout
     );
@@ -105,16 +111,25 @@ fn duplicated_singleton_headers_get_400() {
     );
     // List-valued fields may repeat.
     assert!(
-        status_line(&addr, &upgrade("Connection: keep-alive\r\nUpgrade: websocket\r\n"))
-            .starts_with("HTTP/1.1 101")
+        status_line(
+            &addr,
+            &upgrade("Connection: keep-alive\r\nUpgrade: websocket\r\n")
+        )
+        .starts_with("HTTP/1.1 101")
     );
     let cases = [
-        ("two keys", upgrade("Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n")),
+        (
+            "two keys",
+            upgrade("Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n"),
+        ),
         ("the same key twice", upgrade(key)),
         ("two versions", upgrade("Sec-WebSocket-Version: 13\r\n")),
         ("two origins", upgrade("Origin: https://evil.example\r\n")),
         ("two hosts", upgrade("Host: evil.example\r\n")),
-        ("two lengths", upgrade("Content-Length: 0\r\nContent-Length: 0\r\n")),
+        (
+            "two lengths",
+            upgrade("Content-Length: 0\r\nContent-Length: 0\r\n"),
+        ),
         (
             "two hosts on plain HTTP",
             format!("GET /health HTTP/1.1\r\n{host}Host: evil.example\r\n\r\n"),
@@ -134,4 +149,101 @@ fn duplicated_singleton_headers_get_400() {
     assert!(wrong.is_empty(), "expected 400 for {wrong:#?}");
     // The server still serves.
     assert!(status_line(&addr, &upgrade("")).starts_with("HTTP/1.1 101"));
+}
+
+// ---- journal priorities ----
+
+/// `bzpush <args>` with `env` only, its stderr a file of its own; with
+/// `JOURNAL_STREAM` naming that file's device and inode if `journal`, or
+/// naming some other file if not (inherited, stale), as systemd would.
+/// Runs until `done` holds for the log or 30 s pass, then SIGTERM; the log.
+fn log_of(
+    args: &[&str],
+    env: &[(&str, String)],
+    journal: bool,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let path = std::env::temp_dir().join(unique("bzpush-stderr"));
+    let file = std::fs::File::create(&path).expect("create the stderr file");
+    let meta = if journal {
+        file.metadata().expect("its metadata")
+    } else {
+        std::fs::metadata(std::env::temp_dir()).expect("another file")
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bzpush"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("start bzpush");
+    let read = |path: &PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    wait_until(Duration::from_secs(30), || done(&read(&path)));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    wait_until(Duration::from_secs(30), || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = read(&path);
+    let _ = std::fs::remove_file(&path);
+    eprintln!("bzpush {args:?} (journal: {journal}):\n{log}");
+    log
+}
+
+#[test]
+fn lines_carry_their_priority_when_stderr_is_the_journal() {
+    // A database that refuses connections: bzpush says so with a warning.
+    let env = [
+        (
+            "BZPUSH_DATABASE_URL",
+            format!("mysql://bugs@{}/bugs", closed_port()),
+        ),
+        ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
+        ("BZPUSH_LOG", "debug".to_string()),
+    ];
+    let warned = |log: &str| log.contains("WARN]");
+    let log = log_of(&["run"], &env, true, warned);
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("<4>[WARN] database")),
+        "no warning at priority 4:\n{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("<6>[INFO] bzpush ")),
+        "no start line at priority 6:\n{log}"
+    );
+    for line in &lines {
+        let priority = match line.get(..4) {
+            Some("<3>[") => "ERROR",
+            Some("<4>[") => "WARN",
+            Some("<6>[") => "INFO",
+            Some("<7>[") => "DEBUG",
+            _ => panic!("a line without its priority: {line:?}"),
+        };
+        assert!(
+            line[4..].starts_with(priority)
+                || (priority == "DEBUG" && line[4..].starts_with("TRACE")),
+            "{line:?}"
+        );
+    }
+    // Not the journal (JOURNAL_STREAM inherited, stderr elsewhere): no prefix.
+    let log = log_of(&["run"], &env, false, warned);
+    assert!(
+        log.lines().any(|l| l.starts_with("[WARN] database")),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with('<')),
+        "a priority outside the journal:\n{log}"
+    );
+    // A configuration error comes before logging starts, at priority 3 too.
+    let bad = [("BZPUSH_POLL_INTERVAL", "soon".to_string())];
+    let log = log_of(&["run"], &bad, true, |log| !log.is_empty());
+    assert!(log.starts_with("<3>bzpush: BZPUSH_POLL_INTERVAL"), "{log}");
 }
