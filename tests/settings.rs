@@ -247,3 +247,116 @@ fn lines_carry_their_priority_when_stderr_is_the_journal() {
     let log = log_of(&["run"], &bad, true, |log| !log.is_empty());
     assert!(log.starts_with("<3>bzpush: BZPUSH_POLL_INTERVAL"), "{log}");
 }
+
+// ---- secrets in what bzpush prints ----
+
+/// Every URL setting, each command that reads it, and passwords holding
+/// each character that must be percent-encoded: exit 2, the setting named,
+/// the password nowhere in stdout or stderr.
+#[test]
+fn no_url_setting_prints_its_password() {
+    let settings = [
+        (
+            "BZPUSH_DATABASE_URL",
+            "mysql://bzpush:{}@127.0.0.1:3306/bugs",
+            &["run", "poll"][..],
+        ),
+        (
+            "BZPUSH_AMQP_URL",
+            "amqp://bzpush:{}@127.0.0.1:5672/%2f",
+            &["poll", "serve"][..],
+        ),
+        (
+            "BZPUSH_CATCHUP_DATABASE_URL",
+            "mysql://bzpush:{}@127.0.0.1:3306/bugs",
+            &["serve"][..],
+        ),
+    ];
+    let passwords = [
+        "se/cr3t",
+        "se#cr3t",
+        "se?cr3t",
+        "se@cr3t",
+        "se:cr3t@x",
+        "se/cr@t:x#y",
+    ];
+    for (variable, template, commands) in settings {
+        for password in passwords {
+            let value = template.replace("{}", password);
+            for command in commands {
+                for args in [vec!["check", command], vec![command]] {
+                    let env = [(variable, value.clone())];
+                    let finished = Bzpush::run(&args, &env, Duration::from_secs(30));
+                    let printed = format!("{}{}", finished.stdout, finished.stderr);
+                    assert_eq!(
+                        finished.status.code(),
+                        Some(2),
+                        "{args:?} {variable}={value}: {printed}"
+                    );
+                    assert!(printed.contains(variable), "{printed}");
+                    assert!(printed.contains("%2F %23 %3F %40 %3A"), "{printed}");
+                    for secret in ["cr3t", "cr@t"] {
+                        assert!(
+                            !printed.contains(secret),
+                            "{args:?} {variable}={value} printed the password: {printed}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A valid URL whose password is percent-encoded, to a server that is not
+/// there: neither `check` nor the running process shows the password,
+/// encoded or decoded.
+#[test]
+fn connection_errors_do_not_print_the_password() {
+    let (encoded, decoded) = ("s3%2Fcr%40t%3Ax", "s3/cr@t:x");
+    let database = format!("mysql://bzpush:{encoded}@{}/bugs", closed_port());
+    let broker = format!("amqp://bzpush:{encoded}@{}/%2f", closed_port());
+    let runs: [(&[&str], Vec<(&str, String)>); 3] = [
+        (
+            &["check", "run"],
+            vec![
+                ("BZPUSH_DATABASE_URL", database.clone()),
+                ("BZPUSH_LISTEN", "127.0.0.1:0".into()),
+            ],
+        ),
+        (
+            &["check", "poll"],
+            vec![
+                ("BZPUSH_DATABASE_URL", database.clone()),
+                ("BZPUSH_AMQP_URL", broker.clone()),
+            ],
+        ),
+        (
+            &["check", "serve"],
+            vec![
+                ("BZPUSH_CATCHUP_DATABASE_URL", database.clone()),
+                ("BZPUSH_AMQP_URL", broker.clone()),
+                ("BZPUSH_LISTEN", "127.0.0.1:0".into()),
+            ],
+        ),
+    ];
+    for (args, env) in &runs {
+        let finished = Bzpush::run(args, env, Duration::from_secs(60));
+        let printed = format!("{}{}", finished.stdout, finished.stderr);
+        eprintln!("{args:?}:\n{printed}");
+        assert_eq!(finished.status.code(), Some(1), "{printed}");
+        assert!(printed.contains("bzpush:***@"), "{printed}");
+        assert!(
+            !printed.contains(encoded) && !printed.contains(decoded),
+            "{printed}"
+        );
+    }
+    // The running poller says the database is down, and names it redacted.
+    let env = [
+        ("BZPUSH_DATABASE_URL", database.clone()),
+        ("BZPUSH_AMQP_URL", broker.clone()),
+        ("BZPUSH_LOG", "trace".to_string()),
+    ];
+    let log = log_of(&["poll"], &env, false, |log| log.contains("WARN] database"));
+    assert!(log.contains("WARN] database mysql://bzpush:***@"), "{log}");
+    assert!(!log.contains(encoded) && !log.contains(decoded), "{log}");
+}
