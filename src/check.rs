@@ -135,7 +135,8 @@ fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
         Ok(mut db) => {
             let version: Option<String> = db.query_first("SELECT VERSION()").ok().flatten();
             report.line(Ok(format!(
-                "database {url}: reachable ({})",
+                "database {url}: reachable over {} ({})",
+                database::route(url),
                 version.as_deref().unwrap_or("unknown version")
             )));
             Some(db)
@@ -169,11 +170,13 @@ fn check_listen(report: &mut Report, addr: SocketAddr) {
 
 /// The error, and what to do about it.
 fn advice(error: &mysql::Error, otherwise: &str) -> String {
+    if let Some(hint) = database::access_denied_hint(error) {
+        return format!("{error} — {hint}; check the user and password in the URL");
+    }
     let todo = match error {
-        mysql::Error::MySqlError(e) if e.code == 1045 => "check the user and password in the URL",
         mysql::Error::MySqlError(e) if e.code == 1049 => "check the database name in the URL",
         mysql::Error::MySqlError(_) => otherwise,
-        _ => "is the server running and reachable at that host and port?",
+        _ => "is the server running and reachable at that host and port, or socket?",
     };
     format!("{error} — {todo}")
 }

@@ -3,8 +3,12 @@
 //!
 //! The mysql crate panics when a row does not convert to the asked type;
 //! values from Bugzilla's tables go through the functions here instead,
-//! which answer `None` for anything unexpected. Nothing here writes.
+//! which answer `None` for anything unexpected. Nothing here writes. Host
+//! `localhost` means the server's Unix socket, as for every MySQL client.
 
+use std::fmt;
+use std::io;
+use std::path::Path;
 use std::time::Duration;
 
 use mysql::{Conn, OptsBuilder};
@@ -15,17 +19,121 @@ use crate::notification::{BugId, ChangeTime};
 /// How long connecting may take before the database counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where MySQL and MariaDB put their Unix socket, in the order tried when
+/// the URL's host is `localhost` and names no `?socket=`: Debian's and
+/// most distributions' path, its older alias, and the upstream default.
+pub const SOCKET_PATHS: [&str; 3] = [
+    "/run/mysqld/mysqld.sock",
+    "/var/run/mysqld/mysqld.sock",
+    "/tmp/mysql.sock",
+];
+
+/// "Access denied": ER_ACCESS_DENIED_ERROR, and ER_ACCESS_DENIED_NO_PASSWORD_ERROR
+/// (MariaDB answers it where no account matches the host at all).
+const ACCESS_DENIED: [u16; 2] = [1045, 1698];
+
 /// A new connection whose reads and writes fail after `io_timeout`, so a
-/// dead peer is noticed instead of waited on forever. It goes exactly where
-/// the URL says: the mysql crate would otherwise switch a connection to
-/// 127.0.0.1 over to the server's Unix socket.
+/// dead peer is noticed instead of waited on forever. It goes where
+/// [`route`] says, as every MySQL client does: host `localhost` is the Unix
+/// socket (`?socket=PATH`, else the first of [`SOCKET_PATHS`] that exists),
+/// any other host is TCP. The server tells the two apart: an account
+/// `'u'@'localhost'` matches only socket logins when it skips name
+/// resolution. The mysql crate would otherwise take `localhost` over TCP,
+/// and switch 127.0.0.1 over to the socket.
 pub fn connect(url: &DatabaseUrl, io_timeout: Duration) -> Result<Conn, mysql::Error> {
     let opts = OptsBuilder::from_opts(url.opts.clone())
         .prefer_socket(false)
         .tcp_connect_timeout(Some(CONNECT_TIMEOUT))
         .read_timeout(Some(io_timeout))
         .write_timeout(Some(io_timeout));
+    let opts = match route(url) {
+        Route::Socket(path) => opts.socket(Some(path)),
+        Route::NoSocket => {
+            return Err(mysql::Error::IoError(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "host localhost means the server's Unix socket, and there is none at {}: \
+                     is the server running? Name its socket with ?socket=/PATH in the URL, or \
+                     use host 127.0.0.1 for TCP",
+                    SOCKET_PATHS.join(", ")
+                ),
+            )));
+        }
+        Route::Tcp => opts,
+    };
     Conn::new(opts)
+}
+
+/// How [`connect`] reaches the database.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A Unix socket at this path.
+    Socket(String),
+    /// Host `localhost`, but no socket where one is looked for.
+    NoSocket,
+    Tcp,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Socket(path) => write!(f, "Unix socket {path}"),
+            Route::NoSocket => f.write_str("no Unix socket"),
+            Route::Tcp => f.write_str("TCP"),
+        }
+    }
+}
+
+/// Where `url` leads, looked up now: a socket may appear once the server
+/// starts.
+pub fn route(url: &DatabaseUrl) -> Route {
+    if let Some(path) = url.opts.get_socket() {
+        return Route::Socket(path.to_string());
+    }
+    if !url
+        .opts
+        .get_ip_or_hostname()
+        .eq_ignore_ascii_case("localhost")
+    {
+        return Route::Tcp;
+    }
+    SOCKET_PATHS
+        .iter()
+        .find(|path| Path::new(path).exists())
+        .map_or(Route::NoSocket, |path| Route::Socket(path.to_string()))
+}
+
+/// For an "Access denied" error: which account the server tried (its
+/// message names `'user'@'host'`, the host being where it saw the login
+/// come from) and what that means. `None` for any other error.
+pub fn access_denied_hint(error: &mysql::Error) -> Option<String> {
+    let mysql::Error::MySqlError(e) = error else {
+        return None;
+    };
+    if !ACCESS_DENIED.contains(&e.code) {
+        return None;
+    }
+    let host = e
+        .message
+        .split("'@'")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or("?");
+    Some(match host {
+        "localhost" => "the server saw a Unix-socket login (host localhost), so the account \
+             'USER'@'localhost' was tried: check its password, and that it exists"
+            .to_string(),
+        "127.0.0.1" | "::1" => format!(
+            "the server saw a TCP login from {host}, so the account 'USER'@'{host}' (or a \
+             wildcard) was tried; an account 'USER'@'localhost' matches only Unix-socket \
+             logins: use host localhost in the URL for the socket, or create the account for \
+             {host}"
+        ),
+        _ => format!(
+            "the server saw the login come from {host}, so the account 'USER'@'{host}' (or a \
+             wildcard that matches it) was tried: check that it exists and its password"
+        ),
+    })
 }
 
 /// A DATETIME as the database stored it, `YYYY-MM-DDTHH:MM:SS`.

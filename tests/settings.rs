@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::run::closed_port;
-use common::{Bzpush, Finished, TestDb, unique, wait_until};
+use common::{Bzpush, Finished, MYSQL_ADDR, TestDb, admin_conn, unique, wait_until};
+use mysql::prelude::Queryable;
 
 /// `bzpush check <mode>` with exactly `env`.
 fn check(mode: &str, env: &[(&str, String)]) -> Finished {
@@ -359,4 +360,109 @@ fn connection_errors_do_not_print_the_password() {
     let log = log_of(&["poll"], &env, false, |log| log.contains("WARN] database"));
     assert!(log.contains("WARN] database mysql://bzpush:***@"), "{log}");
     assert!(!log.contains(encoded) && !log.contains(decoded), "{log}");
+}
+
+// ---- localhost is the Unix socket ----
+
+/// An account `'NAME'@'localhost'` only, as the README creates it;
+/// dropped at the end of the test.
+struct LocalUser {
+    name: String,
+    password: String,
+}
+
+impl LocalUser {
+    fn new(db: &TestDb) -> LocalUser {
+        let user = LocalUser {
+            name: unique("u_x"),
+            password: unique("Pw"),
+        };
+        let mut admin = admin_conn();
+        admin
+            .query_drop(format!(
+                "CREATE USER '{}'@'localhost' IDENTIFIED BY '{}'",
+                user.name, user.password
+            ))
+            .expect("create the user");
+        admin
+            .query_drop(format!(
+                "GRANT SELECT ON `{}`.* TO '{}'@'localhost'",
+                db.name, user.name
+            ))
+            .expect("grant");
+        user
+    }
+}
+
+impl Drop for LocalUser {
+    fn drop(&mut self) {
+        let _ = admin_conn().query_drop(format!("DROP USER IF EXISTS '{}'@'localhost'", self.name));
+    }
+}
+
+#[test]
+fn host_localhost_is_the_unix_socket_and_access_denied_names_the_host_tried() {
+    let db = TestDb::new();
+    let user = LocalUser::new(&db);
+    let url = |host: &str, query: &str| {
+        format!(
+            "mysql://{}:{}@{host}/{}{query}",
+            user.name, user.password, db.name
+        )
+    };
+    let check_url = |url: String| {
+        let finished = check(
+            "run",
+            &[
+                ("BZPUSH_DATABASE_URL", url),
+                ("BZPUSH_SOURCE", "bugs".to_string()),
+                ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
+            ],
+        );
+        assert!(!finished.stdout.contains(&user.password));
+        finished
+    };
+    // This machine's MariaDB skips name resolution: 'u'@'localhost' is a
+    // socket login only.
+    let finished = check_url(url("localhost", ""));
+    assert!(
+        finished.stdout.contains("reachable over Unix socket /"),
+        "{}",
+        finished.stdout
+    );
+    assert_eq!(finished.status.code(), Some(0), "{}", finished.stdout);
+    // A socket named in the URL is the one used.
+    let socket = bzpush::database::SOCKET_PATHS
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("MariaDB's socket exists on this machine");
+    let finished = check_url(url("localhost", &format!("?socket={socket}")));
+    assert!(
+        finished
+            .stdout
+            .contains(&format!("reachable over Unix socket {socket}")),
+        "{}",
+        finished.stdout
+    );
+    let finished = check_url(url("localhost", "?socket=/nonexistent/mysqld.sock"));
+    assert_eq!(finished.status.code(), Some(1), "{}", finished.stdout);
+    assert!(
+        finished.stdout.contains("/nonexistent/mysqld.sock"),
+        "{}",
+        finished.stdout
+    );
+    // Over TCP, the server sees 127.0.0.1, and the account does not match.
+    let finished = check_url(url(MYSQL_ADDR, ""));
+    assert_eq!(finished.status.code(), Some(1), "{}", finished.stdout);
+    let fail = finished
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("FAIL  database"))
+        .unwrap_or_else(|| panic!("no database FAIL line:\n{}", finished.stdout));
+    assert!(
+        fail.contains(&format!("'{}'@'127.0.0.1'", user.name)),
+        "{fail}"
+    );
+    assert!(fail.contains("TCP login from 127.0.0.1"), "{fail}");
+    assert!(fail.contains("use host localhost"), "{fail}");
 }
