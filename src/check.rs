@@ -34,10 +34,12 @@ pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
         }
         Mode::Run(c) => {
             check_listen(&mut report, c.server.listen);
+            report_origins(&mut report, &c.server.allowed_origins);
             check_poller(&mut report, &c.poller, true);
         }
         Mode::Serve(c) => {
             check_listen(&mut report, c.server.listen);
+            report_origins(&mut report, &c.server.allowed_origins);
             let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
             check_broker(&mut report, &c.amqp, &exchanges);
             if let Some(url) = &c.catchup_database
@@ -166,6 +168,15 @@ fn check_listen(report: &mut Report, addr: SocketAddr) {
              have, and the IP must belong to this host: set BZPUSH_LISTEN"
         )),
     });
+}
+
+/// The origins browsers may connect from, as they will be compared with
+/// what browsers send: an entry that differs from what was written shows.
+fn report_origins(report: &mut Report, allowed: &Option<Vec<String>>) {
+    report.line(Ok(match allowed {
+        None => "allowed origins: any (*)".to_string(),
+        Some(list) => format!("allowed origins: {}", list.join(", ")),
+    }));
 }
 
 /// The error, and what to do about it.

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use crate::origin;
+
 /// One setting: its flag name, default and a line of documentation.
 pub struct Setting {
     /// The flag without `--`; the variable is `BZPUSH_` + upper snake case.
@@ -346,7 +348,8 @@ pub struct ServerConfig {
     pub cache_size: usize,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
-    /// `None`: every origin may connect.
+    /// `None`: every origin may connect. Otherwise origins as browsers
+    /// serialise them (`origin::normalize`).
     pub allowed_origins: Option<Vec<String>>,
 }
 
@@ -437,7 +440,7 @@ pub fn parse(
             cache_size: number(get("cache-size"), 0, 10_000_000)?,
             ping_interval: duration(get("ping-interval"))?,
             ping_timeout: duration(get("ping-timeout"))?,
-            allowed_origins: origins(get("allowed-origins")),
+            allowed_origins: origins(get("allowed-origins"))?,
         })
     };
     let log = log_level(get("log"))?;
@@ -618,14 +621,37 @@ fn socket_addr((setting, value): (&Setting, &str)) -> Result<SocketAddr, ConfigE
         .map_err(|_| ConfigError::setting(setting, value, "expected IP:PORT, e.g. 127.0.0.1:8844"))
 }
 
-fn origins((_, value): (&Setting, &str)) -> Option<Vec<String>> {
-    let list: Vec<String> = value
+/// `*` alone: any origin (`None`). Otherwise each entry as browsers
+/// serialise an origin ([`origin::normalize`]), `null` included only if
+/// listed: a start-up error beats a server that refuses every browser.
+fn origins((setting, value): (&Setting, &str)) -> Result<Option<Vec<String>>, ConfigError> {
+    let entries: Vec<&str> = value
         .split(',')
         .map(str::trim)
         .filter(|o| !o.is_empty())
-        .map(str::to_string)
         .collect();
-    (!list.iter().any(|o| o == "*")).then_some(list)
+    match entries[..] {
+        [] => Err(ConfigError::setting(
+            setting,
+            value,
+            "expected * or comma-separated origins like https://bugzilla.example.org",
+        )),
+        ["*"] => Ok(None),
+        _ if entries.contains(&"*") => Err(ConfigError::setting(
+            setting,
+            value,
+            "* allows every origin: give it alone, or list the origins without it",
+        )),
+        _ => entries
+            .iter()
+            .map(|entry| {
+                origin::normalize(entry).map_err(|why| {
+                    ConfigError::setting(setting, value, &format!("{entry:?}: {why}"))
+                })
+            })
+            .collect::<Result<Vec<String>, ConfigError>>()
+            .map(Some),
+    }
 }
 
 fn source((setting, value): (&Setting, &str)) -> Result<Source, ConfigError> {
@@ -895,6 +921,38 @@ mod tests {
         assert!(poll(&["--batch-size", "0"], &[]).is_err());
         assert!(poll(&["--nope", "1"], &[]).is_err());
         assert!(poll(&["--log"], &[]).is_err());
+    }
+
+    fn allowed_origins(value: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        let args = ["run", "--allowed-origins", value].map(OsString::from);
+        match parse(args, std::iter::empty())? {
+            Invocation::Start(Mode::Run(config)) => Ok(config.server.allowed_origins),
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn allowed_origins_are_normalised_or_refused() {
+        assert_eq!(allowed_origins("*"), Ok(None));
+        assert_eq!(
+            allowed_origins("https://bugzilla.example.org/, https://Bugzilla.Example.org:443,null"),
+            Ok(Some(vec![
+                "https://bugzilla.example.org".to_string(),
+                "https://bugzilla.example.org".to_string(),
+                "null".to_string(),
+            ]))
+        );
+        for bad in [
+            "",
+            " , ",
+            "*,https://a.example",
+            "https://bugzilla.example.org/bugzilla/",
+            "bugzilla.example.org",
+            "https://a.example?x",
+        ] {
+            let err = allowed_origins(bad).expect_err(bad).to_string();
+            assert!(err.starts_with("BZPUSH_ALLOWED_ORIGINS"), "{err}");
+        }
     }
 
     #[test]

@@ -466,3 +466,108 @@ fn host_localhost_is_the_unix_socket_and_access_denied_names_the_host_tried() {
     assert!(fail.contains("TCP login from 127.0.0.1"), "{fail}");
     assert!(fail.contains("use host localhost"), "{fail}");
 }
+
+// ---- allowed origins ----
+
+/// A WebSocket handshake from a browser at `origin`: `Ok` once it is a
+/// working connection (a `version` command answered), else the HTTP status.
+fn connect_from(addr: &str, origin: Option<&str>) -> Result<(), u16> {
+    use tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/")
+        .into_client_request()
+        .expect("a request");
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().expect("a header value"));
+    }
+    let socket = TcpStream::connect(addr).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    match tungstenite::client(request, socket) {
+        Ok((mut ws, _)) => {
+            ws.send(tungstenite::Message::text(r#"{"command":"version"}"#))
+                .expect("send");
+            let answer = ws.read().expect("an answer");
+            assert!(answer.to_string().contains("\"version\""), "{answer}");
+            Ok(())
+        }
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("handshake from {origin:?}: {e}"),
+    }
+}
+
+#[test]
+fn allowed_origins_match_as_browsers_send_them_and_refusals_are_logged() {
+    let db = TestDb::new();
+    // Bugzilla's urlbase ends in /; hosts are written in any case.
+    let allowed =
+        "https://bugzilla.example.org/, https://Other.Example.ORG:443, http://localhost:8080";
+    let server = Bzpush::run_on(&db, &[("BZPUSH_ALLOWED_ORIGINS", allowed.to_string())]);
+    let addr = server.listen_addr();
+    for origin in [
+        "https://bugzilla.example.org",
+        "https://other.example.org",
+        "http://localhost:8080",
+    ] {
+        assert_eq!(connect_from(&addr, Some(origin)), Ok(()), "{origin}");
+    }
+    // Not a browser: no Origin, not restricted.
+    assert_eq!(connect_from(&addr, None), Ok(()));
+    // Refused, and logged once although refused three times.
+    for _ in 0..3 {
+        assert_eq!(connect_from(&addr, Some("https://evil.example")), Err(403));
+    }
+    assert_eq!(
+        connect_from(&addr, Some("http://bugzilla.example.org")),
+        Err(403)
+    );
+    let line = "refused a WebSocket handshake from origin \"https://evil.example\"";
+    assert!(
+        server.wait_for_log(line, Duration::from_secs(30)),
+        "{}",
+        server.log()
+    );
+    assert!(server.wait_for_log(
+        "origin \"http://bugzilla.example.org\"",
+        Duration::from_secs(30)
+    ));
+    assert_eq!(server.log().matches(line).count(), 1, "{}", server.log());
+    // check shows the origins as they are compared.
+    let finished = check(
+        "run",
+        &[
+            ("BZPUSH_DATABASE_URL", db.url()),
+            ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
+            ("BZPUSH_ALLOWED_ORIGINS", allowed.to_string()),
+        ],
+    );
+    assert!(
+        finished.stdout.contains(
+            "allowed origins: https://bugzilla.example.org, https://other.example.org, http://localhost:8080"
+        ),
+        "{}",
+        finished.stdout
+    );
+    // An entry that can never match stops bzpush, naming the setting.
+    let finished = Bzpush::run(
+        &["run"],
+        &[
+            ("BZPUSH_DATABASE_URL", db.url()),
+            (
+                "BZPUSH_ALLOWED_ORIGINS",
+                "https://bugzilla.example.org/bugzilla/".to_string(),
+            ),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(finished.status.code(), Some(2), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("BZPUSH_ALLOWED_ORIGINS"),
+        "{}",
+        finished.stderr
+    );
+}
