@@ -308,6 +308,9 @@ fn no_url_setting_prints_its_password() {
     }
 }
 
+/// Settings for one run of the binary.
+type Env = Vec<(&'static str, String)>;
+
 /// A valid URL whose password is percent-encoded, to a server that is not
 /// there: neither `check` nor the running process shows the password,
 /// encoded or decoded.
@@ -316,7 +319,7 @@ fn connection_errors_do_not_print_the_password() {
     let (encoded, decoded) = ("s3%2Fcr%40t%3Ax", "s3/cr@t:x");
     let database = format!("mysql://bzpush:{encoded}@{}/bugs", closed_port());
     let broker = format!("amqp://bzpush:{encoded}@{}/%2f", closed_port());
-    let runs: [(&[&str], Vec<(&str, String)>); 3] = [
+    let runs: [(&[&str], Env); 3] = [
         (
             &["check", "run"],
             vec![
