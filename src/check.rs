@@ -11,11 +11,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
+use log::Level;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
 use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, Source};
-use crate::{database, pulse};
+use crate::{database, logging, pulse};
 
 /// MySQL/MariaDB's ER_NO_SUCH_TABLE.
 const NO_SUCH_TABLE: u16 = 1146;
@@ -25,7 +26,11 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs every check of `mode`, printing one line each to `out`. `true` if
 /// all passed.
 pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
-    let mut report = Report { out, ok: true };
+    let mut report = Report {
+        out,
+        ok: true,
+        journal: logging::stdout_is_journal(),
+    };
     report.line(Ok("configuration: valid".to_string()));
     match mode {
         Mode::Poll(c) => {
@@ -55,18 +60,34 @@ pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
 struct Report<'a> {
     out: &'a mut dyn Write,
     ok: bool,
+    /// `out` is the journal: each line starts with its priority, so a
+    /// failed check at boot shows in `journalctl -p warning`.
+    journal: bool,
 }
 
 impl Report<'_> {
     fn line(&mut self, result: Result<String, String>) {
-        let line = match result {
-            Ok(what) => format!("ok    {what}"),
+        match result {
+            Ok(what) => self.print(Level::Info, &format!("ok    {what}")),
             Err(what) => {
                 self.ok = false;
-                format!("FAIL  {what}")
+                self.print(Level::Error, &format!("FAIL  {what}"));
             }
+        }
+    }
+
+    /// A problem that does not fail the check.
+    fn warn(&mut self, what: &str) {
+        self.print(Level::Warn, &format!("warn  {what}"));
+    }
+
+    fn print(&mut self, level: Level, line: &str) {
+        let prefix = if self.journal {
+            logging::priority(level)
+        } else {
+            ""
         };
-        let _ = writeln!(self.out, "{line}");
+        let _ = writeln!(self.out, "{prefix}{line}");
     }
 }
 
@@ -123,10 +144,7 @@ fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required:
         });
     match result {
         Err(e) if !required => {
-            let _ = writeln!(
-                report.out,
-                "warn  {e} (until then `since` may be answered partial)"
-            );
+            report.warn(&format!("{e} (until then `since` may be answered partial)"));
         }
         result => report.line(result),
     }

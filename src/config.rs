@@ -396,8 +396,12 @@ pub fn parse(
             return Ok(Invocation::Help);
         }
         let Some(flag) = arg.strip_prefix("--") else {
+            // A URL given without its flag may hold a password.
+            let shown = shown(&arg).map_or("(not shown: it may hold a password)".into(), |a| {
+                format!("{a:?}")
+            });
             return Err(ConfigError(format!(
-                "unexpected argument {arg:?}; settings are flags like --poll-interval 2s"
+                "unexpected argument {shown}; settings are flags like --poll-interval 2s"
             )));
         };
         let (name, inline) = match flag.split_once('=') {
@@ -1062,6 +1066,11 @@ mod tests {
                 assert!(err.contains("%2F %23 %3F %40 %3A"), "{err}");
             }
         }
+        // A URL without its flag.
+        let err = poll(&["mysql://bzpush:se/cr3t@127.0.0.1/bugs"], &[]).unwrap_err();
+        assert!(!err.to_string().contains("cr3t"), "{err}");
+        let err = poll(&["mysql://bzpush:cr3t@127.0.0.1/bugs"], &[]).unwrap_err();
+        assert!(err.to_string().contains("bzpush:***@"), "{err}");
         // Where it parses, the rest of the URL is shown to find the fault.
         let err = poll(
             &["--database-url", "mysql://bzpush:s%40cr3t@127.0.0.1:3306"],

@@ -10,7 +10,7 @@
 //! setting's value: callers pass only redacted text.
 
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -37,6 +37,12 @@ pub fn prefix(level: Level) -> &'static str {
     } else {
         ""
     }
+}
+
+/// Whether stdout is the journal: `bzpush check` prints there (as
+/// `ExecStartPre=`, to the journal), and then prefixes [`priority`].
+pub fn stdout_is_journal() -> bool {
+    is_journal(io::stdout().as_fd())
 }
 
 struct Logger {
@@ -91,8 +97,8 @@ fn effective_level(target: &str, level: Level) -> Level {
     }
 }
 
-/// sd-daemon(3) priorities.
-fn priority(level: Level) -> &'static str {
+/// The sd-daemon(3) priority prefix of a line of `level`.
+pub fn priority(level: Level) -> &'static str {
     match level {
         Level::Error => "<3>",
         Level::Warn => "<4>",
@@ -101,20 +107,23 @@ fn priority(level: Level) -> &'static str {
     }
 }
 
-/// Whether stderr is the stream systemd connected to the journal:
-/// `JOURNAL_STREAM` is `DEVICE:INODE` of that stream, and it is inherited,
-/// so it counts only if stderr is still that very file (not redirected by
-/// a wrapper or a shell).
 fn stderr_is_journal() -> bool {
+    is_journal(io::stderr().as_fd())
+}
+
+/// Whether `fd` is the stream systemd connected to the journal:
+/// `JOURNAL_STREAM` is `DEVICE:INODE` of that stream, and it is inherited,
+/// so it counts only if `fd` is still that very file (not redirected by a
+/// wrapper or a shell).
+fn is_journal(fd: BorrowedFd) -> bool {
     let Some(expected) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };
-    // fstat on a duplicate of descriptor 2: std offers no fstat on a
-    // borrowed descriptor.
-    let Ok(stderr) = io::stderr().as_fd().try_clone_to_owned() else {
+    // fstat on a duplicate: std offers no fstat on a borrowed descriptor.
+    let Ok(fd) = fd.try_clone_to_owned() else {
         return false;
     };
-    let Ok(metadata) = std::fs::File::from(stderr).metadata() else {
+    let Ok(metadata) = std::fs::File::from(fd).metadata() else {
         return false;
     };
     expected.to_str() == Some(&format!("{}:{}", metadata.dev(), metadata.ino()))

@@ -154,7 +154,7 @@ fn duplicated_singleton_headers_get_400() {
 
 // ---- journal priorities ----
 
-/// `bzpush <args>` with `env` only, its stderr a file of its own; with
+/// `bzpush <args>` with `env` only, its stdout and stderr a file of its own; with
 /// `JOURNAL_STREAM` naming that file's device and inode if `journal`, or
 /// naming some other file if not (inherited, stale), as systemd would.
 /// Runs until `done` holds for the log or 30 s pass, then SIGTERM; the log.
@@ -177,7 +177,8 @@ fn log_of(
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        // journald connects stdout and stderr to one stream.
+        .stdout(file.try_clone().expect("a second descriptor"))
         .stderr(file)
         .spawn()
         .expect("start bzpush");
@@ -243,6 +244,23 @@ fn lines_carry_their_priority_when_stderr_is_the_journal() {
         !log.lines().any(|l| l.starts_with('<')),
         "a priority outside the journal:\n{log}"
     );
+    // `check` as ExecStartPre: its lines on stdout carry priorities too.
+    let check_env = [
+        (
+            "BZPUSH_DATABASE_URL",
+            format!("mysql://bugs@{}/bugs", closed_port()),
+        ),
+        ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
+    ];
+    let log = log_of(&["check", "run"], &check_env, true, |log| {
+        log.contains("FAIL")
+    });
+    assert!(log.starts_with("<6>ok    configuration: valid\n"), "{log}");
+    assert!(log.contains("\n<3>FAIL  database "), "{log}");
+    let log = log_of(&["check", "run"], &check_env, false, |log| {
+        log.contains("FAIL")
+    });
+    assert!(log.starts_with("ok    configuration: valid\n"), "{log}");
     // A configuration error comes before logging starts, at priority 3 too.
     let bad = [("BZPUSH_POLL_INTERVAL", "soon".to_string())];
     let log = log_of(&["run"], &bad, true, |log| !log.is_empty());
