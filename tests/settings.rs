@@ -1,7 +1,10 @@
-//! Settings that can never work, and what the operator sees (issue 9):
-//! `check` binding the listen address, and, against the real binary with
-//! real MariaDB and real WebSocket clients, each kind of setting that used
-//! to pass and then fail or mislead.
+//! Settings that can never work, and what the operator sees (issue 9),
+//! against the real binary, real MariaDB and real WebSocket clients: `check`
+//! binding the listen address; singleton headers sent twice; journal
+//! priorities on stderr and on `check`'s stdout; no URL setting printing its
+//! password, in errors, `check` or logs; host `localhost` as the Unix socket
+//! and "Access denied" naming the host tried; allowed origins compared as
+//! browsers send them, refusals logged once.
 
 mod common;
 
