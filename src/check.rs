@@ -199,10 +199,11 @@ fn report_origins(report: &mut Report, allowed: &Option<Vec<String>>) {
 
 /// The error, and what to do about it.
 fn advice(error: &mysql::Error, otherwise: &str) -> String {
-    if let Some(hint) = database::access_denied_hint(error) {
-        return format!("{error} — {hint}; check the user and password in the URL");
-    }
     let todo = match error {
+        // The error says which account was tried (database::connect).
+        mysql::Error::MySqlError(e) if database::ACCESS_DENIED.contains(&e.code) => {
+            "check the user and password in the URL"
+        }
         mysql::Error::MySqlError(e) if e.code == 1049 => "check the database name in the URL",
         mysql::Error::MySqlError(_) => otherwise,
         _ => "is the server running and reachable at that host and port, or socket?",

@@ -30,7 +30,7 @@ pub const SOCKET_PATHS: [&str; 3] = [
 
 /// "Access denied": ER_ACCESS_DENIED_ERROR, and ER_ACCESS_DENIED_NO_PASSWORD_ERROR
 /// (MariaDB answers it where no account matches the host at all).
-const ACCESS_DENIED: [u16; 2] = [1045, 1698];
+pub const ACCESS_DENIED: [u16; 2] = [1045, 1698];
 
 /// A new connection whose reads and writes fail after `io_timeout`, so a
 /// dead peer is noticed instead of waited on forever. It goes where
@@ -39,7 +39,9 @@ const ACCESS_DENIED: [u16; 2] = [1045, 1698];
 /// any other host is TCP. The server tells the two apart: an account
 /// `'u'@'localhost'` matches only socket logins when it skips name
 /// resolution. The mysql crate would otherwise take `localhost` over TCP,
-/// and switch 127.0.0.1 over to the socket.
+/// and switch 127.0.0.1 over to the socket. An "Access denied" error says
+/// which account the server tried ([`access_denied_hint`]), wherever it is
+/// logged or printed.
 pub fn connect(url: &DatabaseUrl, io_timeout: Duration) -> Result<Conn, mysql::Error> {
     let opts = OptsBuilder::from_opts(url.opts.clone())
         .prefer_socket(false)
@@ -61,7 +63,13 @@ pub fn connect(url: &DatabaseUrl, io_timeout: Duration) -> Result<Conn, mysql::E
         }
         Route::Tcp => opts,
     };
-    Conn::new(opts)
+    Conn::new(opts).map_err(|error| match (access_denied_hint(&error), error) {
+        (Some(hint), mysql::Error::MySqlError(mut e)) => {
+            e.message = format!("{} ({hint})", e.message);
+            mysql::Error::MySqlError(e)
+        }
+        (_, error) => error,
+    })
 }
 
 /// How [`connect`] reaches the database.
@@ -106,32 +114,33 @@ pub fn route(url: &DatabaseUrl) -> Route {
 /// For an "Access denied" error: which account the server tried (its
 /// message names `'user'@'host'`, the host being where it saw the login
 /// come from) and what that means. `None` for any other error.
-pub fn access_denied_hint(error: &mysql::Error) -> Option<String> {
+fn access_denied_hint(error: &mysql::Error) -> Option<String> {
     let mysql::Error::MySqlError(e) = error else {
         return None;
     };
     if !ACCESS_DENIED.contains(&e.code) {
         return None;
     }
-    let host = e
+    // "Access denied for user 'bzpush'@'127.0.0.1' (using password: YES)"
+    let (user, host) = e
         .message
-        .split("'@'")
-        .nth(1)
-        .and_then(|rest| rest.split('\'').next())
-        .unwrap_or("?");
+        .split_once(" user '")
+        .and_then(|(_, rest)| rest.split_once("'@'"))
+        .and_then(|(user, rest)| Some((user, rest.split_once('\'')?.0)))
+        .unwrap_or(("USER", "?"));
     Some(match host {
-        "localhost" => "the server saw a Unix-socket login (host localhost), so the account \
-             'USER'@'localhost' was tried: check its password, and that it exists"
-            .to_string(),
+        "localhost" => format!(
+            "a Unix-socket login, so the server tried the account '{user}'@'localhost': \
+             check that it exists and its password"
+        ),
         "127.0.0.1" | "::1" => format!(
-            "the server saw a TCP login from {host}, so the account 'USER'@'{host}' (or a \
-             wildcard) was tried; an account 'USER'@'localhost' matches only Unix-socket \
-             logins: use host localhost in the URL for the socket, or create the account for \
-             {host}"
+            "a TCP login from {host}, so the server tried the account '{user}'@'{host}' (or a \
+             wildcard host); '{user}'@'localhost' matches only Unix-socket logins: use host \
+             localhost in the URL for the socket, or create the account for {host}"
         ),
         _ => format!(
-            "the server saw the login come from {host}, so the account 'USER'@'{host}' (or a \
-             wildcard that matches it) was tried: check that it exists and its password"
+            "a login from {host}, so the server tried the account '{user}'@'{host}' (or a \
+             wildcard host that matches it): check that it exists and its password"
         ),
     })
 }
@@ -167,6 +176,28 @@ mod tests {
             Some("2026-11-28T02:04:50")
         );
         assert_eq!(change_time(&mysql::Value::NULL), None);
+    }
+
+    #[test]
+    fn access_denied_names_the_account_tried() {
+        let denied = |code: u16, message: &str| {
+            mysql::Error::MySqlError(mysql::MySqlError {
+                state: "28000".into(),
+                message: message.into(),
+                code,
+            })
+        };
+        let hint = access_denied_hint(&denied(
+            1045,
+            "Access denied for user 'bz'@'127.0.0.1' (using password: YES)",
+        ))
+        .expect("a hint");
+        assert!(hint.contains("TCP login from 127.0.0.1"), "{hint}");
+        assert!(hint.contains("'bz'@'localhost' matches only"), "{hint}");
+        let hint = access_denied_hint(&denied(1698, "Access denied for user 'bz'@'localhost'"))
+            .expect("a hint");
+        assert!(hint.contains("'bz'@'localhost'"), "{hint}");
+        assert_eq!(access_denied_hint(&denied(1146, "no such table")), None);
     }
 
     #[test]

@@ -489,6 +489,19 @@ fn host_localhost_is_the_unix_socket_and_access_denied_names_the_host_tried() {
     );
     assert!(fail.contains("TCP login from 127.0.0.1"), "{fail}");
     assert!(fail.contains("use host localhost"), "{fail}");
+    // The running poller says the same in its log.
+    let env = [
+        ("BZPUSH_DATABASE_URL", url(MYSQL_ADDR, "")),
+        ("BZPUSH_SOURCE", "bugs".to_string()),
+        ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
+    ];
+    let log = log_of(&["run"], &env, false, |log| log.contains("WARN] database"));
+    assert!(
+        log.contains(&format!("'{}'@'127.0.0.1'", user.name)),
+        "{log}"
+    );
+    assert!(log.contains("TCP login from 127.0.0.1"), "{log}");
+    assert!(!log.contains(&user.password), "{log}");
 }
 
 // ---- allowed origins ----
