@@ -6,15 +6,17 @@
 //! exchange exactly as the publisher would; it never changes data, and never
 //! creates a queue. Credentials never appear in what it prints.
 
-use std::io::Write;
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
+use log::Level;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
 use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, Source};
-use crate::{database, poller, pulse};
+use crate::{database, logging, poller, pulse};
 
 /// MySQL/MariaDB's ER_NO_SUCH_TABLE.
 const NO_SUCH_TABLE: u16 = 1146;
@@ -24,17 +26,27 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs every check of `mode`, printing one line each to `out`. `true` if
 /// all passed.
 pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
-    let mut report = Report { out, ok: true };
+    let mut report = Report {
+        out,
+        ok: true,
+        journal: logging::stdout_is_journal(),
+    };
     report.line(Ok("configuration: valid".to_string()));
     match mode {
         Mode::Poll(c) => {
             check_poller(&mut report, &c.poller, false);
             check_broker(&mut report, &c.amqp, std::slice::from_ref(&c.exchange));
         }
-        Mode::Run(c) => check_poller(&mut report, &c.poller, true),
+        Mode::Run(c) => {
+            check_listen(&mut report, c.server.listen);
+            report_origins(&mut report, &c.server.allowed_origins);
+            check_poller(&mut report, &c.poller, true);
+        }
         // `bzpush check demo` is refused while parsing: a demo needs nothing.
         Mode::Demo(_) => {}
         Mode::Serve(c) => {
+            check_listen(&mut report, c.server.listen);
+            report_origins(&mut report, &c.server.allowed_origins);
             let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
             check_broker(&mut report, &c.amqp, &exchanges);
             if let Some(url) = &c.catchup_database
@@ -50,18 +62,34 @@ pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
 struct Report<'a> {
     out: &'a mut dyn Write,
     ok: bool,
+    /// `out` is the journal: each line starts with its priority, so a
+    /// failed check at boot shows in `journalctl -p warning`.
+    journal: bool,
 }
 
 impl Report<'_> {
     fn line(&mut self, result: Result<String, String>) {
-        let line = match result {
-            Ok(what) => format!("ok    {what}"),
+        match result {
+            Ok(what) => self.print(Level::Info, &format!("ok    {what}")),
             Err(what) => {
                 self.ok = false;
-                format!("FAIL  {what}")
+                self.print(Level::Error, &format!("FAIL  {what}"));
             }
+        }
+    }
+
+    /// A problem that does not fail the check.
+    fn warn(&mut self, what: &str) {
+        self.print(Level::Warn, &format!("warn  {what}"));
+    }
+
+    fn print(&mut self, level: Level, line: &str) {
+        let prefix = if self.journal {
+            logging::priority(level)
+        } else {
+            ""
         };
-        let _ = writeln!(self.out, "{line}");
+        let _ = writeln!(self.out, "{prefix}{line}");
     }
 }
 
@@ -145,10 +173,7 @@ fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required:
         });
     match result {
         Err(e) if !required => {
-            let _ = writeln!(
-                report.out,
-                "warn  {e} (until then `since` may be answered partial)"
-            );
+            report.warn(&format!("{e} (until then `since` may be answered partial)"));
         }
         result => report.line(result),
     }
@@ -159,7 +184,8 @@ fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
         Ok(mut db) => {
             let version: Option<String> = db.query_first("SELECT VERSION()").ok().flatten();
             report.line(Ok(format!(
-                "database {url}: reachable ({})",
+                "database {url}: reachable over {} ({})",
+                database::route(url),
                 version.as_deref().unwrap_or("unknown version")
             )));
             Some(db)
@@ -174,13 +200,42 @@ fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
     }
 }
 
+/// Binds the listen address and lets it go at once: a port another process
+/// holds, or one this user may not bind, fails here rather than when the
+fn check_listen(report: &mut Report, addr: SocketAddr) {
+    report.line(match TcpListener::bind(addr) {
+        Ok(_) => Ok(format!("listen {addr}: free")),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(format!(
+            "listen {addr}: in use ({e}) — another process listens there (`ss -ltnp 'sport = :{}'` \
+             names it): stop it, or set BZPUSH_LISTEN to a free address",
+            addr.port()
+        )),
+        Err(e) => Err(format!(
+            "listen {addr}: cannot bind ({e}) — ports below 1024 need privileges bzpush does not \
+             have, and the IP must belong to this host: set BZPUSH_LISTEN"
+        )),
+    });
+}
+
+/// The origins browsers may connect from, as they will be compared with
+/// what browsers send: an entry that differs from what was written shows.
+fn report_origins(report: &mut Report, allowed: &Option<Vec<String>>) {
+    report.line(Ok(match allowed {
+        None => "allowed origins: any (*)".to_string(),
+        Some(list) => format!("allowed origins: {}", list.join(", ")),
+    }));
+}
+
 /// The error, and what to do about it.
 fn advice(error: &mysql::Error, otherwise: &str) -> String {
     let todo = match error {
-        mysql::Error::MySqlError(e) if e.code == 1045 => "check the user and password in the URL",
+        // The error says which account was tried (database::connect).
+        mysql::Error::MySqlError(e) if database::ACCESS_DENIED.contains(&e.code) => {
+            "check the user and password in the URL"
+        }
         mysql::Error::MySqlError(e) if e.code == 1049 => "check the database name in the URL",
         mysql::Error::MySqlError(_) => otherwise,
-        _ => "is the server running and reachable at that host and port?",
+        _ => "is the server running and reachable at that host and port, or socket?",
     };
     format!("{error} — {todo}")
 }

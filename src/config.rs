@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use crate::origin;
+
 /// One setting: its flag name, default and a line of documentation.
 pub struct Setting {
     /// The flag without `--`; the variable is `BZPUSH_` + upper snake case.
@@ -182,11 +184,36 @@ pub struct ConfigError(String);
 impl ConfigError {
     fn setting(setting: &Setting, value: &str, expected: &str) -> ConfigError {
         ConfigError(format!(
-            "{} (--{}): invalid value {:?}: {expected}",
+            "{} (--{}): {}: {expected}",
             setting.env_var(),
             setting.name,
-            redact_url(value),
+            invalid_value(value),
         ))
+    }
+
+    /// A bad URL setting, which may hold a password: shown only redacted,
+    /// with the characters that must be percent-encoded.
+    fn url(setting: &Setting, value: &str, expected: &str) -> ConfigError {
+        ConfigError(format!(
+            "{} (--{}): {}: {expected}; {PERCENT_ENCODE}",
+            setting.env_var(),
+            setting.name,
+            invalid_value(value),
+        ))
+    }
+}
+
+/// Said with every bad URL: unencoded, these end the user or password part
+/// early, and the rest of the password is read as host, port or path.
+const PERCENT_ENCODE: &str =
+    "in the user and password, write / # ? @ : as %2F %23 %3F %40 %3A (percent-encoded)";
+
+/// `invalid value "…"` with the value redacted, or without the value where
+/// it does not parse clearly enough to tell its password apart.
+fn invalid_value(value: &str) -> String {
+    match shown(value) {
+        Some(shown) => format!("invalid value {shown:?}"),
+        None => "invalid value (not shown: it may hold a password)".to_string(),
     }
 }
 
@@ -238,9 +265,12 @@ impl AmqpUrl {
         if !(value.starts_with("amqp://") || value.starts_with("amqps://")) {
             return Err("expected amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://…".into());
         }
+        if redacted(value).is_none() {
+            return Err(AMBIGUOUS.into());
+        }
         value
             .parse::<lapin::uri::AMQPUri>()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| without_secrets(&e.to_string(), value))?;
         Ok(AmqpUrl {
             url: value.to_string(),
         })
@@ -339,7 +369,8 @@ pub struct ServerConfig {
     pub cache_size: usize,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
-    /// `None`: every origin may connect.
+    /// `None`: every origin may connect. Otherwise origins as browsers
+    /// serialise them (`origin::normalize`).
     pub allowed_origins: Option<Vec<String>>,
     /// Where the live page links bug numbers to, if set.
     pub bugzilla_url: Option<String>,
@@ -392,8 +423,12 @@ pub fn parse(
             return Ok(Invocation::Help);
         }
         let Some(flag) = arg.strip_prefix("--") else {
+            // A URL given without its flag may hold a password.
+            let shown = shown(&arg).map_or("(not shown: it may hold a password)".into(), |a| {
+                format!("{a:?}")
+            });
             return Err(ConfigError(format!(
-                "unexpected argument {arg:?}; settings are flags like --poll-interval 2s"
+                "unexpected argument {shown}; settings are flags like --poll-interval 2s"
             )));
         };
         let (name, inline) = match flag.split_once('=') {
@@ -437,7 +472,7 @@ pub fn parse(
             cache_size: number(get("cache-size"), 0, 10_000_000)?,
             ping_interval: duration(get("ping-interval"))?,
             ping_timeout: duration(get("ping-timeout"))?,
-            allowed_origins: origins(get("allowed-origins")),
+            allowed_origins: origins(get("allowed-origins"))?,
             bugzilla_url: bugzilla_url(get("bugzilla-url"))?,
             page_bugs: Vec::new(),
         })
@@ -533,16 +568,19 @@ fn from_env(
 
 fn database_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, ConfigError> {
     if !value.starts_with("mysql://") {
-        return Err(ConfigError::setting(
+        return Err(ConfigError::url(
             setting,
             value,
             "expected mysql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
         ));
     }
+    if redacted(value).is_none() {
+        return Err(ConfigError::url(setting, value, AMBIGUOUS));
+    }
     let opts = mysql::Opts::from_url(value)
-        .map_err(|e| ConfigError::setting(setting, value, &e.to_string()))?;
+        .map_err(|e| ConfigError::url(setting, value, &without_secrets(&e.to_string(), value)))?;
     if opts.get_db_name().is_none_or(str::is_empty) {
-        return Err(ConfigError::setting(
+        return Err(ConfigError::url(
             setting,
             value,
             "the URL names no database (…/DATABASE)",
@@ -613,7 +651,7 @@ fn bugzilla_url((setting, value): (&Setting, &str)) -> Result<Option<String>, Co
 }
 
 fn amqp_url((setting, value): (&Setting, &str)) -> Result<AmqpUrl, ConfigError> {
-    AmqpUrl::parse(value).map_err(|why| ConfigError::setting(setting, value, &why))
+    AmqpUrl::parse(value).map_err(|why| ConfigError::url(setting, value, &why))
 }
 
 fn feeds((setting, value): (&Setting, &str)) -> Result<Vec<Feed>, ConfigError> {
@@ -720,14 +758,37 @@ fn socket_addr((setting, value): (&Setting, &str)) -> Result<SocketAddr, ConfigE
         .map_err(|_| ConfigError::setting(setting, value, "expected IP:PORT, e.g. 127.0.0.1:8844"))
 }
 
-fn origins((_, value): (&Setting, &str)) -> Option<Vec<String>> {
-    let list: Vec<String> = value
+/// `*` alone: any origin (`None`). Otherwise each entry as browsers
+/// serialise an origin ([`origin::normalize`]), `null` included only if
+/// listed: a start-up error beats a server that refuses every browser.
+fn origins((setting, value): (&Setting, &str)) -> Result<Option<Vec<String>>, ConfigError> {
+    let entries: Vec<&str> = value
         .split(',')
         .map(str::trim)
         .filter(|o| !o.is_empty())
-        .map(str::to_string)
         .collect();
-    (!list.iter().any(|o| o == "*")).then_some(list)
+    match entries[..] {
+        [] => Err(ConfigError::setting(
+            setting,
+            value,
+            "expected * or comma-separated origins like https://bugzilla.example.org",
+        )),
+        ["*"] => Ok(None),
+        _ if entries.contains(&"*") => Err(ConfigError::setting(
+            setting,
+            value,
+            "* allows every origin: give it alone, or list the origins without it",
+        )),
+        _ => entries
+            .iter()
+            .map(|entry| {
+                origin::normalize(entry).map_err(|why| {
+                    ConfigError::setting(setting, value, &format!("{entry:?}: {why}"))
+                })
+            })
+            .collect::<Result<Vec<String>, ConfigError>>()
+            .map(Some),
+    }
 }
 
 fn source((setting, value): (&Setting, &str)) -> Result<Source, ConfigError> {
@@ -806,26 +867,106 @@ fn log_level((setting, value): (&Setting, &str)) -> Result<LevelFilter, ConfigEr
     }
 }
 
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`; anything
-/// else unchanged.
+/// Why a URL that is not [`redacted`] is refused.
+const AMBIGUOUS: &str = "expected SCHEME://USER[:PASSWORD]@HOST[:PORT]/…, with one @ \
+    and nothing but digits after the host's colon";
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`, for a URL
+/// that bzpush accepted (every accepted URL is [`redacted`]); for anything
+/// else, what [`shown`] shows.
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+    shown(url).unwrap_or_else(|| "(URL not shown: it may hold a password)".to_string())
+}
+
+/// `value` as it may be printed: redacted if it is a URL, unchanged if
+/// it cannot hold a password, `None` if it might and its password cannot
+/// be told apart (`mysql://u:se/cr@t@host/db`, `mysql:/u:pw@host/db`).
+fn shown(value: &str) -> Option<String> {
+    if !value.contains("://") && !value.contains('@') {
+        return Some(value.to_string());
+    }
+    redacted(value)
+}
+
+/// `value` redacted, if it is a URL whose parts are unambiguous: a scheme,
+/// an authority with at most one `@`, a port of digits only, and no `@`
+/// after the authority (a sign of an unencoded `/`, `?` or `#` in the
+/// password). The password and any `password=` query value become `***`;
+/// a fragment is dropped.
+fn redacted(value: &str) -> Option<String> {
+    let (scheme, rest) = value.split_once("://")?;
+    let scheme_ok = scheme
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic())
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if !scheme_ok || tail.contains('@') {
+        return None;
+    }
+    let (userinfo, hostport) = match authority.split_once('@') {
+        Some((userinfo, hostport)) => (Some(userinfo), hostport),
+        None => (None, authority),
     };
-    let rest = &url[scheme_end + 3..];
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_string();
+    let port = match hostport.strip_prefix('[') {
+        // [IPv6]:port
+        Some(bracketed) => bracketed.split_once(']')?.1.strip_prefix(':').unwrap_or(""),
+        None => hostport.split_once(':').map_or("", |(_, port)| port),
     };
-    let Some(colon) = authority[..at].find(':') else {
-        return url.to_string();
+    if hostport.contains('@') || !port.bytes().all(|b| b.is_ascii_digit()) || port.len() > 5 {
+        return None;
+    }
+    let user = match userinfo {
+        Some(userinfo) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@"),
+            None => format!("{userinfo}@"),
+        },
+        None => String::new(),
     };
-    format!(
-        "{}{}:***{}",
-        &url[..scheme_end + 3],
-        &authority[..colon],
-        &rest[at..]
-    )
+    let tail = tail.split('#').next().unwrap_or_default();
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    Some(format!("{scheme}://{user}{hostport}{tail}"))
+}
+
+/// A library's complaint about URL `value`, unless it repeats a secret of
+/// it (the password, a `password=` query value): then only that the URL
+/// does not parse.
+fn without_secrets(complaint: &str, value: &str) -> String {
+    let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let password = authority
+        .split_once('@')
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password);
+    let query = rest.split_once('?').map_or("", |(_, query)| query);
+    let query_passwords = query.split('&').filter_map(|pair| {
+        let (key, secret) = pair.split_once('=')?;
+        key.eq_ignore_ascii_case("password").then_some(secret)
+    });
+    let leaks = password
+        .into_iter()
+        .chain(query_passwords)
+        .any(|secret| !secret.is_empty() && complaint.contains(secret));
+    if leaks {
+        "the URL does not parse".to_string()
+    } else {
+        complaint.to_string()
+    }
 }
 
 /// The text of `bzpush --help`, written from [`SETTINGS`].
@@ -976,6 +1117,38 @@ mod tests {
         }
     }
 
+    fn allowed_origins(value: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        let args = ["run", "--allowed-origins", value].map(OsString::from);
+        match parse(args, std::iter::empty())? {
+            Invocation::Start(Mode::Run(config)) => Ok(config.server.allowed_origins),
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn allowed_origins_are_normalised_or_refused() {
+        assert_eq!(allowed_origins("*"), Ok(None));
+        assert_eq!(
+            allowed_origins("https://bugzilla.example.org/, https://Bugzilla.Example.org:443,null"),
+            Ok(Some(vec![
+                "https://bugzilla.example.org".to_string(),
+                "https://bugzilla.example.org".to_string(),
+                "null".to_string(),
+            ]))
+        );
+        for bad in [
+            "",
+            " , ",
+            "*,https://a.example",
+            "https://bugzilla.example.org/bugzilla/",
+            "bugzilla.example.org",
+            "https://a.example?x",
+        ] {
+            let err = allowed_origins(bad).expect_err(bad).to_string();
+            assert!(err.starts_with("BZPUSH_ALLOWED_ORIGINS"), "{err}");
+        }
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
@@ -993,11 +1166,112 @@ mod tests {
             "mysql://bugs:***@host/db"
         );
         assert_eq!(
-            redact_url("amqp://u:p@ss@h:5672/%2f"),
-            "amqp://u:***@h:5672/%2f"
+            redact_url("amqp://u:p%40ss@[::1]:5672/%2f?heartbeat=5#x"),
+            "amqp://u:***@[::1]:5672/%2f?heartbeat=5"
+        );
+        assert_eq!(
+            redact_url("mysql://bugs@host/db?password=pw&socket=/s"),
+            "mysql://bugs@host/db?password=***&socket=/s"
         );
         assert_eq!(redact_url("mysql://bugs@host/db"), "mysql://bugs@host/db");
         assert_eq!(redact_url("not a url"), "not a url");
+        // Where the password cannot be told apart, nothing is shown.
+        for ambiguous in [
+            "amqp://u:p@ss@h:5672/%2f",
+            "mysql://bzpush:se/cr@t:x#y@127.0.0.1:3306/bugs",
+            "mysql://u:pw?x@h/db",
+            "mysql://u:pw#x@h/db",
+            "mysql://bugs:secret/bugs",
+            "mysql:/u:secret@h/db",
+            "mysql//u:secret@h/db",
+        ] {
+            assert_eq!(redacted(ambiguous), None, "{ambiguous}");
+            assert_eq!(
+                redact_url(ambiguous),
+                "(URL not shown: it may hold a password)"
+            );
+        }
+    }
+
+    /// Every URL setting, with a password holding each character that must
+    /// be percent-encoded: the error names the setting, says what to
+    /// encode, and never shows the password.
+    #[test]
+    fn url_errors_never_show_the_password() {
+        let settings = [
+            (
+                "poll",
+                "BZPUSH_DATABASE_URL",
+                "mysql://bzpush:{}@127.0.0.1:3306/bugs",
+            ),
+            (
+                "poll",
+                "BZPUSH_AMQP_URL",
+                "amqp://bzpush:{}@127.0.0.1:5672/%2f",
+            ),
+            (
+                "serve",
+                "BZPUSH_CATCHUP_DATABASE_URL",
+                "mysql://bzpush:{}@127.0.0.1:3306/bugs",
+            ),
+            (
+                "serve",
+                "BZPUSH_AMQP_URL",
+                "amqps://bzpush:{}@127.0.0.1:5671/%2f",
+            ),
+        ];
+        let passwords = [
+            "se/cr3t",
+            "se#cr3t",
+            "se?cr3t",
+            "se@cr3t",
+            "se:cr3t@x",
+            "se/cr@t:x#y",
+        ];
+        // Scheme typos and missing parts print nothing of the password
+        // either.
+        let broken = [
+            "mysq://bzpush:cr3t@127.0.0.1/bugs",
+            "mysql:/bzpush:cr3t@127.0.0.1/bugs",
+            "mysql://bzpush:cr3t@127.0.0.1:3306",
+            "amqp:/bzpush:cr3t@127.0.0.1",
+        ];
+        for (command, variable, template) in settings {
+            let values = passwords
+                .iter()
+                .map(|p| template.replace("{}", p))
+                .chain(broken.iter().map(|b| b.to_string()));
+            for value in values {
+                let env = [(OsString::from(variable), OsString::from(&value))];
+                let args = [OsString::from(command)];
+                let err = match parse(args, env) {
+                    Err(err) => err.to_string(),
+                    // A broken URL of another scheme is fine for the other
+                    // setting's parser only if it parses; none does.
+                    Ok(_) => panic!("{variable}={value} was accepted"),
+                };
+                assert!(err.starts_with(variable), "{err}");
+                assert!(!err.contains("cr3t"), "{variable}={value}: {err}");
+                assert!(!err.contains("cr@t"), "{variable}={value}: {err}");
+                assert!(err.contains("%2F %23 %3F %40 %3A"), "{err}");
+            }
+        }
+        // A URL without its flag.
+        let err = poll(&["mysql://bzpush:se/cr3t@127.0.0.1/bugs"], &[]).unwrap_err();
+        assert!(!err.to_string().contains("cr3t"), "{err}");
+        let err = poll(&["mysql://bzpush:cr3t@127.0.0.1/bugs"], &[]).unwrap_err();
+        assert!(err.to_string().contains("bzpush:***@"), "{err}");
+        // Where it parses, the rest of the URL is shown to find the fault.
+        let err = poll(
+            &["--database-url", "mysql://bzpush:s%40cr3t@127.0.0.1:3306"],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"mysql://bzpush:***@127.0.0.1:3306\""),
+            "{err}"
+        );
     }
     #[test]
     fn the_default_lock_name_names_the_database_and_fits() {

@@ -3,8 +3,12 @@
 //!
 //! The mysql crate panics when a row does not convert to the asked type;
 //! values from Bugzilla's tables go through the functions here instead,
-//! which answer `None` for anything unexpected. Nothing here writes.
+//! which answer `None` for anything unexpected. Nothing here writes. Host
+//! `localhost` means the server's Unix socket, as for every MySQL client.
 
+use std::fmt;
+use std::io;
+use std::path::Path;
 use std::time::Duration;
 
 use mysql::{Conn, OptsBuilder};
@@ -15,17 +19,130 @@ use crate::notification::{BugId, ChangeTime};
 /// How long connecting may take before the database counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where MySQL and MariaDB put their Unix socket, in the order tried when
+/// the URL's host is `localhost` and names no `?socket=`: Debian's and
+/// most distributions' path, its older alias, and the upstream default.
+pub const SOCKET_PATHS: [&str; 3] = [
+    "/run/mysqld/mysqld.sock",
+    "/var/run/mysqld/mysqld.sock",
+    "/tmp/mysql.sock",
+];
+
+/// "Access denied": ER_ACCESS_DENIED_ERROR, and ER_ACCESS_DENIED_NO_PASSWORD_ERROR
+/// (MariaDB answers it where no account matches the host at all).
+pub const ACCESS_DENIED: [u16; 2] = [1045, 1698];
+
 /// A new connection whose reads and writes fail after `io_timeout`, so a
-/// dead peer is noticed instead of waited on forever. It goes exactly where
-/// the URL says: the mysql crate would otherwise switch a connection to
-/// 127.0.0.1 over to the server's Unix socket.
+/// dead peer is noticed instead of waited on forever. It goes where
+/// [`route`] says, as every MySQL client does: host `localhost` is the Unix
+/// socket (`?socket=PATH`, else the first of [`SOCKET_PATHS`] that exists),
+/// any other host is TCP. The server tells the two apart: an account
+/// `'u'@'localhost'` matches only socket logins when it skips name
+/// resolution. The mysql crate would otherwise take `localhost` over TCP,
+/// and switch 127.0.0.1 over to the socket. An "Access denied" error says
+/// which account the server tried ([`access_denied_hint`]), wherever it is
+/// logged or printed.
 pub fn connect(url: &DatabaseUrl, io_timeout: Duration) -> Result<Conn, mysql::Error> {
     let opts = OptsBuilder::from_opts(url.opts.clone())
         .prefer_socket(false)
         .tcp_connect_timeout(Some(CONNECT_TIMEOUT))
         .read_timeout(Some(io_timeout))
         .write_timeout(Some(io_timeout));
-    Conn::new(opts)
+    let opts = match route(url) {
+        Route::Socket(path) => opts.socket(Some(path)),
+        Route::NoSocket => {
+            return Err(mysql::Error::IoError(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "host localhost means the server's Unix socket, and there is none at {}: \
+                     is the server running? Name its socket with ?socket=/PATH in the URL, or \
+                     use host 127.0.0.1 for TCP",
+                    SOCKET_PATHS.join(", ")
+                ),
+            )));
+        }
+        Route::Tcp => opts,
+    };
+    Conn::new(opts).map_err(|error| match (access_denied_hint(&error), error) {
+        (Some(hint), mysql::Error::MySqlError(mut e)) => {
+            e.message = format!("{} ({hint})", e.message);
+            mysql::Error::MySqlError(e)
+        }
+        (_, error) => error,
+    })
+}
+
+/// How [`connect`] reaches the database.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A Unix socket at this path.
+    Socket(String),
+    /// Host `localhost`, but no socket where one is looked for.
+    NoSocket,
+    Tcp,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Socket(path) => write!(f, "Unix socket {path}"),
+            Route::NoSocket => f.write_str("no Unix socket"),
+            Route::Tcp => f.write_str("TCP"),
+        }
+    }
+}
+
+/// Where `url` leads, looked up now: a socket may appear once the server
+/// starts.
+pub fn route(url: &DatabaseUrl) -> Route {
+    if let Some(path) = url.opts.get_socket() {
+        return Route::Socket(path.to_string());
+    }
+    if !url
+        .opts
+        .get_ip_or_hostname()
+        .eq_ignore_ascii_case("localhost")
+    {
+        return Route::Tcp;
+    }
+    SOCKET_PATHS
+        .iter()
+        .find(|path| Path::new(path).exists())
+        .map_or(Route::NoSocket, |path| Route::Socket(path.to_string()))
+}
+
+/// For an "Access denied" error: which account the server tried (its
+/// message names `'user'@'host'`, the host being where it saw the login
+/// come from) and what that means. `None` for any other error.
+fn access_denied_hint(error: &mysql::Error) -> Option<String> {
+    let mysql::Error::MySqlError(e) = error else {
+        return None;
+    };
+    if !ACCESS_DENIED.contains(&e.code) {
+        return None;
+    }
+    // "Access denied for user 'bzpush'@'127.0.0.1' (using password: YES)"
+    let (user, host) = e
+        .message
+        .split_once(" user '")
+        .and_then(|(_, rest)| rest.split_once("'@'"))
+        .and_then(|(user, rest)| Some((user, rest.split_once('\'')?.0)))
+        .unwrap_or(("USER", "?"));
+    Some(match host {
+        "localhost" => format!(
+            "a Unix-socket login, so the server tried the account '{user}'@'localhost': \
+             check that it exists and its password"
+        ),
+        "127.0.0.1" | "::1" => format!(
+            "a TCP login from {host}, so the server tried the account '{user}'@'{host}' (or a \
+             wildcard host); '{user}'@'localhost' matches only Unix-socket logins: use host \
+             localhost in the URL for the socket, or create the account for {host}"
+        ),
+        _ => format!(
+            "a login from {host}, so the server tried the account '{user}'@'{host}' (or a \
+             wildcard host that matches it): check that it exists and its password"
+        ),
+    })
 }
 
 /// A DATETIME as the database stored it, `YYYY-MM-DDTHH:MM:SS`.
@@ -59,6 +176,28 @@ mod tests {
             Some("2026-11-28T02:04:50")
         );
         assert_eq!(change_time(&mysql::Value::NULL), None);
+    }
+
+    #[test]
+    fn access_denied_names_the_account_tried() {
+        let denied = |code: u16, message: &str| {
+            mysql::Error::MySqlError(mysql::MySqlError {
+                state: "28000".into(),
+                message: message.into(),
+                code,
+            })
+        };
+        let hint = access_denied_hint(&denied(
+            1045,
+            "Access denied for user 'bz'@'127.0.0.1' (using password: YES)",
+        ))
+        .expect("a hint");
+        assert!(hint.contains("TCP login from 127.0.0.1"), "{hint}");
+        assert!(hint.contains("'bz'@'localhost' matches only"), "{hint}");
+        let hint = access_denied_hint(&denied(1698, "Access denied for user 'bz'@'localhost'"))
+            .expect("a hint");
+        assert!(hint.contains("'bz'@'localhost'"), "{hint}");
+        assert_eq!(access_denied_hint(&denied(1146, "no such table")), None);
     }
 
     #[test]

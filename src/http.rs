@@ -87,6 +87,28 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request)>, ()> {
     request.body(()).map(|r| Some((len, r))).map_err(drop)
 }
 
+/// Header fields a request may carry only once. Two of them leave it open
+/// which one counts, and a proxy in front may have picked the other: Host
+/// (RFC 9112 §3.2: 400 for more than one), Content-Length (RFC 9112 §6.3),
+/// Origin (RFC 6454 §7.3), Sec-WebSocket-Key and Sec-WebSocket-Version (RFC
+/// 6455 §11.3.1, §11.3.5). List-valued fields (Connection, Upgrade,
+/// Sec-WebSocket-Protocol, Sec-WebSocket-Extensions) may repeat.
+const SINGLETONS: [&str; 5] = [
+    "Host",
+    "Content-Length",
+    "Origin",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+];
+
+/// The first header field of [`SINGLETONS`] that `request` carries more
+/// than once: such a request is answered 400.
+pub fn duplicated_singleton(request: &Request) -> Option<&'static str> {
+    SINGLETONS
+        .into_iter()
+        .find(|name| request.headers().get_all(*name).iter().nth(1).is_some())
+}
+
 /// Writes a complete response and nothing more (`Connection: close`).
 pub fn respond(socket: &TcpStream, status: &str, content_type: &str, body: &str) -> io::Result<()> {
     Response {

@@ -37,7 +37,10 @@
 //! - [`database`]: connections to Bugzilla's database, and its values read
 //!   without panics.
 //! - [`check`]: `bzpush check`: each setting and dependency, one line each.
+//! - [`logging`]: log lines on stderr, with journal priorities when stderr
+//!   is the journal.
 //! - [`metrics`]: counters shared by every thread.
+//! - [`origin`]: allowed origins as browsers send them, and logging refusals.
 //! - [`retry`]: backoff, and logging a dependency's state once per change.
 //! - [`shutdown`]: one trigger that stops every loop at once.
 //! - [`signals`]: SIGTERM/SIGINT to the shutdown trigger.
@@ -52,8 +55,10 @@ pub mod database;
 pub mod demo;
 pub mod http;
 pub mod hub;
+pub mod logging;
 pub mod metrics;
 pub mod notification;
+pub mod origin;
 pub mod outbox;
 pub mod poller;
 pub mod protocol;

@@ -11,14 +11,14 @@ use bzpush::config::{self, Invocation, Mode};
 use bzpush::metrics::Metrics;
 use bzpush::pulse::PulseSink;
 use bzpush::shutdown::Shutdown;
-use bzpush::{check, demo, poller, server, shutdown, signals, systemd};
-use log::{LevelFilter, error, info};
+use bzpush::{check, demo, logging, poller, server, shutdown, signals, systemd};
+use log::{Level, error, info};
 
 fn main() -> ExitCode {
     let invocation = match config::parse(std::env::args_os().skip(1), std::env::vars_os()) {
         Ok(invocation) => invocation,
         Err(e) => {
-            eprintln!("bzpush: {e}");
+            eprintln!("{}bzpush: {e}", logging::prefix(Level::Error));
             return ExitCode::from(2);
         }
     };
@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             }
         }
         Invocation::Start(mode) => {
-            init_logging(mode.log());
+            logging::init(mode.log());
             match start(mode) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -49,19 +49,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// Log lines to stderr without timestamps (journald adds its own), and only
-/// bzpush's own: its dependencies' retries would repeat what it says once.
-fn init_logging(level: LevelFilter) {
-    let config = simplelog::ConfigBuilder::new()
-        .set_time_level(LevelFilter::Off)
-        .set_target_level(LevelFilter::Off)
-        .set_thread_level(LevelFilter::Off)
-        .add_filter_allow_str("bzpush")
-        .build();
-    // Only fails if a logger is already set, which main does once.
-    let _ = simplelog::WriteLogger::init(level, config, std::io::stderr());
 }
 
 /// Runs `mode` until SIGTERM or SIGINT.

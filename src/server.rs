@@ -26,6 +26,7 @@ use crate::connection::{self, Limits};
 use crate::http::{self, Head};
 use crate::hub::{ConnId, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink, Message};
 use crate::metrics::Metrics;
+use crate::origin;
 use crate::outbox::{Outbox, Writers};
 use crate::poller;
 use crate::pulse::{self, ConsumerSetup};
@@ -53,6 +54,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 struct Shared {
     feeds: Vec<Feed>,
     allowed_origins: Option<Vec<String>>,
+    refused_origins: origin::Refusals,
     max_connections: usize,
     outbound_queue: usize,
     limits: Limits,
@@ -220,6 +222,7 @@ impl Server<'_> {
         let shared = Arc::new(Shared {
             feeds: self.feeds.to_vec(),
             allowed_origins: self.config.allowed_origins.clone(),
+            refused_origins: origin::Refusals::default(),
             max_connections: self.config.max_connections,
             outbound_queue: self.config.outbound_queue,
             limits: Limits {
@@ -512,6 +515,14 @@ fn handle(conn: &Conn) -> Option<ConnThread> {
             return None;
         }
     };
+    if let Some(name) = http::duplicated_singleton(&request) {
+        let _ = http::respond_text(
+            socket,
+            "400 Bad Request",
+            &format!("more than one {name} header"),
+        );
+        return None;
+    }
     if !http::method_allowed(&request) {
         let _ = http::respond_not_allowed(socket);
         return None;
@@ -533,12 +544,13 @@ fn handle(conn: &Conn) -> Option<ConnThread> {
         let _ = http::respond_text(socket, "404 Not Found", "no feed at this path");
         return None;
     };
-    if let Some(allowed) = &shared.allowed_origins {
-        let origin = request
-            .headers()
-            .get("Origin")
-            .and_then(|h| h.to_str().ok());
-        if origin.is_some_and(|o| !allowed.iter().any(|a| a == o)) {
+    // No Origin header: not a browser, which origins do not restrict.
+    if let Some(allowed) = &shared.allowed_origins
+        && let Some(header) = request.headers().get("Origin")
+    {
+        let origin = String::from_utf8_lossy(header.as_bytes());
+        if !origin::is_allowed(allowed, &origin) {
+            shared.refused_origins.refused(&origin);
             let _ = http::respond_text(socket, "403 Forbidden", "origin not allowed");
             return None;
         }

@@ -240,8 +240,13 @@ fn serve_catches_up_from_its_database_and_says_partial_when_it_cannot() {
 // ---- check ----
 
 /// `bzpush check <mode>` with exactly `env`.
+/// Listens on port 0 unless `env` says otherwise: `check` binds the listen
+/// address, and the default port may be taken by whatever else runs here.
 fn check(mode: &str, env: &[(&str, String)]) -> Finished {
-    let finished = Bzpush::run(&["check", mode], env, Duration::from_secs(30));
+    let env: Vec<(&str, String)> = std::iter::once(("BZPUSH_LISTEN", "127.0.0.1:0".to_string()))
+        .chain(env.iter().cloned())
+        .collect();
+    let finished = Bzpush::run(&["check", mode], &env, Duration::from_secs(30));
     eprintln!("check {mode}:\n{}{}", finished.stdout, finished.stderr);
     finished
 }

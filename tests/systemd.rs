@@ -98,3 +98,70 @@ fn the_example_environment_file_lists_every_setting_with_its_default_and_doc() {
         );
     }
 }
+
+/// Every value of `key` in `unit` (`key=value` lines).
+fn values(unit: &str, key: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(systemd_dir().join(unit)).expect("read the unit");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_unit_keeps_retrying_when_a_dependency_is_down_at_boot() {
+    // `bzpush check` as ExecStartPre fails at once while the database or
+    // broker is down; with systemd's default start limit (5 in 10 s) the
+    // unit would give up for good after a few tries.
+    for unit in UNITS {
+        assert_eq!(
+            values(unit, "StartLimitIntervalSec"),
+            ["0"],
+            "{unit}: no start limit"
+        );
+        assert_eq!(values(unit, "Restart"), ["on-failure"], "{unit}");
+        // bzpush's own backoff is capped at 5 s: a restart is no faster.
+        assert_eq!(values(unit, "RestartSec"), ["5s"], "{unit}");
+    }
+}
+
+#[test]
+fn every_readme_section_a_unit_names_exists() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md exists");
+    let headings: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .collect();
+    let anchor = |heading: &str| -> String {
+        heading
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect()
+    };
+    let mut named = 0;
+    for unit in UNITS {
+        let text = std::fs::read_to_string(systemd_dir().join(unit)).expect("read the unit");
+        // Comments say `README.md, "Section"`; Documentation= links say
+        // `README.md#anchor`.
+        for part in text.split("README.md, \"").skip(1) {
+            let section = part.split('"').next().unwrap_or_default();
+            named += 1;
+            assert!(
+                headings.contains(&section),
+                "{unit} names README section {section:?}, which does not exist; sections: {headings:?}"
+            );
+        }
+        for part in text.split("README.md#").skip(1) {
+            let link = part.split_whitespace().next().unwrap_or_default();
+            named += 1;
+            assert!(
+                headings.iter().any(|h| anchor(h) == link),
+                "{unit} links to README.md#{link}, which does not exist"
+            );
+        }
+    }
+    assert!(named > 0, "no unit names a README section any more");
+}
