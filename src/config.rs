@@ -474,7 +474,8 @@ fn from_env(
     let mut values = BTreeMap::new();
     for (key, value) in env {
         let Some(key) = key.to_str() else { continue };
-        if !key.starts_with("BZPUSH_") {
+        // The test-only fault injection is no setting (see its doc).
+        if !key.starts_with("BZPUSH_") || key == crate::shutdown::TEST_PANIC_VAR {
             continue;
         }
         let setting = SETTINGS

