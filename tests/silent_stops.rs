@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Bzpush, MYSQL_ADDR, TestBroker, TestDb, unique};
+use common::serve::{Client, http_get, ok, t, update};
+use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, unique, wait_until};
+use serde_json::json;
 
 /// Generous bound for an event a test waits for.
 const WAIT: Duration = Duration::from_secs(30);
@@ -84,9 +86,49 @@ fn poll_exits_1_when_its_poller_dies() {
     let poller = Bzpush::poll(
         &db,
         MYSQL_ADDR,
-        common::AMQP_ADDR,
+        AMQP_ADDR,
         &exchange,
         &[panic_in("poller")],
     );
     assert_dies_naming(poller, "poller");
+}
+
+// ---- 6. A silently dead broker link is noticed in seconds ----
+
+/// How long a silently dead broker link may go unnoticed: twice the
+/// default heartbeat (10 s) and slack for a loaded machine. With the
+/// broker's own 60 s heartbeat it took 118 s.
+const NOTICE_DEAD_LINK: Duration = Duration::from_secs(60);
+
+#[test]
+fn serve_notices_a_silently_dead_broker_link_and_delivers_after_it_heals() {
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(AMQP_ADDR);
+    let server = Bzpush::serve_at(&proxy.addr(), &format!("/={}", broker.exchange), &[]);
+    server.wait_healthy();
+    let addr = server.listen_addr();
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [1]})),
+        ok("subscribe", &[1])
+    );
+    broker.publish(1, &t(1));
+    assert_eq!(client.recv(WAIT), update(1, &t(1)));
+
+    proxy.set_stalled(true);
+    assert!(
+        wait_until(NOTICE_DEAD_LINK, || http_get(&addr, "/health").0 == 503),
+        "/health stayed 200 with the broker link silently dead:\n{}",
+        server.log()
+    );
+    assert!(server.log().contains("retrying with backoff"), "{}", server.log());
+    // Published while the link is dead: it waits in serve's durable queue.
+    broker.publish(1, &t(2));
+    proxy.set_stalled(false);
+    assert!(
+        wait_until(WAIT, || http_get(&addr, "/health").0 == 200),
+        "serve did not reconnect once the link healed:\n{}",
+        server.log()
+    );
+    assert_eq!(client.recv(WAIT), update(1, &t(2)));
 }

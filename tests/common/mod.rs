@@ -518,8 +518,9 @@ impl Drop for TestBroker {
 }
 
 /// A TCP proxy in front of a service, which the test can cut off: `sever`
-/// kills every open connection, `set_down(true)` refuses new ones too, and
-/// `set_delay` slows every chunk it forwards.
+/// kills every open connection, `set_down(true)` refuses new ones too,
+/// `set_delay` slows every chunk it forwards, and `set_stalled(true)` stops
+/// forwarding without closing anything (a link that dies silently).
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<ProxyState>,
@@ -530,6 +531,7 @@ struct ProxyState {
     stop: AtomicBool,
     live: Mutex<Vec<TcpStream>>,
     delay_ms: AtomicU64,
+    stalled: AtomicBool,
 }
 
 impl Proxy {
@@ -541,6 +543,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             live: Mutex::new(Vec::new()),
             delay_ms: AtomicU64::new(0),
+            stalled: AtomicBool::new(false),
         });
         let target = target.to_string();
         let shared = Arc::clone(&state);
@@ -594,6 +597,15 @@ impl Proxy {
         self.state.delay_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// While stalled, nothing is forwarded either way and nothing is
+    /// closed (no FIN, no RST): a link whose packets silently vanish, as
+    /// behind a dead router or a firewall that drops state. New connections
+    /// are accepted and hang too. What was held is forwarded on resuming,
+    /// as TCP retransmits after such an outage.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.state.stalled.store(stalled, Ordering::SeqCst);
+    }
+
     /// While down, new connections are accepted and closed at once.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
@@ -623,6 +635,13 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>) {
                         let delay = state.delay_ms.load(Ordering::SeqCst);
                         if delay > 0 {
                             thread::sleep(Duration::from_millis(delay));
+                        }
+                        // Holding the chunk also stops reading: what follows
+                        // waits in the kernel's buffers.
+                        while state.stalled.load(Ordering::SeqCst)
+                            && !state.stop.load(Ordering::SeqCst)
+                        {
+                            thread::sleep(Duration::from_millis(10));
                         }
                         if to.write_all(&buf[..n]).is_err() {
                             break;
