@@ -197,6 +197,7 @@ pub struct BrokerError {
 enum Cause {
     Lapin(lapin::Error),
     Closed,
+    Lost,
     TimedOut(Duration),
 }
 
@@ -214,13 +215,35 @@ impl BrokerError {
             cause: Cause::Closed,
         }
     }
+
+    fn lost(doing: &'static str) -> BrokerError {
+        BrokerError {
+            doing,
+            cause: Cause::Lost,
+        }
+    }
 }
 
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.cause {
-            Cause::Lapin(e) => write!(f, "{}: {e}", self.doing),
+            Cause::Lapin(e) => {
+                write!(f, "{}: {e}", self.doing)?;
+                let todo = match amqp_code(e) {
+                    Some(ACCESS_REFUSED) => " — check the user and password in BZPUSH_AMQP_URL",
+                    Some(NOT_ALLOWED) => {
+                        " — the user may not use that vhost: check BZPUSH_AMQP_URL and the user's permissions"
+                    }
+                    _ => "",
+                };
+                f.write_str(todo)
+            }
             Cause::Closed => write!(f, "{}: the broker closed the connection", self.doing),
+            Cause::Lost => write!(
+                f,
+                "{}: the connection was lost (closed, or silent past the heartbeat)",
+                self.doing
+            ),
             Cause::TimedOut(after) => {
                 write!(f, "{}: no answer within {after:?}", self.doing)
             }
@@ -229,6 +252,20 @@ impl fmt::Display for BrokerError {
 }
 
 impl std::error::Error for BrokerError {}
+
+/// AMQP reply codes bzpush tells apart.
+const ACCESS_REFUSED: u16 = 403;
+const NOT_FOUND: u16 = 404;
+const PRECONDITION_FAILED: u16 = 406;
+const NOT_ALLOWED: u16 = 530;
+
+/// The AMQP reply code of a refusal by the broker, if `error` is one.
+fn amqp_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.kind().get_id()),
+        _ => None,
+    }
+}
 
 /// Runs `operation` to its end, or fails it with a [`BrokerError`] after
 /// `timeout`: no broker operation may block a thread forever.
@@ -296,9 +333,9 @@ impl From<BrokerError> for PublishError {
 
 /// A confirmed-publish channel to one exchange.
 pub struct Publisher {
-    // Held only to keep the connection open: lapin closes it when the
-    // connection and all its channels are dropped.
-    _connection: Connection,
+    // Held to keep the connection open (lapin closes it when the connection
+    // and all its channels are dropped) and to read its state.
+    connection: Connection,
     channel: Channel,
     exchange: String,
 }
@@ -324,11 +361,18 @@ impl Publisher {
                 .await
                 .map_err(BrokerError::new("enabling publisher confirms"))?;
             Ok(Publisher {
-                _connection: connection,
+                connection,
                 channel,
                 exchange: exchange.to_string(),
             })
         })
+    }
+
+    /// Whether the connection and channel are still open, as lapin last
+    /// knew: a link cut, closed by the broker, or silent past the
+    /// heartbeat is not.
+    pub fn is_open(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
     }
 
     /// Publishes every notification, then waits until the broker has
@@ -410,8 +454,11 @@ impl Publisher {
 /// A batch on the wire, its confirms still to come.
 pub struct Sent(Vec<(BugId, PublisherConfirm)>);
 
-/// The broker as the poller's [`Sink`]: connects on first use, and again
-/// after any failure.
+/// The broker as the poller's [`Sink`]: connects (and declares the
+/// exchange) at the first poll, and again after any failure, even when
+/// there is nothing to publish: a Pulse consumer, which declares the
+/// exchange passively, can bind before the first change, and a wrong
+/// password or an outage shows in the log while idle.
 pub struct PulseSink {
     url: AmqpUrl,
     exchange: String,
@@ -455,6 +502,18 @@ impl Sink for PulseSink {
             .ok_or_else(|| PublishError::Broker(BrokerError::closed("waiting for confirms")))?;
         publisher.confirm(sent)?;
         self.publisher = Some(publisher);
+        Ok(())
+    }
+
+    fn idle(&mut self) -> Result<(), PublishError> {
+        match self.publisher.take() {
+            Some(p) if p.is_open() => self.publisher = Some(p),
+            // Dropped: the next poll reconnects, after the poller's backoff.
+            Some(_) => return Err(BrokerError::lost("waiting for changes").into()),
+            None => {
+                self.publisher = Some(Publisher::connect(&self.url, &self.exchange, "bzpush poll")?)
+            }
+        }
         Ok(())
     }
 }

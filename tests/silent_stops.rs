@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::serve::{Client, http_get, ok, t, update};
+use common::run::ExchangeName;
 use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, unique, wait_until};
 use serde_json::json;
 
@@ -131,4 +132,133 @@ fn serve_notices_a_silently_dead_broker_link_and_delivers_after_it_heals() {
         server.log()
     );
     assert_eq!(client.recv(WAIT), update(1, &t(2)));
+}
+
+// ---- 2. An idle poll keeps its broker link known ----
+
+/// Lines of `log` that say the broker link came up.
+fn broker_connected_lines(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("broker amqp://") && l.ends_with(": connected"))
+        .count()
+}
+
+/// Whether a passive declare of `exchange` (what mozillapulse's consumer
+/// does before it binds) succeeds now.
+fn exchange_exists(connection: &lapin::Connection, exchange: &str) -> bool {
+    let Some(Ok(channel)) = common::within(Duration::from_secs(10), connection.create_channel())
+    else {
+        return false;
+    };
+    let passive = channel.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    );
+    let exists = matches!(common::within(Duration::from_secs(10), passive), Some(Ok(())));
+    if exists {
+        let _ = common::within(Duration::from_secs(10), channel.close(200, "done".into()));
+    }
+    exists
+}
+
+#[test]
+fn an_idle_poll_declares_its_exchange_at_start() {
+    let db = TestDb::new();
+    let exchange = ExchangeName::new();
+    let connection = common::amqp_connect();
+    assert!(!exchange_exists(&connection, &exchange.0));
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &exchange.0, &[]);
+    assert!(
+        wait_until(WAIT, || exchange_exists(&connection, &exchange.0)),
+        "an idle poll did not declare its exchange:\n{}",
+        poller.log()
+    );
+    assert!(poller.wait_for_log(": connected", WAIT), "{}", poller.log());
+    assert_eq!(broker_connected_lines(&poller.log()), 1, "{}", poller.log());
+}
+
+#[test]
+fn an_idle_poll_logs_a_wrong_broker_password() {
+    let db = TestDb::new();
+    let exchange = ExchangeName::new();
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &exchange.0,
+        &[(
+            "BZPUSH_AMQP_URL",
+            format!("amqp://guest:wrong-password@{AMQP_ADDR}/%2f"),
+        )],
+    );
+    assert!(
+        poller.wait_for_log("retrying with backoff", WAIT),
+        "an idle poll said nothing about a broker it cannot log in to:\n{}",
+        poller.log()
+    );
+    let log = poller.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("retrying with backoff"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("broker amqp://guest:***@") && line.contains("BZPUSH_AMQP_URL"),
+        "the line does not name the broker and what to check: {line}"
+    );
+    assert!(!log.contains("wrong-password"), "{log}");
+}
+
+#[test]
+fn an_idle_poll_logs_a_broker_link_cut_and_its_return() {
+    let db = TestDb::new();
+    let exchange = ExchangeName::new();
+    let proxy = Proxy::to(AMQP_ADDR);
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, &proxy.addr(), &exchange.0, &[]);
+    assert!(
+        wait_until(WAIT, || broker_connected_lines(&poller.log()) == 1),
+        "{}",
+        poller.log()
+    );
+    proxy.set_down(true);
+    assert!(
+        poller.wait_for_log("retrying with backoff", WAIT),
+        "an idle poll did not notice its broker link was cut:\n{}",
+        poller.log()
+    );
+    proxy.set_down(false);
+    assert!(
+        wait_until(WAIT, || broker_connected_lines(&poller.log()) == 2),
+        "an idle poll did not say it reconnected:\n{}",
+        poller.log()
+    );
+}
+
+#[test]
+fn an_idle_poll_notices_a_silently_dead_broker_link() {
+    let db = TestDb::new();
+    let exchange = ExchangeName::new();
+    let proxy = Proxy::to(AMQP_ADDR);
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, &proxy.addr(), &exchange.0, &[]);
+    assert!(
+        wait_until(WAIT, || broker_connected_lines(&poller.log()) == 1),
+        "{}",
+        poller.log()
+    );
+    proxy.set_stalled(true);
+    assert!(
+        poller.wait_for_log("retrying with backoff", NOTICE_DEAD_LINK),
+        "an idle poll did not notice its broker link died silently:\n{}",
+        poller.log()
+    );
+    proxy.set_stalled(false);
+    assert!(
+        wait_until(WAIT, || broker_connected_lines(&poller.log()) == 2),
+        "{}",
+        poller.log()
+    );
 }

@@ -61,6 +61,13 @@ pub trait Sink {
     /// Waits for a sent batch. `Ok` only once the sink is responsible for
     /// every notification in it: the poller forgets them then.
     fn settle(&mut self, pending: Self::Pending) -> Result<(), Self::Error>;
+
+    /// A poll found nothing to send: makes sure the sink is ready anyway
+    /// (connected, its exchange declared), so that its state is known and
+    /// logged while idle, not only at the next change.
+    fn idle(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// A place changes are read from. Each batch is `read`, sent, settled,
@@ -304,6 +311,9 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
         let batch = self.source.read(db)?;
         self.database.up();
         let pending = if batch.notifications.is_empty() {
+            self.sink.idle().map_err(Failure::Sink)?;
+            self.sink_link.up();
+            self.sink_backoff.reset();
             None
         } else {
             Some(
