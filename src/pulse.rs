@@ -224,6 +224,16 @@ impl BrokerError {
     }
 }
 
+impl BrokerError {
+    /// The broker's AMQP reply code, if it refused the operation.
+    fn code(&self) -> Option<u16> {
+        match &self.cause {
+            Cause::Lapin(e) => amqp_code(e),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.cause {
@@ -524,6 +534,101 @@ const PREFETCH: u16 = 1000;
 /// How long a consumer waits for a message before it looks at shutdown.
 const SHUTDOWN_CHECK: Duration = Duration::from_millis(500);
 
+/// The durable queue a `serve` consumes `exchange` through.
+pub fn queue_name(prefix: &str, exchange: &str) -> String {
+    format!("{prefix}/{exchange}")
+}
+
+/// Declares a feed's queue as `serve` wants it: durable, expiring after
+/// `setup.expires` unused. The broker refuses (PRECONDITION_FAILED, and
+/// closes the channel) if the queue exists with other arguments.
+async fn declare_queue(channel: &Channel, setup: &ConsumerSetup) -> lapin::Result<()> {
+    let mut arguments = FieldTable::default();
+    let expires = u32::try_from(setup.expires.as_millis()).unwrap_or(u32::MAX);
+    arguments.insert("x-expires".into(), AMQPValue::LongUInt(expires));
+    channel
+        .queue_declare(
+            setup.queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map(drop)
+}
+
+/// What a feed's queue looks like next to the configuration.
+pub enum QueueState {
+    /// Not there: `serve` creates it.
+    Missing,
+    /// There, with the configured arguments.
+    Matches,
+    /// There, with other arguments: `serve` consumes it as it is. The
+    /// text says what differs and how to apply the configuration.
+    Differs(String),
+}
+
+/// Looks at a feed's queue without changing anything: a passive declare
+/// (is it there?), then, on a channel of its own, a declare with the
+/// configured arguments, which changes nothing if they are equivalent and
+/// is refused if not. A queue deleted in between is created as `serve`
+/// would create it.
+pub fn probe_queue(
+    connection: &Connection,
+    url: &AmqpUrl,
+    setup: &ConsumerSetup,
+) -> Result<QueueState, BrokerError> {
+    let channel = wait("opening a channel", connection.create_channel())?;
+    let passive = wait(
+        "looking for the queue",
+        channel.queue_declare(
+            setup.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    );
+    match passive {
+        Ok(_) => {
+            let _ = wait("closing a channel", channel.close(200, "probed".into()));
+        }
+        Err(e) if e.code() == Some(NOT_FOUND) => return Ok(QueueState::Missing),
+        Err(e) => return Err(e),
+    }
+    let channel = wait("opening a channel", connection.create_channel())?;
+    match wait("declaring the queue", declare_queue(&channel, setup)) {
+        Ok(()) => {
+            let _ = wait("closing a channel", channel.close(200, "probed".into()));
+            Ok(QueueState::Matches)
+        }
+        Err(e) if e.code() == Some(PRECONDITION_FAILED) => {
+            Ok(QueueState::Differs(queue_mismatch(url, setup, &e)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Says that `setup`'s queue exists with other arguments than configured
+/// (the broker's refusal `error` says which), and how to apply them.
+fn queue_mismatch(url: &AmqpUrl, setup: &ConsumerSetup, error: &BrokerError) -> String {
+    let vhost = url
+        .secret()
+        .parse::<lapin::uri::AMQPUri>()
+        .map_or_else(|_| "/".to_string(), |uri| uri.vhost);
+    format!(
+        "queue {:?} exists with other arguments than configured (BZPUSH_QUEUE_EXPIRES {:?}): \
+         {error}. Consuming it as it is. To apply the setting, stop every serve using \
+         this queue, run `rabbitmqctl delete_queue -p '{vhost}' '{}'` (the messages waiting \
+         in it are lost), and start serve again; or set BZPUSH_QUEUE_EXPIRES back to \
+         the queue's value",
+        setup.queue, setup.expires, setup.queue
+    )
+}
+
 /// Where and how one feed consumes.
 pub struct ConsumerSetup {
     pub feed: FeedId,
@@ -546,8 +651,10 @@ pub fn consume(
     let mut link = Link::new("broker", format!("{url} queue {:?}", setup.queue)).reporting(up);
     let mut backoff = Backoff::default();
     let mut connected_before = false;
+    // Whether the operator was told that the queue's arguments differ.
+    let mut advised = false;
     while !shutdown.requested() {
-        let result = consume_once(url, setup, hub, metrics, shutdown, &mut || {
+        let result = consume_once(url, setup, hub, metrics, shutdown, &mut advised, &mut || {
             link.up();
             // The next outage starts over from a short pause.
             backoff.reset();
@@ -576,6 +683,7 @@ fn consume_once(
     hub: &HubSender,
     metrics: &Metrics,
     shutdown: &Shutdown,
+    advised: &mut bool,
     connected: &mut dyn FnMut(),
 ) -> Result<(), BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name("bzpush serve".into());
@@ -586,20 +694,33 @@ fn consume_once(
         "declaring the exchange",
         declare_exchange(&channel, &setup.exchange),
     )?;
-    let mut arguments = FieldTable::default();
-    let expires = u32::try_from(setup.expires.as_millis()).unwrap_or(u32::MAX);
-    arguments.insert("x-expires".into(), AMQPValue::LongUInt(expires));
-    wait(
-        "declaring the queue",
-        channel.queue_declare(
-            setup.queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        ),
-    )?;
+    let channel = match wait("declaring the queue", declare_queue(&channel, setup)) {
+        Ok(()) => channel,
+        // The queue exists with other arguments (BZPUSH_QUEUE_EXPIRES was
+        // changed): the broker refused and closed the channel. Consuming
+        // the queue as it is beats consuming nothing; the operator is told
+        // once how to apply the new value.
+        Err(e) if e.code() == Some(PRECONDITION_FAILED) => {
+            if !*advised {
+                warn!("{}", queue_mismatch(url, setup, &e));
+                *advised = true;
+            }
+            let channel = wait("opening a channel", connection.create_channel())?;
+            wait(
+                "declaring the queue passively",
+                channel.queue_declare(
+                    setup.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )?;
+            channel
+        }
+        Err(e) => return Err(e),
+    };
     wait(
         "binding the queue",
         channel.queue_bind(

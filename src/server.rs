@@ -248,7 +248,7 @@ fn start_consumers(
             let setup = ConsumerSetup {
                 feed,
                 exchange: f.exchange.clone(),
-                queue: format!("{}/{}", config.queue_prefix, f.exchange),
+                queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
                 expires: config.queue_expires,
             };
             let (url, hub, metrics, shutdown) = (

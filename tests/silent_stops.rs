@@ -262,3 +262,150 @@ fn an_idle_poll_notices_a_silently_dead_broker_link() {
         poller.log()
     );
 }
+
+// ---- 5. A changed queue setting keeps serve working ----
+
+/// A serve queue prefix of the test's own; the feed's queue is deleted
+/// from the broker at the end of the test.
+struct ServeQueue {
+    prefix: String,
+    queue: String,
+}
+
+impl ServeQueue {
+    fn for_exchange(exchange: &str) -> ServeQueue {
+        let prefix = format!("queue/guest/{}", unique("bzpush-test"));
+        ServeQueue {
+            queue: format!("{prefix}/{exchange}"),
+            prefix,
+        }
+    }
+
+    fn settings(&self, expires: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("BZPUSH_QUEUE", self.prefix.clone()),
+            ("BZPUSH_QUEUE_EXPIRES", expires.to_string()),
+        ]
+    }
+}
+
+impl Drop for ServeQueue {
+    fn drop(&mut self) {
+        let connection = common::amqp_connect();
+        if let Some(Ok(channel)) = common::within(WAIT, connection.create_channel()) {
+            let delete = channel.queue_delete(self.queue.as_str().into(), Default::default());
+            let _ = common::within(WAIT, delete);
+        }
+        let _ = common::within(WAIT, connection.close(200, "test done".into()));
+    }
+}
+
+fn advice_lines(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("rabbitmqctl delete_queue"))
+        .count()
+}
+
+#[test]
+fn serve_consumes_its_queue_after_queue_expires_changed_and_says_how_to_apply_it() {
+    let broker = TestBroker::new();
+    let queue = ServeQueue::for_exchange(&broker.exchange);
+    let mut first = Bzpush::serve(&broker, &queue.settings("24h"));
+    first.wait_healthy();
+    first.sigterm();
+    assert_eq!(first.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+
+    // Through a proxy, to cut the link once: the advice is not repeated.
+    let proxy = Proxy::to(AMQP_ADDR);
+    let feeds = format!("/={}", broker.exchange);
+    let server = Bzpush::serve_at(&proxy.addr(), &feeds, &queue.settings("48h"));
+    server.wait_healthy();
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [1]})),
+        ok("subscribe", &[1])
+    );
+    broker.publish(1, &t(1));
+    assert_eq!(client.recv(WAIT), update(1, &t(1)));
+    let log = server.log();
+    assert_eq!(advice_lines(&log), 1, "{log}");
+    let advice = log
+        .lines()
+        .find(|l| l.contains("rabbitmqctl delete_queue"))
+        .unwrap_or_default();
+    assert!(
+        advice.contains(&queue.queue) && advice.contains("x-expires"),
+        "the advice does not name the queue and what differs: {advice}"
+    );
+
+    proxy.sever();
+    assert!(
+        wait_until(WAIT, || broker_connected_lines(&server.log()) == 2),
+        "serve did not reconnect:\n{}",
+        server.log()
+    );
+    broker.publish(1, &t(2));
+    // The first update may come again (redelivered after the cut if its
+    // ack was still owed): at least once, then the new one.
+    let mut next = client.recv(WAIT);
+    if next == update(1, &t(1)) {
+        next = client.recv(WAIT);
+    }
+    assert_eq!(next, update(1, &t(2)));
+    assert_eq!(advice_lines(&server.log()), 1, "{}", server.log());
+}
+
+#[test]
+fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
+    let broker = TestBroker::new();
+    let queue = ServeQueue::for_exchange(&broker.exchange);
+    let check = |expires: &str| {
+        let mut env = vec![
+            ("BZPUSH_AMQP_URL", common::amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_FEEDS", format!("/={}", broker.exchange)),
+        ];
+        env.extend(queue.settings(expires));
+        let done = Bzpush::run(&["check", "serve"], &env, WAIT);
+        assert!(done.status.success(), "check serve failed:\n{}", done.stdout);
+        let line = done
+            .stdout
+            .lines()
+            .find(|l| l.contains(&format!("queue {:?}", queue.queue)))
+            .unwrap_or_else(|| panic!("no line about the queue:\n{}", done.stdout))
+            .to_string();
+        line
+    };
+    assert!(check("24h").starts_with("ok    "), "before serve ran");
+
+    // Serve's queue as a 24 h serve left it.
+    let connection = common::amqp_connect();
+    let channel = common::broker("open a channel", connection.create_channel());
+    let mut arguments = lapin::types::FieldTable::default();
+    arguments.insert(
+        "x-expires".into(),
+        lapin::types::AMQPValue::LongUInt(24 * 3600 * 1000),
+    );
+    common::broker(
+        "declare the queue as serve does",
+        channel.queue_declare(
+            queue.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        ),
+    );
+
+    let same = check("24h");
+    assert!(same.starts_with("ok    ") && same.contains("exists as configured"), "{same}");
+    let changed = check("48h");
+    assert!(
+        changed.starts_with("warn  ")
+            && changed.contains("x-expires")
+            && changed.contains(&format!("rabbitmqctl delete_queue -p '/' '{}'", queue.queue)),
+        "check does not report the mismatch and its fix: {changed}"
+    );
+    // The probe changed nothing: the queue still has its 24 h.
+    assert!(check("24h").contains("exists as configured"));
+}
