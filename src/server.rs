@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -371,7 +372,7 @@ impl Acceptor<'_> {
             .name(format!("http-{id}"))
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
-                let next = handle(&conn);
+                let next = contain(id, || handle(&conn)).flatten();
                 match next {
                     // Joined next, which yields the WebSocket's thread.
                     Some(_) => {
@@ -428,10 +429,25 @@ impl Acceptor<'_> {
     }
 }
 
+/// Runs a connection thread's `work`. A panic (a bug that one client's
+/// input reached) is logged and ends only this connection: `None`, and
+/// the caller cleans up as after any other end, so that the socket is
+/// closed and the connection forgotten rather than left hanging.
+fn contain<T>(id: ConnId, work: impl FnOnce() -> T) -> Option<T> {
+    panic::catch_unwind(AssertUnwindSafe(work))
+        .map_err(|payload| {
+            warn!(
+                "connection {id}: its thread panicked: {}",
+                shutdown::panic_message(payload.as_ref())
+            );
+        })
+        .ok()
+}
+
 /// Joins a connection's thread; the thread it handed the connection to,
-/// if any. A connection's thread may end alone, even by a panic (a bug
-/// that one client's input reached): that ends only its connection, and
-/// is logged here.
+/// if any. A connection's thread may end alone: a panic that escaped
+/// [`contain`] (in its cleanup) ends only its connection, and is logged
+/// here.
 fn join_connection(thread: ConnThread) -> Option<ConnThread> {
     let name = thread.thread().name().unwrap_or("connection").to_string();
     match thread.join() {
@@ -559,15 +575,21 @@ fn handle(conn: &Conn) -> Option<ConnThread> {
     let conn = conn.clone();
     let websocket = move || {
         let (socket, outbox) = (Arc::clone(&conn.socket), Arc::clone(&conn.outbox));
-        connection::run(
-            id,
-            feed,
-            socket,
-            leftover,
-            outbox,
-            &conn.hub,
-            conn.shared.limits,
-        );
+        let served = contain(id, || {
+            connection::run(
+                id,
+                feed,
+                socket,
+                leftover,
+                outbox,
+                &conn.hub,
+                conn.shared.limits,
+            )
+        });
+        if served.is_none() {
+            // It may not have told the hub it left.
+            let _ = conn.hub.send(Message::Disconnect { conn: id });
+        }
         conn.shared
             .metrics
             .connections

@@ -31,7 +31,15 @@ pub const TEST_PANIC_VAR: &str = "BZPUSH_TEST_PANIC";
 /// the shutdown is fatal, if it is.
 struct State {
     sender: Mutex<Option<Sender<()>>>,
-    fatal: Mutex<Option<String>>,
+    fatal: Mutex<Option<Fatal>>,
+}
+
+/// Why a shutdown is fatal.
+struct Fatal {
+    reason: String,
+    /// A panic is the cause; a thread that merely ended may be an effect
+    /// (its peer died under it), so a panic's reason replaces its reason.
+    panicked: bool,
 }
 
 impl State {
@@ -98,12 +106,15 @@ impl Shutdown {
     /// `reason` becomes the exit's reason (status 1). The first reason
     /// wins; a shutdown already asked for stays a clean one.
     pub fn fail(&self, reason: String) {
-        if self.requested() {
-            return;
-        }
+        self.record(reason, false);
+    }
+
+    fn record(&self, reason: String, panicked: bool) {
         let mut fatal = self.state.fatal.lock().unwrap_or_else(|e| e.into_inner());
-        if fatal.is_none() {
-            *fatal = Some(reason);
+        match &*fatal {
+            None if self.requested() => return,
+            Some(first) if first.panicked || !panicked => return,
+            _ => *fatal = Some(Fatal { reason, panicked }),
         }
         drop(fatal);
         self.state.fire();
@@ -111,11 +122,8 @@ impl Shutdown {
 
     /// Why the shutdown was fatal, if it was.
     pub fn failure(&self) -> Option<String> {
-        self.state
-            .fatal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let fatal = self.state.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        fatal.as_ref().map(|f| f.reason.clone())
     }
 }
 
@@ -139,14 +147,17 @@ pub fn spawn_essential(
             }
             work()
         }));
-        let why = match outcome {
+        let (why, panicked) = match outcome {
             Ok(()) if shutdown.requested() => return,
-            Ok(()) => "ended unexpectedly".to_string(),
-            Err(payload) => format!("panicked: {}", panic_message(payload.as_ref())),
+            Ok(()) => ("ended unexpectedly".to_string(), false),
+            Err(payload) => (
+                format!("panicked: {}", panic_message(payload.as_ref())),
+                true,
+            ),
         };
         let reason = format!("the {name} thread {why}");
         error!("{reason}; stopping everything so that the service manager restarts bzpush");
-        shutdown.fail(reason);
+        shutdown.record(reason, panicked);
     })
 }
 
@@ -213,6 +224,20 @@ mod tests {
         assert_eq!(
             shutdown.failure().as_deref(),
             Some("the catchup thread ended unexpectedly")
+        );
+    }
+
+    #[test]
+    fn a_panic_is_the_reason_even_if_a_thread_it_took_down_ended_first() {
+        let (_trigger, shutdown) = channel();
+        shutdown.fail("the pulse-0 thread ended unexpectedly".into());
+        assert!(shutdown.requested());
+        shutdown.record("the hub thread panicked: bug".into(), true);
+        shutdown.record("the writer-0 thread panicked: later".into(), true);
+        shutdown.fail("the catchup thread ended unexpectedly".into());
+        assert_eq!(
+            shutdown.failure().as_deref(),
+            Some("the hub thread panicked: bug")
         );
     }
 

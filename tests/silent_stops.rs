@@ -32,11 +32,13 @@ fn assert_dies_naming(mut process: Bzpush, thread: &str) {
         Some(1),
         "bzpush lived on (or exited otherwise) after its {thread} thread died:\n{log}"
     );
+    let last = log
+        .lines()
+        .find(|l| l.contains("stopped with status 1"))
+        .unwrap_or_default();
     assert!(
-        log.contains(&format!("the {thread}"))
-            && log.contains("thread panicked")
-            && log.contains("stopped with status 1"),
-        "the log does not say which thread died and why:\n{log}"
+        last.contains(&format!("the {thread}")) && last.contains("thread panicked: "),
+        "the log does not end saying which thread died and why:\n{log}"
     );
 }
 
@@ -78,6 +80,14 @@ fn serve_exits_1_when_its_catch_up_worker_dies() {
 fn run_exits_1_when_its_poller_dies() {
     let db = TestDb::new();
     assert_dies_naming(Bzpush::run_on(&db, &[panic_in("poller")]), "poller");
+}
+
+/// The catch-up worker and the poller lose the hub with it: the reason
+/// given is still the hub's panic, not their ending.
+#[test]
+fn run_exits_1_when_its_hub_dies() {
+    let db = TestDb::new();
+    assert_dies_naming(Bzpush::run_on(&db, &[panic_in("hub")]), "hub");
 }
 
 #[test]
