@@ -198,6 +198,7 @@ enum Cause {
     Lapin(lapin::Error),
     Closed,
     Lost,
+    ConsumerEnded,
     TimedOut(Duration),
 }
 
@@ -249,6 +250,11 @@ impl fmt::Display for BrokerError {
                 f.write_str(todo)
             }
             Cause::Closed => write!(f, "{}: the broker closed the connection", self.doing),
+            Cause::ConsumerEnded => write!(
+                f,
+                "{}: the broker ended the consumer (its queue was deleted, or the connection closed)",
+                self.doing
+            ),
             Cause::Lost => write!(
                 f,
                 "{}: the connection was lost (closed, or silent past the heartbeat)",
@@ -764,7 +770,12 @@ fn consume_once(
         }
         let delivery = match next {
             None => continue,
-            Some(None) => return Err(BrokerError::closed("consuming")),
+            Some(None) => {
+                return Err(BrokerError {
+                    doing: "consuming",
+                    cause: Cause::ConsumerEnded,
+                });
+            }
             Some(Some(delivery)) => delivery.map_err(BrokerError::new("consuming"))?,
         };
         metrics.notifications_in.fetch_add(1, Ordering::Relaxed);

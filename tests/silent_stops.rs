@@ -419,3 +419,41 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
     // The probe changed nothing: the queue still has its 24 h.
     assert!(check("24h").contains("exists as configured"));
 }
+
+/// A sibling of a changed queue: the queue deleted under a running serve
+/// (`rabbitmqctl delete_queue`, or the operator following the advice
+/// above without stopping serve). serve must notice, declare it again
+/// and deliver what is published afterwards.
+#[test]
+fn serve_declares_its_queue_again_when_it_is_deleted_under_it() {
+    let broker = TestBroker::new();
+    let queue = ServeQueue::for_exchange(&broker.exchange);
+    let server = Bzpush::serve(&broker, &queue.settings("2m"));
+    server.wait_healthy();
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [1]})),
+        ok("subscribe", &[1])
+    );
+    broker.publish(1, &t(1));
+    assert_eq!(client.recv(WAIT), update(1, &t(1)));
+
+    let connection = common::amqp_connect();
+    let channel = common::broker("open a channel", connection.create_channel());
+    common::broker(
+        "delete serve's queue",
+        channel.queue_delete(queue.queue.as_str().into(), Default::default()),
+    );
+    assert!(
+        wait_until(WAIT, || broker_connected_lines(&server.log()) == 2),
+        "serve did not declare its deleted queue again:\n{}",
+        server.log()
+    );
+    assert!(
+        server.log().contains("its queue was deleted"),
+        "{}",
+        server.log()
+    );
+    broker.publish(1, &t(2));
+    assert_eq!(client.recv(WAIT), update(1, &t(2)));
+}
