@@ -457,3 +457,28 @@ fn serve_declares_its_queue_again_when_it_is_deleted_under_it() {
     broker.publish(1, &t(2));
     assert_eq!(client.recv(WAIT), update(1, &t(2)));
 }
+
+#[test]
+fn a_standby_poll_logs_a_wrong_broker_password_before_it_takes_over() {
+    let db = TestDb::new();
+    let exchange = ExchangeName::new();
+    let active = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &exchange.0, &[]);
+    assert!(active.wait_for_log("active: holding", WAIT), "{}", active.log());
+    let standby = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &exchange.0,
+        &[(
+            "BZPUSH_AMQP_URL",
+            format!("amqp://guest:wrong-password@{AMQP_ADDR}/%2f"),
+        )],
+    );
+    assert!(
+        standby.wait_for_log("retrying with backoff", WAIT),
+        "a standby poll said nothing about a broker it cannot log in to:\n{}",
+        standby.log()
+    );
+    let log = standby.log();
+    assert!(log.contains("standby: ") && log.contains("ACCESS_REFUSED"), "{log}");
+}

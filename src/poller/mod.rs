@@ -228,6 +228,12 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 format!("database connection {id}")
             });
             self.set_role(Role::Standby, Some(&holder));
+            // A standby keeps its sink ready too: a wrong password or an
+            // outage shows now, not when it takes over.
+            match self.sink.idle() {
+                Ok(()) => self.sink_link.up(),
+                Err(e) => self.sink_link.down(&e),
+            }
             if self.shutdown.requested() {
                 return Ok(false);
             }
