@@ -211,7 +211,9 @@ fn check_queues(report: &mut Report, config: &ServeConfig) {
         let queue = &setup.queue;
         match pulse::probe_queue(&connection, &config.amqp, &setup) {
             Ok(QueueState::Missing) => {
-                report.line(Ok(format!("queue {queue:?}: not there yet; serve creates it")));
+                report.line(Ok(format!(
+                    "queue {queue:?}: not there yet; serve creates it"
+                )));
             }
             Ok(QueueState::Matches) => {
                 report.line(Ok(format!("queue {queue:?}: exists as configured")));

@@ -783,9 +783,15 @@ mod tests {
         let url = "amqp://u:p@h/v?heartbeat=3";
         let config = poll(&["--amqp-url", url, "--heartbeat", "30s"], &[]).expect("valid");
         assert_eq!(config.amqp.secret(), url);
-        let config = poll(&["--amqp-url", "amqp://u:p@h/v?frame_max=8192"], &[("BZPUSH_HEARTBEAT", "1m")])
-            .expect("valid");
-        assert_eq!(config.amqp.secret(), "amqp://u:p@h/v?frame_max=8192&heartbeat=60");
+        let config = poll(
+            &["--amqp-url", "amqp://u:p@h/v?frame_max=8192"],
+            &[("BZPUSH_HEARTBEAT", "1m")],
+        )
+        .expect("valid");
+        assert_eq!(
+            config.amqp.secret(),
+            "amqp://u:p@h/v?frame_max=8192&heartbeat=60"
+        );
         for bad in ["1500ms", "0s", "19h"] {
             assert!(poll(&["--heartbeat", bad], &[]).is_err(), "{bad}");
         }

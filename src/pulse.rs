@@ -527,7 +527,11 @@ impl Sink for PulseSink {
             // Dropped: the next poll reconnects, after the poller's backoff.
             Some(_) => return Err(BrokerError::lost("waiting for changes").into()),
             None => {
-                self.publisher = Some(Publisher::connect(&self.url, &self.exchange, "bzpush poll")?)
+                self.publisher = Some(Publisher::connect(
+                    &self.url,
+                    &self.exchange,
+                    "bzpush poll",
+                )?)
             }
         }
         Ok(())
@@ -660,15 +664,23 @@ pub fn consume(
     // Whether the operator was told that the queue's arguments differ.
     let mut advised = false;
     while !shutdown.requested() {
-        let result = consume_once(url, setup, hub, metrics, shutdown, &mut advised, &mut || {
-            link.up();
-            // The next outage starts over from a short pause.
-            backoff.reset();
-            if connected_before {
-                metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
-            }
-            connected_before = true;
-        });
+        let result = consume_once(
+            url,
+            setup,
+            hub,
+            metrics,
+            shutdown,
+            &mut advised,
+            &mut || {
+                link.up();
+                // The next outage starts over from a short pause.
+                backoff.reset();
+                if connected_before {
+                    metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                connected_before = true;
+            },
+        );
         match result {
             Ok(()) => break,
             Err(e) => {

@@ -168,12 +168,10 @@ impl Server<'_> {
             },
             Arc::clone(&metrics),
         );
-        let hub_thread = shutdown::spawn_essential(
-            "hub".into(),
-            thread::Builder::new(),
-            shutdown,
-            move || hub.run(hub_rx),
-        )?;
+        let hub_thread =
+            shutdown::spawn_essential("hub".into(), thread::Builder::new(), shutdown, move || {
+                hub.run(hub_rx)
+            })?;
         let upstream = upstream(&hub_tx, &metrics)?;
         let addr = listener.local_addr()?;
         let waker = thread::Builder::new().name("accept-waker".into()).spawn({

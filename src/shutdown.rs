@@ -141,8 +141,7 @@ pub fn spawn_essential(
     let shutdown = shutdown.clone();
     builder.name(name.clone()).spawn(move || {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-            if std::env::var(TEST_PANIC_VAR).is_ok_and(|t| !t.is_empty() && name.starts_with(&t))
-            {
+            if std::env::var(TEST_PANIC_VAR).is_ok_and(|t| !t.is_empty() && name.starts_with(&t)) {
                 panic!("{TEST_PANIC_VAR} is set to {name:?}: panicking as asked");
             }
             work()
@@ -245,9 +244,14 @@ mod tests {
     fn an_essential_thread_that_returns_at_shutdown_is_not_fatal() {
         let (mut trigger, shutdown) = channel();
         let waiter = shutdown.clone();
-        let thread = spawn_essential("poller".into(), thread::Builder::new(), &shutdown, move || {
-            while !waiter.sleep(Duration::from_secs(60)) {}
-        })
+        let thread = spawn_essential(
+            "poller".into(),
+            thread::Builder::new(),
+            &shutdown,
+            move || {
+                while !waiter.sleep(Duration::from_secs(60)) {}
+            },
+        )
         .expect("spawn");
         trigger.fire();
         assert!(join(thread));

@@ -316,7 +316,8 @@ fn a_standby_poller_publishes_nothing_until_the_active_one_dies_then_takes_over(
     // A hot standby: connected to the broker (so a broker problem shows
     // before it takes over, SPEC §3.4), publishing nothing.
     assert!(
-        common::wait_until(WAIT, || log_lines(&second.log(), &["broker", "connected"]) == 1),
+        common::wait_until(WAIT, || log_lines(&second.log(), &["broker", "connected"])
+            == 1),
         "the standby keeps a broker link ready:\n{}",
         second.log()
     );

@@ -9,8 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::serve::{Client, http_get, ok, t, update};
 use common::run::ExchangeName;
+use common::serve::{Client, http_get, ok, t, update};
 use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, unique, wait_until};
 use serde_json::json;
 
@@ -94,13 +94,7 @@ fn run_exits_1_when_its_hub_dies() {
 fn poll_exits_1_when_its_poller_dies() {
     let db = TestDb::new();
     let exchange = unique("bzpush.test");
-    let poller = Bzpush::poll(
-        &db,
-        MYSQL_ADDR,
-        AMQP_ADDR,
-        &exchange,
-        &[panic_in("poller")],
-    );
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &exchange, &[panic_in("poller")]);
     assert_dies_naming(poller, "poller");
 }
 
@@ -132,7 +126,11 @@ fn serve_notices_a_silently_dead_broker_link_and_delivers_after_it_heals() {
         "/health stayed 200 with the broker link silently dead:\n{}",
         server.log()
     );
-    assert!(server.log().contains("retrying with backoff"), "{}", server.log());
+    assert!(
+        server.log().contains("retrying with backoff"),
+        "{}",
+        server.log()
+    );
     // Published while the link is dead: it waits in serve's durable queue.
     broker.publish(1, &t(2));
     proxy.set_stalled(false);
@@ -169,7 +167,10 @@ fn exchange_exists(connection: &lapin::Connection, exchange: &str) -> bool {
         },
         lapin::types::FieldTable::default(),
     );
-    let exists = matches!(common::within(Duration::from_secs(10), passive), Some(Ok(())));
+    let exists = matches!(
+        common::within(Duration::from_secs(10), passive),
+        Some(Ok(()))
+    );
     if exists {
         let _ = common::within(Duration::from_secs(10), channel.close(200, "done".into()));
     }
@@ -376,7 +377,11 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
         ];
         env.extend(queue.settings(expires));
         let done = Bzpush::run(&["check", "serve"], &env, WAIT);
-        assert!(done.status.success(), "check serve failed:\n{}", done.stdout);
+        assert!(
+            done.status.success(),
+            "check serve failed:\n{}",
+            done.stdout
+        );
         let line = done
             .stdout
             .lines()
@@ -408,12 +413,18 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
     );
 
     let same = check("24h");
-    assert!(same.starts_with("ok    ") && same.contains("exists as configured"), "{same}");
+    assert!(
+        same.starts_with("ok    ") && same.contains("exists as configured"),
+        "{same}"
+    );
     let changed = check("48h");
     assert!(
         changed.starts_with("warn  ")
             && changed.contains("x-expires")
-            && changed.contains(&format!("rabbitmqctl delete_queue -p '/' '{}'", queue.queue)),
+            && changed.contains(&format!(
+                "rabbitmqctl delete_queue -p '/' '{}'",
+                queue.queue
+            )),
         "check does not report the mismatch and its fix: {changed}"
     );
     // The probe changed nothing: the queue still has its 24 h.
@@ -463,7 +474,11 @@ fn a_standby_poll_logs_a_wrong_broker_password_before_it_takes_over() {
     let db = TestDb::new();
     let exchange = ExchangeName::new();
     let active = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &exchange.0, &[]);
-    assert!(active.wait_for_log("active: holding", WAIT), "{}", active.log());
+    assert!(
+        active.wait_for_log("active: holding", WAIT),
+        "{}",
+        active.log()
+    );
     let standby = Bzpush::poll(
         &db,
         MYSQL_ADDR,
@@ -480,5 +495,8 @@ fn a_standby_poll_logs_a_wrong_broker_password_before_it_takes_over() {
         standby.log()
     );
     let log = standby.log();
-    assert!(log.contains("standby: ") && log.contains("ACCESS_REFUSED"), "{log}");
+    assert!(
+        log.contains("standby: ") && log.contains("ACCESS_REFUSED"),
+        "{log}"
+    );
 }
