@@ -382,13 +382,11 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
             "check serve failed:\n{}",
             done.stdout
         );
-        let line = done
-            .stdout
+        done.stdout
             .lines()
             .find(|l| l.contains(&format!("queue {:?}", queue.queue)))
             .unwrap_or_else(|| panic!("no line about the queue:\n{}", done.stdout))
-            .to_string();
-        line
+            .to_string()
     };
     assert!(check("24h").starts_with("ok    "), "before serve ran");
 
