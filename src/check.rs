@@ -4,7 +4,8 @@
 //! Usable as `ExecStartPre=`: the answer is the exit status. A check only
 //! looks: it reads, attempts a DELETE that matches no row, and declares an
 //! exchange exactly as the publisher would; it never changes data, and never
-//! creates a queue. Credentials never appear in what it prints.
+//! creates a queue (serve's queues are probed: see [`pulse::probe_queue`]).
+//! Credentials never appear in what it prints.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -15,7 +16,8 @@ use log::Level;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
-use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, Source};
+use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, ServeConfig, Source};
+use crate::pulse::{ConsumerSetup, QueueState};
 use crate::{database, logging, poller, pulse};
 
 /// MySQL/MariaDB's ER_NO_SUCH_TABLE.
@@ -49,6 +51,7 @@ pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
             report_origins(&mut report, &c.server.allowed_origins);
             let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
             check_broker(&mut report, &c.amqp, &exchanges);
+            check_queues(&mut report, c);
             if let Some(url) = &c.catchup_database
                 && let Some(mut db) = check_database(&mut report, url)
             {
@@ -268,6 +271,44 @@ fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
                  durability exists, or the user may not configure it"
             )
         }));
+    }
+    let _ = pulse::wait("closing", connection.close(200, "check done".into()));
+}
+
+/// Each feed's queue next to the configuration: a queue that exists with
+/// other arguments (a changed `BZPUSH_QUEUE_EXPIRES`) is a warning, since
+/// serve consumes it as it is; the line says how to apply the setting.
+fn check_queues(report: &mut Report, config: &ServeConfig) {
+    let properties = ConnectionProperties::default().with_connection_name("bzpush check".into());
+    let connecting = Connection::connect(config.amqp.secret(), properties);
+    // Unreachable: the broker line above already says so.
+    let Ok(connection) = pulse::wait("connecting", connecting) else {
+        return;
+    };
+    for (feed, f) in config.feeds.iter().enumerate() {
+        let setup = ConsumerSetup {
+            feed,
+            exchange: f.exchange.clone(),
+            queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
+            expires: config.queue_expires,
+        };
+        let queue = &setup.queue;
+        match pulse::probe_queue(&connection, &config.amqp, &setup) {
+            Ok(QueueState::Missing) => {
+                report.line(Ok(format!(
+                    "queue {queue:?}: not there yet; serve creates it"
+                )));
+            }
+            Ok(QueueState::Matches) => {
+                report.line(Ok(format!("queue {queue:?}: exists as configured")));
+            }
+            Ok(QueueState::Differs(what)) => {
+                let _ = writeln!(report.out, "warn  {what}");
+            }
+            Err(e) => report.line(Err(format!(
+                "queue {queue:?}: {e} — may the user in BZPUSH_AMQP_URL configure and read it?"
+            ))),
+        }
     }
     let _ = pulse::wait("closing", connection.close(200, "check done".into()));
 }

@@ -75,6 +75,11 @@ pub const SETTINGS: &[Setting] = &[
         doc: "the broker; amqps:// for TLS (poll, serve)",
     },
     Setting {
+        name: "heartbeat",
+        default: "10s",
+        doc: "poll, serve: AMQP heartbeat; a silently dead broker link is noticed within about twice this (a heartbeat= in the URL wins)",
+    },
+    Setting {
         name: "exchange",
         default: "exchange/bugzilla/simple",
         doc: "exchange the poller publishes to",
@@ -257,6 +262,8 @@ impl fmt::Debug for DatabaseUrl {
 #[derive(Clone)]
 pub struct AmqpUrl {
     url: String,
+    /// What lapin connects with: `url` and the heartbeat, if `url` sets none.
+    connect: String,
 }
 
 impl AmqpUrl {
@@ -273,12 +280,31 @@ impl AmqpUrl {
             .map_err(|e| without_secrets(&e.to_string(), value))?;
         Ok(AmqpUrl {
             url: value.to_string(),
+            connect: value.to_string(),
         })
+    }
+
+    /// Connects with a heartbeat of `secs` seconds unless the URL asks for
+    /// one itself (`?heartbeat=`): without heartbeats, a link that dies
+    /// silently (no FIN, no RST) is noticed only when TCP gives up.
+    pub fn with_heartbeat(self, secs: u16) -> AmqpUrl {
+        let set = self
+            .url
+            .parse::<lapin::uri::AMQPUri>()
+            .is_ok_and(|uri| uri.query.heartbeat.is_some());
+        if set {
+            return self;
+        }
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        AmqpUrl {
+            connect: format!("{}{separator}heartbeat={secs}", self.url),
+            url: self.url,
+        }
     }
 
     /// The full URL, credentials included: only for connecting.
     pub fn secret(&self) -> &str {
-        &self.url
+        &self.connect
     }
 }
 
@@ -481,7 +507,7 @@ pub fn parse(
     let mode = match command.as_str() {
         "poll" => Mode::Poll(PollConfig {
             poller: poller()?,
-            amqp: amqp_url(get("amqp-url"))?,
+            amqp: amqp_url(get("amqp-url"))?.with_heartbeat(heartbeat(get("heartbeat"))?),
             exchange: text(get("exchange"), MAX_EXCHANGE_NAME)?,
             log,
         }),
@@ -502,7 +528,7 @@ pub fn parse(
             log,
         }),
         _ => {
-            let amqp = amqp_url(get("amqp-url"))?;
+            let amqp = amqp_url(get("amqp-url"))?.with_heartbeat(heartbeat(get("heartbeat"))?);
             let catchup = get("catchup-database-url");
             Mode::Serve(ServeConfig {
                 feeds: feeds(get("feeds"))?,
@@ -551,7 +577,8 @@ fn from_env(
     let mut values = BTreeMap::new();
     for (key, value) in env {
         let Some(key) = key.to_str() else { continue };
-        if !key.starts_with("BZPUSH_") {
+        // The test-only fault injection is no setting (see its doc).
+        if !key.starts_with("BZPUSH_") || key == crate::shutdown::TEST_PANIC_VAR {
             continue;
         }
         let setting = SETTINGS
@@ -808,6 +835,14 @@ fn duration((setting, value): (&Setting, &str)) -> Result<Duration, ConfigError>
         .ok_or_else(|| ConfigError::setting(setting, value, "expected a duration like 250ms or 2s"))
 }
 
+/// An AMQP heartbeat: whole seconds, as the protocol counts them.
+fn heartbeat((setting, value): (&Setting, &str)) -> Result<u16, ConfigError> {
+    parse_duration(value)
+        .filter(|d| d.subsec_millis() == 0)
+        .and_then(|d| u16::try_from(d.as_secs()).ok())
+        .ok_or_else(|| ConfigError::setting(setting, value, "expected whole seconds, 1s to 65535s"))
+}
+
 /// `250ms`, `2s`, `5m`, `24h`: a whole number and a unit, more than zero.
 pub fn parse_duration(value: &str) -> Option<Duration> {
     let digits = value.bytes().take_while(u8::is_ascii_digit).count();
@@ -1010,6 +1045,30 @@ mod tests {
         match parse(args, env)? {
             Invocation::Start(Mode::Poll(config)) => Ok(config),
             other => panic!("expected poll, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_broker_link_has_a_heartbeat_unless_the_url_sets_one() {
+        let config = poll(&[], &[]).expect("defaults are valid");
+        assert_eq!(
+            config.amqp.secret(),
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"
+        );
+        let url = "amqp://u:p@h/v?heartbeat=3";
+        let config = poll(&["--amqp-url", url, "--heartbeat", "30s"], &[]).expect("valid");
+        assert_eq!(config.amqp.secret(), url);
+        let config = poll(
+            &["--amqp-url", "amqp://u:p@h/v?frame_max=8192"],
+            &[("BZPUSH_HEARTBEAT", "1m")],
+        )
+        .expect("valid");
+        assert_eq!(
+            config.amqp.secret(),
+            "amqp://u:p@h/v?frame_max=8192&heartbeat=60"
+        );
+        for bad in ["1500ms", "0s", "19h"] {
+            assert!(poll(&["--heartbeat", bad], &[]).is_err(), "{bad}");
         }
     }
 

@@ -87,10 +87,14 @@ pub fn run(config: &DemoConfig, listener: TcpListener, shutdown: &Shutdown) -> R
                     link.store(true, Ordering::Relaxed);
                 }
                 print_address(addr);
-                let shutdown = shutdown.clone();
-                thread::Builder::new()
-                    .name("demo-bugzilla".into())
-                    .spawn(move || simulate_in_memory(sink, &shutdown))
+                let stop = shutdown.clone();
+                // Without it the demo shows nothing: its end ends the demo.
+                shutdown::spawn_essential(
+                    "demo-bugzilla".into(),
+                    thread::Builder::new(),
+                    shutdown,
+                    move || simulate_in_memory(sink, &stop),
+                )
             },
         )
         .map_err(|e| format!("demo: {e}"));
@@ -283,9 +287,13 @@ fn run_on_database(
     let (mut stop, stopped) = shutdown::channel();
     let writer = {
         let (url, shutdown) = (scratch.url.clone(), shutdown.clone());
-        thread::Builder::new()
-            .name("demo-bugzilla".into())
-            .spawn(move || simulate_in_database(&url, &shutdown, &stopped))
+        let stop = shutdown.clone();
+        shutdown::spawn_essential(
+            "demo-bugzilla".into(),
+            thread::Builder::new(),
+            &shutdown,
+            move || simulate_in_database(&url, &stop, &stopped),
+        )
             .map_err(|e| format!("demo: cannot start the simulated Bugzilla: {e}"))?
     };
     print_address(listener.local_addr().map_err(|e| e.to_string())?);

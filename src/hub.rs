@@ -652,7 +652,7 @@ mod tests {
 
     #[test]
     fn live_updates_wait_for_a_database_catch_up_and_never_go_back_in_time() {
-        let writers = Writers::start().expect("writers");
+        let writers = Writers::start(&crate::shutdown::channel().1).expect("writers");
         let (mut hub, mut client, jobs) = hub_with_client(&writers);
         let bugs = vec![BugId::new(5).expect("5"), BugId::new(6).expect("6")];
         let since = Since::parse("2026-01-01T00:00:00").expect("since");
@@ -699,7 +699,7 @@ mod tests {
 
     #[test]
     fn live_updates_still_on_their_way_after_a_database_catch_up_never_go_back_in_time() {
-        let writers = Writers::start().expect("writers");
+        let writers = Writers::start(&crate::shutdown::channel().1).expect("writers");
         let (mut hub, mut client, jobs) = hub_with_client(&writers);
         subscribe(
             &mut hub,
@@ -736,7 +736,7 @@ mod tests {
 
     #[test]
     fn a_failed_catch_up_answers_partial_from_the_cache_without_repeats() {
-        let writers = Writers::start().expect("writers");
+        let writers = Writers::start(&crate::shutdown::channel().1).expect("writers");
         let (mut hub, mut client, jobs) = hub_with_client(&writers);
         subscribe(
             &mut hub,
@@ -770,7 +770,7 @@ mod tests {
 
     #[test]
     fn a_stale_update_never_takes_a_bug_back_in_time() {
-        let writers = Writers::start().expect("writers");
+        let writers = Writers::start(&crate::shutdown::channel().1).expect("writers");
         let (mut hub, mut client, _jobs) = hub_with_client(&writers);
         subscribe(&mut hub, vec![BugId::new(5).expect("5")], None);
         for when in [

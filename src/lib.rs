@@ -42,7 +42,8 @@
 //! - [`metrics`]: counters shared by every thread.
 //! - [`origin`]: allowed origins as browsers send them, and logging refusals.
 //! - [`retry`]: backoff, and logging a dependency's state once per change.
-//! - [`shutdown`]: one trigger that stops every loop at once.
+//! - [`shutdown`]: one trigger that stops every loop at once; a pipeline
+//!   thread that dies makes it fatal (exit status 1).
 //! - [`signals`]: SIGTERM/SIGINT to the shutdown trigger.
 //! - [`systemd`]: readiness and watchdog notifications.
 #![forbid(unsafe_code)]

@@ -51,7 +51,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `mode` until SIGTERM or SIGINT.
+/// Runs `mode` until SIGTERM or SIGINT, or until a thread the pipeline
+/// needs ends ([`shutdown::spawn_essential`]): that is an error, status 1.
 fn start(mode: Mode) -> Result<(), String> {
     info!("bzpush {} {}", env!("CARGO_PKG_VERSION"), describe(&mode));
     // Bound before any thread starts: a taken port is a start-up failure.
@@ -71,40 +72,44 @@ fn start(mode: Mode) -> Result<(), String> {
             server::run(&config, listener, &shutdown).map_err(|e| format!("run: {e}"))
         }
         (Mode::Demo(config), Some(listener)) => demo::run(&config, listener, &shutdown),
-        (Mode::Poll(config), _) => poll(config, shutdown),
+        (Mode::Poll(config), _) => poll(config, &shutdown),
         _ => Err("no listener".to_string()),
     };
     signals.stop();
-    result
+    match shutdown.failure() {
+        Some(reason) => Err(format!("stopped with status 1: {reason}")),
+        None => result,
+    }
 }
 
 fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (BZPUSH_LISTEN): {e}"))
 }
 
-fn poll(config: config::PollConfig, shutdown: Shutdown) -> Result<(), String> {
+fn poll(config: config::PollConfig, shutdown: &Shutdown) -> Result<(), String> {
     let sink = PulseSink::new(config.amqp, config.exchange);
     let metrics = Arc::new(Metrics::new("database", 1));
     let poller = {
-        let (metrics, shutdown) = (Arc::clone(&metrics), shutdown.clone());
-        thread::Builder::new()
-            .name("poller".into())
-            .spawn(move || poller::run(&config.poller, sink, &metrics, &shutdown))
-            .map_err(|e| format!("cannot start the poller thread: {e}"))?
+        let (metrics, stop) = (Arc::clone(&metrics), shutdown.clone());
+        shutdown::spawn_essential(
+            "poller".into(),
+            thread::Builder::new(),
+            shutdown,
+            move || poller::run(&config.poller, sink, &metrics, &stop),
+        )
+        .map_err(|e| format!("cannot start the poller thread: {e}"))?
     };
-    let watchdog = systemd::spawn_watchdog(&shutdown, move |interval| {
+    let watchdog = systemd::spawn_watchdog(shutdown, move |interval| {
         metrics.since(&metrics.poller_beat) < interval
     })
     .map_err(|e| format!("cannot start the watchdog thread: {e}"))?;
     systemd::notify("READY=1");
-    // Returns only on shutdown, which also ends the watchdog; a panic
-    // returns at once and the process exits with it.
-    poller
-        .join()
-        .map_err(|_| "the poller thread panicked".to_string())?;
+    // Returns on shutdown, which also ends the watchdog, or when the
+    // poller died, which fails the shutdown: `start` reports it.
+    shutdown::join(poller);
     systemd::notify("STOPPING=1");
     if let Some(watchdog) = watchdog {
-        let _ = watchdog.join();
+        shutdown::join(watchdog);
     }
     Ok(())
 }

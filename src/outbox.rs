@@ -25,6 +25,7 @@ use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::metrics::Metrics;
+use crate::shutdown;
 
 /// Bytes ready for the wire: one or more whole frames, shared between every
 /// outbox that sends them.
@@ -301,21 +302,25 @@ pub struct Writers {
 }
 
 impl Writers {
-    pub fn start() -> io::Result<Writers> {
+    /// Starts the pool. A writer is essential: if one dies, `shutdown`
+    /// fails and the process stops (see [`shutdown::spawn_essential`]).
+    pub fn start(shutdown: &shutdown::Shutdown) -> io::Result<Writers> {
         let (sender, receiver) = crossbeam_channel::unbounded::<Arc<Outbox>>();
         let threads = (0..WRITER_THREADS)
             .map(|i| {
                 let receiver: Receiver<Arc<Outbox>> = receiver.clone();
-                thread::Builder::new()
-                    .name(format!("writer-{i}"))
-                    .stack_size(WRITER_STACK)
-                    .spawn(move || {
+                shutdown::spawn_essential(
+                    format!("writer-{i}"),
+                    thread::Builder::new().stack_size(WRITER_STACK),
+                    shutdown,
+                    move || {
                         // Ends when every sender (the pool and each outbox)
                         // is gone.
                         for outbox in receiver {
                             outbox.drain();
                         }
-                    })
+                    },
+                )
             })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Writers { sender, threads })
@@ -326,7 +331,7 @@ impl Writers {
     pub fn join(self) {
         drop(self.sender);
         for thread in self.threads {
-            let _ = thread.join();
+            shutdown::join(thread);
         }
     }
 }

@@ -197,6 +197,8 @@ pub struct BrokerError {
 enum Cause {
     Lapin(lapin::Error),
     Closed,
+    Lost,
+    ConsumerEnded,
     TimedOut(Duration),
 }
 
@@ -214,13 +216,50 @@ impl BrokerError {
             cause: Cause::Closed,
         }
     }
+
+    fn lost(doing: &'static str) -> BrokerError {
+        BrokerError {
+            doing,
+            cause: Cause::Lost,
+        }
+    }
+}
+
+impl BrokerError {
+    /// The broker's AMQP reply code, if it refused the operation.
+    fn code(&self) -> Option<u16> {
+        match &self.cause {
+            Cause::Lapin(e) => amqp_code(e),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.cause {
-            Cause::Lapin(e) => write!(f, "{}: {e}", self.doing),
+            Cause::Lapin(e) => {
+                write!(f, "{}: {e}", self.doing)?;
+                let todo = match amqp_code(e) {
+                    Some(ACCESS_REFUSED) => " — check the user and password in BZPUSH_AMQP_URL",
+                    Some(NOT_ALLOWED) => {
+                        " — the user may not use that vhost: check BZPUSH_AMQP_URL and the user's permissions"
+                    }
+                    _ => "",
+                };
+                f.write_str(todo)
+            }
             Cause::Closed => write!(f, "{}: the broker closed the connection", self.doing),
+            Cause::ConsumerEnded => write!(
+                f,
+                "{}: the broker ended the consumer (its queue was deleted, or the connection closed)",
+                self.doing
+            ),
+            Cause::Lost => write!(
+                f,
+                "{}: the connection was lost (closed, or silent past the heartbeat)",
+                self.doing
+            ),
             Cause::TimedOut(after) => {
                 write!(f, "{}: no answer within {after:?}", self.doing)
             }
@@ -229,6 +268,20 @@ impl fmt::Display for BrokerError {
 }
 
 impl std::error::Error for BrokerError {}
+
+/// AMQP reply codes bzpush tells apart.
+const ACCESS_REFUSED: u16 = 403;
+const NOT_FOUND: u16 = 404;
+const PRECONDITION_FAILED: u16 = 406;
+const NOT_ALLOWED: u16 = 530;
+
+/// The AMQP reply code of a refusal by the broker, if `error` is one.
+fn amqp_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.kind().get_id()),
+        _ => None,
+    }
+}
 
 /// Runs `operation` to its end, or fails it with a [`BrokerError`] after
 /// `timeout`: no broker operation may block a thread forever.
@@ -296,9 +349,9 @@ impl From<BrokerError> for PublishError {
 
 /// A confirmed-publish channel to one exchange.
 pub struct Publisher {
-    // Held only to keep the connection open: lapin closes it when the
-    // connection and all its channels are dropped.
-    _connection: Connection,
+    // Held to keep the connection open (lapin closes it when the connection
+    // and all its channels are dropped) and to read its state.
+    connection: Connection,
     channel: Channel,
     exchange: String,
 }
@@ -324,11 +377,18 @@ impl Publisher {
                 .await
                 .map_err(BrokerError::new("enabling publisher confirms"))?;
             Ok(Publisher {
-                _connection: connection,
+                connection,
                 channel,
                 exchange: exchange.to_string(),
             })
         })
+    }
+
+    /// Whether the connection and channel are still open, as lapin last
+    /// knew: a link cut, closed by the broker, or silent past the
+    /// heartbeat is not.
+    pub fn is_open(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
     }
 
     /// Publishes every notification, then waits until the broker has
@@ -410,8 +470,11 @@ impl Publisher {
 /// A batch on the wire, its confirms still to come.
 pub struct Sent(Vec<(BugId, PublisherConfirm)>);
 
-/// The broker as the poller's [`Sink`]: connects on first use, and again
-/// after any failure.
+/// The broker as the poller's [`Sink`]: connects (and declares the
+/// exchange) at the first poll, and again after any failure, even when
+/// there is nothing to publish: a Pulse consumer, which declares the
+/// exchange passively, can bind before the first change, and a wrong
+/// password or an outage shows in the log while idle.
 pub struct PulseSink {
     url: AmqpUrl,
     exchange: String,
@@ -457,6 +520,22 @@ impl Sink for PulseSink {
         self.publisher = Some(publisher);
         Ok(())
     }
+
+    fn idle(&mut self) -> Result<(), PublishError> {
+        match self.publisher.take() {
+            Some(p) if p.is_open() => self.publisher = Some(p),
+            // Dropped: the next poll reconnects, after the poller's backoff.
+            Some(_) => return Err(BrokerError::lost("waiting for changes").into()),
+            None => {
+                self.publisher = Some(Publisher::connect(
+                    &self.url,
+                    &self.exchange,
+                    "bzpush poll",
+                )?)
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Unacked messages the broker may have in flight to one consumer: enough
@@ -464,6 +543,101 @@ impl Sink for PulseSink {
 const PREFETCH: u16 = 1000;
 /// How long a consumer waits for a message before it looks at shutdown.
 const SHUTDOWN_CHECK: Duration = Duration::from_millis(500);
+
+/// The durable queue a `serve` consumes `exchange` through.
+pub fn queue_name(prefix: &str, exchange: &str) -> String {
+    format!("{prefix}/{exchange}")
+}
+
+/// Declares a feed's queue as `serve` wants it: durable, expiring after
+/// `setup.expires` unused. The broker refuses (PRECONDITION_FAILED, and
+/// closes the channel) if the queue exists with other arguments.
+async fn declare_queue(channel: &Channel, setup: &ConsumerSetup) -> lapin::Result<()> {
+    let mut arguments = FieldTable::default();
+    let expires = u32::try_from(setup.expires.as_millis()).unwrap_or(u32::MAX);
+    arguments.insert("x-expires".into(), AMQPValue::LongUInt(expires));
+    channel
+        .queue_declare(
+            setup.queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map(drop)
+}
+
+/// What a feed's queue looks like next to the configuration.
+pub enum QueueState {
+    /// Not there: `serve` creates it.
+    Missing,
+    /// There, with the configured arguments.
+    Matches,
+    /// There, with other arguments: `serve` consumes it as it is. The
+    /// text says what differs and how to apply the configuration.
+    Differs(String),
+}
+
+/// Looks at a feed's queue without changing anything: a passive declare
+/// (is it there?), then, on a channel of its own, a declare with the
+/// configured arguments, which changes nothing if they are equivalent and
+/// is refused if not. A queue deleted in between is created as `serve`
+/// would create it.
+pub fn probe_queue(
+    connection: &Connection,
+    url: &AmqpUrl,
+    setup: &ConsumerSetup,
+) -> Result<QueueState, BrokerError> {
+    let channel = wait("opening a channel", connection.create_channel())?;
+    let passive = wait(
+        "looking for the queue",
+        channel.queue_declare(
+            setup.queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    );
+    match passive {
+        Ok(_) => {
+            let _ = wait("closing a channel", channel.close(200, "probed".into()));
+        }
+        Err(e) if e.code() == Some(NOT_FOUND) => return Ok(QueueState::Missing),
+        Err(e) => return Err(e),
+    }
+    let channel = wait("opening a channel", connection.create_channel())?;
+    match wait("declaring the queue", declare_queue(&channel, setup)) {
+        Ok(()) => {
+            let _ = wait("closing a channel", channel.close(200, "probed".into()));
+            Ok(QueueState::Matches)
+        }
+        Err(e) if e.code() == Some(PRECONDITION_FAILED) => {
+            Ok(QueueState::Differs(queue_mismatch(url, setup, &e)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Says that `setup`'s queue exists with other arguments than configured
+/// (the broker's refusal `error` says which), and how to apply them.
+fn queue_mismatch(url: &AmqpUrl, setup: &ConsumerSetup, error: &BrokerError) -> String {
+    let vhost = url
+        .secret()
+        .parse::<lapin::uri::AMQPUri>()
+        .map_or_else(|_| "/".to_string(), |uri| uri.vhost);
+    format!(
+        "queue {:?} exists with other arguments than configured (BZPUSH_QUEUE_EXPIRES {:?}): \
+         {error}. Consuming it as it is. To apply the setting, stop every serve using \
+         this queue, run `rabbitmqctl delete_queue -p '{vhost}' '{}'` (the messages waiting \
+         in it are lost), and start serve again; or set BZPUSH_QUEUE_EXPIRES back to \
+         the queue's value",
+        setup.queue, setup.expires, setup.queue
+    )
+}
 
 /// Where and how one feed consumes.
 pub struct ConsumerSetup {
@@ -487,16 +661,26 @@ pub fn consume(
     let mut link = Link::new("broker", format!("{url} queue {:?}", setup.queue)).reporting(up);
     let mut backoff = Backoff::default();
     let mut connected_before = false;
+    // Whether the operator was told that the queue's arguments differ.
+    let mut advised = false;
     while !shutdown.requested() {
-        let result = consume_once(url, setup, hub, metrics, shutdown, &mut || {
-            link.up();
-            // The next outage starts over from a short pause.
-            backoff.reset();
-            if connected_before {
-                metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
-            }
-            connected_before = true;
-        });
+        let result = consume_once(
+            url,
+            setup,
+            hub,
+            metrics,
+            shutdown,
+            &mut advised,
+            &mut || {
+                link.up();
+                // The next outage starts over from a short pause.
+                backoff.reset();
+                if connected_before {
+                    metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                connected_before = true;
+            },
+        );
         match result {
             Ok(()) => break,
             Err(e) => {
@@ -517,6 +701,7 @@ fn consume_once(
     hub: &HubSender,
     metrics: &Metrics,
     shutdown: &Shutdown,
+    advised: &mut bool,
     connected: &mut dyn FnMut(),
 ) -> Result<(), BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name("bzpush serve".into());
@@ -527,20 +712,33 @@ fn consume_once(
         "declaring the exchange",
         declare_exchange(&channel, &setup.exchange),
     )?;
-    let mut arguments = FieldTable::default();
-    let expires = u32::try_from(setup.expires.as_millis()).unwrap_or(u32::MAX);
-    arguments.insert("x-expires".into(), AMQPValue::LongUInt(expires));
-    wait(
-        "declaring the queue",
-        channel.queue_declare(
-            setup.queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        ),
-    )?;
+    let channel = match wait("declaring the queue", declare_queue(&channel, setup)) {
+        Ok(()) => channel,
+        // The queue exists with other arguments (BZPUSH_QUEUE_EXPIRES was
+        // changed): the broker refused and closed the channel. Consuming
+        // the queue as it is beats consuming nothing; the operator is told
+        // once how to apply the new value.
+        Err(e) if e.code() == Some(PRECONDITION_FAILED) => {
+            if !*advised {
+                warn!("{}", queue_mismatch(url, setup, &e));
+                *advised = true;
+            }
+            let channel = wait("opening a channel", connection.create_channel())?;
+            wait(
+                "declaring the queue passively",
+                channel.queue_declare(
+                    setup.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )?;
+            channel
+        }
+        Err(e) => return Err(e),
+    };
     wait(
         "binding the queue",
         channel.queue_bind(
@@ -584,7 +782,12 @@ fn consume_once(
         }
         let delivery = match next {
             None => continue,
-            Some(None) => return Err(BrokerError::closed("consuming")),
+            Some(None) => {
+                return Err(BrokerError {
+                    doing: "consuming",
+                    cause: Cause::ConsumerEnded,
+                });
+            }
             Some(Some(delivery)) => delivery.map_err(BrokerError::new("consuming"))?,
         };
         metrics.notifications_in.fetch_add(1, Ordering::Relaxed);

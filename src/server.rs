@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -30,7 +31,7 @@ use crate::origin;
 use crate::outbox::{Outbox, Writers};
 use crate::poller;
 use crate::pulse::{self, ConsumerSetup};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{self, Shutdown};
 use crate::systemd;
 
 /// A connection's thread touches little stack, except to parse a frame:
@@ -114,9 +115,12 @@ pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io
         };
         let (poller_config, metrics, shutdown) =
             (config.poller.clone(), Arc::clone(metrics), shutdown.clone());
-        let poller = thread::Builder::new()
-            .name("poller".into())
-            .spawn(move || poller::run(&poller_config, sink, &metrics, &shutdown))?;
+        let poller = shutdown::spawn_essential(
+            "poller".into(),
+            thread::Builder::new(),
+            &shutdown.clone(),
+            move || poller::run(&poller_config, sink, &metrics, &shutdown),
+        )?;
         Ok(vec![poller])
     })
 }
@@ -174,15 +178,18 @@ impl Server<'_> {
         upstream: impl FnOnce(&HubSender, &Arc<Metrics>) -> io::Result<Vec<JoinHandle<()>>>,
     ) -> io::Result<()> {
         let metrics = self.metrics;
-        let writers = Writers::start()?;
+        let writers = Writers::start(shutdown)?;
         let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
         let (catchup_tx, catchup_thread) = match self.catchup {
             Some(url) => {
                 let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(catchup::JOB_QUEUE);
                 let (url, hub) = (url.clone(), hub_tx.clone());
-                let thread = thread::Builder::new()
-                    .name("catchup".into())
-                    .spawn(move || catchup::run(&url, jobs_rx, hub))?;
+                let thread = shutdown::spawn_essential(
+                    "catchup".into(),
+                    thread::Builder::new(),
+                    shutdown,
+                    move || catchup::run(&url, jobs_rx, hub),
+                )?;
                 (Some(jobs_tx), Some(thread))
             }
             None => (None, None),
@@ -197,9 +204,10 @@ impl Server<'_> {
             },
             Arc::clone(&metrics),
         );
-        let hub_thread = thread::Builder::new()
-            .name("hub".into())
-            .spawn(move || hub.run(hub_rx))?;
+        let hub_thread =
+            shutdown::spawn_essential("hub".into(), thread::Builder::new(), shutdown, move || {
+                hub.run(hub_rx)
+            })?;
         let upstream = upstream(&hub_tx, &metrics)?;
         let addr = listener.local_addr()?;
         let waker = thread::Builder::new().name("accept-waker".into()).spawn({
@@ -255,12 +263,12 @@ impl Server<'_> {
         drop(acceptor);
         drop(hub_tx);
         for thread in upstream.into_iter().chain(catchup_thread).chain(watchdog) {
-            let _ = thread.join();
+            shutdown::join(thread);
         }
         // Every sender is gone now: the hub ends, then the writers.
-        let _ = hub_thread.join();
+        shutdown::join(hub_thread);
         writers.join();
-        let _ = waker.join();
+        shutdown::join(waker);
         info!("stopped");
         Ok(())
     }
@@ -280,7 +288,7 @@ fn start_consumers(
             let setup = ConsumerSetup {
                 feed,
                 exchange: f.exchange.clone(),
-                queue: format!("{}/{}", config.queue_prefix, f.exchange),
+                queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
                 expires: config.queue_expires,
             };
             let (url, hub, metrics, shutdown) = (
@@ -289,9 +297,11 @@ fn start_consumers(
                 Arc::clone(metrics),
                 shutdown.clone(),
             );
-            thread::Builder::new()
-                .name(format!("pulse-{feed}"))
-                .spawn(move || {
+            shutdown::spawn_essential(
+                format!("pulse-{feed}"),
+                thread::Builder::new(),
+                &shutdown.clone(),
+                move || {
                     pulse::consume(
                         &url,
                         &setup,
@@ -300,7 +310,8 @@ fn start_consumers(
                         &metrics.upstream_links[feed],
                         &shutdown,
                     )
-                })
+                },
+            )
         })
         .collect()
 }
@@ -361,7 +372,7 @@ impl Acceptor<'_> {
     /// the handshake thread (the one in the map), the second its successor.
     fn join(&mut self, id: ConnId) {
         if let Some(thread) = self.threads.remove(&id)
-            && let Ok(Successor(Some(next))) = thread.join()
+            && let Some(next) = join_connection(thread)
         {
             self.threads.insert(id, next);
         }
@@ -400,7 +411,7 @@ impl Acceptor<'_> {
             .name(format!("http-{id}"))
             .stack_size(CONNECTION_STACK)
             .spawn(move || {
-                let next = handle(&conn);
+                let next = contain(id, || handle(&conn)).flatten();
                 match next {
                     // Joined next, which yields the WebSocket's thread.
                     Some(_) => {
@@ -451,8 +462,41 @@ impl Acceptor<'_> {
         for (_, thread) in self.threads.drain() {
             let mut next = Some(thread);
             while let Some(thread) = next.take() {
-                next = thread.join().ok().and_then(|s| s.0);
+                next = join_connection(thread);
             }
+        }
+    }
+}
+
+/// Runs a connection thread's `work`. A panic (a bug that one client's
+/// input reached) is logged and ends only this connection: `None`, and
+/// the caller cleans up as after any other end, so that the socket is
+/// closed and the connection forgotten rather than left hanging.
+fn contain<T>(id: ConnId, work: impl FnOnce() -> T) -> Option<T> {
+    panic::catch_unwind(AssertUnwindSafe(work))
+        .map_err(|payload| {
+            warn!(
+                "connection {id}: its thread panicked: {}",
+                shutdown::panic_message(payload.as_ref())
+            );
+        })
+        .ok()
+}
+
+/// Joins a connection's thread; the thread it handed the connection to,
+/// if any. A connection's thread may end alone: a panic that escaped
+/// [`contain`] (in its cleanup) ends only its connection, and is logged
+/// here.
+fn join_connection(thread: ConnThread) -> Option<ConnThread> {
+    let name = thread.thread().name().unwrap_or("connection").to_string();
+    match thread.join() {
+        Ok(Successor(next)) => next,
+        Err(payload) => {
+            warn!(
+                "{name}: the connection's thread panicked: {}",
+                shutdown::panic_message(payload.as_ref())
+            );
+            None
         }
     }
 }
@@ -579,15 +623,21 @@ fn handle(conn: &Conn) -> Option<ConnThread> {
     let conn = conn.clone();
     let websocket = move || {
         let (socket, outbox) = (Arc::clone(&conn.socket), Arc::clone(&conn.outbox));
-        connection::run(
-            id,
-            feed,
-            socket,
-            leftover,
-            outbox,
-            &conn.hub,
-            conn.shared.limits,
-        );
+        let served = contain(id, || {
+            connection::run(
+                id,
+                feed,
+                socket,
+                leftover,
+                outbox,
+                &conn.hub,
+                conn.shared.limits,
+            )
+        });
+        if served.is_none() {
+            // It may not have told the hub it left.
+            let _ = conn.hub.send(Message::Disconnect { conn: id });
+        }
         conn.shared
             .metrics
             .connections

@@ -75,6 +75,13 @@ pub trait Sink {
     /// Waits for a sent batch. `Ok` only once the sink is responsible for
     /// every notification in it: the poller forgets them then.
     fn settle(&mut self, pending: Self::Pending) -> Result<(), Self::Error>;
+
+    /// A poll found nothing to send: makes sure the sink is ready anyway
+    /// (connected, its exchange declared), so that its state is known and
+    /// logged while idle, not only at the next change.
+    fn idle(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// A place changes are read from. Each batch is `read`, sent, settled,
@@ -320,6 +327,12 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 self.set_role(PollerRole::Standby(current.clone()));
                 holder = Some(current);
             }
+            // A standby keeps its sink ready too: a wrong password or an
+            // outage shows now, not when it takes over.
+            match self.sink.idle() {
+                Ok(()) => self.sink_link.up(),
+                Err(e) => self.sink_link.down(&e),
+            }
             if self.shutdown.requested() {
                 return Ok(false);
             }
@@ -514,6 +527,11 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             .cloned()
             .collect();
         let pending = if fresh.is_empty() {
+            // Nothing to send: the broker link is still checked, so an
+            // outage or a wrong password shows while idle.
+            self.sink.idle().map_err(Failure::Sink)?;
+            self.sink_link.up();
+            self.sink_backoff.reset();
             None
         } else {
             Some(self.sink.send(&fresh).map_err(Failure::Sink)?)

@@ -520,8 +520,10 @@ impl Drop for TestBroker {
 
 /// A TCP proxy in front of a service, which the test can cut off: `sever`
 /// kills every open connection, `set_down(true)` refuses new ones too,
-/// `set_delay` slows every chunk it forwards, and `stall` makes the open
-/// connections go silent without closing them.
+/// `set_delay` slows every chunk it forwards, `stall` makes the open
+/// connections go silent without closing them, and `set_stalled(true)`
+/// stops forwarding on every connection, new ones too (a link that dies
+/// silently).
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<ProxyState>,
@@ -534,6 +536,8 @@ struct ProxyState {
     delay_ms: AtomicU64,
     /// One flag per connection: set, its pipes hold what they read.
     stalled: Mutex<Vec<Arc<AtomicBool>>>,
+    /// Set, every pipe holds what it read, on every connection.
+    stalled_all: AtomicBool,
 }
 
 impl Proxy {
@@ -546,6 +550,7 @@ impl Proxy {
             live: Mutex::new(Vec::new()),
             delay_ms: AtomicU64::new(0),
             stalled: Mutex::new(Vec::new()),
+            stalled_all: AtomicBool::new(false),
         });
         let target = target.to_string();
         let shared = Arc::clone(&state);
@@ -614,6 +619,15 @@ impl Proxy {
         }
     }
 
+    /// While stalled, nothing is forwarded either way and nothing is
+    /// closed (no FIN, no RST): a link whose packets silently vanish, as
+    /// behind a dead router or a firewall that drops state. New connections
+    /// are accepted and hang too. What was held is forwarded on resuming,
+    /// as TCP retransmits after such an outage.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.state.stalled_all.store(stalled, Ordering::SeqCst);
+    }
+
     /// While down, new connections are accepted and closed at once.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
@@ -644,12 +658,16 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>, stalled:
                         if delay > 0 {
                             thread::sleep(Duration::from_millis(delay));
                         }
-                        // Held, not forwarded, until the proxy goes.
-                        while stalled.load(Ordering::SeqCst) {
+                        // Held, not forwarded: holding the chunk also stops
+                        // reading, so what follows waits in the kernel's
+                        // buffers.
+                        while stalled.load(Ordering::SeqCst)
+                            || state.stalled_all.load(Ordering::SeqCst)
+                        {
                             if state.stop.load(Ordering::SeqCst) {
                                 return;
                             }
-                            thread::sleep(Duration::from_millis(50));
+                            thread::sleep(Duration::from_millis(10));
                         }
                         if to.write_all(&buf[..n]).is_err() {
                             break;
