@@ -710,3 +710,91 @@ fn bad_settings_exit_2_naming_the_setting_and_never_print_a_password() {
         format!("bzpush {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn the_confirm_delete_is_a_primary_key_range_never_a_full_scan() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    db.push_notify_backlog(1..20, "2026-01-01 00:00:00");
+    // As the poller binds them: ids as integers, delta_ts as DATETIME.
+    let when = mysql::Value::Date(2026, 1, 1, 0, 0, 0, 0);
+    // A batch that is the whole table too: the optimizer's favourite for a
+    // full scan.
+    for rows in [1, 2, 10, 19] {
+        let ids: Vec<mysql::Value> = (1..=rows).map(mysql::Value::Int).collect();
+        let params: Vec<mysql::Value> = ids
+            .iter()
+            .cloned()
+            .chain(ids.iter().flat_map(|id| [id.clone(), when.clone()]))
+            .collect();
+        let statement = bzpush::poller::delete_statement(rows as usize);
+        let plan: Vec<mysql::Row> = conn
+            .exec(format!("EXPLAIN {statement}"), params)
+            .expect("EXPLAIN the confirm DELETE");
+        for row in plan {
+            let kind: Option<String> = row.get("type");
+            let key: Option<Option<String>> = row.get("key");
+            assert_ne!(
+                kind.as_deref(),
+                Some("ALL"),
+                "{rows} rows: {statement} is a full scan: {row:?}"
+            );
+            assert_eq!(
+                key.flatten().as_deref(),
+                Some("PRIMARY"),
+                "{rows} rows: {statement} uses the primary key: {row:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_row_another_session_holds_locked_does_not_stall_other_bugs() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let mut writer = db.conn();
+    // A stalled DELETE holds bug 62's row: the writer's own lock wait must
+    // end well inside the test's bound, and then the change did not land.
+    writer
+        .query_drop("SET SESSION innodb_lock_wait_timeout = 5")
+        .expect("bound the writer's lock waits");
+    let (sql, wire) = common::datetime(0);
+    assert!(TestDb::push_notify_change(&mut writer, 62, Some(&sql)));
+    let first = broker.recv(WAIT).expect("bug 62's first change arrives");
+    assert_eq!(first.bug_and_time(), (62, wire));
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "and its row is deleted"
+    );
+
+    // Another session inserts bug 61's row and keeps its transaction open,
+    // as a slow Bugzilla request would: the row stays locked.
+    let mut holder = db.conn();
+    holder.query_drop("BEGIN").expect("begin");
+    holder
+        .query_drop("INSERT INTO push_notify (bug_id, delta_ts) VALUES (61, '2026-01-01 00:00:00')")
+        .expect("insert bug 61's row, uncommitted");
+
+    for secs in 1..=4 {
+        let (sql, wire) = common::datetime(secs);
+        assert!(
+            TestDb::push_notify_change(&mut writer, 62, Some(&sql)),
+            "bug 62's change {secs} lands: nothing holds its row for long"
+        );
+        let mut received = Pairs::new();
+        let arrived = broker.receive_until(&mut received, Duration::from_secs(10), |r| {
+            r.contains(&(62, wire.clone()))
+        });
+        assert!(
+            arrived,
+            "bug 62's change {secs} arrives within 10 s while bug 61's row is locked; got {received:?}\n{}",
+            poller.log()
+        );
+    }
+    holder.query_drop("ROLLBACK").expect("rollback");
+}

@@ -12,6 +12,8 @@
 mod bugs;
 mod push_notify;
 
+pub use push_notify::delete_statement;
+
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
