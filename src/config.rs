@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use log::LevelFilter;
@@ -56,6 +57,16 @@ pub const SETTINGS: &[Setting] = &[
         name: "batch-size",
         default: "1000",
         doc: "rows read and published per poll; a full batch polls again at once",
+    },
+    Setting {
+        name: "state-directory",
+        default: "$STATE_DIRECTORY",
+        doc: "source bugs: folder of the watermark file (an absolute path, or off); default systemd's StateDirectory=, none without it",
+    },
+    Setting {
+        name: "replay-limit",
+        default: "24h",
+        doc: "source bugs: on start, replay from the watermark file at most this far back (1s to 720h)",
     },
     Setting {
         name: "overlap",
@@ -267,6 +278,11 @@ pub struct PollerConfig {
     pub batch_size: usize,
     pub overlap: Duration,
     pub lock_name: String,
+    /// Source `bugs`: where the watermark survives a restart; `None`: it
+    /// does not.
+    pub state_directory: Option<PathBuf>,
+    /// Source `bugs`: how far back a saved watermark may take a start.
+    pub replay_limit: Duration,
 }
 
 /// Everything `bzpush poll` needs.
@@ -328,6 +344,9 @@ const MAX_BATCH_SIZE: usize = 100_000;
 const MAX_LOCK_NAME: usize = 64;
 /// AMQP short strings (exchange names) are at most this many bytes.
 const MAX_EXCHANGE_NAME: usize = 255;
+/// Longest replay of source `bugs` after a restart: 30 days. Longer is a
+/// flood of stale notifications that no client still waits for.
+const MAX_REPLAY_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Resolves the command line (`args`, without the program name) and the
 /// environment into what to do.
@@ -359,6 +378,15 @@ pub fn parse(
             )));
         }
     }
+    let env: Vec<(OsString, OsString)> = env.into_iter().collect();
+    // systemd sets it from StateDirectory=: a colon-separated list, ours first.
+    let systemd_state_directory = env
+        .iter()
+        .find(|(key, _)| key == "STATE_DIRECTORY")
+        .and_then(|(_, value)| value.to_str())
+        .and_then(|value| value.split(':').next())
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from);
     let mut values = from_env(env)?;
     while let Some(arg) = args.next().transpose()? {
         if arg == "-h" || arg == "--help" {
@@ -397,6 +425,11 @@ pub fn parse(
             batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
             overlap: duration(get("overlap"))?,
             lock_name: text(get("lock-name"), MAX_LOCK_NAME)?,
+            state_directory: state_directory(
+                get("state-directory"),
+                systemd_state_directory.clone(),
+            )?,
+            replay_limit: duration_within(get("replay-limit"), MAX_REPLAY_LIMIT)?,
         })
     };
     let server = || -> Result<ServerConfig, ConfigError> {
@@ -629,6 +662,44 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
     (!duration.is_zero()).then_some(duration)
 }
 
+fn duration_within(
+    (setting, value): (&Setting, &str),
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = duration((setting, value))?;
+    if d < Duration::from_secs(1) || d > max {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            &format!("expected a duration from 1s to {}h", max.as_secs() / 3600),
+        ));
+    }
+    Ok(d)
+}
+
+/// The default is systemd's `$STATE_DIRECTORY`, or none outside systemd;
+/// `off` is none whatever systemd says.
+fn state_directory(
+    (setting, value): (&Setting, &str),
+    systemd: Option<PathBuf>,
+) -> Result<Option<PathBuf>, ConfigError> {
+    if value == setting.default {
+        return Ok(systemd);
+    }
+    if value == "off" {
+        return Ok(None);
+    }
+    let path = PathBuf::from(value);
+    if !path.is_absolute() {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            "expected an absolute path, or off",
+        ));
+    }
+    Ok(Some(path))
+}
+
 fn number(
     (setting, value): (&Setting, &str),
     min: usize,
@@ -784,6 +855,30 @@ mod tests {
         assert!(poll(&["--batch-size", "0"], &[]).is_err());
         assert!(poll(&["--nope", "1"], &[]).is_err());
         assert!(poll(&["--log"], &[]).is_err());
+    }
+
+    #[test]
+    fn the_state_directory_defaults_to_systemds_and_the_replay_limit_is_bounded() {
+        let config = poll(&[], &[]).expect("valid");
+        assert_eq!(config.poller.state_directory, None);
+        assert_eq!(config.poller.replay_limit, Duration::from_secs(86_400));
+        let systemd = [("STATE_DIRECTORY", "/var/lib/bzpush:/var/lib/other")];
+        let config = poll(&[], &systemd).expect("valid");
+        assert_eq!(
+            config.poller.state_directory,
+            Some(PathBuf::from("/var/lib/bzpush"))
+        );
+        let config = poll(&["--state-directory", "off"], &systemd).expect("valid");
+        assert_eq!(config.poller.state_directory, None);
+        let config = poll(&["--state-directory", "/srv/bz"], &systemd).expect("valid");
+        assert_eq!(
+            config.poller.state_directory,
+            Some(PathBuf::from("/srv/bz"))
+        );
+        assert!(poll(&["--state-directory", "relative"], &[]).is_err());
+        assert!(poll(&["--replay-limit", "500ms"], &[]).is_err());
+        assert!(poll(&["--replay-limit", "721h"], &[]).is_err());
+        assert!(poll(&["--replay-limit", "720h"], &[]).is_ok());
     }
 
     #[test]

@@ -798,3 +798,208 @@ fn a_row_another_session_holds_locked_does_not_stall_other_bugs() {
     }
     holder.query_drop("ROLLBACK").expect("rollback");
 }
+
+/// A folder of the test's own for the poller's state file, removed when
+/// dropped.
+struct StateDir(std::path::PathBuf);
+
+impl StateDir {
+    fn new() -> StateDir {
+        let dir = std::env::temp_dir().join(common::unique("bzpush_state"));
+        std::fs::create_dir_all(&dir).expect("make the state folder");
+        StateDir(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+
+    /// The watermark file of the poller [`Bzpush::poll`] starts on `db`.
+    fn watermark_file(&self, db: &TestDb) -> std::path::PathBuf {
+        self.0.join(format!("bzpush.{}.watermark", db.name))
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Source `bugs` with a 2 s overlap, its state in `state`, and
+/// `replay_limit` if given.
+fn bugs_source_with_state(
+    state: &StateDir,
+    replay_limit: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("BZPUSH_SOURCE", "bugs".to_string()),
+        ("BZPUSH_OVERLAP", "2s".to_string()),
+        ("BZPUSH_STATE_DIRECTORY", state.path()),
+    ];
+    if let Some(limit) = replay_limit {
+        env.push(("BZPUSH_REPLAY_LIMIT", limit.to_string()));
+    }
+    env
+}
+
+/// Whether the database's clock has passed `when` (as the wire carries
+/// it) by more than `secs` seconds.
+fn database_time_passed(conn: &mut mysql::Conn, when: &str, secs: u32) -> bool {
+    conn.exec_first::<i64, _, _>(
+        "SELECT NOW() > STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s') + INTERVAL ? SECOND",
+        (when, secs),
+    )
+    .expect("compare with the database's clock")
+        == Some(1)
+}
+
+#[test]
+fn source_bugs_replays_what_changed_while_the_poller_was_down_longer_than_the_overlap() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let state = StateDir::new();
+    let server = Bzpush::serve(&broker, &[]);
+    server.wait_healthy();
+    let mut client = common::serve::Client::connect(&server.ws_url("/"));
+    let mut conn = db.conn();
+    let bug = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    assert_eq!(
+        client.request(serde_json::json!({"command": "subscribe", "bugs": [bug]})),
+        common::serve::ok("subscribe", &[bug])
+    );
+
+    let extra = bugs_source_with_state(&state, None);
+    let mut poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    conn.exec_drop("UPDATE bugs SET delta_ts = NOW() WHERE bug_id = ?", (bug,))
+        .expect("change the bug");
+    let (_, before) = bugs_row(&mut conn, bug);
+    assert_eq!(client.recv(WAIT), common::serve::update(bug, &before));
+    assert!(
+        common::wait_until(WAIT, || state.watermark_file(&db).exists()),
+        "the poller saves its watermark in the state folder"
+    );
+
+    // The poller is stopped; the bug changes; the outage outlasts the
+    // overlap by far.
+    poller.kill9();
+    assert!(
+        common::wait_until(WAIT, || database_time_passed(&mut conn, &before, 0)),
+        "the database's clock moves on"
+    );
+    conn.exec_drop("UPDATE bugs SET delta_ts = NOW() WHERE bug_id = ?", (bug,))
+        .expect("change the bug while no poller runs");
+    let (_, during) = bugs_row(&mut conn, bug);
+    assert!(
+        common::wait_until(WAIT, || database_time_passed(&mut conn, &during, 4)),
+        "the database's clock passes the change by twice the overlap"
+    );
+
+    let restarted = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert_eq!(
+        client.try_recv(WAIT),
+        Some(common::serve::update(bug, &during)),
+        "the change made while no poller ran arrives:\n{}",
+        restarted.log()
+    );
+    assert!(
+        restarted
+            .log()
+            .contains("resuming from the saved watermark"),
+        "the poller says where it resumed:\n{}",
+        restarted.log()
+    );
+}
+
+#[test]
+fn source_bugs_replays_at_most_the_replay_limit_and_says_what_it_skipped() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let state = StateDir::new();
+    let mut conn = db.conn();
+    // Stopped an hour ago; the replay limit is 10 minutes.
+    let saved: Option<String> = conn
+        .query_first("SELECT DATE_FORMAT(NOW() - INTERVAL 1 HOUR, '%Y-%m-%dT%H:%i:%s')")
+        .expect("an hour ago");
+    let saved = saved.expect("a time");
+    std::fs::write(state.watermark_file(&db), format!("{saved}\n")).expect("write the state");
+    let skipped = insert_bug(&mut conn, "NOW() - INTERVAL 50 MINUTE");
+    let replayed = insert_bug(&mut conn, "NOW() - INTERVAL 5 MINUTE");
+    let replayed = bugs_row(&mut conn, replayed);
+
+    let extra = bugs_source_with_state(&state, Some("10m"));
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    let mut received = Pairs::new();
+    let done = broker.receive_until(&mut received, WAIT, |r| r.contains(&replayed));
+    assert!(
+        done,
+        "a change within the replay limit is replayed: got {received:?}\n{}",
+        poller.log()
+    );
+    received.extend(
+        broker
+            .drain(Duration::from_millis(500))
+            .iter()
+            .map(|m| m.bug_and_time()),
+    );
+    assert!(
+        received.iter().all(|(bug, _)| *bug != skipped),
+        "a change older than the replay limit is not: {received:?}"
+    );
+    let log = poller.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("not replayed")).collect();
+    assert_eq!(lines.len(), 1, "one line says what was skipped:\n{log}");
+    assert!(
+        lines[0].contains("changes stamped from") && lines[0].contains(" to "),
+        "from when to when: {}",
+        lines[0]
+    );
+}
+
+#[test]
+fn source_bugs_with_a_corrupt_state_file_warns_once_and_starts_one_overlap_back() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let state = StateDir::new();
+    let mut conn = db.conn();
+    std::fs::write(state.watermark_file(&db), "\u{0}garbage").expect("write a corrupt state");
+    let history = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &bugs_source_with_state(&state, None),
+    );
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let fresh = insert_bug(&mut conn, "NOW()");
+    let fresh = bugs_row(&mut conn, fresh);
+    let mut received = Pairs::new();
+    assert!(
+        broker.receive_until(&mut received, WAIT, |r| r.contains(&fresh)),
+        "the poller works on: got {received:?}\n{}",
+        poller.log()
+    );
+    assert!(
+        received.iter().all(|(bug, _)| *bug != history),
+        "no history replayed: {received:?}"
+    );
+    let log = poller.log();
+    assert_eq!(
+        log_lines(&log, &["holds no watermark"]),
+        1,
+        "one warning:\n{log}"
+    );
+    assert!(
+        common::wait_until(WAIT, || std::fs::read_to_string(state.watermark_file(&db))
+            .is_ok_and(|text| text.len() == 20 && text.ends_with('\n'))),
+        "the next confirmed poll rewrites the file"
+    );
+}
