@@ -71,7 +71,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "overlap",
         default: "30s",
-        doc: "source bugs: how far back each poll looks for late-committing changes",
+        doc: "source bugs: how far back each poll looks for late commits; push_notify: how long a bug is re-checked after its row is deleted",
     },
     Setting {
         name: "lock-name",

@@ -1003,3 +1003,122 @@ fn source_bugs_with_a_corrupt_state_file_warns_once_and_starts_one_overlap_back(
         "the next confirmed poll rewrites the file"
     );
 }
+
+#[test]
+fn a_change_the_push_notify_extension_loses_to_a_delete_still_arrives_from_bugs() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    // A slow broker link keeps the row between the poller's read and its
+    // DELETE for a while, so the extension's read below finds it.
+    let slow = Proxy::to(AMQP_ADDR);
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, &slow.addr(), &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    assert!(
+        poller.wait_for_log("connected", WAIT),
+        "the poller connects to the broker"
+    );
+    slow.set_delay(Duration::from_millis(300));
+
+    // Change 1, as Bugzilla writes it: bugs.delta_ts and the row, together.
+    let (t1_sql, t1) = common::datetime(10);
+    let (t2_sql, t2) = common::datetime(20);
+    let mut bugzilla = db.conn();
+    let mut tx = bugzilla
+        .start_transaction(mysql::TxOpts::default())
+        .expect("begin");
+    tx.exec_drop(
+        "INSERT INTO bugs (bug_id, delta_ts) VALUES (80, ?)",
+        (&t1_sql,),
+    )
+    .expect("stamp bug 80");
+    tx.exec_drop(
+        "INSERT INTO push_notify (bug_id, delta_ts) VALUES (80, ?)",
+        (&t1_sql,),
+    )
+    .expect("insert its row");
+    tx.commit().expect("commit change 1");
+
+    // Change 2, with the extension's own statements: it reads the row id...
+    let mut extension = db.conn();
+    let mut tx = extension
+        .start_transaction(mysql::TxOpts::default())
+        .expect("begin");
+    let id: Option<i64> = tx
+        .exec_first("SELECT id FROM push_notify WHERE bug_id = ?", (80,))
+        .expect("read the row id");
+    let id = id.expect("the row of change 1 is still there: the broker link is slow");
+    // ...the poller publishes change 1 and deletes the row...
+    let first = broker.recv(WAIT).expect("change 1 arrives");
+    assert_eq!(first.bug_and_time(), (80, t1));
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "the poller deletes the row"
+    );
+    // ...and the update by id matches nothing; Bugzilla stamps the bug.
+    tx.exec_drop(
+        "UPDATE push_notify SET delta_ts = ? WHERE id = ?",
+        (&t2_sql, id),
+    )
+    .expect("update the row by id");
+    assert_eq!(tx.affected_rows(), 0, "the row is gone: change 2 is lost");
+    tx.exec_drop("UPDATE bugs SET delta_ts = ? WHERE bug_id = 80", (&t2_sql,))
+        .expect("stamp bug 80 again");
+    tx.commit().expect("commit change 2");
+    assert_eq!(db.push_notify_rows(), 0, "no row carries change 2");
+
+    let mut received = Pairs::new();
+    let arrived = broker.receive_until(&mut received, WAIT, |r| r.contains(&(80, t2.clone())));
+    assert!(
+        arrived,
+        "change 2 arrives from bugs.delta_ts; got {received:?}\n{}",
+        poller.log()
+    );
+    received.extend(
+        broker
+            .drain(Duration::from_millis(1500))
+            .iter()
+            .map(|m| m.bug_and_time()),
+    );
+    assert_eq!(
+        received,
+        [(80, t2)],
+        "once, and nothing else: a bug whose row carries its change is not published twice"
+    );
+}
+
+#[test]
+fn without_select_on_bugs_the_poller_warns_once_and_delivers_on() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let user =
+        common::run::TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
+    let extra = [("BZPUSH_DATABASE_URL", user.url(&db))];
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    let mut conn = db.conn();
+    for secs in 0..3 {
+        let (sql, wire) = common::datetime(secs);
+        TestDb::push_notify_change(&mut conn, 90 + secs, Some(&sql));
+        let message = broker.recv(WAIT).expect("the change arrives");
+        assert_eq!(message.bug_and_time(), (u64::from(90 + secs), wire));
+    }
+    assert!(
+        poller.wait_for_log("cannot read bugs.bug_id", WAIT),
+        "the missing privilege is said:\n{}",
+        poller.log()
+    );
+    // Later polls keep delivering, and do not say it again.
+    let (sql, wire) = common::datetime(10);
+    TestDb::push_notify_change(&mut conn, 99, Some(&sql));
+    let message = broker.recv(WAIT).expect("a later change arrives");
+    assert_eq!(message.bug_and_time(), (99, wire));
+    let log = poller.log();
+    assert_eq!(log_lines(&log, &["cannot read bugs.bug_id"]), 1, "{log}");
+    assert_eq!(
+        log_lines(&log, &["retrying with backoff"]),
+        0,
+        "not an outage:\n{log}"
+    );
+}

@@ -11,6 +11,7 @@
 
 mod bugs;
 mod push_notify;
+mod recheck;
 mod state;
 
 pub use push_notify::delete_statement;
