@@ -1122,3 +1122,124 @@ fn without_select_on_bugs_the_poller_warns_once_and_delivers_on() {
         "not an outage:\n{log}"
     );
 }
+
+/// The id of the database connection that holds `lock`, if any.
+fn lock_holder(conn: &mut mysql::Conn, lock: &str) -> Option<u64> {
+    conn.exec_first::<Option<u64>, _, _>("SELECT IS_USED_LOCK(?)", (lock,))
+        .expect("ask who holds the lock")
+        .flatten()
+}
+
+/// The connections of `db` waiting in `GET_LOCK`: standbys.
+fn waiting_for_lock(conn: &mut mysql::Conn, db: &TestDb) -> Vec<u64> {
+    conn.exec(
+        "SELECT ID FROM information_schema.PROCESSLIST \
+         WHERE DB = ? AND INFO LIKE 'SELECT GET_LOCK%'",
+        (&db.name,),
+    )
+    .expect("list the connections waiting for the lock")
+}
+
+#[test]
+fn a_poller_connection_the_server_drops_is_replaced_without_an_outage_warning() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let lock = format!("bzpush.{}", db.name);
+    let mut admin = common::admin_conn();
+    let mut conn = db.conn();
+    let active = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        active.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let standby = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        standby.wait_for_log("standby", WAIT),
+        "the second one waits"
+    );
+
+    // The server ends the standby's connection, as wait_timeout or an
+    // administrator's KILL would.
+    let mut waiting = Vec::new();
+    assert!(
+        common::wait_until(WAIT, || {
+            waiting = waiting_for_lock(&mut admin, &db);
+            !waiting.is_empty()
+        }),
+        "the standby waits in GET_LOCK"
+    );
+    let killed = waiting[0];
+    admin
+        .query_drop(format!("KILL CONNECTION {killed}"))
+        .expect("kill the standby's connection");
+    assert!(
+        common::wait_until(WAIT, || waiting_for_lock(&mut admin, &db)
+            .iter()
+            .any(|id| *id != killed)),
+        "the standby waits again, on a new connection:\n{}",
+        standby.log()
+    );
+
+    // And the active poller's, between two polls.
+    let holder = lock_holder(&mut admin, &lock).expect("the active poller holds the lock");
+    admin
+        .query_drop(format!("KILL CONNECTION {holder}"))
+        .expect("kill the active poller's connection");
+    assert!(
+        common::wait_until(WAIT, || lock_holder(&mut admin, &lock)
+            .is_some_and(|id| id != holder)),
+        "a poller holds the lock again"
+    );
+    let (sql, wire) = common::datetime(1);
+    TestDb::push_notify_change(&mut conn, 5, Some(&sql));
+    let message = broker.recv(WAIT).expect("a change after the kills arrives");
+    assert_eq!(message.bug_and_time(), (5, wire));
+
+    for (poller, role) in [(&active, "active"), (&standby, "standby")] {
+        let log = poller.log();
+        assert_eq!(
+            log_lines(&log, &["database", "retrying with backoff"]),
+            0,
+            "no outage is reported for the {role} poller's dropped connection:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_poller_connection_cut_under_it_is_replaced_without_an_outage_warning() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(MYSQL_ADDR);
+    let mut conn = db.conn();
+    let poller = Bzpush::poll(&db, &proxy.addr(), AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let (sql, wire) = common::datetime(0);
+    TestDb::push_notify_change(&mut conn, 1, Some(&sql));
+    assert_eq!(
+        broker.recv(WAIT).expect("published").bug_and_time(),
+        (1, wire)
+    );
+    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+
+    // A firewall or a load balancer in front of the database closes the
+    // connection; new ones get through.
+    proxy.sever();
+    let (sql, wire) = common::datetime(1);
+    TestDb::push_notify_change(&mut conn, 2, Some(&sql));
+    assert_eq!(
+        broker
+            .recv(WAIT)
+            .expect("a change after the cut arrives")
+            .bug_and_time(),
+        (2, wire)
+    );
+    let log = poller.log();
+    assert_eq!(
+        log_lines(&log, &["database", "retrying with backoff"]),
+        0,
+        "no outage is reported:\n{log}"
+    );
+}

@@ -5,7 +5,10 @@
 //! (the others wait as hot standbys), reconnection with capped backoff for
 //! both the database and the sink, and the rule that a change is forgotten
 //! only after the sink took it (the broker confirmed it). It must never drop
-//! a change the sink has not taken, and never log a credential. The two
+//! a change the sink has not taken, and never log a credential. A
+//! connection that worked and was then dropped (idle past `wait_timeout`,
+//! a `KILL`, a cut) is replaced at once without a word; only when that
+//! fails too is the database reported down. The two
 //! sources (what to read, what to forget) live in [`push_notify`] and
 //! [`bugs`].
 
@@ -20,7 +23,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::info;
+use log::{debug, info};
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
@@ -36,6 +39,11 @@ use crate::shutdown::Shutdown;
 const LOCK_WAIT_SECS: u32 = 1;
 /// A query that takes longer than this means the connection is dead.
 const DB_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections dropped closer together than this are a fault to report,
+/// not idle ones the server closed: it closes one idle past `wait_timeout`,
+/// which is 8 h by default and never less than the poll it would have to
+/// fall between.
+const QUIET_RECONNECT_GAP: Duration = Duration::from_secs(10);
 
 /// What a source read in one poll: the notifications to publish, and what
 /// it needs back to forget them once they are confirmed.
@@ -139,6 +147,11 @@ struct Poller<'a, S, K> {
     sink_link: Link<'a>,
     sink_backoff: Backoff,
     role: Option<Role>,
+    /// A statement has worked on the current connection since the last
+    /// quiet reconnection: the next dropped connection may be replaced
+    /// without a word.
+    reconnect_quietly: bool,
+    last_quiet_reconnect: Option<Instant>,
 }
 
 /// Which part this poller plays; logged when it changes.
@@ -171,6 +184,8 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             sink_link: Link::new(kind, target),
             sink_backoff: Backoff::default(),
             role: None,
+            reconnect_quietly: false,
+            last_quiet_reconnect: None,
         }
     }
 
@@ -180,10 +195,20 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             self.metrics.beat(&self.metrics.poller_beat);
             match self.connect_and_work(&mut backoff) {
                 Ok(()) => break,
+                Err(e) if self.may_reconnect_quietly(&e) => {
+                    // Most likely closed while idle (wait_timeout, a KILL):
+                    // reconnect at once and say nothing unless that fails
+                    // too. The lock went with the connection; taking it
+                    // again is the same as after an outage.
+                    debug!("database connection dropped ({e}); reconnecting");
+                    self.reconnect_quietly = false;
+                    self.last_quiet_reconnect = Some(Instant::now());
+                }
                 Err(e) => {
                     // The lock went with the connection: whoever reconnects
                     // first is the active poller.
                     self.database.down(&e);
+                    self.reconnect_quietly = false;
                     if backoff.wait(self.shutdown) {
                         break;
                     }
@@ -191,6 +216,16 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             }
         }
         info!("poller stopped");
+    }
+
+    /// Whether `error` ended a connection that worked, and not just after
+    /// the last time that happened.
+    fn may_reconnect_quietly(&self, error: &mysql::Error) -> bool {
+        self.reconnect_quietly
+            && database::connection_dropped(error)
+            && self
+                .last_quiet_reconnect
+                .is_none_or(|at| at.elapsed() >= QUIET_RECONNECT_GAP)
     }
 
     /// Connects, waits for the lock, polls. `Ok` only on shutdown.
@@ -213,6 +248,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 "SELECT GET_LOCK(?, ?), DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s'), IS_USED_LOCK(?)",
                 (name, LOCK_WAIT_SECS, name),
             )?;
+            self.reconnect_quietly = true;
             let (got, now, holder) = row.unwrap_or((None, String::new(), None));
             if got == Some(1) {
                 self.set_role(Role::Active, None);
@@ -284,6 +320,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 Err(Failure::Database(e)) => return Err(e),
             };
             db_backoff.reset();
+            self.reconnect_quietly = true;
         }
     }
 
