@@ -112,7 +112,7 @@ impl PushNotify {
         if self.recheck_refused {
             return Ok(Vec::new());
         }
-        let due = self.recheck.due(Instant::now());
+        let due = self.recheck.due(Instant::now(), self.batch_size);
         let mut found = Vec::new();
         for chunk in due.chunks(RECHECK_CHUNK) {
             let ids = vec!["?"; chunk.len()].join(", ");

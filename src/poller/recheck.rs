@@ -81,14 +81,19 @@ impl Recheck {
         }
     }
 
-    /// The bugs to look up now, with the time last published for each;
-    /// forgets the bugs whose window is over.
-    pub fn due(&mut self, now: Instant) -> Vec<(BugId, ChangeTime)> {
+    /// At most `max` bugs to look up now, with the time last published for
+    /// each; forgets the bugs whose window is over. The rest stay due: in a
+    /// backlog the checks then cost at most one batch's worth of lookups a
+    /// poll, and catch up once it is drained.
+    pub fn due(&mut self, now: Instant, max: usize) -> Vec<(BugId, ChangeTime)> {
         let window = self.window;
         self.watched
             .retain(|_, w| w.next_check.is_some() || w.pending);
         let mut due = Vec::new();
         for (bug, w) in &mut self.watched {
+            if due.len() == max {
+                break;
+            }
             let Some(at) = w.next_check.filter(|at| *at <= now && !w.pending) else {
                 continue;
             };
@@ -138,9 +143,9 @@ mod tests {
         let t0 = Instant::now();
         recheck.watch(bug(1), ChangeTime::new("2026-01-01T00:00:00"), t0);
         let at = |secs: u64| t0 + Duration::from_secs(secs);
-        assert!(recheck.due(t0).is_empty());
+        assert!(recheck.due(t0, 10).is_empty());
         let checked: Vec<u64> = (0..=10)
-            .filter(|s| !recheck.due(at(*s)).is_empty())
+            .filter(|s| !recheck.due(at(*s), 10).is_empty())
             .collect();
         assert_eq!(checked, [1, 2, 4, 5]);
         assert!(recheck.watched.is_empty(), "forgotten after its window");
@@ -152,11 +157,11 @@ mod tests {
         let t0 = Instant::now();
         recheck.watch(bug(1), ChangeTime::new("2026-01-01T00:00:00"), t0);
         let at = t0 + Duration::from_secs(1);
-        assert_eq!(recheck.due(at).len(), 1);
+        assert_eq!(recheck.due(at, 10).len(), 1);
         recheck.found(bug(1));
-        assert!(recheck.due(at + Duration::from_secs(60)).is_empty());
+        assert!(recheck.due(at + Duration::from_secs(60), 10).is_empty());
         recheck.reset(at);
-        assert_eq!(recheck.due(at).len(), 1);
+        assert_eq!(recheck.due(at, 10).len(), 1);
 
         for n in 1..=(MAX_WATCHED as u32 + 10) {
             recheck.watch(bug(n), ChangeTime::new("2026-01-01T00:00:00"), t0);
@@ -167,5 +172,10 @@ mod tests {
             "the oldest went first"
         );
         assert!(recheck.order.len() <= 2 * MAX_WATCHED);
+        assert_eq!(
+            recheck.due(t0 + Duration::from_secs(1), 5).len(),
+            5,
+            "at most as many as asked"
+        );
     }
 }
