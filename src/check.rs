@@ -94,11 +94,48 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
                         .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
                 );
             }
+            // `run` checks the same grant for catch-up below.
+            if !catchup {
+                check_bugs_table(report, &mut db, "PushNotify race check", false);
+            }
         }
-        Source::Bugs => check_bugs_table(report, &mut db, "source bugs", true),
+        Source::Bugs => {
+            check_bugs_table(report, &mut db, "source bugs", true);
+            check_state_directory(report, config);
+        }
     }
     if catchup {
         check_bugs_table(report, &mut db, "catch-up", false);
+    }
+}
+
+/// Where source `bugs` keeps its watermark. None is a valid choice, and a
+/// missing folder is created at the first save; a path that is there but
+/// no folder fails.
+fn check_state_directory(report: &mut Report, config: &PollerConfig) {
+    let Some(dir) = &config.state_directory else {
+        report.line(Ok(
+            "state directory: none (BZPUSH_STATE_DIRECTORY, or systemd's \
+             StateDirectory=): a restarted poller replays only one overlap"
+                .into(),
+        ));
+        return;
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            report.line(Ok(format!("state directory {}: present", dir.display())));
+        }
+        Ok(_) => report.line(Err(format!(
+            "state directory {}: not a folder — set BZPUSH_STATE_DIRECTORY to a folder",
+            dir.display()
+        ))),
+        Err(e) => {
+            let _ = writeln!(
+                report.out,
+                "warn  state directory {}: {e} (the poller creates it at its first save)",
+                dir.display()
+            );
+        }
     }
 }
 
@@ -116,10 +153,12 @@ fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required:
         });
     match result {
         Err(e) if !required => {
-            let _ = writeln!(
-                report.out,
-                "warn  {e} (until then `since` may be answered partial)"
-            );
+            let until = if purpose == "catch-up" {
+                "`since` may be answered partial"
+            } else {
+                "a change the extension loses to a delete is not caught"
+            };
+            let _ = writeln!(report.out, "warn  {e} (until then {until})");
         }
         result => report.line(result),
     }

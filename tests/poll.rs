@@ -1243,3 +1243,50 @@ fn a_poller_connection_cut_under_it_is_replaced_without_an_outage_warning() {
         "no outage is reported:\n{log}"
     );
 }
+
+#[test]
+fn check_poll_names_the_state_directory_and_the_race_checks_grant() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let state = StateDir::new();
+    let check = |extra: &[(&'static str, String)]| {
+        let mut env = vec![
+            ("BZPUSH_DATABASE_URL", db.url()),
+            ("BZPUSH_AMQP_URL", common::amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_EXCHANGE", broker.exchange.clone()),
+        ];
+        env.extend(extra.iter().cloned());
+        Bzpush::run(&["check", "poll"], &env, Duration::from_secs(30))
+    };
+    let bugs = ("BZPUSH_SOURCE", "bugs".to_string());
+    let finished = check(&[bugs.clone(), ("BZPUSH_STATE_DIRECTORY", state.path())]);
+    assert!(finished.status.success(), "{finished:?}");
+    assert!(
+        finished
+            .stdout
+            .contains(&format!("ok    state directory {}: present", state.path())),
+        "{finished:?}"
+    );
+    let not_a_folder = state.watermark_file(&db);
+    std::fs::write(&not_a_folder, "").expect("write a file");
+    let finished = check(&[
+        bugs,
+        (
+            "BZPUSH_STATE_DIRECTORY",
+            not_a_folder.to_string_lossy().into_owned(),
+        ),
+    ]);
+    assert_eq!(finished.status.code(), Some(1), "{finished:?}");
+    assert!(finished.stdout.contains("not a folder"), "{finished:?}");
+
+    let user =
+        common::run::TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
+    let finished = check(&[("BZPUSH_DATABASE_URL", user.url(&db))]);
+    assert!(finished.status.success(), "only a warning: {finished:?}");
+    assert!(
+        finished.stdout.lines().any(|l| l.starts_with("warn")
+            && l.contains("PushNotify race check")
+            && l.contains("GRANT SELECT (bug_id, delta_ts) ON bugs")),
+        "{finished:?}"
+    );
+}
