@@ -1290,3 +1290,46 @@ fn check_poll_names_the_state_directory_and_the_race_checks_grant() {
         "{finished:?}"
     );
 }
+
+#[test]
+fn source_bugs_without_state_a_standby_taking_over_reads_one_overlap_back() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let mut conn = db.conn();
+    let bug = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    let extra = [
+        ("BZPUSH_SOURCE", "bugs".to_string()),
+        ("BZPUSH_STATE_DIRECTORY", "off".to_string()),
+    ];
+    let mut active = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert!(
+        active.wait_for_log("active:", WAIT),
+        "the first takes the lock"
+    );
+    let standby = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert!(standby.wait_for_log("standby", WAIT), "the second waits");
+
+    // The active poller dies; a change stamped before the standby takes
+    // over commits only after it did (a slow Bugzilla request).
+    active.kill9();
+    assert!(
+        standby.wait_for_log("active:", WAIT),
+        "the standby takes over"
+    );
+    conn.exec_drop(
+        "UPDATE bugs SET delta_ts = NOW() - INTERVAL 5 SECOND WHERE bug_id = ?",
+        (bug,),
+    )
+    .expect("a late commit");
+    let late = bugs_row(&mut conn, bug);
+    let mut received = Pairs::new();
+    assert!(
+        broker.receive_until(&mut received, WAIT, |r| r.contains(&late)),
+        "the late commit arrives: got {received:?}\n{}",
+        standby.log()
+    );
+    assert!(
+        received.iter().all(|(_, when)| *when >= late.1),
+        "and no history: {received:?}"
+    );
+}
