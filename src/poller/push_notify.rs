@@ -15,6 +15,7 @@
 //! SELECT on `bugs (bug_id, delta_ts)`. This source needs SELECT and DELETE
 //! on `push_notify` and must never write anything else.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use log::warn;
@@ -141,16 +142,15 @@ impl PushNotify {
                 }
                 Err(e) => return Err(e),
             };
+            let published: HashMap<BugId, &ChangeTime> =
+                chunk.iter().map(|(bug, when)| (*bug, when)).collect();
             for (bug, delta_ts) in rows {
                 let (Some(bug), Some(when)) = (bug_id(&bug), change_time(&delta_ts)) else {
                     continue;
                 };
                 // Both in the database's fixed-width form: text order is
                 // time order.
-                let later = chunk
-                    .iter()
-                    .any(|(b, published): &(BugId, ChangeTime)| *b == bug && when > *published);
-                if later {
+                if published.get(&bug).is_some_and(|last| when > **last) {
                     self.recheck.found(bug);
                     found.push(Notification { bug, when });
                 }
