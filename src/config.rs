@@ -71,7 +71,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "overlap",
         default: "30s",
-        doc: "source bugs: how far back each poll looks for late commits; push_notify: how long a bug is re-checked after its row is deleted",
+        doc: "source bugs: how far back each poll looks for late commits; push_notify: how long a bug is re-checked after its row is deleted (1s to 1h)",
     },
     Setting {
         name: "lock-name",
@@ -344,6 +344,9 @@ const MAX_BATCH_SIZE: usize = 100_000;
 const MAX_LOCK_NAME: usize = 64;
 /// AMQP short strings (exchange names) are at most this many bytes.
 const MAX_EXCHANGE_NAME: usize = 255;
+/// Longest overlap: every poll of source `bugs` reads this far back, and
+/// source `push_notify` re-checks each deleted row's bug this long.
+const MAX_OVERLAP: Duration = Duration::from_secs(3600);
 /// Longest replay of source `bugs` after a restart: 30 days. Longer is a
 /// flood of stale notifications that no client still waits for.
 const MAX_REPLAY_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -423,7 +426,7 @@ pub fn parse(
             source: source(get("source"))?,
             poll_interval: duration(get("poll-interval"))?,
             batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
-            overlap: duration(get("overlap"))?,
+            overlap: duration_within(get("overlap"), MAX_OVERLAP)?,
             lock_name: text(get("lock-name"), MAX_LOCK_NAME)?,
             state_directory: state_directory(
                 get("state-directory"),
@@ -879,6 +882,8 @@ mod tests {
         assert!(poll(&["--replay-limit", "500ms"], &[]).is_err());
         assert!(poll(&["--replay-limit", "721h"], &[]).is_err());
         assert!(poll(&["--replay-limit", "720h"], &[]).is_ok());
+        assert!(poll(&["--overlap", "500ms"], &[]).is_err());
+        assert!(poll(&["--overlap", "2h"], &[]).is_err());
     }
 
     #[test]
