@@ -128,8 +128,15 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
                         .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
                 );
             }
+            // `run` checks the same grant for catch-up below.
+            if !catchup {
+                check_bugs_table(report, &mut db, "PushNotify race check", false);
+            }
         }
-        Source::Bugs => check_bugs_table(report, &mut db, "source bugs", true),
+        Source::Bugs => {
+            check_bugs_table(report, &mut db, "source bugs", true);
+            check_state_directory(report, config);
+        }
     }
     if catchup {
         check_bugs_table(report, &mut db, "catch-up", false);
@@ -145,12 +152,11 @@ fn check_lock(report: &mut Report, db: &mut Conn, name: &str) {
     match holder.map(Option::flatten) {
         Ok(Some(id)) => {
             let holder = poller::lock_holder(db, id);
-            let _ = writeln!(
-                report.out,
-                "warn  lock {name:?}: held by {holder}; this poller will wait as a standby \
+            report.warn(&format!(
+                "lock {name:?}: held by {holder}; this poller will wait as a standby \
                  until it is released (if that is no poller of this database, set \
                  BZPUSH_LOCK_NAME)"
-            );
+            ));
         }
         Ok(None) => report.line(Ok(format!(
             "lock {name:?}: free; this poller will be the active one"
@@ -159,6 +165,35 @@ fn check_lock(report: &mut Report, db: &mut Conn, name: &str) {
             "lock {name:?}: {}",
             advice(&e, "is the server MariaDB or MySQL?")
         ))),
+    }
+}
+
+/// Where source `bugs` keeps its watermark. None is a valid choice, and a
+/// missing folder is created at the first save; a path that is there but
+/// no folder fails.
+fn check_state_directory(report: &mut Report, config: &PollerConfig) {
+    let Some(dir) = &config.state_directory else {
+        report.line(Ok(
+            "state directory: none (BZPUSH_STATE_DIRECTORY, or systemd's \
+             StateDirectory=): a restarted poller replays only one overlap"
+                .into(),
+        ));
+        return;
+    };
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            report.line(Ok(format!("state directory {}: present", dir.display())));
+        }
+        Ok(_) => report.line(Err(format!(
+            "state directory {}: not a folder — set BZPUSH_STATE_DIRECTORY to a folder",
+            dir.display()
+        ))),
+        Err(e) => {
+            report.warn(&format!(
+                "state directory {}: {e} (the poller creates it at its first save)",
+                dir.display()
+            ));
+        }
     }
 }
 
@@ -176,7 +211,12 @@ fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required:
         });
     match result {
         Err(e) if !required => {
-            report.warn(&format!("{e} (until then `since` may be answered partial)"));
+            let until = if purpose == "catch-up" {
+                "`since` may be answered partial"
+            } else {
+                "a change the extension loses to a delete is not caught"
+            };
+            report.warn(&format!("{e} (until then {until})"));
         }
         result => report.line(result),
     }
@@ -303,7 +343,7 @@ fn check_queues(report: &mut Report, config: &ServeConfig) {
                 report.line(Ok(format!("queue {queue:?}: exists as configured")));
             }
             Ok(QueueState::Differs(what)) => {
-                let _ = writeln!(report.out, "warn  {what}");
+                report.warn(&what);
             }
             Err(e) => report.line(Err(format!(
                 "queue {queue:?}: {e} — may the user in BZPUSH_AMQP_URL configure and read it?"

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use log::LevelFilter;
@@ -60,9 +61,19 @@ pub const SETTINGS: &[Setting] = &[
         doc: "rows read and published per poll; a full batch polls again at once",
     },
     Setting {
+        name: "state-directory",
+        default: "$STATE_DIRECTORY",
+        doc: "source bugs: folder of the watermark file (an absolute path, or off); default systemd's StateDirectory=, none without it",
+    },
+    Setting {
+        name: "replay-limit",
+        default: "24h",
+        doc: "source bugs: on start, replay from the watermark file at most this far back (1s to 720h)",
+    },
+    Setting {
         name: "overlap",
         default: "30s",
-        doc: "source bugs: how far back each poll looks for late-committing changes",
+        doc: "source bugs: how far back each poll looks for late commits; push_notify: how long a bug is re-checked after its row is deleted (1s to 1h)",
     },
     Setting {
         name: "lock-name",
@@ -329,6 +340,11 @@ pub struct PollerConfig {
     pub batch_size: usize,
     pub overlap: Duration,
     pub lock_name: String,
+    /// Source `bugs`: where the watermark survives a restart; `None`: it
+    /// does not.
+    pub state_directory: Option<PathBuf>,
+    /// Source `bugs`: how far back a saved watermark may take a start.
+    pub replay_limit: Duration,
 }
 
 /// Everything `bzpush poll` needs.
@@ -411,6 +427,12 @@ const MAX_BATCH_SIZE: usize = 100_000;
 const MAX_LOCK_NAME: usize = 64;
 /// AMQP short strings (exchange names) are at most this many bytes.
 const MAX_EXCHANGE_NAME: usize = 255;
+/// Longest overlap: every poll of source `bugs` reads this far back, and
+/// source `push_notify` re-checks each deleted row's bug this long.
+const MAX_OVERLAP: Duration = Duration::from_secs(3600);
+/// Longest replay of source `bugs` after a restart: 30 days. Longer is a
+/// flood of stale notifications that no client still waits for.
+const MAX_REPLAY_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Resolves the command line (`args`, without the program name) and the
 /// environment into what to do.
@@ -443,6 +465,15 @@ pub fn parse(
             )));
         }
     }
+    let env: Vec<(OsString, OsString)> = env.into_iter().collect();
+    // systemd sets it from StateDirectory=: a colon-separated list, ours first.
+    let systemd_state_directory = env
+        .iter()
+        .find(|(key, _)| key == "STATE_DIRECTORY")
+        .and_then(|(_, value)| value.to_str())
+        .and_then(|value| value.split(':').next())
+        .filter(|dir| !dir.is_empty())
+        .map(PathBuf::from);
     let mut values = from_env(env)?;
     while let Some(arg) = args.next().transpose()? {
         if arg == "-h" || arg == "--help" {
@@ -485,7 +516,12 @@ pub fn parse(
             source: source(get("source"))?,
             poll_interval: duration(get("poll-interval"))?,
             batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
-            overlap: duration(get("overlap"))?,
+            overlap: duration_within(get("overlap"), MAX_OVERLAP)?,
+            state_directory: state_directory(
+                get("state-directory"),
+                systemd_state_directory.clone(),
+            )?,
+            replay_limit: duration_within(get("replay-limit"), MAX_REPLAY_LIMIT)?,
         })
     };
     let server = || -> Result<ServerConfig, ConfigError> {
@@ -858,6 +894,44 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
     (!duration.is_zero()).then_some(duration)
 }
 
+fn duration_within(
+    (setting, value): (&Setting, &str),
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = duration((setting, value))?;
+    if d < Duration::from_secs(1) || d > max {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            &format!("expected a duration from 1s to {}h", max.as_secs() / 3600),
+        ));
+    }
+    Ok(d)
+}
+
+/// The default is systemd's `$STATE_DIRECTORY`, or none outside systemd;
+/// `off` is none whatever systemd says.
+fn state_directory(
+    (setting, value): (&Setting, &str),
+    systemd: Option<PathBuf>,
+) -> Result<Option<PathBuf>, ConfigError> {
+    if value == setting.default {
+        return Ok(systemd);
+    }
+    if value == "off" {
+        return Ok(None);
+    }
+    let path = PathBuf::from(value);
+    if !path.is_absolute() {
+        return Err(ConfigError::setting(
+            setting,
+            value,
+            "expected an absolute path, or off",
+        ));
+    }
+    Ok(Some(path))
+}
+
 fn number(
     (setting, value): (&Setting, &str),
     min: usize,
@@ -1206,6 +1280,32 @@ mod tests {
             let err = allowed_origins(bad).expect_err(bad).to_string();
             assert!(err.starts_with("BZPUSH_ALLOWED_ORIGINS"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_state_directory_defaults_to_systemds_and_the_replay_limit_is_bounded() {
+        let config = poll(&[], &[]).expect("valid");
+        assert_eq!(config.poller.state_directory, None);
+        assert_eq!(config.poller.replay_limit, Duration::from_secs(86_400));
+        let systemd = [("STATE_DIRECTORY", "/var/lib/bzpush:/var/lib/other")];
+        let config = poll(&[], &systemd).expect("valid");
+        assert_eq!(
+            config.poller.state_directory,
+            Some(PathBuf::from("/var/lib/bzpush"))
+        );
+        let config = poll(&["--state-directory", "off"], &systemd).expect("valid");
+        assert_eq!(config.poller.state_directory, None);
+        let config = poll(&["--state-directory", "/srv/bz"], &systemd).expect("valid");
+        assert_eq!(
+            config.poller.state_directory,
+            Some(PathBuf::from("/srv/bz"))
+        );
+        assert!(poll(&["--state-directory", "relative"], &[]).is_err());
+        assert!(poll(&["--replay-limit", "500ms"], &[]).is_err());
+        assert!(poll(&["--replay-limit", "721h"], &[]).is_err());
+        assert!(poll(&["--replay-limit", "720h"], &[]).is_ok());
+        assert!(poll(&["--overlap", "500ms"], &[]).is_err());
+        assert!(poll(&["--overlap", "2h"], &[]).is_err());
     }
 
     #[test]

@@ -145,6 +145,29 @@ fn access_denied_hint(error: &mysql::Error) -> Option<String> {
     })
 }
 
+/// Whether `error` says the server or the network closed an open
+/// connection: MariaDB closes one idle past `wait_timeout` (8 h by default,
+/// so every quiet night), and a `KILL` ends one. A connection dropped like
+/// that is worth one immediate reconnection before anyone calls it an
+/// outage. A timeout is not among these: that peer is still there, hung.
+pub fn connection_dropped(error: &mysql::Error) -> bool {
+    match error {
+        mysql::Error::IoError(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ),
+        mysql::Error::CodecError(_) => true,
+        mysql::Error::DriverError(e) => matches!(
+            e,
+            mysql::DriverError::PacketOutOfSync | mysql::DriverError::UnexpectedPacket
+        ),
+        // ER_CONNECTION_KILLED (MariaDB), ER_CLIENT_INTERACTION_TIMEOUT
+        // (MySQL 8: idle past wait_timeout).
+        mysql::Error::MySqlError(e) => e.code == 1927 || e.code == 4031,
+        _ => false,
+    }
+}
+
 /// A DATETIME as the database stored it, `YYYY-MM-DDTHH:MM:SS`.
 pub fn change_time(value: &mysql::Value) -> Option<ChangeTime> {
     match *value {

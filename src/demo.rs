@@ -279,6 +279,10 @@ fn run_on_database(
             // Server-wide: named for the scratch database, it is this
             // demo's alone.
             lock_name: format!("bzpush.poller.{}", scratch.name),
+            // Source push_notify keeps no watermark: nothing to save or
+            // replay.
+            state_directory: None,
+            replay_limit: Duration::ZERO,
         },
         server: server_config,
         log: config.log,

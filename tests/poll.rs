@@ -713,3 +713,633 @@ fn bad_settings_exit_2_naming_the_setting_and_never_print_a_password() {
         format!("bzpush {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn the_confirm_delete_is_a_primary_key_range_never_a_full_scan() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    db.push_notify_backlog(1..20, "2026-01-01 00:00:00");
+    // As the poller binds them: ids as integers, delta_ts as DATETIME.
+    let when = mysql::Value::Date(2026, 1, 1, 0, 0, 0, 0);
+    // A batch that is the whole table too: the optimizer's favourite for a
+    // full scan.
+    for rows in [1, 2, 10, 19] {
+        let ids: Vec<mysql::Value> = (1..=rows).map(mysql::Value::Int).collect();
+        let params: Vec<mysql::Value> = ids
+            .iter()
+            .cloned()
+            .chain(ids.iter().flat_map(|id| [id.clone(), when.clone()]))
+            .collect();
+        let statement = bzpush::poller::delete_statement(rows as usize);
+        let plan: Vec<mysql::Row> = conn
+            .exec(format!("EXPLAIN {statement}"), params)
+            .expect("EXPLAIN the confirm DELETE");
+        for row in plan {
+            let kind: Option<String> = row.get("type");
+            let key: Option<Option<String>> = row.get("key");
+            assert_ne!(
+                kind.as_deref(),
+                Some("ALL"),
+                "{rows} rows: {statement} is a full scan: {row:?}"
+            );
+            assert_eq!(
+                key.flatten().as_deref(),
+                Some("PRIMARY"),
+                "{rows} rows: {statement} uses the primary key: {row:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_row_another_session_holds_locked_does_not_stall_other_bugs() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let mut writer = db.conn();
+    // A stalled DELETE holds bug 62's row: the writer's own lock wait must
+    // end well inside the test's bound, and then the change did not land.
+    writer
+        .query_drop("SET SESSION innodb_lock_wait_timeout = 5")
+        .expect("bound the writer's lock waits");
+    let (sql, wire) = common::datetime(0);
+    assert!(TestDb::push_notify_change(&mut writer, 62, Some(&sql)));
+    let first = broker.recv(WAIT).expect("bug 62's first change arrives");
+    assert_eq!(first.bug_and_time(), (62, wire));
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "and its row is deleted"
+    );
+
+    // Another session inserts bug 61's row and keeps its transaction open,
+    // as a slow Bugzilla request would: the row stays locked.
+    let mut holder = db.conn();
+    holder.query_drop("BEGIN").expect("begin");
+    holder
+        .query_drop("INSERT INTO push_notify (bug_id, delta_ts) VALUES (61, '2026-01-01 00:00:00')")
+        .expect("insert bug 61's row, uncommitted");
+
+    for secs in 1..=4 {
+        let (sql, wire) = common::datetime(secs);
+        assert!(
+            TestDb::push_notify_change(&mut writer, 62, Some(&sql)),
+            "bug 62's change {secs} lands: nothing holds its row for long"
+        );
+        let mut received = Pairs::new();
+        let arrived = broker.receive_until(&mut received, Duration::from_secs(10), |r| {
+            r.contains(&(62, wire.clone()))
+        });
+        assert!(
+            arrived,
+            "bug 62's change {secs} arrives within 10 s while bug 61's row is locked; got {received:?}\n{}",
+            poller.log()
+        );
+        // Deleted too (bug 61's row is not visible to other sessions), so
+        // the next change does not race the DELETE the way the extension
+        // does (tested below).
+        assert!(
+            common::wait_until(Duration::from_secs(10), || db.push_notify_rows() == 0),
+            "bug 62's row is deleted within 10 s while bug 61's row is locked"
+        );
+    }
+    holder.query_drop("ROLLBACK").expect("rollback");
+}
+
+/// A folder of the test's own for the poller's state file, removed when
+/// dropped.
+struct StateDir(std::path::PathBuf);
+
+impl StateDir {
+    fn new() -> StateDir {
+        let dir = std::env::temp_dir().join(common::unique("bzpush_state"));
+        std::fs::create_dir_all(&dir).expect("make the state folder");
+        StateDir(dir)
+    }
+
+    fn path(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+
+    /// The watermark file of the poller [`Bzpush::poll`] starts on `db`.
+    fn watermark_file(&self, db: &TestDb) -> std::path::PathBuf {
+        self.0.join(format!("bzpush.{}.watermark", db.name))
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Source `bugs` with a 2 s overlap, its state in `state`, and
+/// `replay_limit` if given.
+fn bugs_source_with_state(
+    state: &StateDir,
+    replay_limit: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("BZPUSH_SOURCE", "bugs".to_string()),
+        ("BZPUSH_OVERLAP", "2s".to_string()),
+        ("BZPUSH_STATE_DIRECTORY", state.path()),
+    ];
+    if let Some(limit) = replay_limit {
+        env.push(("BZPUSH_REPLAY_LIMIT", limit.to_string()));
+    }
+    env
+}
+
+/// Whether the database's clock has passed `when` (as the wire carries
+/// it) by more than `secs` seconds.
+fn database_time_passed(conn: &mut mysql::Conn, when: &str, secs: u32) -> bool {
+    conn.exec_first::<i64, _, _>(
+        "SELECT NOW() > STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s') + INTERVAL ? SECOND",
+        (when, secs),
+    )
+    .expect("compare with the database's clock")
+        == Some(1)
+}
+
+#[test]
+fn source_bugs_replays_what_changed_while_the_poller_was_down_longer_than_the_overlap() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let state = StateDir::new();
+    let server = Bzpush::serve(&broker, &[]);
+    server.wait_healthy();
+    let mut client = common::serve::Client::connect(&server.ws_url("/"));
+    let mut conn = db.conn();
+    let bug = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    assert_eq!(
+        client.request(serde_json::json!({"command": "subscribe", "bugs": [bug]})),
+        common::serve::ok("subscribe", &[bug])
+    );
+
+    let extra = bugs_source_with_state(&state, None);
+    let mut poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    conn.exec_drop("UPDATE bugs SET delta_ts = NOW() WHERE bug_id = ?", (bug,))
+        .expect("change the bug");
+    let (_, before) = bugs_row(&mut conn, bug);
+    assert_eq!(client.recv(WAIT), common::serve::update(bug, &before));
+    assert!(
+        common::wait_until(WAIT, || state.watermark_file(&db).exists()),
+        "the poller saves its watermark in the state folder"
+    );
+
+    // The poller is stopped; the bug changes; the outage outlasts the
+    // overlap by far.
+    poller.kill9();
+    assert!(
+        common::wait_until(WAIT, || database_time_passed(&mut conn, &before, 0)),
+        "the database's clock moves on"
+    );
+    conn.exec_drop("UPDATE bugs SET delta_ts = NOW() WHERE bug_id = ?", (bug,))
+        .expect("change the bug while no poller runs");
+    let (_, during) = bugs_row(&mut conn, bug);
+    assert!(
+        common::wait_until(WAIT, || database_time_passed(&mut conn, &during, 4)),
+        "the database's clock passes the change by twice the overlap"
+    );
+
+    let restarted = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert_eq!(
+        client.try_recv(WAIT),
+        Some(common::serve::update(bug, &during)),
+        "the change made while no poller ran arrives:\n{}",
+        restarted.log()
+    );
+    assert!(
+        restarted
+            .log()
+            .contains("resuming from the saved watermark"),
+        "the poller says where it resumed:\n{}",
+        restarted.log()
+    );
+}
+
+#[test]
+fn source_bugs_replays_at_most_the_replay_limit_and_says_what_it_skipped() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let state = StateDir::new();
+    let mut conn = db.conn();
+    // Stopped an hour ago; the replay limit is 10 minutes.
+    let saved: Option<String> = conn
+        .query_first("SELECT DATE_FORMAT(NOW() - INTERVAL 1 HOUR, '%Y-%m-%dT%H:%i:%s')")
+        .expect("an hour ago");
+    let saved = saved.expect("a time");
+    std::fs::write(state.watermark_file(&db), format!("{saved}\n")).expect("write the state");
+    let skipped = insert_bug(&mut conn, "NOW() - INTERVAL 50 MINUTE");
+    let replayed = insert_bug(&mut conn, "NOW() - INTERVAL 5 MINUTE");
+    let replayed = bugs_row(&mut conn, replayed);
+
+    let extra = bugs_source_with_state(&state, Some("10m"));
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    let mut received = Pairs::new();
+    let done = broker.receive_until(&mut received, WAIT, |r| r.contains(&replayed));
+    assert!(
+        done,
+        "a change within the replay limit is replayed: got {received:?}\n{}",
+        poller.log()
+    );
+    received.extend(
+        broker
+            .drain(Duration::from_millis(500))
+            .iter()
+            .map(|m| m.bug_and_time()),
+    );
+    assert!(
+        received.iter().all(|(bug, _)| *bug != skipped),
+        "a change older than the replay limit is not: {received:?}"
+    );
+    let log = poller.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("not replayed")).collect();
+    assert_eq!(lines.len(), 1, "one line says what was skipped:\n{log}");
+    assert!(
+        lines[0].contains("changes stamped from") && lines[0].contains(" to "),
+        "from when to when: {}",
+        lines[0]
+    );
+}
+
+#[test]
+fn source_bugs_with_a_corrupt_state_file_warns_once_and_starts_one_overlap_back() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let state = StateDir::new();
+    let mut conn = db.conn();
+    std::fs::write(state.watermark_file(&db), "\u{0}garbage").expect("write a corrupt state");
+    let history = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &bugs_source_with_state(&state, None),
+    );
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let fresh = insert_bug(&mut conn, "NOW()");
+    let fresh = bugs_row(&mut conn, fresh);
+    let mut received = Pairs::new();
+    assert!(
+        broker.receive_until(&mut received, WAIT, |r| r.contains(&fresh)),
+        "the poller works on: got {received:?}\n{}",
+        poller.log()
+    );
+    assert!(
+        received.iter().all(|(bug, _)| *bug != history),
+        "no history replayed: {received:?}"
+    );
+    let log = poller.log();
+    assert_eq!(
+        log_lines(&log, &["holds no watermark"]),
+        1,
+        "one warning:\n{log}"
+    );
+    assert!(
+        common::wait_until(WAIT, || std::fs::read_to_string(state.watermark_file(&db))
+            .is_ok_and(|text| text.len() == 20 && text.ends_with('\n'))),
+        "the next confirmed poll rewrites the file"
+    );
+}
+
+#[test]
+fn a_change_the_push_notify_extension_loses_to_a_delete_still_arrives_from_bugs() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    // A slow broker link keeps the row between the poller's read and its
+    // DELETE for a while, so the extension's read below finds it.
+    let slow = Proxy::to(AMQP_ADDR);
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, &slow.addr(), &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    assert!(
+        poller.wait_for_log("connected", WAIT),
+        "the poller connects to the broker"
+    );
+    slow.set_delay(Duration::from_millis(300));
+
+    // Change 1, as Bugzilla writes it: bugs.delta_ts and the row, together.
+    let (t1_sql, t1) = common::datetime(10);
+    let (t2_sql, t2) = common::datetime(20);
+    let mut bugzilla = db.conn();
+    let mut tx = bugzilla
+        .start_transaction(mysql::TxOpts::default())
+        .expect("begin");
+    tx.exec_drop(
+        "INSERT INTO bugs (bug_id, delta_ts) VALUES (80, ?)",
+        (&t1_sql,),
+    )
+    .expect("stamp bug 80");
+    tx.exec_drop(
+        "INSERT INTO push_notify (bug_id, delta_ts) VALUES (80, ?)",
+        (&t1_sql,),
+    )
+    .expect("insert its row");
+    tx.commit().expect("commit change 1");
+
+    // Change 2, with the extension's own statements: it reads the row id...
+    let mut extension = db.conn();
+    let mut tx = extension
+        .start_transaction(mysql::TxOpts::default())
+        .expect("begin");
+    let id: Option<i64> = tx
+        .exec_first("SELECT id FROM push_notify WHERE bug_id = ?", (80,))
+        .expect("read the row id");
+    let id = id.expect("the row of change 1 is still there: the broker link is slow");
+    // ...the poller publishes change 1 and deletes the row...
+    let first = broker.recv(WAIT).expect("change 1 arrives");
+    assert_eq!(first.bug_and_time(), (80, t1));
+    assert!(
+        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        "the poller deletes the row"
+    );
+    // ...and the update by id matches nothing; Bugzilla stamps the bug.
+    tx.exec_drop(
+        "UPDATE push_notify SET delta_ts = ? WHERE id = ?",
+        (&t2_sql, id),
+    )
+    .expect("update the row by id");
+    assert_eq!(tx.affected_rows(), 0, "the row is gone: change 2 is lost");
+    tx.exec_drop("UPDATE bugs SET delta_ts = ? WHERE bug_id = 80", (&t2_sql,))
+        .expect("stamp bug 80 again");
+    tx.commit().expect("commit change 2");
+    assert_eq!(db.push_notify_rows(), 0, "no row carries change 2");
+
+    let mut received = Pairs::new();
+    let arrived = broker.receive_until(&mut received, WAIT, |r| r.contains(&(80, t2.clone())));
+    assert!(
+        arrived,
+        "change 2 arrives from bugs.delta_ts; got {received:?}\n{}",
+        poller.log()
+    );
+    received.extend(
+        broker
+            .drain(Duration::from_millis(1500))
+            .iter()
+            .map(|m| m.bug_and_time()),
+    );
+    assert_eq!(
+        received,
+        [(80, t2)],
+        "once, and nothing else: a bug whose row carries its change is not published twice"
+    );
+}
+
+#[test]
+fn without_select_on_bugs_the_poller_warns_once_and_delivers_on() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let user =
+        common::run::TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
+    let extra = [("BZPUSH_DATABASE_URL", user.url(&db))];
+    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    let mut conn = db.conn();
+    for secs in 0..3 {
+        let (sql, wire) = common::datetime(secs);
+        TestDb::push_notify_change(&mut conn, 90 + secs, Some(&sql));
+        let message = broker.recv(WAIT).expect("the change arrives");
+        assert_eq!(message.bug_and_time(), (u64::from(90 + secs), wire));
+    }
+    assert!(
+        poller.wait_for_log("cannot read bugs.bug_id", WAIT),
+        "the missing privilege is said:\n{}",
+        poller.log()
+    );
+    // Later polls keep delivering, and do not say it again.
+    let (sql, wire) = common::datetime(10);
+    TestDb::push_notify_change(&mut conn, 99, Some(&sql));
+    let message = broker.recv(WAIT).expect("a later change arrives");
+    assert_eq!(message.bug_and_time(), (99, wire));
+    let log = poller.log();
+    assert_eq!(log_lines(&log, &["cannot read bugs.bug_id"]), 1, "{log}");
+    assert_eq!(
+        log_lines(&log, &["retrying with backoff"]),
+        0,
+        "not an outage:\n{log}"
+    );
+}
+
+/// The id of the database connection that holds `lock`, if any.
+fn lock_holder(conn: &mut mysql::Conn, lock: &str) -> Option<u64> {
+    conn.exec_first::<Option<u64>, _, _>("SELECT IS_USED_LOCK(?)", (lock,))
+        .expect("ask who holds the lock")
+        .flatten()
+}
+
+/// The connections of `db` waiting in `GET_LOCK`: standbys.
+fn waiting_for_lock(conn: &mut mysql::Conn, db: &TestDb) -> Vec<u64> {
+    conn.exec(
+        "SELECT ID FROM information_schema.PROCESSLIST \
+         WHERE DB = ? AND INFO LIKE 'SELECT GET_LOCK%'",
+        (&db.name,),
+    )
+    .expect("list the connections waiting for the lock")
+}
+
+#[test]
+fn a_poller_connection_the_server_drops_is_replaced_without_an_outage_warning() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let lock = format!("bzpush.{}", db.name);
+    let mut admin = common::admin_conn();
+    let mut conn = db.conn();
+    let active = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        active.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let standby = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        standby.wait_for_log("standby", WAIT),
+        "the second one waits"
+    );
+
+    // The server ends the standby's connection, as wait_timeout or an
+    // administrator's KILL would.
+    let mut waiting = Vec::new();
+    assert!(
+        common::wait_until(WAIT, || {
+            waiting = waiting_for_lock(&mut admin, &db);
+            !waiting.is_empty()
+        }),
+        "the standby waits in GET_LOCK"
+    );
+    let killed = waiting[0];
+    admin
+        .query_drop(format!("KILL CONNECTION {killed}"))
+        .expect("kill the standby's connection");
+    assert!(
+        common::wait_until(WAIT, || waiting_for_lock(&mut admin, &db)
+            .iter()
+            .any(|id| *id != killed)),
+        "the standby waits again, on a new connection:\n{}",
+        standby.log()
+    );
+
+    // And the active poller's, between two polls.
+    let holder = lock_holder(&mut admin, &lock).expect("the active poller holds the lock");
+    admin
+        .query_drop(format!("KILL CONNECTION {holder}"))
+        .expect("kill the active poller's connection");
+    assert!(
+        common::wait_until(WAIT, || lock_holder(&mut admin, &lock)
+            .is_some_and(|id| id != holder)),
+        "a poller holds the lock again"
+    );
+    let (sql, wire) = common::datetime(1);
+    TestDb::push_notify_change(&mut conn, 5, Some(&sql));
+    let message = broker.recv(WAIT).expect("a change after the kills arrives");
+    assert_eq!(message.bug_and_time(), (5, wire));
+
+    for (poller, role) in [(&active, "active"), (&standby, "standby")] {
+        let log = poller.log();
+        assert_eq!(
+            log_lines(&log, &["database", "retrying with backoff"]),
+            0,
+            "no outage is reported for the {role} poller's dropped connection:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_poller_connection_cut_under_it_is_replaced_without_an_outage_warning() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(MYSQL_ADDR);
+    let mut conn = db.conn();
+    let poller = Bzpush::poll(&db, &proxy.addr(), AMQP_ADDR, &broker.exchange, &[]);
+    assert!(
+        poller.wait_for_log("active:", WAIT),
+        "the poller takes the lock"
+    );
+    let (sql, wire) = common::datetime(0);
+    TestDb::push_notify_change(&mut conn, 1, Some(&sql));
+    assert_eq!(
+        broker.recv(WAIT).expect("published").bug_and_time(),
+        (1, wire)
+    );
+    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+
+    // A firewall or a load balancer in front of the database closes the
+    // connection; new ones get through.
+    proxy.sever();
+    let (sql, wire) = common::datetime(1);
+    TestDb::push_notify_change(&mut conn, 2, Some(&sql));
+    assert_eq!(
+        broker
+            .recv(WAIT)
+            .expect("a change after the cut arrives")
+            .bug_and_time(),
+        (2, wire)
+    );
+    let log = poller.log();
+    assert_eq!(
+        log_lines(&log, &["database", "retrying with backoff"]),
+        0,
+        "no outage is reported:\n{log}"
+    );
+}
+
+#[test]
+fn check_poll_names_the_state_directory_and_the_race_checks_grant() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let state = StateDir::new();
+    let check = |extra: &[(&'static str, String)]| {
+        let mut env = vec![
+            ("BZPUSH_DATABASE_URL", db.url()),
+            ("BZPUSH_AMQP_URL", common::amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_EXCHANGE", broker.exchange.clone()),
+        ];
+        env.extend(extra.iter().cloned());
+        Bzpush::run(&["check", "poll"], &env, Duration::from_secs(30))
+    };
+    let bugs = ("BZPUSH_SOURCE", "bugs".to_string());
+    let finished = check(&[bugs.clone(), ("BZPUSH_STATE_DIRECTORY", state.path())]);
+    assert!(finished.status.success(), "{finished:?}");
+    assert!(
+        finished
+            .stdout
+            .contains(&format!("ok    state directory {}: present", state.path())),
+        "{finished:?}"
+    );
+    let not_a_folder = state.watermark_file(&db);
+    std::fs::write(&not_a_folder, "").expect("write a file");
+    let finished = check(&[
+        bugs,
+        (
+            "BZPUSH_STATE_DIRECTORY",
+            not_a_folder.to_string_lossy().into_owned(),
+        ),
+    ]);
+    assert_eq!(finished.status.code(), Some(1), "{finished:?}");
+    assert!(finished.stdout.contains("not a folder"), "{finished:?}");
+
+    let user =
+        common::run::TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
+    let finished = check(&[("BZPUSH_DATABASE_URL", user.url(&db))]);
+    assert!(finished.status.success(), "only a warning: {finished:?}");
+    assert!(
+        finished.stdout.lines().any(|l| l.starts_with("warn")
+            && l.contains("PushNotify race check")
+            && l.contains("GRANT SELECT (bug_id, delta_ts) ON bugs")),
+        "{finished:?}"
+    );
+}
+
+#[test]
+fn source_bugs_without_state_a_standby_taking_over_reads_one_overlap_back() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let mut conn = db.conn();
+    let bug = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
+    let extra = [
+        ("BZPUSH_SOURCE", "bugs".to_string()),
+        ("BZPUSH_STATE_DIRECTORY", "off".to_string()),
+    ];
+    let mut active = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert!(
+        active.wait_for_log("active:", WAIT),
+        "the first takes the lock"
+    );
+    let standby = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    assert!(standby.wait_for_log("standby", WAIT), "the second waits");
+
+    // The active poller dies; a change stamped before the standby takes
+    // over commits only after it did (a slow Bugzilla request).
+    active.kill9();
+    assert!(
+        standby.wait_for_log("active:", WAIT),
+        "the standby takes over"
+    );
+    conn.exec_drop(
+        "UPDATE bugs SET delta_ts = NOW() - INTERVAL 5 SECOND WHERE bug_id = ?",
+        (bug,),
+    )
+    .expect("a late commit");
+    let late = bugs_row(&mut conn, bug);
+    let mut received = Pairs::new();
+    assert!(
+        broker.receive_until(&mut received, WAIT, |r| r.contains(&late)),
+        "the late commit arrives: got {received:?}\n{}",
+        standby.log()
+    );
+    assert!(
+        received.iter().all(|(_, when)| *when >= late.1),
+        "and no history: {received:?}"
+    );
+}

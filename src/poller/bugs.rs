@@ -5,13 +5,20 @@
 //! the database's own clock at the previous poll, and suppresses the
 //! `(bug, delta_ts)` pairs it already published within that window. The
 //! overlap catches transactions that commit after the second they stamped.
-//! This source must never write to the database.
+//!
+//! The watermark survives a restart in a [`StateFile`], saved after each
+//! confirmed poll: a start or a takeover replays from it, at most the
+//! replay limit back (and says what a cap skipped). With no state it starts
+//! one overlap before the database's current time, so a takeover within the
+//! overlap loses nothing. This source must never write to the database.
 
 use std::collections::HashSet;
 
+use log::{info, warn};
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
+use super::state::{StateFile, is_datetime};
 use super::{Batch, Source};
 use crate::config::PollerConfig;
 use crate::database::{bug_id, change_time};
@@ -24,6 +31,12 @@ pub struct Bugs {
     watermark: Option<ChangeTime>,
     /// What was published (confirmed) within the current window.
     published: HashSet<Notification>,
+    /// Where the watermark is kept across restarts, if anywhere.
+    state: Option<StateFile>,
+    replay_limit_secs: u64,
+    /// A saved watermark to resume from, checked against the replay limit
+    /// on the next read (which has the database at hand).
+    resume: Option<ChangeTime>,
 }
 
 /// What a batch needs to be remembered once confirmed.
@@ -42,7 +55,63 @@ impl Bugs {
             overlap_secs: config.overlap.as_secs().max(1),
             watermark: None,
             published: HashSet::new(),
+            state: config
+                .state_directory
+                .as_deref()
+                .map(|dir| StateFile::new(dir, &config.lock_name)),
+            replay_limit_secs: config.replay_limit.as_secs().max(1),
+            resume: None,
         }
+    }
+
+    /// Moves the watermark back to `saved` (from the state file), but not
+    /// past the replay limit; says what it does.
+    fn resume_from(&mut self, db: &mut Conn, saved: ChangeTime) -> Result<(), mysql::Error> {
+        const FORMAT: &str = "'%Y-%m-%dT%H:%i:%s'";
+        let row: Option<(String, String, Option<String>, Option<String>)> = db.exec_first(
+            format!(
+                "SELECT DATE_FORMAT(NOW(), {FORMAT}), \
+                 DATE_FORMAT(NOW() - INTERVAL ? SECOND, {FORMAT}), \
+                 DATE_FORMAT(STR_TO_DATE(?, {FORMAT}) - INTERVAL ? SECOND, {FORMAT}), \
+                 DATE_FORMAT(NOW() - INTERVAL ? SECOND, {FORMAT})"
+            ),
+            (
+                self.replay_limit_secs,
+                saved.as_str(),
+                self.overlap_secs,
+                self.replay_limit_secs + self.overlap_secs,
+            ),
+        )?;
+        let Some((now, cap, saved_from, cap_from)) = row else {
+            return Ok(());
+        };
+        if !is_datetime(&now) || !is_datetime(&cap) {
+            return Ok(());
+        }
+        // Same fixed-width form: text order is time order.
+        let start = if saved.as_str() < cap.as_str() {
+            warn!(
+                "the saved watermark {saved} is older than BZPUSH_REPLAY_LIMIT allows: \
+                 changes stamped from {} to {} are not replayed; clients that need them \
+                 must refresh from Bugzilla",
+                saved_from.unwrap_or_default(),
+                cap_from.unwrap_or_default()
+            );
+            ChangeTime::new(cap)
+        } else if saved.as_str() < now.as_str() {
+            info!(
+                "resuming from the saved watermark {saved}: replaying changes stamped since {}",
+                saved_from.unwrap_or_default()
+            );
+            saved
+        } else {
+            // Saved "in the future": the database's clock went back.
+            ChangeTime::new(now)
+        };
+        if self.watermark.as_ref().is_none_or(|w| start < *w) {
+            self.watermark = Some(start);
+        }
+        Ok(())
     }
 }
 
@@ -50,12 +119,17 @@ impl Source for Bugs {
     type Receipt = Window;
 
     fn activated(&mut self, now: &ChangeTime, took_over: bool) {
-        // A fresh start begins now (no replay of history). After another
+        // With no state, a fresh start begins now (no replay of history),
+        // reading one overlap back. After another
         // poller was active, begin where it stopped: it was alive at `now`,
         // and the overlap covers what it read but had not yet published.
         // Reconnecting with nobody else active keeps our own watermark.
+        // The state file may know of an earlier watermark: this poller's
+        // own from before a restart, or one that another poller sharing the
+        // state directory saved.
         if took_over || self.watermark.is_none() {
             self.watermark = Some(now.clone());
+            self.resume = self.state.as_ref().and_then(StateFile::load);
         }
     }
 
@@ -69,6 +143,10 @@ impl Source for Bugs {
     }
 
     fn read(&mut self, db: &mut Conn) -> Result<Batch<Window>, mysql::Error> {
+        if let Some(saved) = self.resume.clone() {
+            self.resume_from(db, saved)?;
+            self.resume = None;
+        }
         let now: Option<String> =
             db.query_first("SELECT DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s')")?;
         let now = ChangeTime::new(now.unwrap_or_default());
@@ -116,6 +194,9 @@ impl Source for Bugs {
             // A pair that fell out of this window never comes back into a
             // later one: forget it.
             self.published.retain(|n| window.seen.contains(n));
+            if let Some(state) = &mut self.state {
+                state.save(&now);
+            }
             self.watermark = Some(now);
         }
         Ok(())

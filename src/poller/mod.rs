@@ -5,7 +5,10 @@
 //! (the others wait as hot standbys), reconnection with capped backoff for
 //! both the database and the sink, and the rule that a change is forgotten
 //! only after the sink took it (the broker confirmed it). It must never drop
-//! a change the sink has not taken, and never log a credential. The two
+//! a change the sink has not taken, and never log a credential. A
+//! connection that worked and was then dropped (idle past `wait_timeout`,
+//! a `KILL`, a cut) is replaced at once without a word; only when that
+//! fails too is the database reported down. The two
 //! sources (what to read, what to forget) live in [`push_notify`] and
 //! [`bugs`].
 //!
@@ -18,13 +21,17 @@
 
 mod bugs;
 mod push_notify;
+mod recheck;
+mod state;
+
+pub use push_notify::delete_statement;
 
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
@@ -46,6 +53,12 @@ const DB_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// counted) again when read again. Past that, the memory starts over: the
 /// sink may see a change twice, which it tolerates.
 const HANDED_OVER_BATCHES: usize = 4;
+
+/// Connections dropped closer together than this are a fault to report,
+/// not idle ones the server closed: it closes one idle past `wait_timeout`,
+/// which is 8 h by default and never less than the poll it would have to
+/// fall between.
+const QUIET_RECONNECT_GAP: Duration = Duration::from_secs(10);
 
 /// What a source read in one poll: the notifications to publish, and what
 /// it needs back to forget them once they are confirmed.
@@ -219,6 +232,11 @@ struct Poller<'a, S, K> {
     /// Changes the sink took whose rows the source has not forgotten yet
     /// (the confirm failed): read again, they are not handed over again.
     handed_over: HashSet<Notification>,
+    /// A statement has worked on the current connection since the last
+    /// quiet reconnection: the next dropped connection may be replaced
+    /// without a word.
+    reconnect_quietly: bool,
+    last_quiet_reconnect: Option<Instant>,
 }
 
 impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
@@ -246,6 +264,8 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             role: None,
             session: None,
             handed_over: HashSet::new(),
+            reconnect_quietly: false,
+            last_quiet_reconnect: None,
         }
     }
 
@@ -255,10 +275,20 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             self.metrics.beat(&self.metrics.poller_beat);
             match self.connect_and_work(&mut backoff) {
                 Ok(()) => break,
+                Err(e) if self.may_reconnect_quietly(&e) => {
+                    // Most likely closed while idle (wait_timeout, a KILL):
+                    // reconnect at once and say nothing unless that fails
+                    // too. The lock went with the connection; taking it
+                    // again is the same as after an outage.
+                    debug!("database connection dropped ({e}); reconnecting");
+                    self.reconnect_quietly = false;
+                    self.last_quiet_reconnect = Some(Instant::now());
+                }
                 Err(e) => {
                     // The lock went with the connection: whoever reconnects
                     // first is the active poller.
                     self.metrics.poller().role = None;
+                    self.reconnect_quietly = false;
                     let stop = match refusal(&e, self.config) {
                         Some(reason) => {
                             self.refused(&reason);
@@ -276,6 +306,16 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             }
         }
         info!("poller stopped");
+    }
+
+    /// Whether `error` ended a connection that worked, and not just after
+    /// the last time that happened.
+    fn may_reconnect_quietly(&self, error: &mysql::Error) -> bool {
+        self.reconnect_quietly
+            && database::connection_dropped(error)
+            && self
+                .last_quiet_reconnect
+                .is_none_or(|at| at.elapsed() >= QUIET_RECONNECT_GAP)
     }
 
     /// Connects, waits for the lock, polls. `Ok` only on shutdown.
@@ -299,6 +339,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 "SELECT GET_LOCK(?, ?), DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s'), IS_USED_LOCK(?)",
                 (name, LOCK_WAIT_SECS, name),
             )?;
+            self.reconnect_quietly = true;
             let (got, now, holder_id) = row.unwrap_or((None, String::new(), None));
             if got == Some(1) {
                 let id: Option<u64> = db.query_first("SELECT CONNECTION_ID()")?;
@@ -438,6 +479,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                     // a refusal is over.
                     self.database_up();
                     db_backoff.reset();
+                    self.reconnect_quietly = true;
                     if full {
                         Instant::now()
                     } else {

@@ -5,21 +5,57 @@
 //! deleted only if it is unchanged (`id` and `delta_ts` both match), so a
 //! change that lands between the read and the delete stays for the next
 //! poll. In a backlog the next batch is read past the last `id` of the one
-//! still in flight, so the two overlap. This source needs SELECT and DELETE on that one table and must
-//! never write anything else.
+//! still in flight, so the two overlap. Reads are plain consistent reads,
+//! which take no locks; the DELETE locks only the rows it deletes (see
+//! [`delete_statement`]), so a row another session holds never stalls it.
+//!
+//! The extension itself loses a change when a row is deleted between its
+//! read of the row id and its update by that id; for one overlap after a
+//! delete the bug's `bugs.delta_ts` is checked ([`Recheck`]), which needs
+//! SELECT on `bugs (bug_id, delta_ts)`. This source needs SELECT and DELETE
+//! on `push_notify` and must never write anything else.
+
+use std::collections::HashMap;
+use std::time::Instant;
 
 use log::warn;
 use mysql::prelude::Queryable;
 use mysql::{Conn, Value};
 
+use super::recheck::Recheck;
 use super::{Batch, Source};
 use crate::config::PollerConfig;
 use crate::database::{bug_id, change_time};
-use crate::notification::{ChangeTime, Notification};
+use crate::notification::{BugId, ChangeTime, Notification};
 
-/// Rows per DELETE statement: two placeholders each, well under the
+/// Rows per DELETE statement: three placeholders each, well under the
 /// protocol's 65,535.
 const DELETE_CHUNK: usize = 1000;
+
+/// The statement that forgets `rows` confirmed rows: `rows` ids, then
+/// `rows` `(id, delta_ts)` pairs. Public so a test can EXPLAIN it.
+///
+/// It must lock only the rows it deletes: a full scan (EXPLAIN `type=ALL`)
+/// waits on any row another session holds locked, such as the extension's
+/// uncommitted INSERT of an unrelated bug, and every notification stalls
+/// behind it. Measured on MariaDB 10.11, both plain forms go wrong: a
+/// one-element `(id, delta_ts) IN ((?, ?))` becomes a row comparison that
+/// never uses an index, and once a batch is more than about half the table
+/// (every backlog), the optimizer prefers a full scan to a range for any
+/// form, `(id = ? AND delta_ts = ?) OR …` included. So the `id IN` list
+/// gives a range on the primary key and `FORCE INDEX` keeps it whatever the
+/// table's size (an index hint needs the multi-table DELETE syntax). The
+/// row-value list then keeps a row changed since it was read; the server
+/// looks each row up in that sorted list (~7 µs a row at 1000), where an OR
+/// chain would test every term (~30 µs a row).
+pub fn delete_statement(rows: usize) -> String {
+    let ids = vec!["?"; rows].join(", ");
+    let pairs = vec!["(?, ?)"; rows].join(", ");
+    format!(
+        "DELETE p FROM push_notify p FORCE INDEX (PRIMARY) \
+         WHERE p.id IN ({ids}) AND (p.id, p.delta_ts) IN ({pairs})"
+    )
+}
 
 pub struct PushNotify {
     batch_size: usize,
@@ -27,17 +63,100 @@ pub struct PushNotify {
     /// past it while that batch's confirms and DELETE are still pending.
     /// `None`: read from the start of the table.
     after: Option<Value>,
+    /// Bugs whose row was deleted lately, checked against `bugs.delta_ts`.
+    recheck: Recheck,
+    /// The checks failed for want of a privilege (or of the table): off
+    /// until the next activation.
+    recheck_refused: bool,
+    /// That was said once; it is not said again.
+    recheck_warned: bool,
 }
 
-/// The rows a batch came from, as read: `(id, delta_ts)`.
-pub struct Rows(Vec<(Value, Value)>);
+/// What a batch needs once it is confirmed.
+pub struct Rows {
+    /// The rows it came from, as read: `(id, delta_ts)`.
+    rows: Vec<(Value, Value)>,
+    /// Everything it published, from rows and from checks.
+    published: Vec<Notification>,
+}
+
+/// MariaDB's answers for a table or column the user may not read, or that
+/// does not exist: retrying cannot cure them.
+const REFUSALS: [u16; 4] = [
+    1142, // ER_TABLEACCESS_DENIED_ERROR
+    1143, // ER_COLUMNACCESS_DENIED_ERROR
+    1146, // ER_NO_SUCH_TABLE
+    1054, // ER_BAD_FIELD_ERROR
+];
+
+/// Bugs per check statement, like [`DELETE_CHUNK`].
+const RECHECK_CHUNK: usize = 1000;
 
 impl PushNotify {
     pub fn new(config: &PollerConfig) -> PushNotify {
         PushNotify {
             batch_size: config.batch_size,
             after: None,
+            recheck: Recheck::new(config.overlap),
+            recheck_refused: false,
+            recheck_warned: false,
         }
+    }
+
+    /// The changes the extension lost that `bugs.delta_ts` still shows: for
+    /// each bug due for a check, a later time than the one published, when
+    /// no row is there to carry it. One statement per chunk reads both
+    /// tables in one snapshot, by primary key and unique index: a change
+    /// that did land in `push_notify` committed its row with its
+    /// `delta_ts`, and goes out from the row.
+    fn rechecked(&mut self, db: &mut Conn) -> Result<Vec<Notification>, mysql::Error> {
+        if self.recheck_refused {
+            return Ok(Vec::new());
+        }
+        let due = self.recheck.due(Instant::now(), self.batch_size);
+        let mut found = Vec::new();
+        for chunk in due.chunks(RECHECK_CHUNK) {
+            let ids = vec!["?"; chunk.len()].join(", ");
+            let params: Vec<Value> = chunk.iter().map(|(bug, _)| bug.get().into()).collect();
+            let rows: Vec<(Value, Value)> = match db.exec(
+                format!(
+                    "SELECT b.bug_id, b.delta_ts FROM bugs b WHERE b.bug_id IN ({ids}) \
+                     AND NOT EXISTS (SELECT 1 FROM push_notify p WHERE p.bug_id = b.bug_id)"
+                ),
+                params,
+            ) {
+                Ok(rows) => rows,
+                Err(mysql::Error::MySqlError(e)) if REFUSALS.contains(&e.code) => {
+                    if !self.recheck_warned {
+                        warn!(
+                            "cannot read bugs.bug_id and bugs.delta_ts ({e}); going on without \
+                             the check that catches changes the PushNotify extension loses when \
+                             a row is deleted under it. Fix: GRANT SELECT (bug_id, delta_ts) ON \
+                             bugs TO the poller's user, and restart it"
+                        );
+                        self.recheck_warned = true;
+                    }
+                    self.recheck_refused = true;
+                    self.recheck.clear();
+                    return Ok(Vec::new());
+                }
+                Err(e) => return Err(e),
+            };
+            let published: HashMap<BugId, &ChangeTime> =
+                chunk.iter().map(|(bug, when)| (*bug, when)).collect();
+            for (bug, delta_ts) in rows {
+                let (Some(bug), Some(when)) = (bug_id(&bug), change_time(&delta_ts)) else {
+                    continue;
+                };
+                // Both in the database's fixed-width form: text order is
+                // time order.
+                if published.get(&bug).is_some_and(|last| when > **last) {
+                    self.recheck.found(bug);
+                    found.push(Notification { bug, when });
+                }
+            }
+        }
+        Ok(found)
     }
 }
 
@@ -45,6 +164,10 @@ impl Source for PushNotify {
     type Receipt = Rows;
 
     fn activated(&mut self, _now: &ChangeTime, _took_over: bool) {
+        // What a check found and sent before the connection went is looked
+        // for again; a privilege granted since is tried.
+        self.recheck.reset(Instant::now());
+        self.recheck_refused = false;
         // The table is the whole state: whatever a previous poller (or this
         // one, before it lost its connection) left unconfirmed is still
         // there, from the start.
@@ -56,6 +179,9 @@ impl Source for PushNotify {
     }
 
     fn read(&mut self, db: &mut Conn) -> Result<Batch<Rows>, mysql::Error> {
+        // Before the rows: a row read below for a bug found here carries a
+        // change made after the one found.
+        let mut notifications = self.rechecked(db)?;
         const COLUMNS: &str = "SELECT id, bug_id, delta_ts, TIMESTAMPDIFF(SECOND, delta_ts, NOW()) \
              FROM push_notify";
         let rows: Vec<(Value, Value, Value, Option<i64>)> = match &self.after {
@@ -74,7 +200,7 @@ impl Source for PushNotify {
         } else {
             None
         };
-        let mut notifications = Vec::with_capacity(rows.len());
+        notifications.reserve(rows.len());
         let mut receipt = Vec::with_capacity(rows.len());
         let mut lag_secs = 0;
         for (id, bug, delta_ts, lag) in rows {
@@ -90,8 +216,11 @@ impl Source for PushNotify {
             receipt.push((id, delta_ts));
         }
         Ok(Batch {
+            receipt: Rows {
+                rows: receipt,
+                published: notifications.clone(),
+            },
             notifications,
-            receipt: Rows(receipt),
             full,
             lag_secs,
         })
@@ -99,24 +228,26 @@ impl Source for PushNotify {
 
     fn reset(&mut self) {
         self.after = None;
+        self.recheck.reset(Instant::now());
     }
 
-    fn confirmed(&mut self, db: &mut Conn, Rows(rows): Rows) -> Result<(), mysql::Error> {
+    fn confirmed(
+        &mut self,
+        db: &mut Conn,
+        Rows { rows, published }: Rows,
+    ) -> Result<(), mysql::Error> {
         let mut deleted = 0;
         for chunk in rows.chunks(DELETE_CHUNK) {
-            // A row-constructor IN list, not `(id = ? AND delta_ts = ?) OR …`:
-            // the server tests each row against the OR terms one by one
-            // (quadratic in the chunk, ~30 µs per row at 1000), but looks it
-            // up in the sorted IN list (~7 µs per row).
-            let rows = vec!["(?, ?)"; chunk.len()].join(", ");
             let params: Vec<Value> = chunk
                 .iter()
-                .flat_map(|(id, delta_ts)| [id.clone(), delta_ts.clone()])
+                .map(|(id, _)| id.clone())
+                .chain(
+                    chunk
+                        .iter()
+                        .flat_map(|(id, delta_ts)| [id.clone(), delta_ts.clone()]),
+                )
                 .collect();
-            db.exec_drop(
-                format!("DELETE FROM push_notify WHERE (id, delta_ts) IN ({rows})"),
-                params,
-            )?;
+            db.exec_drop(delete_statement(chunk.len()), params)?;
             deleted += db.affected_rows();
         }
         if deleted < rows.len() as u64 {
@@ -124,6 +255,12 @@ impl Source for PushNotify {
             // change: read from the start again rather than skip it until
             // the backlog ends.
             self.after = None;
+        }
+        if !self.recheck_refused {
+            let now = Instant::now();
+            for Notification { bug, when } in published {
+                self.recheck.watch(bug, when, now);
+            }
         }
         Ok(())
     }
