@@ -61,6 +61,10 @@ pub trait Sink {
     /// Waits for a sent batch. `Ok` only once the sink is responsible for
     /// every notification in it: the poller forgets them then.
     fn settle(&mut self, pending: Self::Pending) -> Result<(), Self::Error>;
+
+    /// This poller just took the lock: everything it sends from now on
+    /// follows. Another poller may have taken changes meanwhile.
+    fn activated(&mut self) {}
 }
 
 /// A place changes are read from. Each batch is `read`, sent, settled,
@@ -213,6 +217,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             if got == Some(1) {
                 self.set_role(Role::Active, None);
                 self.source.activated(&ChangeTime::new(now), waited);
+                self.sink.activated();
                 return Ok(true);
             }
             self.database.up();
