@@ -100,6 +100,71 @@ fn run_delivers_a_push_notify_change_and_deletes_its_row() {
     assert_eq!(metric(&addr, "bzpush_notifications_out_total"), 1);
 }
 
+/// SPEC §5: a new `(bug, when)` pair is delivered even when `when` is
+/// earlier than the bug's last one. Three ways a stamp goes back: summer
+/// time ending in a database on local time (the repeated hour), an NTP step
+/// back, and two requests on one bug committing in the other order than
+/// they stamped.
+#[test]
+fn run_delivers_a_change_stamped_earlier_than_the_bugs_last_one() {
+    let db = TestDb::new();
+    let server = Bzpush::run_on(&db, &[]);
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [31, 32, 33, 34]})),
+        subscribed(&[31, 32, 33, 34])
+    );
+    let mut conn = db.conn();
+    let delivered = |client: &mut Client, expected: &[Value]| {
+        assert_eq!(recv_n(client, expected.len()), expected);
+        assert!(
+            wait_until(WAIT, || db.push_notify_rows() == 0),
+            "the poller left rows in push_notify"
+        );
+    };
+
+    // The repeated hour at the end of summer time.
+    assert!(TestDb::push_notify_change(&mut conn, 31, Some("2026-10-25 02:30:00")));
+    assert!(TestDb::push_notify_change(&mut conn, 32, Some("2026-10-25 02:30:00")));
+    delivered(
+        &mut client,
+        &[
+            update(31, "2026-10-25T02:30:00"),
+            update(32, "2026-10-25T02:30:00"),
+        ],
+    );
+    assert!(TestDb::push_notify_change(&mut conn, 31, Some("2026-10-25 02:10:00")));
+    delivered(&mut client, &[update(31, "2026-10-25T02:10:00")]);
+
+    // An NTP step back of a few seconds.
+    assert!(TestDb::push_notify_change(&mut conn, 33, Some("2026-11-30 12:00:05")));
+    delivered(&mut client, &[update(33, "2026-11-30T12:00:05")]);
+    assert!(TestDb::push_notify_change(&mut conn, 33, Some("2026-11-30 12:00:02")));
+    delivered(&mut client, &[update(33, "2026-11-30T12:00:02")]);
+
+    // Request A stamps :10 and is still working; request B stamps :11 and
+    // commits first; then A commits.
+    let mut late = db.conn();
+    let mut a = late
+        .start_transaction(mysql::TxOpts::default())
+        .expect("begin request A");
+    let stamped: String = a
+        .query_first("SELECT '2026-11-30 13:00:10'")
+        .expect("request A stamps")
+        .expect("a stamp");
+    assert!(TestDb::push_notify_change(&mut conn, 34, Some("2026-11-30 13:00:11")));
+    delivered(&mut client, &[update(34, "2026-11-30T13:00:11")]);
+    a.exec_drop(
+        "INSERT INTO push_notify (bug_id, delta_ts) VALUES (34, ?)
+         ON DUPLICATE KEY UPDATE delta_ts = VALUES(delta_ts)",
+        (stamped,),
+    )
+    .expect("request A writes its stamp");
+    a.commit().expect("request A commits");
+    delivered(&mut client, &[update(34, "2026-11-30T13:00:10")]);
+    assert_nothing_queued(&mut client);
+}
+
 /// Bugs 1..7 in `bugs`, and what a subscription to `asked` since `t(50)`
 /// must get: each changed bug's `delta_ts`, oldest first.
 const ASKED: [u64; 6] = [1, 2, 3, 4, 5, 7];
@@ -301,7 +366,13 @@ fn check_passes_on_a_good_setup() {
     let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url())]);
     assert_passes(
         &finished,
-        &["database", "push_notify: present", "DELETE allowed", "bugs"],
+        &[
+            "database",
+            "push_notify: present",
+            "DELETE allowed",
+            "bugs",
+            "database time zone: UTC",
+        ],
     );
 
     let finished = check(
