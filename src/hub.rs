@@ -9,13 +9,13 @@
 //! the order the hub handled them. The hub must never block on a client:
 //! [`Outbox::push`] doesn't.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::debug;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -214,6 +214,10 @@ pub struct Hub {
     outbound_queue: usize,
     /// Where to send catch-ups the cache cannot answer, if anywhere.
     catchup: Option<Sender<Job>>,
+    /// Catch-up jobs the worker had no room for yet, oldest first: at most
+    /// one per connection (one catch-up is held at a time), so bounded by
+    /// the connection limit.
+    unsent: VecDeque<Job>,
     metrics: Arc<Metrics>,
 }
 
@@ -239,6 +243,7 @@ impl Hub {
             max_subscriptions: config.max_subscriptions,
             outbound_queue: config.outbound_queue,
             catchup: config.catchup,
+            unsent: VecDeque::new(),
             metrics,
         }
     }
@@ -273,6 +278,9 @@ impl Hub {
             }
             Message::Disconnect { conn } => {
                 if let Some(c) = self.connections.remove(&conn) {
+                    if c.held.is_some() {
+                        self.unsent.retain(|job| job.conn != conn);
+                    }
                     self.unsubscribe(conn, c.feed, &c.bugs);
                 }
             }
@@ -287,6 +295,7 @@ impl Hub {
                 // The catch-up worker holds a sender to the hub: let it
                 // end, so that the hub can.
                 self.catchup = None;
+                self.unsent.clear();
                 for c in self.connections.values() {
                     c.outbox.close(CloseCode::Away, "server shutting down");
                 }
@@ -378,10 +387,13 @@ impl Hub {
                     waiting: Vec::new(),
                 };
                 match &self.catchup {
-                    // A worker behind by a whole queue: answer `partial`
-                    // from the cache rather than wait.
-                    Some(catchup) if c.held.is_none() && catchup.try_send(job).is_ok() => {
+                    // Jobs the worker has no room for wait here, in order:
+                    // a storm of reconnecting clients is answered late,
+                    // never `partial` for being many.
+                    Some(_) if c.held.is_none() => {
                         c.held = Some(held);
+                        self.unsent.push_back(job);
+                        self.hand_over();
                     }
                     _ => answer_from_cache(c, &feed.cache, held),
                 }
@@ -389,8 +401,32 @@ impl Hub {
         }
     }
 
+    /// Hands waiting catch-up jobs to the worker while it has room.
+    fn hand_over(&mut self) {
+        let Some(catchup) = &self.catchup else {
+            return;
+        };
+        while let Some(job) = self.unsent.pop_front() {
+            match catchup.try_send(job) {
+                Ok(()) => {}
+                // Room comes back as the worker answers (`CaughtUp`).
+                Err(TrySendError::Full(job)) => {
+                    self.unsent.push_front(job);
+                    return;
+                }
+                // The worker ended: only at shutdown.
+                Err(TrySendError::Disconnected(_)) => {
+                    self.unsent.clear();
+                    return;
+                }
+            }
+        }
+    }
+
     /// The database answered a catch-up: release what was held.
     fn caught_up(&mut self, conn: ConnId, updates: Option<Vec<Notification>>) {
+        // The worker took jobs from its queue: there is room for more.
+        self.hand_over();
         let Some(c) = self.connections.get_mut(&conn) else {
             return;
         };
