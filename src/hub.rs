@@ -32,6 +32,11 @@ pub type ConnId = u64;
 /// A feed, by its index in the configured feed list.
 pub type FeedId = usize;
 
+/// Catch-ups one connection may have on their way to the database; one
+/// more is answered from the cache alone. A client asks once per
+/// (re)connection; this bounds what one client can make the hub queue.
+pub const CATCH_UPS_PER_CONNECTION: usize = 4;
+
 /// Messages queued for the hub before senders wait: deep enough to absorb a
 /// burst from the broker, small enough to bound memory.
 pub const HUB_QUEUE: usize = 16 * 1024;
@@ -130,9 +135,11 @@ struct Connection {
     feed: FeedId,
     outbox: Arc<Outbox>,
     bugs: BTreeSet<BugId>,
-    /// A database catch-up is on its way: everything for this connection
-    /// waits here, so the client still sees answer, catch-up, then live.
-    held: Option<Held>,
+    /// Database catch-ups on their way, oldest first: everything for this
+    /// connection waits in the last one, so the client still sees answer,
+    /// catch-up, then live, in the order it asked. At most
+    /// [`CATCH_UPS_PER_CONNECTION`].
+    held: VecDeque<Held>,
     /// The pair a database catch-up answer gave each bug. The database is
     /// ahead of the live stream: the same pair may still be on its way (not
     /// yet polled, or in the broker's queue), and is not sent twice. Any
@@ -163,7 +170,7 @@ enum Waiting {
 impl Connection {
     /// Queues a reply or catch-up frame (never refused for being many).
     fn reply(&mut self, frame: Bytes) {
-        match &mut self.held {
+        match self.held.back_mut() {
             Some(held) => held.waiting.push(Waiting::Reply(frame)),
             None => self.outbox.push_reply(frame),
         }
@@ -172,10 +179,10 @@ impl Connection {
     /// Queues a live update; `false` if the client is too slow for it, or
     /// a catch-up answer already gave it this very pair.
     fn update(&mut self, notification: &Notification, frame: Bytes, limit: usize) -> bool {
-        if self.held.is_none() && self.already_answered(notification) {
+        if self.held.is_empty() && self.already_answered(notification) {
             return false;
         }
-        match &mut self.held {
+        match self.held.back_mut() {
             Some(held) if held.waiting.len() >= limit => {
                 self.outbox
                     .close(CloseCode::Policy, "too slow: outbound queue full");
@@ -215,8 +222,8 @@ pub struct Hub {
     /// Where to send catch-ups the cache cannot answer, if anywhere.
     catchup: Option<Sender<Job>>,
     /// Catch-up jobs the worker had no room for yet, oldest first: at most
-    /// one per connection (one catch-up is held at a time), so bounded by
-    /// the connection limit.
+    /// [`CATCH_UPS_PER_CONNECTION`] per connection, so bounded by the
+    /// connection limit.
     unsent: VecDeque<Job>,
     metrics: Arc<Metrics>,
 }
@@ -267,7 +274,7 @@ impl Hub {
                         feed,
                         outbox,
                         bugs: BTreeSet::new(),
-                        held: None,
+                        held: VecDeque::new(),
                         answered: HashMap::new(),
                     },
                 );
@@ -278,7 +285,7 @@ impl Hub {
             }
             Message::Disconnect { conn } => {
                 if let Some(c) = self.connections.remove(&conn) {
-                    if c.held.is_some() {
+                    if !c.held.is_empty() {
                         self.unsent.retain(|job| job.conn != conn);
                     }
                     self.unsubscribe(conn, c.feed, &c.bugs);
@@ -390,8 +397,8 @@ impl Hub {
                     // Jobs the worker has no room for wait here, in order:
                     // a storm of reconnecting clients is answered late,
                     // never `partial` for being many.
-                    Some(_) if c.held.is_none() => {
-                        c.held = Some(held);
+                    Some(_) if c.held.len() < CATCH_UPS_PER_CONNECTION => {
+                        c.held.push_back(held);
                         self.unsent.push_back(job);
                         self.hand_over();
                     }
@@ -430,9 +437,13 @@ impl Hub {
         let Some(c) = self.connections.get_mut(&conn) else {
             return;
         };
-        let Some(held) = c.held.take() else {
+        let Some(held) = c.held.pop_front() else {
             return;
         };
+        // The oldest catch-up: everything before it is out, so its answer
+        // and what it held go straight to the client, not behind the
+        // catch-ups still on their way.
+        let later = std::mem::take(&mut c.held);
         match updates {
             Some(updates) => {
                 c.reply(text_frame(protocol::subscribe_reply(
@@ -446,6 +457,7 @@ impl Hub {
             }
             None => answer_from_cache(c, &self.feeds[c.feed].cache, held),
         }
+        c.held = later;
     }
 
     fn unsubscribe(&mut self, conn: ConnId, feed: FeedId, bugs: &BTreeSet<BugId>) {
@@ -700,6 +712,45 @@ mod tests {
         assert_eq!(frames[2]["when"], "2026-01-01T00:00:05");
         assert_eq!(frames[3]["when"], "2026-01-01T00:00:09");
         assert_eq!(frames[4]["command"], "version");
+    }
+
+    #[test]
+    fn a_second_catch_up_waits_behind_the_first_instead_of_answering_partial() {
+        let writers = Writers::start().expect("writers");
+        let (mut hub, mut client, jobs) = hub_with_client(&writers);
+        let since = Since::parse("2026-01-01T00:00:00");
+        subscribe(&mut hub, vec![BugId::new(5).expect("5")], since.clone());
+        hub.handle(Message::Command {
+            conn: 1,
+            command: Command::Version,
+        });
+        subscribe(&mut hub, vec![BugId::new(6).expect("6")], since);
+        assert_eq!(jobs.try_iter().count(), 2, "both catch-ups go to the database");
+        hub.handle(Message::Notify {
+            feed: 0,
+            notification: n(6, "2026-01-01T00:00:08"),
+        });
+        hub.handle(Message::CaughtUp {
+            conn: 1,
+            updates: Some(vec![n(5, "2026-01-01T00:00:07")]),
+        });
+        hub.handle(Message::CaughtUp {
+            conn: 1,
+            updates: Some(vec![n(6, "2026-01-01T00:00:03")]),
+        });
+        let frames = read_texts(&mut client, 6);
+        assert_eq!(
+            frames[0],
+            serde_json::json!({"command": "subscribe", "result": "ok", "bugs": [5]})
+        );
+        assert_eq!(frames[1]["when"], "2026-01-01T00:00:07");
+        assert_eq!(frames[2]["command"], "version");
+        assert_eq!(
+            frames[3],
+            serde_json::json!({"command": "subscribe", "result": "ok", "bugs": [5, 6]})
+        );
+        assert_eq!(frames[4]["when"], "2026-01-01T00:00:03");
+        assert_eq!(frames[5]["when"], "2026-01-01T00:00:08");
     }
 
     #[test]
