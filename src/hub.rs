@@ -725,7 +725,11 @@ mod tests {
             command: Command::Version,
         });
         subscribe(&mut hub, vec![BugId::new(6).expect("6")], since);
-        assert_eq!(jobs.try_iter().count(), 2, "both catch-ups go to the database");
+        assert_eq!(
+            jobs.try_iter().count(),
+            2,
+            "both catch-ups go to the database"
+        );
         hub.handle(Message::Notify {
             feed: 0,
             notification: n(6, "2026-01-01T00:00:08"),

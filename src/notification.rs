@@ -65,7 +65,14 @@ pub struct Moment {
 
 impl Moment {
     /// A time of day on a date, both already checked to exist.
-    pub fn from_civil(year: u32, month: u32, day: u32, hour: u32, minute: u32, second: u32) -> Moment {
+    pub fn from_civil(
+        year: u32,
+        month: u32,
+        day: u32,
+        hour: u32,
+        minute: u32,
+        second: u32,
+    ) -> Moment {
         let days = days_from_civil(i64::from(year), i64::from(month), i64::from(day));
         Moment {
             secs: days * 86_400 + i64::from(hour * 3600 + minute * 60 + second),

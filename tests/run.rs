@@ -124,8 +124,16 @@ fn run_delivers_a_change_stamped_earlier_than_the_bugs_last_one() {
     };
 
     // The repeated hour at the end of summer time.
-    assert!(TestDb::push_notify_change(&mut conn, 31, Some("2026-10-25 02:30:00")));
-    assert!(TestDb::push_notify_change(&mut conn, 32, Some("2026-10-25 02:30:00")));
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        31,
+        Some("2026-10-25 02:30:00")
+    ));
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        32,
+        Some("2026-10-25 02:30:00")
+    ));
     delivered(
         &mut client,
         &[
@@ -133,13 +141,25 @@ fn run_delivers_a_change_stamped_earlier_than_the_bugs_last_one() {
             update(32, "2026-10-25T02:30:00"),
         ],
     );
-    assert!(TestDb::push_notify_change(&mut conn, 31, Some("2026-10-25 02:10:00")));
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        31,
+        Some("2026-10-25 02:10:00")
+    ));
     delivered(&mut client, &[update(31, "2026-10-25T02:10:00")]);
 
     // An NTP step back of a few seconds.
-    assert!(TestDb::push_notify_change(&mut conn, 33, Some("2026-11-30 12:00:05")));
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        33,
+        Some("2026-11-30 12:00:05")
+    ));
     delivered(&mut client, &[update(33, "2026-11-30T12:00:05")]);
-    assert!(TestDb::push_notify_change(&mut conn, 33, Some("2026-11-30 12:00:02")));
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        33,
+        Some("2026-11-30 12:00:02")
+    ));
     delivered(&mut client, &[update(33, "2026-11-30T12:00:02")]);
 
     // Request A stamps :10 and is still working; request B stamps :11 and
@@ -152,7 +172,11 @@ fn run_delivers_a_change_stamped_earlier_than_the_bugs_last_one() {
         .query_first("SELECT '2026-11-30 13:00:10'")
         .expect("request A stamps")
         .expect("a stamp");
-    assert!(TestDb::push_notify_change(&mut conn, 34, Some("2026-11-30 13:00:11")));
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        34,
+        Some("2026-11-30 13:00:11")
+    ));
     delivered(&mut client, &[update(34, "2026-11-30T13:00:11")]);
     a.exec_drop(
         "INSERT INTO push_notify (bug_id, delta_ts) VALUES (34, ?)
@@ -392,7 +416,9 @@ fn run_answers_a_reconnect_storm_complete() {
     let db = TestDb::new();
     let mut conn = db.conn();
     // Bug b changed at t(b); a client asks since t(100).
-    let values: Vec<String> = (1..=BUGS).map(|b| format!("({b}, '{}')", sql(b as u32))).collect();
+    let values: Vec<String> = (1..=BUGS)
+        .map(|b| format!("({b}, '{}')", sql(b as u32)))
+        .collect();
     conn.query_drop(format!(
         "INSERT INTO bugs (bug_id, delta_ts) VALUES {}",
         values.join(",")
@@ -420,10 +446,7 @@ fn run_answers_a_reconnect_storm_complete() {
         let mut expected: Vec<u64> = bugs.iter().copied().filter(|&b| b >= 100).collect();
         expected.sort_unstable();
         let got: Vec<Value> = recv_n(client, expected.len());
-        let want: Vec<Value> = expected
-            .iter()
-            .map(|&b| update(b, &t(b as u32)))
-            .collect();
+        let want: Vec<Value> = expected.iter().map(|&b| update(b, &t(b as u32))).collect();
         assert_eq!(got, want, "client {i}");
     }
     assert_eq!(partials, 0, "{partials} of {CLIENTS} answers were partial");

@@ -523,7 +523,13 @@ fn since_is_partial_once_the_cache_evicted_what_it_asks_for() {
     // provably complete.
     let mut c = Client::connect(&server.ws_url("/"));
     let kept = [(5, s.at(3)), (5, s.at(4)), (5, s.at(5))];
-    assert_catch_up(&mut c, json!(5), json!(s.at(3)), ok("subscribe", &[5]), &kept);
+    assert_catch_up(
+        &mut c,
+        json!(5),
+        json!(s.at(3)),
+        ok("subscribe", &[5]),
+        &kept,
+    );
     assert_catch_up(&mut c, json!(5), json!(s.at(2)), partial(&[5]), &kept);
     assert_catch_up(&mut c, json!(5), json!(s.at(1)), partial(&[5]), &kept);
     assert_catch_up(
@@ -589,11 +595,7 @@ fn a_fresh_queue_mid_stream_vouches_only_after_it_started() {
     s.wait_past(3);
     // Published in row order: a late time first, then earlier ones, one of
     // them from before the server started.
-    let published = vec![
-        (1, s.at(3)),
-        (2, s.at(1)),
-        (3, s.before_start()),
-    ];
+    let published = vec![(1, s.at(3)), (2, s.at(1)), (3, s.before_start())];
     publish_and_wait(&broker, &server, &[1, 2, 3], &published);
     let mut c = Client::connect(&server.ws_url("/"));
     assert_catch_up(

@@ -527,15 +527,15 @@ fn storm(o: &Options) -> Vec<Row> {
     for chunk in values.chunks(1000) {
         mysql::prelude::Queryable::query_drop(
             &mut conn,
-            format!("INSERT INTO bugs (bug_id, delta_ts) VALUES {}", chunk.join(",")),
+            format!(
+                "INSERT INTO bugs (bug_id, delta_ts) VALUES {}",
+                chunk.join(",")
+            ),
         )
         .expect("seed the storm's bugs");
     }
     drop(conn);
-    let server = Server::start_with(
-        o.connections,
-        &[("BZPUSH_CATCHUP_DATABASE_URL", db.url())],
-    );
+    let server = Server::start_with(o.connections, &[("BZPUSH_CATCHUP_DATABASE_URL", db.url())]);
     let addr = server.addr;
     let next = AtomicUsize::new(0);
     let mut sockets: Vec<TcpStream> = thread::scope(|scope| {
