@@ -32,10 +32,12 @@
 //!    difference is added to the margin for good (see `ahead`).
 //! 3. Stamps have whole seconds, truncated.
 //!
-//! Then a change stamped after second `resume + ahead` was stamped after
-//! the resume, so published after it, so received. The cache vouches for
-//! `since` only if `since` is after that second, and after every time it
-//! has evicted. A stamping clock that goes back (summer time ending in a
+//! Then a change stamped after second `resume + margin + ahead` was
+//! stamped after the resume, so published after it, so received. The cache
+//! vouches for `since` only if `since` is after that second, and after
+//! every time it has evicted (evictions do not follow time order either, so
+//! the bound is the latest time evicted, not the last). Messages already in
+//! an inherited queue are delivered, and deduplicated, but prove nothing. A stamping clock that goes back (summer time ending in a
 //! database on local time, an NTP step) breaks assumption 2 for changes
 //! stamped in the repeated span: time-based `since` cannot see those, which
 //! is why `bzpush check` warns about a database not on UTC.
