@@ -8,6 +8,7 @@
 //! back to the hub as a message. It must never write to the database, and
 //! never block the hub: the hub only queues jobs.
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
@@ -18,13 +19,18 @@ use mysql::prelude::Queryable;
 use crate::config::DatabaseUrl;
 use crate::database::{self, bug_id, change_time};
 use crate::hub::{ConnId, HubSender, Message};
-use crate::notification::{BugId, Notification};
+use crate::notification::{BugId, ChangeTime, Notification};
 use crate::protocol::Since;
 use crate::retry::Link;
 
-/// Jobs waiting for the worker before the hub answers `partial` instead.
+/// Jobs handed to the worker at once. More wait in the hub (at most one per
+/// connection), so a storm of reconnecting clients queues instead of being
+/// answered `partial`; the worker takes all that wait into one query.
 pub const JOB_QUEUE: usize = 1024;
-/// Ids per query: keeps each `IN (…)` list and its placeholders small.
+/// Bug ids one merged query may ask for: jobs are taken until their ids
+/// reach this, which bounds the worker's memory whatever waits.
+const IDS_PER_BATCH: usize = 50_000;
+/// Ids per statement: keeps each `IN (…)` list and its placeholders small.
 const IDS_PER_QUERY: usize = 1000;
 /// A catch-up query slower than this fails over to `partial`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,67 +42,117 @@ pub struct Job {
     pub since: Since,
 }
 
-/// Answers jobs until the hub drops its end of `jobs`.
+/// Answers jobs until the hub drops its end of `jobs`. Every job waiting
+/// when the worker is free is answered by one merged query: the union of
+/// their bugs since the earliest `since`, then each job gets its own bugs
+/// and times from the rows.
 pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
     let mut link = Link::new("catch-up database", database.to_string());
     let mut db: Option<Conn> = None;
-    for job in jobs {
-        let result = answer(database, &mut db, &job);
-        let updates = match result {
-            Ok(updates) => {
+    while let Ok(first) = jobs.recv() {
+        let mut ids = first.bugs.len();
+        let mut batch = vec![first];
+        while ids < IDS_PER_BATCH
+            && let Ok(job) = jobs.try_recv()
+        {
+            ids += job.bugs.len();
+            batch.push(job);
+        }
+        let rows = match latest_changes(database, &mut db, &batch) {
+            Ok(rows) => {
                 link.up();
-                Some(updates)
+                Some(rows)
             }
             Err(e) => {
-                // Reconnect on the next job; this one is answered `partial`.
+                // Reconnect on the next batch; this one is answered
+                // `partial`.
                 link.down(&e);
                 db = None;
                 None
             }
         };
         debug!(
-            "catch-up for connection {}: {:?} updates",
-            job.conn,
-            updates.as_ref().map(Vec::len)
+            "catch-up for {} connections: {:?} rows",
+            batch.len(),
+            rows.as_ref().map(HashMap::len)
         );
-        let message = Message::CaughtUp {
-            conn: job.conn,
-            updates,
-        };
-        if hub.send(message).is_err() {
-            break;
+        for job in batch {
+            let updates = rows.as_ref().map(|rows| answer(rows, &job));
+            let message = Message::CaughtUp {
+                conn: job.conn,
+                updates,
+            };
+            if hub.send(message).is_err() {
+                return;
+            }
         }
     }
 }
 
-fn answer(
+/// One job's answer from the merged rows: its bugs changed at or after its
+/// `since`, oldest first.
+fn answer(rows: &HashMap<BugId, ChangeTime>, job: &Job) -> Vec<Notification> {
+    let mut updates: Vec<Notification> = job
+        .bugs
+        .iter()
+        .filter_map(|bug| {
+            let when = rows.get(bug)?;
+            job.since.covers(when).then(|| Notification {
+                bug: *bug,
+                when: when.clone(),
+            })
+        })
+        .collect();
+    updates.sort_by(|a, b| a.when.cmp(&b.when));
+    updates
+}
+
+/// Each asked bug's `delta_ts`, for the bugs of `batch` changed at or after
+/// the earliest `since` among them. A connection that was idle may have
+/// been closed by the server meanwhile (`wait_timeout`, a proxy, a
+/// restart): such a failure is retried once on a new connection before
+/// anyone is told.
+fn latest_changes(
     url: &DatabaseUrl,
     db: &mut Option<Conn>,
-    job: &Job,
-) -> Result<Vec<Notification>, mysql::Error> {
-    let conn = match db {
-        Some(conn) => conn,
-        None => db.insert(database::connect(url, QUERY_TIMEOUT)?),
+    batch: &[Job],
+) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
+    if let Some(conn) = db.as_mut() {
+        match query(conn, batch) {
+            Ok(rows) => return Ok(rows),
+            Err(e) => {
+                debug!("catch-up database: {e}; reconnecting and asking again");
+                *db = None;
+            }
+        }
+    }
+    let conn = db.insert(database::connect(url, QUERY_TIMEOUT)?);
+    query(conn, batch)
+}
+
+fn query(conn: &mut Conn, batch: &[Job]) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
+    let ids: BTreeSet<BugId> = batch.iter().flat_map(|j| j.bugs.iter().copied()).collect();
+    let Some(since) = batch.iter().map(|j| &j.since).min_by_key(|s| s.at()) else {
+        return Ok(HashMap::new());
     };
-    let mut updates = Vec::new();
-    for ids in job.bugs.chunks(IDS_PER_QUERY) {
+    let ids: Vec<BugId> = ids.into_iter().collect();
+    let mut rows = HashMap::new();
+    for ids in ids.chunks(IDS_PER_QUERY) {
         let placeholders = vec!["?"; ids.len()].join(",");
-        let mut params: Vec<mysql::Value> = vec![job.since.as_str().into()];
+        let mut params: Vec<mysql::Value> = vec![since.as_str().into()];
         params.extend(ids.iter().map(|id| mysql::Value::from(id.get())));
-        let rows: Vec<(mysql::Value, mysql::Value)> = conn.exec(
+        let found: Vec<(mysql::Value, mysql::Value)> = conn.exec(
             format!(
                 "SELECT bug_id, delta_ts FROM bugs \
                  WHERE delta_ts >= STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s') AND bug_id IN ({placeholders})"
             ),
             params,
         )?;
-        updates.extend(rows.iter().filter_map(|(bug, when)| {
-            Some(Notification {
-                bug: bug_id(bug)?,
-                when: change_time(when)?,
-            })
-        }));
+        rows.extend(
+            found
+                .iter()
+                .filter_map(|(bug, when)| Some((bug_id(bug)?, change_time(when)?))),
+        );
     }
-    updates.sort_by(|a, b| a.when.cmp(&b.when));
-    Ok(updates)
+    Ok(rows)
 }

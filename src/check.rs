@@ -231,6 +231,7 @@ fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
                 database::route(url),
                 version.as_deref().unwrap_or("unknown version")
             )));
+            check_time_zone(report, &mut db);
             Some(db)
         }
         Err(e) => {
@@ -245,6 +246,7 @@ fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
 
 /// Binds the listen address and lets it go at once: a port another process
 /// holds, or one this user may not bind, fails here rather than when the
+/// service starts.
 fn check_listen(report: &mut Report, addr: SocketAddr) {
     report.line(match TcpListener::bind(addr) {
         Ok(_) => Ok(format!("listen {addr}: free")),
@@ -267,6 +269,62 @@ fn report_origins(report: &mut Report, allowed: &Option<Vec<String>>) {
         None => "allowed origins: any (*)".to_string(),
         Some(list) => format!("allowed origins: {}", list.join(", ")),
     }));
+}
+
+/// Warns (never fails) when the database's clock is not on UTC: a clock on
+/// local time goes back an hour when summer time ends, and a change stamped
+/// in the repeated hour is earlier than changes already sent. It is still
+/// delivered live, but a `since` catch-up, which goes by time, cannot see
+/// it.
+fn check_time_zone(report: &mut Report, db: &mut Conn) {
+    let zones: Option<(String, String)> = db
+        .query_first("SELECT @@time_zone, @@system_time_zone")
+        .ok()
+        .flatten();
+    let Some((session, system)) = zones else {
+        return;
+    };
+    match time_zone_warning(&session, &system) {
+        Some(zone) => report.warn(&format!(
+            "database time zone: {zone}, not UTC — when its clock goes back (summer \
+             time ending), a change stamped in the repeated hour is still delivered live, \
+             but a client's `since` catch-up cannot see it; run the server on UTC \
+             (default_time_zone = '+00:00')"
+        )),
+        None => report.line(Ok("database time zone: UTC".to_string())),
+    }
+}
+
+/// The zone changes are stamped in, if it is not UTC. `SYSTEM` means the
+/// server's system zone.
+fn time_zone_warning(time_zone: &str, system_time_zone: &str) -> Option<String> {
+    let zone = if time_zone.eq_ignore_ascii_case("SYSTEM") {
+        system_time_zone
+    } else {
+        time_zone
+    };
+    let utc = [
+        "UTC",
+        "+00:00",
+        "-00:00",
+        "Etc/UTC",
+        "Etc/UCT",
+        "UCT",
+        "Universal",
+        "Etc/Universal",
+        "Zulu",
+        "Etc/Zulu",
+        "GMT",
+        "Etc/GMT",
+        "Coordinated Universal Time",
+    ];
+    (!utc.iter().any(|u| u.eq_ignore_ascii_case(zone))).then(|| {
+        if zone == time_zone {
+            zone.to_string()
+        } else {
+            format!("SYSTEM ({zone})")
+        }
+    })
 }
 
 /// The error, and what to do about it.
@@ -351,4 +409,33 @@ fn check_queues(report: &mut Report, config: &ServeConfig) {
         }
     }
     let _ = pulse::wait("closing", connection.close(200, "check done".into()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_time_zone_other_than_utc_is_named() {
+        assert_eq!(time_zone_warning("SYSTEM", "UTC"), None);
+        assert_eq!(time_zone_warning("+00:00", "CET"), None);
+        assert_eq!(time_zone_warning("SYSTEM", "Etc/UTC"), None);
+        assert_eq!(
+            time_zone_warning("SYSTEM", "CET"),
+            Some("SYSTEM (CET)".to_string())
+        );
+        assert_eq!(
+            time_zone_warning("Europe/Berlin", "UTC"),
+            Some("Europe/Berlin".to_string())
+        );
+        assert_eq!(
+            time_zone_warning("+01:00", "UTC"),
+            Some("+01:00".to_string())
+        );
+        // London is at +00:00 in winter, and still goes back an hour.
+        assert_eq!(
+            time_zone_warning("Europe/London", "UTC"),
+            Some("Europe/London".to_string())
+        );
+    }
 }

@@ -154,6 +154,9 @@ impl Dice {
 /// change goes to the hub as the poller's would, until `shutdown`.
 fn simulate_in_memory(mut sink: HubSink, shutdown: &Shutdown) {
     let mut dice = Dice::new();
+    // Every change from now on reaches the hub: its cache may vouch for
+    // `since` times after this moment, as after a poller took the lock.
+    sink.activated();
     while !shutdown.sleep(TICK) {
         let now = rfc3339_utc(SystemTime::now());
         let when = ChangeTime::new(&now[..19]);

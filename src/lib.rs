@@ -15,6 +15,8 @@
 //!   the consumer that feeds the hub (ack after hand-off).
 //! - [`hub`]: the subscription index, the catch-up cache, fan-out of
 //!   pre-encoded frames.
+//! - [`cache`]: the catch-up cache of a feed and the proof of what it
+//!   holds; which pairs were already delivered.
 //! - [`catchup`]: answers `since` from Bugzilla's `bugs` table when the
 //!   cache cannot vouch for it.
 //! - [`outbox`]: each connection's bounded send queue and the writer pool
@@ -48,6 +50,7 @@
 //! - [`systemd`]: readiness and watchdog notifications.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod catchup;
 pub mod check;
 pub mod config;

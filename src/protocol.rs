@@ -22,7 +22,7 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::notification::{BugId, Notification};
+use crate::notification::{BugId, ChangeTime, Moment, Notification, days_in_month, digits};
 
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,10 +63,10 @@ const UNSUBSCRIBE: &str = "unsubscribe";
 const SUBSCRIPTIONS: &str = "subscriptions";
 const VERSION: &str = "version";
 
-/// A client's `since`, normalised to `YYYY-MM-DDTHH:MM:SS` so it compares as
-/// a string with [`ChangeTime`](crate::notification::ChangeTime) values.
+/// A client's `since`: its text normalised to `YYYY-MM-DDTHH:MM:SS` (for
+/// SQL), and the time it names, which is what it is compared by.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Since(String);
+pub struct Since(String, Moment);
 
 impl Since {
     /// A time as clients write it: `YYYY-MM-DDTHH:MM:SS`, with `T` or a
@@ -97,36 +97,35 @@ impl Since {
             && minute < 60
             && second < 60;
         // All 19 bytes are ASCII here, so the slices fall on char boundaries.
-        valid.then(|| Since(format!("{}T{}", &s[..10], &s[11..])))
+        valid.then(|| {
+            Since(
+                format!("{}T{}", &s[..10], &s[11..]),
+                Moment::from_civil(year, month, day, hour, minute, second),
+            )
+        })
     }
 
     /// The time as `YYYY-MM-DDTHH:MM:SS`.
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The time it names.
+    pub fn at(&self) -> Moment {
+        self.1
+    }
+
+    /// Whether a change at `when` is at or after this time. A text that
+    /// names no time cannot be placed: it counts as after, since a client
+    /// would rather hear of a change twice than miss it.
+    pub fn covers(&self, when: &ChangeTime) -> bool {
+        when.at().is_none_or(|at| at >= self.1)
+    }
 }
 
 impl fmt::Display for Since {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// The value of a run of ASCII decimal digits; `None` if any byte is not one.
-fn digits(bytes: &[u8]) -> Option<u32> {
-    bytes.iter().try_fold(0u32, |n, &b| {
-        b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
-    })
-}
-
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
-            29
-        }
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
     }
 }
 
@@ -350,7 +349,6 @@ fn encode(reply: &impl Serialize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notification::ChangeTime;
     use serde_json::json;
 
     fn bug(id: u32) -> BugId {
@@ -876,8 +874,19 @@ mod tests {
         let later = since("2026-11-28T01:02:04");
         assert!(earlier < later);
         let at = ChangeTime::new("2026-11-28T01:02:03");
-        assert!(at.as_str() >= earlier.as_str());
-        assert!(at.as_str() < later.as_str());
+        assert!(earlier.covers(&at));
+        assert!(!later.covers(&at));
+        // Other spellings of the same time, as Pulse publishers send them,
+        // compare as that time, not as text.
+        for other in [
+            "2026-11-28 01:02:03",
+            "2026-11-28T01:02:03Z",
+            "2026-11-28T01:02:03.25",
+        ] {
+            assert!(earlier.covers(&ChangeTime::new(other)), "{other}");
+            assert!(!later.covers(&ChangeTime::new(other)), "{other}");
+        }
+        assert!(later.covers(&ChangeTime::new("2026-11-28 01:02:05")));
         assert_eq!(earlier.to_string(), "2026-11-28T01:02:03");
     }
 

@@ -763,6 +763,12 @@ fn consume_once(
         ),
     )?;
     connected();
+    // Everything published from now on reaches this queue; what was
+    // consumed before (by a predecessor, or before the queue existed) may
+    // not: the cache vouches only for later changes.
+    if hub.send(HubMessage::Resumed { feed: setup.feed }).is_err() {
+        return Ok(());
+    }
     let mut acks = Acks::default();
     loop {
         // What is ready is taken without a timer; only an idle consumer

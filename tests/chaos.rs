@@ -28,8 +28,9 @@
 //!    connections) is exactly the bug's latest committed `delta_ts`, and
 //!    every bug's latest change was seen.
 //! 2. No reordering: within one WebSocket connection, one bug's `when` never
-//!    goes back in time: not in the live stream, and not between a catch-up
-//!    answer and the live updates after it. Equal times (duplicates) are
+//!    goes back in time in the live stream. Right after a bug's first update
+//!    (a catch-up answer from the database gives only its latest time), one
+//!    step back to a change still on its way is owed (SPEC §5). Equal times (duplicates) are
 //!    allowed and counted, and so is an older time on a *new* connection
 //!    (a catch-up from the cache answers every cached update since `since`).
 //! 3. Nothing invented: every update is for a bug the client subscribed to,
@@ -981,8 +982,9 @@ struct Conn {
     server: String,
     since: u32,
     answered: bool,
-    /// The latest time this connection delivered of each bug.
-    last: HashMap<u32, u32>,
+    /// The latest time this connection delivered of each bug, and how many
+    /// updates of it.
+    last: HashMap<u32, (u32, u32)>,
 }
 
 impl Client {
@@ -1120,9 +1122,15 @@ impl Client {
                         )),
                     }
                 }
-                if let Some(&previous) = conn.last.get(&bug)
-                    && secs < previous
-                {
+                // A catch-up from the database gives a bug's latest time
+                // while older changes may still be on their way live; SPEC
+                // §5 owes those too. So right after a bug's first update on
+                // the connection, one step back is allowed, and the stream
+                // goes on from there; any other step back is reordering.
+                let (previous, count) = conn.last.get(&bug).copied().unwrap_or((secs, 0));
+                if secs < previous && count == 1 {
+                    conn.last.insert(bug, (secs, 2));
+                } else if secs < previous {
                     world.backwards.lock().expect("backwards").push(format!(
                         "client {} on {} (since {}): bug {bug} went from {} back to {}",
                         self.id,
@@ -1132,8 +1140,8 @@ impl Client {
                         wire(secs)
                     ));
                 }
-                let entry = conn.last.entry(bug).or_insert(secs);
-                *entry = (*entry).max(secs);
+                let entry = conn.last.entry(bug).or_insert((secs, 0));
+                *entry = (entry.0.max(secs), entry.1 + 1);
                 let seen = self.seen.entry(bug).or_insert(0);
                 if secs == *seen {
                     world.duplicates.fetch_add(1, Ordering::SeqCst);

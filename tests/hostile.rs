@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::protocol::{self, Command, ProtocolError, Since};
 use bzpush::pulse;
-use common::serve::{Client, http_get, metric};
+use common::serve::{Client, Stamps, http_get, metric};
 use common::{Bzpush, Rng, TestBroker, datetime, wait_until};
 use serde_json::{Map, Value, json};
 
@@ -1768,23 +1768,26 @@ fn since_in_strange_formats() {
         c.request(json!({"command": "subscribe", "bugs": [7]})),
         ok("subscribe", &[7])
     );
-    // The cache starts at the first update (t(3)): it holds everything
-    // after it, so a `since` after t(3) is complete.
-    for secs in [3, 5] {
-        broker.publish(7, &t(secs));
-        assert_eq!(c.recv(WAIT), update(7, &t(secs)));
+    // The cache vouches for what is stamped after it started consuming.
+    let stamps = Stamps::after_start();
+    stamps.wait_past(2);
+    for offset in [1, 2] {
+        broker.publish(7, &stamps.at(offset));
+        assert_eq!(c.recv(WAIT), update(7, &stamps.at(offset)));
     }
     let caught_up = json!({"command": "subscribe", "result": "ok", "bugs": [7]});
+    let at = stamps.at(2);
+    let spaced = at.replace('T', " ");
     let accepted = [
-        "2026-01-01T00:00:05",
-        "2026-01-01 00:00:05",
-        "2026-01-01T00:00:05Z",
-        "2026-01-01 00:00:05Z",
+        at.clone(),
+        spaced.clone(),
+        format!("{at}Z"),
+        format!("{spaced}Z"),
     ];
     for since in accepted {
         c.send(json!({"command": "subscribe", "bugs": [7], "since": since}));
         assert_eq!(c.recv(WAIT), caught_up, "{since}");
-        assert_eq!(c.recv(WAIT), update(7, &t(5)), "{since}");
+        assert_eq!(c.recv(WAIT), update(7, &at), "{since}");
         assert_eq!(
             c.request(json!({"command": "version"})),
             version(),
@@ -1845,8 +1848,8 @@ fn since_in_strange_formats() {
         c.recv(WAIT),
         json!({"command": "subscribe", "result": "ok", "bugs": [7], "partial": true})
     );
-    assert_eq!(c.recv(WAIT), update(7, &t(3)));
-    assert_eq!(c.recv(WAIT), update(7, &t(5)));
+    assert_eq!(c.recv(WAIT), update(7, &stamps.at(1)));
+    assert_eq!(c.recv(WAIT), update(7, &stamps.at(2)));
     assert_still_serves(&server, &broker, 3);
 }
 

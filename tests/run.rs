@@ -100,6 +100,95 @@ fn run_delivers_a_push_notify_change_and_deletes_its_row() {
     assert_eq!(metric(&addr, "bzpush_notifications_out_total"), 1);
 }
 
+/// SPEC §5: a new `(bug, when)` pair is delivered even when `when` is
+/// earlier than the bug's last one. Three ways a stamp goes back: summer
+/// time ending in a database on local time (the repeated hour), an NTP step
+/// back, and two requests on one bug committing in the other order than
+/// they stamped.
+#[test]
+fn run_delivers_a_change_stamped_earlier_than_the_bugs_last_one() {
+    let db = TestDb::new();
+    let server = Bzpush::run_on(&db, &[]);
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [31, 32, 33, 34]})),
+        subscribed(&[31, 32, 33, 34])
+    );
+    let mut conn = db.conn();
+    let delivered = |client: &mut Client, expected: &[Value]| {
+        assert_eq!(recv_n(client, expected.len()), expected);
+        assert!(
+            wait_until(WAIT, || db.push_notify_rows() == 0),
+            "the poller left rows in push_notify"
+        );
+    };
+
+    // The repeated hour at the end of summer time.
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        31,
+        Some("2026-10-25 02:30:00")
+    ));
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        32,
+        Some("2026-10-25 02:30:00")
+    ));
+    delivered(
+        &mut client,
+        &[
+            update(31, "2026-10-25T02:30:00"),
+            update(32, "2026-10-25T02:30:00"),
+        ],
+    );
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        31,
+        Some("2026-10-25 02:10:00")
+    ));
+    delivered(&mut client, &[update(31, "2026-10-25T02:10:00")]);
+
+    // An NTP step back of a few seconds.
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        33,
+        Some("2026-11-30 12:00:05")
+    ));
+    delivered(&mut client, &[update(33, "2026-11-30T12:00:05")]);
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        33,
+        Some("2026-11-30 12:00:02")
+    ));
+    delivered(&mut client, &[update(33, "2026-11-30T12:00:02")]);
+
+    // Request A stamps :10 and is still working; request B stamps :11 and
+    // commits first; then A commits.
+    let mut late = db.conn();
+    let mut a = late
+        .start_transaction(mysql::TxOpts::default())
+        .expect("begin request A");
+    let stamped: String = a
+        .query_first("SELECT '2026-11-30 13:00:10'")
+        .expect("request A stamps")
+        .expect("a stamp");
+    assert!(TestDb::push_notify_change(
+        &mut conn,
+        34,
+        Some("2026-11-30 13:00:11")
+    ));
+    delivered(&mut client, &[update(34, "2026-11-30T13:00:11")]);
+    a.exec_drop(
+        "INSERT INTO push_notify (bug_id, delta_ts) VALUES (34, ?)
+         ON DUPLICATE KEY UPDATE delta_ts = VALUES(delta_ts)",
+        (stamped,),
+    )
+    .expect("request A writes its stamp");
+    a.commit().expect("request A commits");
+    delivered(&mut client, &[update(34, "2026-11-30T13:00:10")]);
+    assert_nothing_queued(&mut client);
+}
+
 /// Bugs 1..7 in `bugs`, and what a subscription to `asked` since `t(50)`
 /// must get: each changed bug's `delta_ts`, oldest first.
 const ASKED: [u64; 6] = [1, 2, 3, 4, 5, 7];
@@ -237,6 +326,132 @@ fn serve_catches_up_from_its_database_and_says_partial_when_it_cannot() {
     assert_nothing_queued(&mut client);
 }
 
+/// Kills every connection to `db` but the poller's (the holder of
+/// `lock`, if any): what a server does to a connection idle past its
+/// `wait_timeout`. Returns how many it killed.
+fn kill_idle_connections(db: &TestDb, lock: Option<&str>) -> usize {
+    let mut admin = common::admin_conn();
+    let ids: Vec<u64> = admin
+        .exec(
+            "SELECT ID FROM information_schema.PROCESSLIST
+             WHERE DB = ? AND ID <> CONNECTION_ID() AND ID <> COALESCE(IS_USED_LOCK(?), 0)",
+            (&db.name, lock.unwrap_or("")),
+        )
+        .expect("list the test database's connections");
+    for id in &ids {
+        // Gone already is as good as killed.
+        let _ = admin.query_drop(format!("KILL CONNECTION {id}"));
+    }
+    ids.len()
+}
+
+/// Issue 8 item 5: the database closes a connection idle past
+/// `wait_timeout` (every quiet night). The next catch-up must reconnect
+/// and ask again before anyone is told: complete, and no outage logged.
+fn catch_up_survives_a_dropped_idle_connection(server: &Bzpush, db: &TestDb, lock: Option<&str>) {
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(subscribe_since(&[1, 2, 3], &t(50))),
+        subscribed(&[1, 2, 3])
+    );
+    assert_eq!(
+        recv_n(&mut client, 2),
+        [update(1, &t(100)), update(2, &t(300))]
+    );
+    assert!(
+        kill_idle_connections(db, lock) >= 1,
+        "no catch-up connection to kill"
+    );
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(subscribe_since(&[1, 2, 3], &t(50))),
+        subscribed(&[1, 2, 3]),
+        "the first catch-up after the idle connection was dropped:\n{}",
+        server.log()
+    );
+    assert_eq!(
+        recv_n(&mut client, 2),
+        [update(1, &t(100)), update(2, &t(300))]
+    );
+    assert_nothing_queued(&mut client);
+    let log = server.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("catch-up database") && l.contains("retrying")),
+        "a false outage warning:\n{log}"
+    );
+}
+
+#[test]
+fn run_catch_up_survives_a_dropped_idle_connection() {
+    let db = TestDb::new();
+    db.set_bug(1, &sql(100));
+    db.set_bug(2, &sql(300));
+    db.set_bug(3, &sql(10));
+    let lock = format!("bzpush.{}", db.name);
+    let server = Bzpush::run_on(&db, &[]);
+    server.wait_healthy();
+    catch_up_survives_a_dropped_idle_connection(&server, &db, Some(&lock));
+}
+
+#[test]
+fn serve_catch_up_survives_a_dropped_idle_connection() {
+    let db = TestDb::new();
+    db.set_bug(1, &sql(100));
+    db.set_bug(2, &sql(300));
+    db.set_bug(3, &sql(10));
+    let broker = TestBroker::new();
+    let server = Bzpush::serve(&broker, &[("BZPUSH_CATCHUP_DATABASE_URL", db.url())]);
+    server.wait_healthy();
+    catch_up_survives_a_dropped_idle_connection(&server, &db, None);
+}
+
+/// Issue 8 item 4: a storm of clients reconnecting with `since` at once
+/// (after an upgrade restart) is answered complete, never `partial` for
+/// being many: waiting catch-ups queue and are merged into few queries.
+#[test]
+fn run_answers_a_reconnect_storm_complete() {
+    const CLIENTS: u64 = 4000;
+    const BUGS: u64 = 300;
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    // Bug b changed at t(b); a client asks since t(100).
+    let values: Vec<String> = (1..=BUGS)
+        .map(|b| format!("({b}, '{}')", sql(b as u32)))
+        .collect();
+    conn.query_drop(format!(
+        "INSERT INTO bugs (bug_id, delta_ts) VALUES {}",
+        values.join(",")
+    ))
+    .expect("seed bugs");
+    drop(conn);
+    let server = Bzpush::run_on(&db, &[]);
+    server.wait_healthy();
+    let url = server.ws_url("/");
+    let mut clients: Vec<Client> = (0..CLIENTS).map(|_| Client::connect(&url)).collect();
+    let bugs_of = |i: u64| [i % BUGS + 1, (i + 100) % BUGS + 1, (i + 200) % BUGS + 1];
+    for (i, client) in (0..).zip(clients.iter_mut()) {
+        client.send(subscribe_since(&bugs_of(i), &t(100)));
+    }
+    let mut partials = 0;
+    for (i, client) in (0..).zip(clients.iter_mut()) {
+        let mut bugs = bugs_of(i);
+        bugs.sort_unstable();
+        let answer = client.recv(WAIT);
+        if answer == partial(&bugs) {
+            partials += 1;
+            continue;
+        }
+        assert_eq!(answer, subscribed(&bugs), "client {i}");
+        let mut expected: Vec<u64> = bugs.iter().copied().filter(|&b| b >= 100).collect();
+        expected.sort_unstable();
+        let got: Vec<Value> = recv_n(client, expected.len());
+        let want: Vec<Value> = expected.iter().map(|&b| update(b, &t(b as u32))).collect();
+        assert_eq!(got, want, "client {i}");
+    }
+    assert_eq!(partials, 0, "{partials} of {CLIENTS} answers were partial");
+}
+
 // ---- check ----
 
 /// `bzpush check <mode>` with exactly `env`.
@@ -306,7 +521,13 @@ fn check_passes_on_a_good_setup() {
     let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url())]);
     assert_passes(
         &finished,
-        &["database", "push_notify: present", "DELETE allowed", "bugs"],
+        &[
+            "database",
+            "push_notify: present",
+            "DELETE allowed",
+            "bugs",
+            "database time zone: UTC",
+        ],
     );
 
     let finished = check(

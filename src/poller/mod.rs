@@ -95,6 +95,10 @@ pub trait Sink {
     fn idle(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
+
+    /// This poller just took the lock: everything it sends from now on
+    /// follows. Another poller may have taken changes meanwhile.
+    fn activated(&mut self) {}
 }
 
 /// A place changes are read from. Each batch is `read`, sent, settled,
@@ -350,6 +354,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                     .filter(|h| h.host.is_some());
                 self.set_role(PollerRole::Active);
                 self.source.activated(&ChangeTime::new(now), waited);
+                self.sink.activated();
                 return Ok(true);
             }
             self.database_up();

@@ -47,7 +47,7 @@ const GROUPS: &[Group] = &[
     },
     Group {
         name: "serve",
-        about: "bzpush serve: idle memory and CPU, fan-out latency, delivery throughput",
+        about: "bzpush serve: idle memory and CPU, fan-out latency, delivery throughput, reconnect storm",
         run: serve::run,
     },
 ];

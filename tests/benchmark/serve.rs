@@ -17,8 +17,15 @@
 //!   not sustained: delivers under 95 % of what was offered, or p99 over a
 //!   second.
 //!
+//! - storm: `--connections` (10,000) connections, open and idle, as after
+//!   an upgrade restart; then every one subscribes to 3 bugs with `since`
+//!   at once, answered by the catch-up database (the restarted server's
+//!   cache cannot vouch for the past). The time until the last connection
+//!   has its complete answer, and how many answers were `partial` (must be
+//!   none: `partial` is never for load).
+//!
 //! Flags follow the group: `cargo bench --bench bench -- serve --only
-//! fanout --connections 5000`; `--only idle,fanout,throughput` runs a
+//! fanout --connections 5000`; `--only idle,fanout,throughput,storm` runs a
 //! subset. Everything the measurement saw (per-round fan-out times, CPU per
 //! delivery, CPU by server thread, memory by kind) goes to stderr.
 //!
@@ -157,6 +164,9 @@ pub fn run() -> Vec<Row> {
     }
     if o.runs("throughput") {
         rows.extend(throughput(&o));
+    }
+    if o.runs("storm") {
+        rows.extend(storm(&o));
     }
     rows
 }
@@ -501,6 +511,162 @@ fn throughput(o: &Options) -> Vec<Row> {
     rows
 }
 
+/// Bugs in the storm's database; client `i` asks for three of them.
+const STORM_BUGS: u64 = 3000;
+/// Threads writing the storm's subscriptions, and reading its answers.
+const STORM_THREADS: usize = 4;
+
+fn storm(o: &Options) -> Vec<Row> {
+    let db = crate::common::TestDb::new();
+    let mut conn = db.conn();
+    // Every bug changed at 01:00:00 + its id seconds; the clients ask
+    // since midnight, so each gets three updates.
+    let values: Vec<String> = (1..=STORM_BUGS)
+        .map(|b| format!("({b}, '2026-01-01 01:00:00' + INTERVAL {b} SECOND)"))
+        .collect();
+    for chunk in values.chunks(1000) {
+        mysql::prelude::Queryable::query_drop(
+            &mut conn,
+            format!(
+                "INSERT INTO bugs (bug_id, delta_ts) VALUES {}",
+                chunk.join(",")
+            ),
+        )
+        .expect("seed the storm's bugs");
+    }
+    drop(conn);
+    let server = Server::start_with(o.connections, &[("BZPUSH_CATCHUP_DATABASE_URL", db.url())]);
+    let addr = server.addr;
+    let next = AtomicUsize::new(0);
+    let mut sockets: Vec<TcpStream> = thread::scope(|scope| {
+        let openers: Vec<_> = (0..OPENERS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    while next.fetch_add(1, Ordering::Relaxed) < o.connections {
+                        match open_one(addr, &[]) {
+                            Ok((socket, _)) => mine.push(socket),
+                            Err(e) => eprintln!("storm: cannot open a connection: {e}"),
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        openers
+            .into_iter()
+            .flat_map(|t| t.join().expect("an opener thread panicked"))
+            .collect()
+    });
+    let n = sockets.len();
+    eprintln!("storm: {n} connections open");
+    let rss_before = Memory::of(server.pid());
+    let partial = AtomicU64::new(0);
+    let incomplete = AtomicU64::new(0);
+    let start = Instant::now();
+    let chunk = n.div_ceil(STORM_THREADS).max(1);
+    let (first, last) = thread::scope(|scope| {
+        let workers: Vec<_> = sockets
+            .chunks_mut(chunk)
+            .enumerate()
+            .map(|(t, mine)| {
+                let (partial, incomplete) = (&partial, &incomplete);
+                scope.spawn(move || {
+                    let offset = t * chunk;
+                    for (i, socket) in mine.iter_mut().enumerate() {
+                        let i = (offset + i) as u64;
+                        let bugs = [
+                            i % STORM_BUGS + 1,
+                            (i + 1000) % STORM_BUGS + 1,
+                            (i + 2000) % STORM_BUGS + 1,
+                        ];
+                        let text = format!(
+                            r#"{{"command":"subscribe","bugs":[{},{},{}],"since":"2026-01-01T00:00:00"}}"#,
+                            bugs[0], bugs[1], bugs[2]
+                        );
+                        if socket.write_all(&client_text_frame(&text)).is_err() {
+                            incomplete.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    let mut first = Duration::MAX;
+                    let mut last = Duration::ZERO;
+                    for socket in mine.iter_mut() {
+                        match read_frames(socket, 4) {
+                            Some(frames) => {
+                                let at = start.elapsed();
+                                first = first.min(at);
+                                last = last.max(at);
+                                if frames[0].contains(r#""partial":true"#) {
+                                    partial.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            None => {
+                                incomplete.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    (first, last)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a storm thread panicked"))
+            .fold((Duration::MAX, Duration::ZERO), |(a, b), (c, d)| {
+                (a.min(c), b.max(d))
+            })
+    });
+    let rss_after = Memory::of(server.pid());
+    let (partial, incomplete) = (partial.into_inner(), incomplete.into_inner());
+    eprintln!(
+        "storm: {n} answers, first {} ms, last {} ms, {partial} partial, {incomplete} \
+         incomplete; server heap {} KiB before, {} KiB after",
+        first.as_millis(),
+        last.as_millis(),
+        rss_before.heap,
+        rss_after.heap
+    );
+    drop(sockets);
+    drop(server);
+    vec![Row {
+        scenario: format!(
+            "storm: {n} clients subscribe to 3 bugs each with `since` at once \
+             (a restarted server: the catch-up database answers)"
+        ),
+        setting: format!("{n} connections"),
+        center: format!("{} ms to the last complete answer", last.as_millis()),
+        spread: format!(
+            "first {} ms; {partial} partial, {incomplete} incomplete",
+            first.as_millis()
+        ),
+        target: "0 partial".to_string(),
+        met: Some(partial == 0 && incomplete == 0),
+    }]
+}
+
+/// The first `count` text frames on a blocking `socket`; `None` if it
+/// closes or times out first.
+fn read_frames(socket: &mut TcpStream, count: usize) -> Option<Vec<String>> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut frames = Vec::new();
+    while frames.len() < count {
+        if let Some((opcode, payload, used)) = server_frame(&buffer) {
+            if opcode == 1 {
+                frames.push(String::from_utf8_lossy(payload).into_owned());
+            }
+            buffer.drain(..used);
+            continue;
+        }
+        let n = socket.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    Some(frames)
+}
+
 // ---------------------------------------------------------------------------
 // The server, its exchange and queue
 
@@ -525,14 +691,20 @@ struct Server {
 
 impl Server {
     fn start(connections: usize) -> Server {
+        Server::start_with(connections, &[])
+    }
+
+    /// As [`Server::start`], with `extra` settings.
+    fn start_with(connections: usize, extra: &[(&str, String)]) -> Server {
         let mut exchange = Exchange::declare();
         let queue_prefix = format!("queue/guest/{}", unique("bzpush-bench"));
-        let env = [
+        let mut env = vec![
             ("BZPUSH_LOG", "info".to_string()),
             ("BZPUSH_QUEUE", queue_prefix.clone()),
             ("BZPUSH_MAX_CONNECTIONS", (connections + 100).to_string()),
             ("BZPUSH_PING_INTERVAL", PING_INTERVAL.to_string()),
         ];
+        env.extend(extra.iter().cloned());
         exchange.queue = Some(format!("{queue_prefix}/{}", exchange.name));
         let process = Bzpush::serve_at(AMQP_ADDR, &format!("/={}", exchange.name), &env);
         process.wait_healthy();

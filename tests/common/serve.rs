@@ -325,6 +325,54 @@ impl Client {
     }
 }
 
+/// Change times a server's cache can vouch for: it vouches only for
+/// changes stamped after it started consuming (plus a margin for clocks),
+/// and learns from a stamp later than its arrival that the stamping clock
+/// runs ahead. So these are recent, and a test publishes one only once the
+/// clock has passed it ([`Stamps::wait_past`]).
+pub struct Stamps {
+    base: u64,
+}
+
+impl Stamps {
+    /// Times from a little after now on; take them once the server is
+    /// healthy (its consumer has started).
+    pub fn after_start() -> Stamps {
+        let margin = u64::try_from(bzpush::cache::CLOCK_MARGIN_SECS).expect("a positive margin");
+        Stamps {
+            base: now_secs() + margin + 2,
+        }
+    }
+
+    /// `offset` seconds after the first time, as the poller writes it.
+    pub fn at(&self, offset: u64) -> String {
+        let time = std::time::UNIX_EPOCH + Duration::from_secs(self.base + offset);
+        bzpush::pulse::rfc3339_utc(time)[..19].to_string()
+    }
+
+    /// A time before the server started consuming: it cannot vouch for it.
+    pub fn before_start(&self) -> String {
+        self.at(0).replace(&self.at(0)[11..], "00:00:00")
+    }
+
+    /// Waits until this host's clock is past `at(offset)`, as it is when a
+    /// change stamped then reaches the server.
+    pub fn wait_past(&self, offset: u64) {
+        let deadline = Instant::now() + Duration::from_secs(offset + 60);
+        while now_secs() <= self.base + offset {
+            assert!(Instant::now() < deadline, "the clock did not move");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+}
+
 /// `2026-01-01T00:00:00` plus `secs` seconds, as the server sends it.
 pub fn t(secs: u32) -> String {
     super::datetime(secs).1
