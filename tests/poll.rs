@@ -691,8 +691,9 @@ fn bad_settings_exit_2_naming_the_setting_and_never_print_a_password() {
         format!("mysql://root:hunter2@{MYSQL_ADDR}/{}", db.name),
     ));
     let poller = Bzpush::start(&["poll"], &env);
+    // A wrong password is a refusal, said once with its fix, not an outage.
     assert!(
-        poller.wait_for_log("retrying with backoff", WAIT),
+        poller.wait_for_log("refused", WAIT),
         "the poller cannot log in:\n{}",
         poller.log()
     );
