@@ -49,7 +49,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
             }
             Err(e) => {
                 // Reconnect on the next job; this one is answered `partial`.
-                link.down(&e);
+                link.down(&database::Sentence(&e));
                 db = None;
                 None
             }

@@ -208,6 +208,12 @@ impl BrokerError {
         }
     }
 
+    /// The broker answered and said no (credentials, vhost, permissions,
+    /// an incompatible declaration): retrying as is will not help.
+    pub fn refused(&self) -> bool {
+        matches!(&self.cause, Cause::Lapin(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)))
+    }
+
     fn closed(doing: &'static str) -> BrokerError {
         BrokerError {
             doing,
@@ -219,7 +225,7 @@ impl BrokerError {
 impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.cause {
-            Cause::Lapin(e) => write!(f, "{}: {e}", self.doing),
+            Cause::Lapin(e) => write!(f, "{}: {}", self.doing, lapin_sentence(e)),
             Cause::Closed => write!(f, "{}: the broker closed the connection", self.doing),
             Cause::TimedOut(after) => {
                 write!(f, "{}: no answer within {after:?}", self.doing)
@@ -229,6 +235,21 @@ impl fmt::Display for BrokerError {
 }
 
 impl std::error::Error for BrokerError {}
+
+/// A lapin error as a sentence: lapin prints connection and channel states
+/// with `Debug` (`invalid connection state: Closed`), and the broker's
+/// refusals with their AMQP class names first.
+fn lapin_sentence(error: &lapin::Error) -> String {
+    match error.kind() {
+        lapin::ErrorKind::IOError(e) => format!("connection failed: {e}"),
+        lapin::ErrorKind::ProtocolError(e) => {
+            format!("the broker refused: {}", e.get_message())
+        }
+        lapin::ErrorKind::InvalidConnectionState(_) => "the connection is closed".to_string(),
+        lapin::ErrorKind::InvalidChannelState(_, _) => "the channel is closed".to_string(),
+        _ => error.to_string(),
+    }
+}
 
 /// Runs `operation` to its end, or fails it with a [`BrokerError`] after
 /// `timeout`: no broker operation may block a thread forever.

@@ -179,7 +179,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 Err(e) => {
                     // The lock went with the connection: whoever reconnects
                     // first is the active poller.
-                    self.database.down(&e);
+                    self.database.down(&database::Sentence(&e));
                     if backoff.wait(self.shutdown) {
                         break;
                     }
