@@ -105,7 +105,8 @@ struct InFlight<P, R> {
     /// `None` when the batch had nothing to send (only rows to forget).
     pending: Option<P>,
     receipt: R,
-    lag_secs: u64,
+    /// When its oldest change was made, on this process's clock.
+    oldest: Instant,
 }
 
 /// Runs the poller until `shutdown`, handing changes to `sink`. Database
@@ -216,6 +217,9 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 return Ok(true);
             }
             self.database.up();
+            // A standby owes no changes: its lag stays zero, and the
+            // active poller's shows.
+            self.metrics.poll_lag_from(Instant::now());
             waited = true;
             let holder = holder.map_or("another poller".to_string(), |id| {
                 format!("database connection {id}")
@@ -301,8 +305,12 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
         if !self.source.reads_ahead() {
             self.settle(db, in_flight.take())?;
         }
+        let read_at = Instant::now();
         let batch = self.source.read(db)?;
         self.database.up();
+        let oldest = read_at
+            .checked_sub(Duration::from_secs(batch.lag_secs))
+            .unwrap_or(read_at);
         let pending = if batch.notifications.is_empty() {
             None
         } else {
@@ -315,13 +323,17 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
         let previous = in_flight.replace(InFlight {
             pending,
             receipt: batch.receipt,
-            lag_secs: batch.lag_secs,
+            oldest,
         });
         self.settle(db, previous)?;
         if !batch.full {
             // The backlog is drained: nothing stays in flight between polls.
             self.settle(db, in_flight.take())?;
         }
+        // The lag counts from the oldest change still in flight or, with
+        // none, from this poll: it has seen everything older.
+        self.metrics
+            .poll_lag_from(in_flight.as_ref().map_or(read_at, |f| f.oldest));
         Ok(batch.full)
     }
 
@@ -333,9 +345,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
         in_flight: Option<InFlight<K::Pending, S::Receipt>>,
     ) -> Result<(), Failure<K::Error>> {
         let Some(InFlight {
-            pending,
-            receipt,
-            lag_secs,
+            pending, receipt, ..
         }) = in_flight
         else {
             return Ok(());
@@ -345,9 +355,6 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             self.sink_link.up();
             self.sink_backoff.reset();
             self.metrics.poll_batches.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .poll_lag_seconds
-                .store(lag_secs, Ordering::Relaxed);
         }
         self.source.confirmed(db, receipt)?;
         Ok(())
