@@ -35,6 +35,7 @@
 //! - [`database`]: connections to Bugzilla's database, and its values read
 //!   without panics.
 //! - [`check`]: `bzpush check`: each setting and dependency, one line each.
+//! - [`manual`]: the man page, written from the settings table.
 //! - [`metrics`]: counters shared by every thread.
 //! - [`retry`]: backoff, and logging a dependency's state once per change.
 //! - [`shutdown`]: one trigger that stops every loop at once.
@@ -49,6 +50,7 @@ pub mod connection;
 pub mod database;
 pub mod http;
 pub mod hub;
+pub mod manual;
 pub mod metrics;
 pub mod notification;
 pub mod outbox;
