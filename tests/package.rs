@@ -98,7 +98,7 @@ fn the_package_holds_the_binary_units_man_page_and_a_private_conffile() {
             .find(|l| l.ends_with(&format!(" {path}")))
             .unwrap_or_else(|| panic!("{path} is not in the package:\n{listing}"));
         assert!(line.starts_with(mode), "{path}: {line}");
-        assert!(line.contains("root/root"), "{path}: {line}");
+        assert!(line.contains(" 0/0 "), "not owned by root: {line}");
     }
     assert!(
         listing.contains("./usr/share/man/man1/bzpush.1"),
