@@ -66,7 +66,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
             Err(e) => {
                 // Reconnect on the next batch; this one is answered
                 // `partial`.
-                link.down(&e);
+                link.down(&database::Sentence(&e));
                 db = None;
                 None
             }

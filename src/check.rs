@@ -22,6 +22,11 @@ use crate::{database, logging, poller, pulse};
 
 /// MySQL/MariaDB's ER_NO_SUCH_TABLE.
 const NO_SUCH_TABLE: u16 = 1146;
+/// ER_BAD_DB_ERROR: no database of that name.
+const NO_SUCH_DATABASE: u16 = 1049;
+/// ER_DBACCESS_DENIED_ERROR: no such database, or none this user may use
+/// (the server does not say which).
+const DATABASE_DENIED: u16 = 1044;
 /// A check query slower than this fails.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -237,7 +242,7 @@ fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
         Err(e) => {
             report.line(Err(format!(
                 "database {url}: {}",
-                advice(&e, "is the server running, and BZPUSH_DATABASE_URL right?")
+                advice(&e, "check BZPUSH_DATABASE_URL")
             )));
             None
         }
@@ -327,18 +332,23 @@ fn time_zone_warning(time_zone: &str, system_time_zone: &str) -> Option<String> 
     })
 }
 
-/// The error, and what to do about it.
+/// The error as a sentence, and what to do about it.
 fn advice(error: &mysql::Error, otherwise: &str) -> String {
     let todo = match error {
         // The error says which account was tried (database::connect).
         mysql::Error::MySqlError(e) if database::ACCESS_DENIED.contains(&e.code) => {
             "check the user and password in the URL"
         }
-        mysql::Error::MySqlError(e) if e.code == 1049 => "check the database name in the URL",
+        mysql::Error::MySqlError(e) if e.code == NO_SUCH_DATABASE => {
+            "check the database name in the URL"
+        }
+        mysql::Error::MySqlError(e) if e.code == DATABASE_DENIED => {
+            "check the database name in the URL, and GRANT this user access to that database"
+        }
         mysql::Error::MySqlError(_) => otherwise,
         _ => "is the server running and reachable at that host and port, or socket?",
     };
-    format!("{error} — {todo}")
+    format!("{} — {todo}", database::sentence(error))
 }
 
 fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
@@ -351,9 +361,12 @@ fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
             c
         }
         Err(e) => {
-            report.line(Err(format!(
-                "broker {url}: {e} — is RabbitMQ running, and BZPUSH_AMQP_URL (user, password, vhost) right?"
-            )));
+            let todo = if e.refused() {
+                "check the user, password and vhost in BZPUSH_AMQP_URL"
+            } else {
+                "is RabbitMQ running and reachable at that host and port?"
+            };
+            report.line(Err(format!("broker {url}: {e} — {todo}")));
             return;
         }
     };

@@ -25,6 +25,62 @@ pub struct Setting {
     pub name: &'static str,
     pub default: &'static str,
     pub doc: &'static str,
+    /// The values it takes, enforced and shown in `--help`.
+    pub range: Range,
+}
+
+/// The values a setting takes. Every duration and number has bounds: a
+/// value outside them is refused, naming them, so a typo like `1ms` for a
+/// ping timeout or `999999h` for a poll interval stops bzpush at start.
+#[derive(Clone, Copy, Debug)]
+pub enum Range {
+    /// Text in the format the setting's doc describes.
+    Text,
+    /// A duration from the first to the second, inclusive.
+    Duration(Duration, Duration),
+    /// A whole number from `min` to `max`, inclusive, counting `unit`.
+    Count {
+        min: u64,
+        max: u64,
+        unit: &'static str,
+    },
+}
+
+impl Range {
+    /// `a duration from 10ms to 1h`, `a number of rows from 1 to 100000`;
+    /// `None` for text.
+    pub fn describe(&self) -> Option<String> {
+        match *self {
+            Range::Text => None,
+            Range::Duration(min, max) => Some(format!(
+                "a duration from {} to {}",
+                format_duration(min),
+                format_duration(max)
+            )),
+            Range::Count { min, max, unit } => {
+                Some(format!("a number of {unit} from {min} to {max}"))
+            }
+        }
+    }
+}
+
+/// A duration in the largest unit [`parse_duration`] reads back exactly.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+const fn count(min: u64, max: u64, unit: &'static str) -> Range {
+    Range::Count { min, max, unit }
 }
 
 impl Setting {
@@ -44,131 +100,157 @@ pub const SETTINGS: &[Setting] = &[
         name: "database-url",
         default: "mysql://bugs@localhost:3306/bugs",
         doc: "Bugzilla's database (poll, run)",
+        range: Range::Text,
     },
     Setting {
         name: "source",
         default: "push_notify",
         doc: "push_notify (table of the PushNotify extension) or bugs (stock Bugzilla)",
+        range: Range::Text,
     },
     Setting {
         name: "poll-interval",
         default: "1s",
         doc: "time between polls, e.g. 250ms or 2s",
+        range: Range::Duration(Duration::from_millis(10), secs(3600)),
     },
     Setting {
         name: "batch-size",
         default: "1000",
         doc: "rows read and published per poll; a full batch polls again at once",
+        range: count(1, MAX_BATCH_SIZE, "rows"),
     },
     Setting {
         name: "state-directory",
         default: "$STATE_DIRECTORY",
         doc: "source bugs: folder of the watermark file (an absolute path, or off); default systemd's StateDirectory=, none without it",
+        range: Range::Text,
     },
     Setting {
         name: "replay-limit",
         default: "24h",
-        doc: "source bugs: on start, replay from the watermark file at most this far back (1s to 720h)",
+        doc: "source bugs: on start, replay from the watermark file at most this far back",
+        range: Range::Duration(secs(1), MAX_REPLAY_LIMIT),
     },
     Setting {
         name: "overlap",
         default: "30s",
-        doc: "source bugs: how far back each poll looks for late commits; push_notify: how long a bug is re-checked after its row is deleted (1s to 1h)",
+        doc: "source bugs: how far back each poll looks for late commits; push_notify: how long a bug is re-checked after its row is deleted",
+        range: Range::Duration(secs(1), MAX_OVERLAP),
     },
     Setting {
         name: "lock-name",
         default: "bzpush.poller.<database>",
         doc: "database lock held by the active poller; server-wide, so the default names the database",
+        range: Range::Text,
     },
     Setting {
         name: "amqp-url",
         default: "amqp://guest:guest@127.0.0.1:5672/%2f",
         doc: "the broker; amqps:// for TLS (poll, serve)",
+        range: Range::Text,
     },
     Setting {
         name: "heartbeat",
         default: "10s",
-        doc: "poll, serve: AMQP heartbeat; a silently dead broker link is noticed within about twice this (a heartbeat= in the URL wins)",
+        doc: "poll, serve: AMQP heartbeat, in whole seconds; a silently dead broker link is noticed within about twice this (a heartbeat= in the URL wins)",
+        range: Range::Duration(secs(1), secs(65535)),
     },
     Setting {
         name: "exchange",
         default: "exchange/bugzilla/simple",
         doc: "exchange the poller publishes to",
+        range: Range::Text,
     },
     Setting {
         name: "feeds",
         default: "/=exchange/bugzilla/simple",
         doc: "serve: comma-separated PATH=EXCHANGE, one WebSocket path per Pulse exchange",
+        range: Range::Text,
     },
     Setting {
         name: "queue",
         default: "queue/<amqp user>/bzpush-<hostname>",
         doc: "serve: name prefix of the durable consumer queues (one per feed)",
+        range: Range::Text,
     },
     Setting {
         name: "queue-expires",
         default: "24h",
         doc: "serve: the broker deletes a queue unused this long (x-expires)",
+        range: Range::Duration(secs(60), secs(30 * 24 * 3600)),
     },
     Setting {
         name: "listen",
         default: "127.0.0.1:8844",
         doc: "serve, run: WebSocket and HTTP address",
+        range: Range::Text,
     },
     Setting {
         name: "max-connections",
         default: "10000",
         doc: "serve, run: open WebSocket connections; more are refused with HTTP 503",
+        range: count(1, 1_000_000, "connections"),
     },
     Setting {
         name: "max-subscriptions",
         default: "20000",
         doc: "serve, run: bugs one connection may subscribe to",
+        range: count(1, 10_000_000, "bugs"),
     },
     Setting {
         name: "max-message-size",
         default: "1048576",
         doc: "serve, run: largest client message in bytes; larger closes with 1009",
+        range: count(1024, 64 << 20, "bytes"),
     },
     Setting {
         name: "outbound-queue",
         default: "4096",
         doc: "serve, run: messages waiting for one slow client before it is closed with 1008",
+        range: count(16, 1_000_000, "messages"),
     },
     Setting {
         name: "cache-size",
         default: "100000",
         doc: "serve, run: recent updates per feed kept to answer `since`",
+        range: count(0, 10_000_000, "updates"),
     },
     Setting {
         name: "ping-interval",
         default: "30s",
         doc: "serve, run: a silent connection is pinged after this long",
+        range: Range::Duration(secs(1), secs(3600)),
     },
     Setting {
         name: "ping-timeout",
         default: "30s",
         doc: "serve, run: a pinged connection that stays silent this long is closed",
+        range: Range::Duration(secs(1), secs(3600)),
     },
     Setting {
         name: "allowed-origins",
         default: "*",
         doc: "serve, run: comma-separated Origin values allowed to connect; * allows all",
+        range: Range::Text,
     },
     Setting {
         name: "catchup-database-url",
         default: "off",
         doc: "serve: Bugzilla's database, read-only, to answer `since` beyond the cache (run uses database-url)",
+        range: Range::Text,
     },
     Setting {
         name: "bugzilla-url",
         default: "off",
         doc: "serve, run, demo: Bugzilla's address, e.g. https://bugzilla.example.org; the live page links bug numbers to it",
+        range: Range::Text,
     },
     Setting {
         name: "log",
         default: "info",
         doc: "error, warn, info, debug or trace",
+        range: Range::Text,
     },
 ];
 
@@ -176,6 +258,8 @@ pub const SETTINGS: &[Setting] = &[
 #[derive(Debug)]
 pub enum Invocation {
     Help,
+    /// `bzpush run --help`: the settings of one mode.
+    ModeHelp(&'static str),
     Version,
     /// Run a subcommand.
     Start(Mode),
@@ -199,8 +283,14 @@ pub struct ConfigError(String);
 
 impl ConfigError {
     fn setting(setting: &Setting, value: &str, expected: &str) -> ConfigError {
+        // systemd keeps a `#` after a value as part of it.
+        let comment = if value.contains(" #") || value.contains("\t#") {
+            " (a # after a value is part of it: put comments on lines of their own)"
+        } else {
+            ""
+        };
         ConfigError(format!(
-            "{} (--{}): {}: {expected}",
+            "{} (--{}): {}: {expected}{comment}",
             setting.env_var(),
             setting.name,
             invalid_value(value),
@@ -422,7 +512,7 @@ pub struct ServerConfig {
 }
 
 /// Largest batch: a batch is held in memory and in one publish round.
-const MAX_BATCH_SIZE: usize = 100_000;
+const MAX_BATCH_SIZE: u64 = 100_000;
 /// MariaDB and MySQL refuse lock names longer than this.
 const MAX_LOCK_NAME: usize = 64;
 /// AMQP short strings (exchange names) are at most this many bytes.
@@ -436,34 +526,51 @@ const MAX_REPLAY_LIMIT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Resolves the command line (`args`, without the program name) and the
 /// environment into what to do.
+///
+/// Precedence: a flag wins over an `--env-file`, which wins over the
+/// environment. systemd puts an `EnvironmentFile=` into the environment, so
+/// a unit never passes `--env-file`; the flag is for `bzpush check run
+/// --env-file /etc/bzpush/bzpush.env` from a shell, which must check what
+/// the unit reads whatever that shell happens to export.
 pub fn parse(
     args: impl IntoIterator<Item = OsString>,
     env: impl IntoIterator<Item = (OsString, OsString)>,
 ) -> Result<Invocation, ConfigError> {
-    let mut args = args.into_iter().map(|a| {
-        a.into_string()
-            .map_err(|a| ConfigError(format!("argument {a:?} is not valid UTF-8")))
-    });
-    let mut command = match args.next().transpose()? {
+    let args = args
+        .into_iter()
+        .map(|a| {
+            a.into_string()
+                .map_err(|a| ConfigError(format!("argument {a:?} is not valid UTF-8")))
+        })
+        .collect::<Result<Vec<String>, ConfigError>>()?;
+    let mut args = args.into_iter();
+    let mut command = match args.next() {
         None => return Err(ConfigError("no command given; try `bzpush --help`".into())),
         Some(c) => c,
     };
     let check = command == "check";
     if check {
-        command = args.next().transpose()?.ok_or_else(|| {
+        command = args.next().ok_or_else(|| {
             ConfigError("check needs the command to check: bzpush check poll|serve|run".into())
         })?;
     }
-    match command.as_str() {
+    let mode: &'static str = match command.as_str() {
         "-h" | "--help" | "help" => return Ok(Invocation::Help),
         "-V" | "--version" | "version" if !check => return Ok(Invocation::Version),
-        "poll" | "serve" | "run" => {}
-        "demo" if !check => {}
+        "poll" => "poll",
+        "serve" => "serve",
+        "run" => "run",
+        "demo" if !check => "demo",
         other => {
             return Err(ConfigError(format!(
                 "unknown command {other:?}; try `bzpush --help`"
             )));
         }
+    };
+    let args: Vec<String> = args.collect();
+    // Before anything is read: help must work in a broken environment.
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Invocation::ModeHelp(mode));
     }
     let env: Vec<(OsString, OsString)> = env.into_iter().collect();
     // systemd sets it from StateDirectory=: a colon-separated list, ours first.
@@ -475,10 +582,9 @@ pub fn parse(
         .filter(|dir| !dir.is_empty())
         .map(PathBuf::from);
     let mut values = from_env(env)?;
-    while let Some(arg) = args.next().transpose()? {
-        if arg == "-h" || arg == "--help" {
-            return Ok(Invocation::Help);
-        }
+    let mut flags = BTreeMap::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
         let Some(flag) = arg.strip_prefix("--") else {
             // A URL given without its flag may hold a password.
             let shown = shown(&arg).map_or("(not shown: it may hold a password)".into(), |a| {
@@ -492,22 +598,63 @@ pub fn parse(
             Some((name, value)) => (name, Some(value.to_string())),
             None => (flag, None),
         };
-        let setting = lookup(name)
-            .ok_or_else(|| ConfigError(format!("unknown flag --{name}; try `bzpush --help`")))?;
-        let value = match inline {
-            Some(v) => v,
-            None => args
-                .next()
-                .transpose()?
-                .ok_or_else(|| ConfigError(format!("flag --{name} needs a value")))?,
+        let value = |args: &mut std::vec::IntoIter<String>| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| ConfigError(format!("flag --{name} needs a value")))
         };
-        values.insert(setting.name, value);
+        if name == "env-file" {
+            let path = value(&mut args)?;
+            values.extend(read_env_file(std::path::Path::new(&path))?);
+            continue;
+        }
+        let setting = lookup(name).ok_or_else(|| {
+            ConfigError(format!(
+                "unknown flag --{name}{}; try `bzpush {mode} --help`",
+                suggest(name, SETTINGS.iter().map(|s| s.name.to_string()))
+                    .map(|s| format!(" (did you mean --{s}?)"))
+                    .unwrap_or_default()
+            ))
+        })?;
+        flags.insert(setting.name, value(&mut args)?);
     }
-    let get = |name: &str| -> (&'static Setting, &str) {
-        let setting = lookup(name).unwrap_or_else(|| panic!("{name} is in SETTINGS"));
-        let value = values.get(name).map_or(setting.default, String::as_str);
-        (setting, value)
+    values.extend(flags);
+    let given = Given {
+        get: &|name| {
+            let setting = lookup(name).unwrap_or_else(|| panic!("{name} is in SETTINGS"));
+            let value = values.get(name).map_or(setting.default, String::as_str);
+            (setting, value)
+        },
+        is_set: &|name| values.contains_key(name),
+        systemd_state_directory,
     };
+    let mode = resolve(mode, &given)?;
+    Ok(if check {
+        Invocation::Check(mode)
+    } else {
+        Invocation::Start(mode)
+    })
+}
+
+/// A setting and its value, as [`resolve`] asks for them by name.
+type Get<'a> = dyn Fn(&str) -> (&'static Setting, &'a str) + 'a;
+
+/// What [`resolve`] reads.
+struct Given<'a> {
+    /// Each setting's value: given, or its default.
+    get: &'a Get<'a>,
+    /// Whether the user gave a setting (environment, env file or flag).
+    is_set: &'a dyn Fn(&str) -> bool,
+    /// The folder systemd made for `StateDirectory=`, if any.
+    systemd_state_directory: Option<PathBuf>,
+}
+
+/// The configuration of `mode` ("poll", "serve", "run" or "demo") from the
+/// values `given`. The settings it asks `given.get` for are exactly the ones
+/// the mode reads: [`settings_of`] lists them that way.
+fn resolve(mode: &str, given: &Given) -> Result<Mode, ConfigError> {
+    let get = given.get;
     let poller = || -> Result<PollerConfig, ConfigError> {
         let database = database_url(get("database-url"))?;
         Ok(PollerConfig {
@@ -515,23 +662,23 @@ pub fn parse(
             database,
             source: source(get("source"))?,
             poll_interval: duration(get("poll-interval"))?,
-            batch_size: number(get("batch-size"), 1, MAX_BATCH_SIZE)?,
-            overlap: duration_within(get("overlap"), MAX_OVERLAP)?,
+            batch_size: number(get("batch-size"))?,
+            overlap: duration(get("overlap"))?,
             state_directory: state_directory(
                 get("state-directory"),
-                systemd_state_directory.clone(),
+                given.systemd_state_directory.clone(),
             )?,
-            replay_limit: duration_within(get("replay-limit"), MAX_REPLAY_LIMIT)?,
+            replay_limit: duration(get("replay-limit"))?,
         })
     };
     let server = || -> Result<ServerConfig, ConfigError> {
         Ok(ServerConfig {
             listen: socket_addr(get("listen"))?,
-            max_connections: number(get("max-connections"), 1, 1_000_000)?,
-            max_subscriptions: number(get("max-subscriptions"), 1, 10_000_000)?,
-            max_message_size: number(get("max-message-size"), 1024, 64 << 20)?,
-            outbound_queue: number(get("outbound-queue"), 16, 1_000_000)?,
-            cache_size: number(get("cache-size"), 0, 10_000_000)?,
+            max_connections: number(get("max-connections"))?,
+            max_subscriptions: number(get("max-subscriptions"))?,
+            max_message_size: number(get("max-message-size"))?,
+            outbound_queue: number(get("outbound-queue"))?,
+            cache_size: number(get("cache-size"))?,
             ping_interval: duration(get("ping-interval"))?,
             ping_timeout: duration(get("ping-timeout"))?,
             allowed_origins: origins(get("allowed-origins"))?,
@@ -540,7 +687,7 @@ pub fn parse(
         })
     };
     let log = log_level(get("log"))?;
-    let mode = match command.as_str() {
+    Ok(match mode {
         "poll" => Mode::Poll(PollConfig {
             poller: poller()?,
             amqp: amqp_url(get("amqp-url"))?.with_heartbeat(heartbeat(get("heartbeat"))?),
@@ -552,17 +699,20 @@ pub fn parse(
             server: server()?,
             log,
         }),
-        "demo" => Mode::Demo(DemoConfig {
-            database: if values.contains_key("database-url") {
-                Some(server_url(get("database-url"))?)
-            } else {
-                None
-            },
-            poll_interval: duration(get("poll-interval"))?,
-            server: server()?,
-            listen_given: values.contains_key("listen"),
-            log,
-        }),
+        "demo" => {
+            let database = get("database-url");
+            Mode::Demo(DemoConfig {
+                database: if (given.is_set)("database-url") {
+                    Some(server_url(database)?)
+                } else {
+                    None
+                },
+                poll_interval: duration(get("poll-interval"))?,
+                server: server()?,
+                listen_given: (given.is_set)("listen"),
+                log,
+            })
+        }
         _ => {
             let amqp = amqp_url(get("amqp-url"))?.with_heartbeat(heartbeat(get("heartbeat"))?);
             let catchup = get("catchup-database-url");
@@ -580,12 +730,225 @@ pub fn parse(
                 log,
             })
         }
-    };
-    Ok(if check {
-        Invocation::Check(mode)
-    } else {
-        Invocation::Start(mode)
     })
+}
+
+/// The settings `mode` reads, in table order: those [`resolve`] asks for
+/// when every setting has its default.
+pub fn settings_of(mode: &str) -> Vec<&'static Setting> {
+    let read = std::cell::RefCell::new(Vec::new());
+    // The defaults are valid (a test says so); were one not, the list
+    // would only be shorter, never wrong.
+    let given = Given {
+        get: &|name| {
+            let setting = lookup(name).unwrap_or_else(|| panic!("{name} is in SETTINGS"));
+            read.borrow_mut().push(setting.name);
+            (setting, setting.default)
+        },
+        is_set: &|_| false,
+        systemd_state_directory: None,
+    };
+    let _ = resolve(mode, &given);
+    let read = read.into_inner();
+    SETTINGS.iter().filter(|s| read.contains(&s.name)).collect()
+}
+
+/// The candidate nearest to `name` by edit distance, if near enough to be
+/// a plausible typo.
+fn suggest(name: &str, candidates: impl Iterator<Item = String>) -> Option<String> {
+    candidates
+        .map(|c| (edit_distance(name, &c), c))
+        .filter(|(d, c)| *d <= 3.max(c.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over bytes: names are ASCII.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// The `BZPUSH_*` assignments of an environment file, by setting name.
+fn read_env_file(path: &std::path::Path) -> Result<BTreeMap<&'static str, String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(format!(
+            "--env-file {}: cannot read it: {e}",
+            path.display()
+        ))
+    })?;
+    let mut values = BTreeMap::new();
+    for (line, key, value) in parse_env_file(&text) {
+        if !key.starts_with("BZPUSH_") {
+            // The unit would export it too, and bzpush would ignore it.
+            continue;
+        }
+        let setting = env_setting(&key)
+            .map_err(|e| ConfigError(format!("--env-file {} line {line}: {e}", path.display())))?;
+        values.insert(setting.name, value);
+    }
+    Ok(values)
+}
+
+/// The setting a `BZPUSH_*` variable names; the error suggests the nearest
+/// one. Refused rather than ignored: a misspelt line in an environment file
+/// would otherwise leave its setting at the default without a word.
+fn env_setting(key: &str) -> Result<&'static Setting, ConfigError> {
+    SETTINGS.iter().find(|s| s.env_var() == key).ok_or_else(|| {
+        ConfigError(format!(
+            "{key} is not a bzpush setting{}; `bzpush --help` lists them",
+            suggest(key, SETTINGS.iter().map(Setting::env_var))
+                .map(|s| format!(" (did you mean {s}?)"))
+                .unwrap_or_default()
+        ))
+    })
+}
+
+/// Assignments in systemd's `EnvironmentFile=` syntax, as systemd reads
+/// them: `(line, key, value)`. Comments are whole lines starting with `#`
+/// or `;`; a `#` after a value is part of the value. Unquoted values lose
+/// trailing whitespace, and a backslash escapes the next character (before
+/// a newline it joins the lines). Single quotes keep everything; in double
+/// quotes a backslash escapes only `"`, `\`, `` ` ``, `$` and a newline.
+/// Quoted and unquoted parts run together (`A="x"y` is `xy`), but quotes
+/// after unquoted text are kept. A line without `=` is ignored, as systemd
+/// does.
+pub fn parse_env_file(text: &str) -> Vec<(usize, String, String)> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        PreKey,
+        Key,
+        PreValue,
+        Value,
+        ValueEscape,
+        Single,
+        Double,
+        DoubleEscape,
+        Comment,
+        CommentEscape,
+    }
+    let mut out = Vec::new();
+    let (mut key, mut value) = (String::new(), String::new());
+    // Where trailing unquoted whitespace begins, if the value ends in some.
+    let mut trailing: Option<usize> = None;
+    let (mut line, mut key_line) = (1, 1);
+    let mut state = State::PreKey;
+    let push = |out: &mut Vec<_>,
+                line,
+                key: &mut String,
+                value: &mut String,
+                trailing: &mut Option<usize>| {
+        if let Some(at) = trailing.take() {
+            value.truncate(at);
+        }
+        let key = std::mem::take(key);
+        let key = key.trim_end().to_string();
+        out.push((line, key, std::mem::take(value)));
+    };
+    for c in text.chars().chain(std::iter::once('\n')) {
+        match state {
+            State::PreKey => {
+                if c == '#' || c == ';' {
+                    state = State::Comment;
+                } else if !c.is_whitespace() {
+                    state = State::Key;
+                    key_line = line;
+                    key.push(c);
+                }
+            }
+            State::Key => {
+                if c == '\n' {
+                    key.clear();
+                    state = State::PreKey;
+                } else if c == '=' {
+                    state = State::PreValue;
+                } else {
+                    key.push(c);
+                }
+            }
+            State::PreValue => match c {
+                '\n' => {
+                    push(&mut out, key_line, &mut key, &mut value, &mut trailing);
+                    state = State::PreKey;
+                }
+                '\'' => state = State::Single,
+                '"' => state = State::Double,
+                '\\' => state = State::ValueEscape,
+                c if c.is_whitespace() => {}
+                c => {
+                    value.push(c);
+                    state = State::Value;
+                }
+            },
+            State::Value => match c {
+                '\n' => {
+                    push(&mut out, key_line, &mut key, &mut value, &mut trailing);
+                    state = State::PreKey;
+                }
+                '\\' => {
+                    trailing = None;
+                    state = State::ValueEscape;
+                }
+                c => {
+                    if !c.is_whitespace() {
+                        trailing = None;
+                    } else if trailing.is_none() {
+                        trailing = Some(value.len());
+                    }
+                    value.push(c);
+                }
+            },
+            State::ValueEscape => {
+                if c != '\n' {
+                    value.push(c);
+                }
+                state = State::Value;
+            }
+            State::Single => {
+                if c == '\'' {
+                    state = State::PreValue;
+                } else {
+                    value.push(c);
+                }
+            }
+            State::Double => match c {
+                '"' => state = State::PreValue,
+                '\\' => state = State::DoubleEscape,
+                c => value.push(c),
+            },
+            State::DoubleEscape => {
+                match c {
+                    '"' | '\\' | '`' | '$' => value.push(c),
+                    '\n' => {}
+                    c => {
+                        value.push('\\');
+                        value.push(c);
+                    }
+                }
+                state = State::Double;
+            }
+            State::Comment => match c {
+                '\\' => state = State::CommentEscape,
+                '\n' => state = State::PreKey,
+                _ => {}
+            },
+            State::CommentEscape => state = State::Comment,
+        }
+        if c == '\n' {
+            line += 1;
+        }
+    }
+    out
 }
 
 impl Mode {
@@ -605,8 +968,7 @@ fn lookup(name: &str) -> Option<&'static Setting> {
 }
 
 /// The `BZPUSH_*` variables, by setting name. An unknown `BZPUSH_*` variable
-/// is an error: a misspelt line in an environment file must not be silently
-/// ignored.
+/// is an error ([`env_setting`]).
 fn from_env(
     env: impl IntoIterator<Item = (OsString, OsString)>,
 ) -> Result<BTreeMap<&'static str, String>, ConfigError> {
@@ -617,10 +979,7 @@ fn from_env(
         if !key.starts_with("BZPUSH_") || key == crate::shutdown::TEST_PANIC_VAR {
             continue;
         }
-        let setting = SETTINGS
-            .iter()
-            .find(|s| s.env_var() == key)
-            .ok_or_else(|| ConfigError(format!("{key} is not a bzpush setting")))?;
+        let setting = env_setting(key)?;
         let value = value
             .into_string()
             .map_err(|_| ConfigError(format!("{key}: value is not valid UTF-8")))?;
@@ -867,8 +1226,21 @@ fn source((setting, value): (&Setting, &str)) -> Result<Source, ConfigError> {
 }
 
 fn duration((setting, value): (&Setting, &str)) -> Result<Duration, ConfigError> {
-    parse_duration(value)
-        .ok_or_else(|| ConfigError::setting(setting, value, "expected a duration like 250ms or 2s"))
+    let parsed = parse_duration(value).ok_or_else(|| {
+        ConfigError::setting(setting, value, "expected a duration like 250ms or 2s")
+    })?;
+    match setting.range {
+        Range::Duration(min, max) if !(min..=max).contains(&parsed) => Err(ConfigError::setting(
+            setting,
+            value,
+            &format!(
+                "expected a duration from {} to {}",
+                format_duration(min),
+                format_duration(max)
+            ),
+        )),
+        _ => Ok(parsed),
+    }
 }
 
 /// An AMQP heartbeat: whole seconds, as the protocol counts them.
@@ -894,21 +1266,6 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
     (!duration.is_zero()).then_some(duration)
 }
 
-fn duration_within(
-    (setting, value): (&Setting, &str),
-    max: Duration,
-) -> Result<Duration, ConfigError> {
-    let d = duration((setting, value))?;
-    if d < Duration::from_secs(1) || d > max {
-        return Err(ConfigError::setting(
-            setting,
-            value,
-            &format!("expected a duration from 1s to {}h", max.as_secs() / 3600),
-        ));
-    }
-    Ok(d)
-}
-
 /// The default is systemd's `$STATE_DIRECTORY`, or none outside systemd;
 /// `off` is none whatever systemd says.
 fn state_directory(
@@ -932,20 +1289,21 @@ fn state_directory(
     Ok(Some(path))
 }
 
-fn number(
-    (setting, value): (&Setting, &str),
-    min: usize,
-    max: usize,
-) -> Result<usize, ConfigError> {
+fn number((setting, value): (&Setting, &str)) -> Result<usize, ConfigError> {
+    let (min, max, unit) = match setting.range {
+        Range::Count { min, max, unit } => (min, max, unit),
+        _ => (0, u64::MAX, "units"),
+    };
     value
-        .parse::<usize>()
+        .parse::<u64>()
         .ok()
         .filter(|n| (min..=max).contains(n))
+        .and_then(|n| usize::try_from(n).ok())
         .ok_or_else(|| {
             ConfigError::setting(
                 setting,
                 value,
-                &format!("expected a number from {min} to {max}"),
+                &format!("expected a number of {unit} from {min} to {max}"),
             )
         })
 }
@@ -1082,26 +1440,52 @@ fn without_secrets(complaint: &str, value: &str) -> String {
 pub fn help() -> String {
     let mut text = format!(
         "bzpush {}: Bugzilla push notifications\n\n\
-         Usage: bzpush <COMMAND> [--SETTING VALUE]...\n\n\
+         Usage: bzpush <COMMAND> [--env-file PATH]... [--SETTING VALUE]...\n\n\
          Commands:\n  \
          run     poll Bugzilla's database and serve WebSocket clients, in one process\n  \
          poll    poll Bugzilla's database and publish each change to Pulse (AMQP)\n  \
          serve   serve WebSocket clients (bugzfeed protocol) from Pulse\n  \
          demo    run fed by a simulated Bugzilla (in memory, or a scratch database with --database-url)\n  \
          check   check a command's settings and dependencies: bzpush check run|poll|serve\n\n\
+         `bzpush COMMAND --help` lists only the settings that command reads.\n\n\
          Settings (environment variable, flag, default):\n",
         env!("CARGO_PKG_VERSION")
     );
-    for s in SETTINGS {
+    text.push_str(&setting_lines(SETTINGS.iter()));
+    text.push_str(HELP_FOOTER);
+    text
+}
+
+/// The text of `bzpush MODE --help`: the settings `mode` reads.
+pub fn mode_help(mode: &str) -> String {
+    let mut text = format!(
+        "Usage: bzpush {mode} [--env-file PATH]... [--SETTING VALUE]...\n       \
+         bzpush check {mode} [--env-file PATH]... [--SETTING VALUE]...\n\n\
+         Settings `{mode}` reads (environment variable, flag, default):\n"
+    );
+    text.push_str(&setting_lines(settings_of(mode).into_iter()));
+    text.push_str(HELP_FOOTER);
+    text
+}
+
+const HELP_FOOTER: &str = "\n--env-file PATH reads a file in systemd's EnvironmentFile= syntax (repeatable, \
+    later files win).\nA flag wins over an --env-file, which wins over the environment. \
+    Exit status: 0 clean stop, 1 runtime failure, 2 bad configuration.\n";
+
+fn setting_lines<'a>(settings: impl Iterator<Item = &'a Setting>) -> String {
+    let mut text = String::new();
+    for s in settings {
         text.push_str(&format!(
-            "  {:<22} --{:<15} {}\n      {}\n",
+            "  {:<28} --{:<21} {}\n      {}\n",
             s.env_var(),
             s.name,
             s.default,
             s.doc
         ));
+        if let Some(range) = s.range.describe() {
+            text.push_str(&format!("      ({range})\n"));
+        }
     }
-    text.push_str("\nA flag wins over the environment. Exit status: 0 clean stop, 1 runtime failure, 2 bad configuration.\n");
     text
 }
 
@@ -1459,5 +1843,156 @@ mod tests {
             default_lock_name("Bugs"),
             "bzpush.poller.bugs.2a46d4a7e4573732"
         );
+    }
+
+    fn env_file(text: &str) -> Vec<(String, String)> {
+        parse_env_file(text)
+            .into_iter()
+            .map(|(_, k, v)| (k, v))
+            .collect()
+    }
+
+    fn pair(k: &str, v: &str) -> (String, String) {
+        (k.to_string(), v.to_string())
+    }
+
+    #[test]
+    fn env_files_read_as_systemd_reads_them() {
+        // The README's old snippet: systemd keeps the comment in the value.
+        assert_eq!(
+            env_file("#BZPUSH_SOURCE=bugs\nBZPUSH_LISTEN=127.0.0.1:8844       # nginx\n"),
+            vec![pair("BZPUSH_LISTEN", "127.0.0.1:8844       # nginx")]
+        );
+        assert_eq!(
+            env_file("  ; comment\n\tA = x y  \nB=\nC\nD='a # b'\nE=\"q\\\"\\$\\n\"\n"),
+            vec![
+                pair("A", "x y"),
+                pair("B", ""),
+                pair("D", "a # b"),
+                pair("E", "q\"$\\n"),
+            ]
+        );
+        // Continuations, in values and in comments; escapes; quotes that
+        // run together with unquoted text.
+        assert_eq!(
+            env_file("A=one\\\ntwo\n# x \\\nB=hidden\nC=\"x\"y 'z'\nD=a\\ \nE='multi\nline'\n"),
+            vec![
+                pair("A", "onetwo"),
+                pair("C", "xy 'z'"),
+                pair("D", "a "),
+                pair("E", "multi\nline"),
+            ]
+        );
+        // No newline at the end; CRLF is not special to systemd either.
+        assert_eq!(env_file("A=1"), vec![pair("A", "1")]);
+    }
+
+    fn run_args(args: &[&str], env: &[(&str, &str)]) -> Result<Invocation, ConfigError> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        parse(args.iter().map(OsString::from), env)
+    }
+
+    #[test]
+    fn a_flag_wins_over_an_env_file_which_wins_over_the_environment() {
+        let path = std::env::temp_dir().join(format!("bzpush-env-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "# from the unit\nBZPUSH_POLL_INTERVAL=3s\nBZPUSH_BATCH_SIZE=7\nOTHER=ignored\n",
+        )
+        .expect("write a temp file");
+        let file = path.to_str().expect("utf-8");
+        let env = [("BZPUSH_POLL_INTERVAL", "2s"), ("BZPUSH_OVERLAP", "5s")];
+        let config = poll(&["--env-file", file, "--batch-size", "9"], &env).expect("valid");
+        assert_eq!(config.poller.poll_interval, Duration::from_secs(3));
+        assert_eq!(config.poller.batch_size, 9);
+        assert_eq!(config.poller.overlap, Duration::from_secs(5));
+        std::fs::write(&path, "BZPUSH_POLL_INTERVL=3s\n").expect("write");
+        let err = poll(&[&format!("--env-file={file}")], &[]).unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+        assert!(err.to_string().contains("BZPUSH_POLL_INTERVAL?"), "{err}");
+        let _ = std::fs::remove_file(&path);
+        let err = poll(&["--env-file", "/nonexistent/bzpush.env"], &[]).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/bzpush.env"), "{err}");
+    }
+
+    #[test]
+    fn unknown_names_suggest_the_nearest() {
+        let err = poll(&[], &[("BZPUSH_PING_TIMOUT", "1s")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("did you mean BZPUSH_PING_TIMEOUT?"),
+            "{err}"
+        );
+        let err = poll(&["--databse-url", "x"], &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("did you mean --database-url?"),
+            "{err}"
+        );
+        // Nothing near: no guess.
+        let err = poll(&[], &[("BZPUSH_SOMETHING_ELSE_ENTIRELY", "1")]).unwrap_err();
+        assert!(!err.to_string().contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn help_works_in_a_bad_environment() {
+        let bad = [("BZPUSH_NOPE", "1"), ("BZPUSH_POLL_INTERVAL", "soon")];
+        for args in [&["run", "--help"][..], &["check", "run", "-h"], &["--help"]] {
+            assert!(
+                matches!(
+                    run_args(args, &bad),
+                    Ok(Invocation::Help | Invocation::ModeHelp("run"))
+                ),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mode_help_lists_only_what_the_mode_reads_with_ranges() {
+        let help = mode_help("run");
+        for name in [
+            "BZPUSH_DATABASE_URL",
+            "BZPUSH_LISTEN",
+            "BZPUSH_PING_TIMEOUT",
+        ] {
+            assert!(help.contains(name), "{name} in {help}");
+        }
+        for name in [
+            "BZPUSH_AMQP_URL",
+            "BZPUSH_FEEDS",
+            "BZPUSH_CATCHUP_DATABASE_URL",
+        ] {
+            assert!(!help.contains(name), "{name} in {help}");
+        }
+        assert!(help.contains("(a duration from 1s to 1h)"), "{help}");
+        let serve = mode_help("serve");
+        assert!(!serve.contains("BZPUSH_POLL_INTERVAL"), "{serve}");
+        assert!(serve.contains("BZPUSH_AMQP_URL"), "{serve}");
+        let poll = mode_help("poll");
+        assert!(!poll.contains("BZPUSH_LISTEN"), "{poll}");
+    }
+
+    #[test]
+    fn every_default_is_valid_and_every_number_or_duration_has_a_range() {
+        for mode in ["poll", "serve", "run"] {
+            assert!(run_args(&[mode], &[]).is_ok(), "{mode}");
+        }
+        for s in SETTINGS {
+            let numeric = parse_duration(s.default).is_some() || s.default.parse::<u64>().is_ok();
+            assert_eq!(numeric, s.range.describe().is_some(), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_naming_the_range() {
+        let err = poll(&[], &[("BZPUSH_POLL_INTERVAL", "999999h")]).unwrap_err();
+        assert!(err.to_string().contains("from 10ms to 1h"), "{err}");
+        let err = run_args(&["run"], &[("BZPUSH_PING_TIMEOUT", "1ms")]).unwrap_err();
+        assert!(err.to_string().contains("from 1s to 1h"), "{err}");
+        let err = poll(&["--batch-size", "0"], &[]).unwrap_err();
+        assert!(err.to_string().contains("rows from 1 to 100000"), "{err}");
+        assert!(poll(&["--poll-interval", "1h"], &[]).is_ok());
     }
 }

@@ -168,6 +168,45 @@ pub fn connection_dropped(error: &mysql::Error) -> bool {
     }
 }
 
+/// A database error as a sentence for a log line or a check, without the
+/// mysql crate's type wrappers (`MySqlError { ERROR 1045 (28000): … }`,
+/// `DriverError { … }`). The server's own message stays verbatim, with its
+/// error number for searching.
+pub fn sentence(error: &mysql::Error) -> String {
+    use mysql::DriverError;
+    match error {
+        mysql::Error::MySqlError(e) => format!("{} (MySQL error {})", e.message, e.code),
+        mysql::Error::DriverError(DriverError::CouldNotConnect(Some((addr, why, _)))) => {
+            format!("cannot connect to {addr}: {why}")
+        }
+        mysql::Error::DriverError(DriverError::ConnectTimeout) => {
+            format!("no connection within {}s", CONNECT_TIMEOUT.as_secs())
+        }
+        mysql::Error::DriverError(DriverError::Timeout) => "no answer in time".to_string(),
+        mysql::Error::DriverError(e) => format!("{e}"),
+        mysql::Error::IoError(e) => match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                "the connection stopped answering (timed out)".to_string()
+            }
+            _ => format!("connection failed: {e}"),
+        },
+        mysql::Error::CodecError(e) => format!("garbled reply from the server: {e}"),
+        mysql::Error::UrlError(e) => format!("bad database URL: {e}"),
+        mysql::Error::FromValueError(_) | mysql::Error::FromRowError(_) => {
+            "a reply of an unexpected type".to_string()
+        }
+    }
+}
+
+/// [`sentence`] as a `Display`, for what takes one.
+pub struct Sentence<'a>(pub &'a mysql::Error);
+
+impl std::fmt::Display for Sentence<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&sentence(self.0))
+    }
+}
+
 /// A DATETIME as the database stored it, `YYYY-MM-DDTHH:MM:SS`.
 pub fn change_time(value: &mysql::Value) -> Option<ChangeTime> {
     match *value {

@@ -41,6 +41,7 @@
 //! - [`check`]: `bzpush check`: each setting and dependency, one line each.
 //! - [`logging`]: log lines on stderr, with journal priorities when stderr
 //!   is the journal.
+//! - [`manual`]: the man page, written from the settings table.
 //! - [`metrics`]: counters shared by every thread.
 //! - [`origin`]: allowed origins as browsers send them, and logging refusals.
 //! - [`retry`]: backoff, and logging a dependency's state once per change.
@@ -60,6 +61,7 @@ pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod logging;
+pub mod manual;
 pub mod metrics;
 pub mod notification;
 pub mod origin;

@@ -27,6 +27,10 @@ fn main() -> ExitCode {
             print!("{}", config::help());
             ExitCode::SUCCESS
         }
+        Invocation::ModeHelp(mode) => {
+            print!("{}", config::mode_help(mode));
+            ExitCode::SUCCESS
+        }
         Invocation::Version => {
             println!("bzpush {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

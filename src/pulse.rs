@@ -210,6 +210,12 @@ impl BrokerError {
         }
     }
 
+    /// The broker answered and said no (credentials, vhost, permissions,
+    /// an incompatible declaration): retrying as is will not help.
+    pub fn refused(&self) -> bool {
+        matches!(&self.cause, Cause::Lapin(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)))
+    }
+
     fn closed(doing: &'static str) -> BrokerError {
         BrokerError {
             doing,
@@ -239,7 +245,7 @@ impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.cause {
             Cause::Lapin(e) => {
-                write!(f, "{}: {e}", self.doing)?;
+                write!(f, "{}: {}", self.doing, lapin_sentence(e))?;
                 let todo = match amqp_code(e) {
                     Some(ACCESS_REFUSED) => " — check the user and password in BZPUSH_AMQP_URL",
                     Some(NOT_ALLOWED) => {
@@ -280,6 +286,21 @@ fn amqp_code(error: &lapin::Error) -> Option<u16> {
     match error.kind() {
         lapin::ErrorKind::ProtocolError(e) => Some(e.kind().get_id()),
         _ => None,
+    }
+}
+
+/// A lapin error as a sentence: lapin prints connection and channel states
+/// with `Debug` (`invalid connection state: Closed`), and the broker's
+/// refusals with their AMQP class names first.
+fn lapin_sentence(error: &lapin::Error) -> String {
+    match error.kind() {
+        lapin::ErrorKind::IOError(e) => format!("connection failed: {e}"),
+        lapin::ErrorKind::ProtocolError(e) => {
+            format!("the broker refused: {}", e.get_message())
+        }
+        lapin::ErrorKind::InvalidConnectionState(_) => "the connection is closed".to_string(),
+        lapin::ErrorKind::InvalidChannelState(_, _) => "the channel is closed".to_string(),
+        _ => error.to_string(),
     }
 }
 

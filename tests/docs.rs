@@ -13,10 +13,11 @@ fn readme_settings_table_matches_the_code() {
     assert_eq!(rows.len(), SETTINGS.len(), "README rows: {rows:#?}");
     for (row, setting) in rows.iter().zip(SETTINGS) {
         let expected = format!(
-            "| `{}` | `--{}` | `{}` | {} |",
+            "| `{}` | `--{}` | `{}` | {} | {} |",
             setting.env_var(),
             setting.name,
             setting.default,
+            setting.range.describe().unwrap_or_default(),
             setting.doc
         );
         assert_eq!(*row, expected, "README row for {}", setting.name);

@@ -62,7 +62,7 @@ fn every_unit_verifies() {
     std::fs::create_dir_all(&dir).expect("make a folder for the units");
     for unit in UNITS {
         let text = std::fs::read_to_string(systemd_dir().join(unit)).expect("read the unit");
-        let text = text.replace("/usr/local/bin/bzpush", env!("CARGO_BIN_EXE_bzpush"));
+        let text = text.replace("/usr/bin/bzpush", env!("CARGO_BIN_EXE_bzpush"));
         // A template verifies as one of its instances.
         let name = unit.replace("@.", "@test.");
         let path = dir.join(&name);

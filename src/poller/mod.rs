@@ -145,7 +145,8 @@ struct InFlight<P, R> {
     /// Every change the batch carries, sent now or before.
     notifications: Vec<Notification>,
     receipt: R,
-    lag_secs: u64,
+    /// When its oldest change was made, on this process's clock.
+    oldest: Instant,
 }
 
 /// Whether the database `error` is one no retry cures: the server is up
@@ -181,7 +182,7 @@ fn refusal(error: &mysql::Error, config: &PollerConfig) -> Option<String> {
         (1054, _) => "the table lacks a column bzpush reads: is it Bugzilla's?".to_string(),
         _ => return None,
     };
-    Some(format!("{error} — {todo}"))
+    Some(format!("{} — {todo}", database::Sentence(error)))
 }
 
 /// The holder of lock `id` as the server lists it, if this user may see it
@@ -358,6 +359,9 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 return Ok(true);
             }
             self.database_up();
+            // A standby owes no changes: its lag stays zero, and the
+            // active poller's shows.
+            self.metrics.poll_lag_from(Instant::now());
             // `None`: freed since GET_LOCK gave up; the next one takes it.
             if let Some(id) = holder_id {
                 // Looked up once per holder, not once a second.
@@ -443,7 +447,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             // The last STATUS= was the refusal.
             systemd::notify("STATUS=database down; retrying with backoff");
         }
-        self.database.down(error);
+        self.database.down(&database::Sentence(error));
     }
 
     /// The database refuses the poller for `reason` (which says the fix).
@@ -566,6 +570,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
         if !self.source.reads_ahead() {
             self.settle(db, in_flight.take())?;
         }
+        let read_at = Instant::now();
         let batch = self.source.read(db)?;
         let fresh: Vec<Notification> = batch
             .notifications
@@ -573,6 +578,9 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             .filter(|n| !self.handed_over.contains(n))
             .cloned()
             .collect();
+        let oldest = read_at
+            .checked_sub(Duration::from_secs(batch.lag_secs))
+            .unwrap_or(read_at);
         let pending = if fresh.is_empty() {
             // Nothing to send: the broker link is still checked, so an
             // outage or a wrong password shows while idle.
@@ -587,13 +595,17 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             pending,
             notifications: batch.notifications,
             receipt: batch.receipt,
-            lag_secs: batch.lag_secs,
+            oldest,
         });
         self.settle(db, previous)?;
         if !batch.full {
             // The backlog is drained: nothing stays in flight between polls.
             self.settle(db, in_flight.take())?;
         }
+        // The lag counts from the oldest change still in flight or, with
+        // none, from this poll: it has seen everything older.
+        self.metrics
+            .poll_lag_from(in_flight.as_ref().map_or(read_at, |f| f.oldest));
         Ok(batch.full)
     }
 
@@ -608,7 +620,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             pending,
             notifications,
             receipt,
-            lag_secs,
+            ..
         }) = in_flight
         else {
             return Ok(());
@@ -618,9 +630,6 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
             self.sink_link.up();
             self.sink_backoff.reset();
             self.metrics.poll_batches.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .poll_lag_seconds
-                .store(lag_secs, Ordering::Relaxed);
         }
         if let Err(e) = self.source.confirmed(db, receipt) {
             self.remember_handed_over(notifications);

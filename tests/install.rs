@@ -1,0 +1,206 @@
+//! The README's "Install on one VM", followed literally: its shell blocks
+//! run in order, as written, against a temporary root.
+//!
+//! What the test changes, and only that: absolute paths under `/etc/` and
+//! `/usr/bin/` point into the temporary root; commands that would change
+//! the machine are shims on `PATH` (`cargo` does nothing: the binary under
+//! test stands in for the release build; `systemctl` records its
+//! arguments; `apt-get` unpacks the package with `dpkg-deb -x` when
+//! `BZPUSH_TEST_DEB` names one, as `.ci/run` does after `cargo deb`;
+//! `editor` writes the README's environment lines, with the test
+//! database's URL for the example's). The script must succeed, and its
+//! `bzpush check run --env-file …` must reach the database.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::TestDb;
+
+/// A fenced block of the README: its language tag and its text.
+fn blocks(markdown: &str) -> Vec<(String, String)> {
+    let mut blocks = Vec::new();
+    let mut open: Option<(String, String)> = None;
+    for line in markdown.lines() {
+        match (&mut open, line.strip_prefix("```")) {
+            (None, Some(tag)) => open = Some((tag.trim().to_string(), String::new())),
+            (Some(_), Some(_)) => blocks.extend(open.take()),
+            (Some((_, text)), None) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, None) => {}
+        }
+    }
+    blocks
+}
+
+fn install_section() -> &'static str {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("\n## Install on one VM")
+        .expect("README has a section \"Install on one VM\"");
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |at| at + 3);
+    &rest[..end]
+}
+
+fn write_script(path: &Path, text: &str) {
+    std::fs::write(path, format!("#!/bin/sh\n{text}\n")).expect("write a shim");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod a shim");
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn the_readme_install_steps_work_as_written() {
+    let db = TestDb::new();
+    let temp = std::env::temp_dir().join(common::unique("bzpush-install"));
+    let (root, checkout, shims) = (temp.join("root"), temp.join("checkout"), temp.join("shims"));
+    for dir in [
+        root.join("etc/systemd/system"),
+        root.join("usr/bin"),
+        checkout.join("systemd"),
+        checkout.join("target/release"),
+        checkout.join("target/debian"),
+        shims.clone(),
+    ] {
+        std::fs::create_dir_all(&dir).expect("make the test's folders");
+    }
+    // The checkout the README's commands run in.
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for entry in std::fs::read_dir(manifest.join("systemd")).expect("read systemd/") {
+        let entry = entry.expect("a systemd/ entry");
+        std::fs::copy(
+            entry.path(),
+            checkout.join("systemd").join(entry.file_name()),
+        )
+        .expect("copy systemd/");
+    }
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_bzpush"),
+        checkout.join("target/release/bzpush"),
+    )
+    .expect("the binary under test stands in for the release build");
+    if let Ok(deb) = std::env::var("BZPUSH_TEST_DEB") {
+        let name = Path::new(&deb).file_name().expect("a .deb file name");
+        std::fs::copy(&deb, checkout.join("target/debian").join(name)).expect("copy the .deb");
+    }
+
+    // The environment lines the README tells the reader to write, with
+    // the test database for the example's.
+    let section = install_section();
+    let blocks = blocks(section);
+    let env_lines: String = blocks
+        .iter()
+        .filter(|(tag, _)| tag == "ini")
+        .flat_map(|(_, text)| text.lines())
+        .map(|line| match line.split_once('=') {
+            Some(("BZPUSH_DATABASE_URL", _)) => format!("BZPUSH_DATABASE_URL={}\n", db.url()),
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    assert!(
+        env_lines.contains("BZPUSH_DATABASE_URL="),
+        "the install section shows the database line to write:\n{section}"
+    );
+    std::fs::write(temp.join("env-lines"), &env_lines).expect("write the env lines");
+
+    let log = temp.join("systemctl.log");
+    write_script(&shims.join("cargo"), "exit 0");
+    write_script(
+        &shims.join("systemctl"),
+        &format!("echo \"$*\" >> '{}'", log.display()),
+    );
+    write_script(
+        &shims.join("apt-get"),
+        &format!(
+            "for f in \"$@\"; do case \"$f\" in *.deb) [ -f \"$f\" ] && dpkg-deb -x \"$f\" '{}';; esac; done; exit 0",
+            root.display()
+        ),
+    );
+    write_script(
+        &shims.join("editor"),
+        &format!("cat '{}' >> \"$1\"", temp.join("env-lines").display()),
+    );
+
+    let script: String = blocks
+        .iter()
+        .filter(|(tag, _)| tag == "sh")
+        .map(|(_, text)| text.as_str())
+        .collect();
+    assert!(
+        script.contains("bzpush check run --env-file /etc/bzpush/bzpush.env"),
+        "the install section checks the environment file:\n{script}"
+    );
+    let script = script
+        .replace(" /etc/", &format!(" {}/etc/", root.display()))
+        .replace(" /usr/bin/", &format!(" {}/usr/bin/", root.display()));
+    let path = format!(
+        "{}:{}:{}",
+        shims.display(),
+        root.join("usr/bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut command = Command::new("timeout");
+    command
+        .args(["120", "bash", "-euxo", "pipefail", "-c", &script])
+        .current_dir(&checkout)
+        .env("PATH", path);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("BZPUSH_") {
+            command.env_remove(key);
+        }
+    }
+    let output = command.output().expect("run bash");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success(),
+        "the install steps failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("ok    database {}: reachable", db.url())),
+        "check read the environment file and reached the database:\n{stdout}\n{stderr}"
+    );
+    let env_file = root.join("etc/bzpush/bzpush.env");
+    assert_eq!(mode(&env_file), 0o600, "{}", env_file.display());
+    assert_eq!(mode(&root.join("usr/bin/bzpush")), 0o755);
+    let systemctl = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        systemctl.contains("enable --now bzpush-run"),
+        "systemctl calls: {systemctl}"
+    );
+    let _ = std::fs::remove_dir_all(&temp);
+}
+
+/// A password on a command line lands in shell history and in every
+/// process list: no command the README gives carries one.
+#[test]
+fn no_readme_command_puts_a_password_on_the_command_line() {
+    for (tag, text) in blocks(include_str!("../README.md")) {
+        if tag != "sh" {
+            continue;
+        }
+        for line in text.lines() {
+            let command = line.split(" #").next().unwrap_or_default();
+            let credentials = command.split("://").skip(1).any(|rest| {
+                let authority = rest.split('/').next().unwrap_or_default();
+                authority
+                    .rsplit_once('@')
+                    .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+            });
+            assert!(!credentials, "a password on a command line: {line}");
+        }
+    }
+}

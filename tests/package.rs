@@ -1,0 +1,200 @@
+//! The Debian package: the man page it ships agrees with the settings
+//! table, and the `.deb` itself (built by `cargo deb`) holds the right
+//! files with the right modes, marks the environment file as a conffile,
+//! and its units verify against its own binary.
+//!
+//! The `.deb` checks need the package, which takes a release build:
+//! `.ci/run` builds it once after the tests and runs them with
+//! `BZPUSH_TEST_DEB=target/debian/bzpush_….deb cargo test --test package
+//! -- --include-ignored`. Run that way without the variable they fail
+//! saying how to build it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bzpush::config::SETTINGS;
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn the_man_page_is_current_and_lists_every_setting() {
+    let path = manifest_dir().join("doc/bzpush.1");
+    let page = bzpush::manual::render();
+    if std::env::var_os("BZPUSH_WRITE_MAN").is_some() {
+        std::fs::write(&path, &page).expect("write doc/bzpush.1");
+    }
+    let shipped = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        shipped == page,
+        "doc/bzpush.1 differs from the settings table: \
+         BZPUSH_WRITE_MAN=1 cargo test --test package man rewrites it"
+    );
+    for setting in SETTINGS {
+        let var = setting.env_var().replace('-', "\\-");
+        let flag = format!("\\-\\-{}", setting.name.replace('-', "\\-"));
+        assert!(
+            page.contains(&format!(".BR {var} \", \" {flag}\n")),
+            "{var}"
+        );
+        if let Some(range) = setting.range.describe() {
+            assert!(page.contains(&range.replace('-', "\\-")), "{var}: {range}");
+        }
+    }
+}
+
+/// The `.deb` under test.
+fn deb() -> PathBuf {
+    let deb = std::env::var("BZPUSH_TEST_DEB").unwrap_or_else(|_| {
+        panic!(
+            "BZPUSH_TEST_DEB names no package: build one with `cargo install cargo-deb && \
+             cargo deb`, then BZPUSH_TEST_DEB=target/debian/bzpush_….deb (.ci/run does this)"
+        )
+    });
+    let deb = PathBuf::from(deb);
+    assert!(deb.is_file(), "{} is not a file", deb.display());
+    deb
+}
+
+fn dpkg_deb(args: &[&str], deb: &Path) -> String {
+    let output = Command::new("dpkg-deb")
+        .args(args)
+        .arg(deb)
+        .output()
+        .unwrap_or_else(|e| panic!("dpkg-deb ({e}): apt-get install dpkg"));
+    assert!(
+        output.status.success(),
+        "dpkg-deb {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "needs a .deb: .ci/run builds one and runs this"]
+fn the_package_holds_the_binary_units_man_page_and_a_private_conffile() {
+    let deb = deb();
+    let listing = dpkg_deb(&["-c"], &deb);
+    // (mode, path) of each file that must be there, all owned by root.
+    for (mode, path) in [
+        ("-rwxr-xr-x", "./usr/bin/bzpush"),
+        ("-rw-r--r--", "./lib/systemd/system/bzpush-run.service"),
+        ("-rw-r--r--", "./lib/systemd/system/bzpush-poll.service"),
+        ("-rw-r--r--", "./lib/systemd/system/bzpush-serve@.service"),
+        ("-rw-------", "./etc/bzpush/bzpush.env"),
+        ("-rw-r--r--", "./usr/share/doc/bzpush/README.md"),
+        (
+            "-rw-r--r--",
+            "./usr/share/doc/bzpush/contrib/bzpush-rules.yml",
+        ),
+        (
+            "-rw-r--r--",
+            "./usr/share/doc/bzpush/contrib/bzpush-dashboard.json",
+        ),
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with(&format!(" {path}")))
+            .unwrap_or_else(|| panic!("{path} is not in the package:\n{listing}"));
+        assert!(line.starts_with(mode), "{path}: {line}");
+        assert!(line.contains(" 0/0 "), "not owned by root: {line}");
+    }
+    assert!(
+        listing.contains("./usr/share/man/man1/bzpush.1"),
+        "no man page:\n{listing}"
+    );
+
+    let control = tempdir("control");
+    let status = Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(&deb)
+        .arg(&control)
+        .status()
+        .expect("dpkg-deb -e");
+    assert!(status.success(), "dpkg-deb -e {}", deb.display());
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap_or_default();
+    assert_eq!(conffiles.trim(), "/etc/bzpush/bzpush.env");
+    let info = dpkg_deb(&["-I"], &deb);
+    assert!(info.contains("Package: bzpush"), "{info}");
+    assert!(info.contains("Depends:"), "{info}");
+
+    // The binary is stripped: no debug sections.
+    let root = tempdir("root");
+    dpkg_deb_extract(&deb, &root);
+    let sections = Command::new("readelf")
+        .args(["--section-headers", "--wide"])
+        .arg(root.join("usr/bin/bzpush"))
+        .output()
+        .expect("readelf (binutils)");
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    assert!(!sections.contains(".debug_"), "not stripped:\n{sections}");
+    let _ = std::fs::remove_dir_all(&control);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+#[ignore = "needs a .deb: .ci/run builds one and runs this"]
+fn the_packaged_units_verify_against_the_packaged_binary() {
+    let deb = deb();
+    let root = tempdir("verify");
+    // verify --root resolves ExecStart= and the units' dependencies
+    // (sysinit.target, …) inside the root: give it this machine's units,
+    // then the package on top, so the packaged binary is the one checked.
+    std::fs::create_dir_all(root.join("lib/systemd")).expect("make lib/systemd");
+    let status = Command::new("cp")
+        .args(["-a", "/lib/systemd/system"])
+        .arg(root.join("lib/systemd/"))
+        .status()
+        .expect("cp");
+    assert!(
+        status.success(),
+        "copy /lib/systemd/system: apt-get install systemd"
+    );
+    dpkg_deb_extract(&deb, &root);
+    for unit in [
+        "bzpush-run.service",
+        "bzpush-poll.service",
+        "bzpush-serve@.service",
+    ] {
+        // A template verifies as one of its instances.
+        let instance = unit.replace("@.", "@test.");
+        let dir = root.join("lib/systemd/system");
+        if instance != unit {
+            std::fs::copy(dir.join(unit), dir.join(&instance)).expect("copy the template");
+        }
+        let output = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", root.display()))
+            .arg(dir.join(&instance))
+            .output()
+            .unwrap_or_else(|e| panic!("systemd-analyze ({e}): apt-get install systemd"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success() && text.trim().is_empty(),
+            "{unit} does not verify in the package:\n{text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn tempdir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bzpush-deb-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("make a temp folder");
+    dir
+}
+
+fn dpkg_deb_extract(deb: &Path, root: &Path) {
+    let status = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(deb)
+        .arg(root)
+        .status()
+        .expect("dpkg-deb -x");
+    assert!(status.success(), "dpkg-deb -x {}", deb.display());
+}
