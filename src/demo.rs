@@ -301,7 +301,7 @@ fn run_on_database(
             &shutdown,
             move || simulate_in_database(&url, &stop, &stopped),
         )
-            .map_err(|e| format!("demo: cannot start the simulated Bugzilla: {e}"))?
+        .map_err(|e| format!("demo: cannot start the simulated Bugzilla: {e}"))?
     };
     print_address(listener.local_addr().map_err(|e| e.to_string())?);
     let result = server::run(&run_config, listener, shutdown).map_err(|e| format!("demo: {e}"));
