@@ -10,7 +10,9 @@
 //! a `KILL`, a cut) is replaced at once without a word; only when that
 //! fails too is the database reported down. The two
 //! sources (what to read, what to forget) live in [`push_notify`] and
-//! [`bugs`].
+//! [`bugs`]. The loop runs on Bugzilla's MariaDB or, for `bzpush demo`
+//! without a database, on a simulated `push_notify` table in memory
+//! ([`memory`]): what it needs of either is [`Database`] and [`Session`].
 //!
 //! Errors come in two kinds: the database is down (connection and I/O
 //! errors, retried with capped backoff) or it answers and refuses (a missing
