@@ -7,10 +7,10 @@
 //! table is in memory ([`poller::memory`]), and the poller, the hub and the
 //! server are `run`'s. With a database server it creates a scratch database
 //! of its own (Bugzilla's `bugs` and `push_notify` tables) and runs `run`'s
-//! whole pipeline on it, catch-up from the scratch `bugs` table included. It drops that
-//! database when it stops, however it stops short of a crash. It must
-//! never touch any other database: it creates its scratch database under a
-//! fresh name and drops only that name.
+//! whole pipeline on it, catch-up from the scratch `bugs` table included.
+//! It drops that database when it stops, however it stops short of a
+//! crash. It must never touch any other database: it creates its scratch
+//! database under a fresh name and drops only that name.
 
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
