@@ -92,7 +92,7 @@ impl Database for Memory<'_> {
     type Session = Connection;
 
     fn describe(&self) -> String {
-        "in-memory simulated Bugzilla".into()
+        "in memory (simulated)".into()
     }
 
     fn connect(&self) -> Result<Connection, mysql::Error> {
