@@ -2,20 +2,19 @@
 //! in which [`BUGS`] keep changing, so a newcomer or a client developer
 //! sees updates, `since` and `partial` without a Bugzilla.
 //!
-//! With no database it simulates in memory: a thread hands each change to
-//! the same sink `run`'s poller hands its batches to (send, then settle).
-//! With a database server it creates a scratch database of its own
-//! (Bugzilla's `bugs` and `push_notify` tables), writes changes as Mozilla's
-//! PushNotify extension does, and runs `run`'s whole pipeline on it: the
-//! real poller, catch-up from the scratch `bugs` table. It drops that
-//! database when it stops, however it stops short of a crash. It must
-//! never touch any other database: it creates its scratch database under a
-//! fresh name and drops only that name.
+//! Either way `run`'s poller polls a `push_notify` table that a thread
+//! writes as Mozilla's PushNotify extension does. With no database the
+//! table is in memory ([`poller::memory`]), and the poller, the hub and the
+//! server are `run`'s. With a database server it creates a scratch database
+//! of its own (Bugzilla's `bugs` and `push_notify` tables) and runs `run`'s
+//! whole pipeline on it, catch-up from the scratch `bugs` table included.
+//! It drops that database when it stops, however it stops short of a
+//! crash. It must never touch any other database: it creates its scratch
+//! database under a fresh name and drops only that name.
 
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::ops::RangeInclusive;
-use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,9 +24,8 @@ use mysql::{Conn, OptsBuilder};
 
 use crate::config::{DatabaseUrl, DemoConfig, PollerConfig, RunConfig, Source};
 use crate::database;
-use crate::hub::HubSink;
-use crate::notification::{BugId, ChangeTime, Notification};
-use crate::poller::Sink;
+use crate::notification::{BugId, ChangeTime};
+use crate::poller::{self, memory};
 use crate::pulse::rfc3339_utc;
 use crate::retry::Link;
 use crate::server;
@@ -45,6 +43,8 @@ const DB_TIMEOUT: Duration = Duration::from_secs(10);
 const BATCH_SIZE: usize = 1000;
 /// The poller's overlap (source `bugs` only; the demo uses `push_notify`).
 const OVERLAP: Duration = Duration::from_secs(30);
+/// The poller lock in memory: the process's own.
+const MEMORY_LOCK: &str = "bzpush.poller.demo";
 
 /// Binds `addr`. When the address is the default one (`--listen` not
 /// given) and its port is taken, say by another demo, any free port on
@@ -67,37 +67,10 @@ pub fn bind(addr: SocketAddr, listen_given: bool) -> Result<TcpListener, String>
 /// Runs the demo on `listener` until `shutdown`. Prints one line to
 /// stdout, the page's address, once the demo is ready to serve it.
 pub fn run(config: &DemoConfig, listener: TcpListener, shutdown: &Shutdown) -> Result<(), String> {
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let mut server_config = config.server.clone();
     server_config.page_bugs = BUGS.collect();
     let Some(url) = &config.database else {
-        info!("demo: simulating Bugzilla in memory; bugs {BUGS:?} change every {TICK:?}");
-        return server::run_fed(
-            &server_config,
-            "simulation",
-            listener,
-            shutdown,
-            |sink, metrics| {
-                // The simulation cannot fail: up from the start, and the
-                // server is ready once it runs (connections made before
-                // the accept loop wait in the listen backlog).
-                if let Some(link) = metrics.upstream_links.first() {
-                    link.store(true, Ordering::Relaxed);
-                }
-                print_address(addr);
-                let stop = shutdown.clone();
-                // Without it the demo shows nothing: its end ends the demo.
-                shutdown::spawn_essential(
-                    "demo-bugzilla".into(),
-                    thread::Builder::new(),
-                    shutdown,
-                    move || simulate_in_memory(sink, &stop),
-                )
-            },
-        )
-        .map_err(|e| format!("demo: {e}"));
+        return run_in_memory(config, server_config, listener, shutdown);
     };
     let scratch = Scratch::create(url)?;
     let result = run_on_database(config, &scratch, server_config, listener, shutdown);
@@ -150,29 +123,76 @@ impl Dice {
     }
 }
 
-/// The in-memory Bugzilla: every tick some bugs change now (UTC), and each
-/// change goes to the hub as the poller's would, until `shutdown`.
-fn simulate_in_memory(mut sink: HubSink, shutdown: &Shutdown) {
+/// `run`'s server and poller on a simulated Bugzilla database in memory,
+/// with a thread writing the simulated changes into it, until `shutdown`.
+fn run_in_memory(
+    config: &DemoConfig,
+    server_config: crate::config::ServerConfig,
+    listener: TcpListener,
+    shutdown: &Shutdown,
+) -> Result<(), String> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    info!("demo: simulating Bugzilla's database in memory; bugs {BUGS:?} change every {TICK:?}");
+    let table = memory::Table::new();
+    // Stops the simulator if the server ends on its own (a failure).
+    let (mut stop, stopped) = shutdown::channel();
+    let simulator = {
+        let (table, stop) = (table.clone(), shutdown.clone());
+        // Without it the demo shows nothing: its end ends the demo.
+        shutdown::spawn_essential(
+            "demo-bugzilla".into(),
+            thread::Builder::new(),
+            shutdown,
+            move || simulate_in_memory(&table, &stop, &stopped),
+        )
+        .map_err(|e| format!("demo: cannot start the simulated Bugzilla: {e}"))?
+    };
+    let poll_interval = config.poll_interval;
+    let result = server::run_fed(
+        &server_config,
+        "database",
+        listener,
+        shutdown,
+        |sink, metrics| {
+            // The server is ready once it runs: connections made before
+            // the accept loop wait in the listen backlog.
+            print_address(addr);
+            let shutdown = shutdown.clone();
+            shutdown::spawn_essential(
+                "poller".into(),
+                thread::Builder::new(),
+                &shutdown.clone(),
+                move || {
+                    poller::run_in_memory(
+                        &table,
+                        MEMORY_LOCK,
+                        poll_interval,
+                        BATCH_SIZE,
+                        sink,
+                        &metrics,
+                        &shutdown,
+                    )
+                },
+            )
+        },
+    )
+    .map_err(|e| format!("demo: {e}"));
+    stop.fire();
+    join(simulator);
+    result
+}
+
+/// Writes the simulated changes into `table` until `shutdown` or
+/// `stopped`: every tick some bugs change now (UTC).
+fn simulate_in_memory(table: &memory::Table, shutdown: &Shutdown, stopped: &Shutdown) {
     let mut dice = Dice::new();
-    // Every change from now on reaches the hub: its cache may vouch for
-    // `since` times after this moment, as after a poller took the lock.
-    sink.activated();
-    while !shutdown.sleep(TICK) {
+    while !shutdown.sleep(TICK) && !stopped.requested() {
         let now = rfc3339_utc(SystemTime::now());
         let when = ChangeTime::new(&now[..19]);
-        let batch: Vec<Notification> = dice
-            .bugs()
-            .into_iter()
-            .filter_map(BugId::new)
-            .map(|bug| Notification {
-                bug,
-                when: when.clone(),
-            })
-            .collect();
-        let sent = sink.send(&batch).and_then(|pending| sink.settle(pending));
-        if sent.is_err() {
-            // The hub stops only at shutdown.
-            break;
+        for bug in dice.bugs().into_iter().filter_map(BugId::new) {
+            table.change(bug, when.clone());
         }
     }
     info!("demo: simulated Bugzilla stopped");

@@ -125,10 +125,11 @@ pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io
     })
 }
 
-/// `bzpush demo` in memory: the server of `run`, fed by `feed` (given
-/// the sink `run`'s poller would get) instead of a database poller, until
-/// `shutdown`. `upstream` names what feeds it in `/health` and `/metrics`;
-/// `feed` reports that link's state in `upstream_links[0]`.
+/// `bzpush demo` in memory: the server of `run`, fed by the poller thread
+/// `feed` starts (given the sink `run`'s poller gets) on a database `run`
+/// cannot name, the simulated one, until `shutdown`. `upstream` names what
+/// feeds it in `/health` and `/metrics`; `feed` reports that link's state
+/// in `upstream_links[0]`.
 pub fn run_fed(
     config: &ServerConfig,
     upstream: &'static str,
@@ -145,7 +146,7 @@ pub fn run_fed(
         feeds: &feeds,
         catchup: None,
         metrics: Arc::new(Metrics::new(upstream, 1)),
-        has_poller: false,
+        has_poller: true,
     };
     server.run(listener, shutdown, |hub, metrics| {
         let sink = HubSink {

@@ -69,13 +69,50 @@ fn updates_since_and_partial(demo: &Demo, partial_expected: bool) {
     assert_eq!(answer["partial"] == true, partial_expected, "{answer}");
 }
 
-#[test]
-fn demo_in_memory_sends_updates_with_since_and_partial() {
-    let demo = Demo::start(&[], &[("BZPUSH_LISTEN", "127.0.0.1:0".to_string())]);
-    let (status, body) = http_get(&demo.addr(), "/health");
+/// A counter or gauge of `/metrics`, by its name without labels.
+fn metric(demo: &Demo, name: &str) -> f64 {
+    let (status, body) = http_get(&demo.addr(), "/metrics");
     assert_eq!(status, 200, "{body}");
-    let health: Value = serde_json::from_str(&body).expect("JSON");
-    assert_eq!(health["simulation"], "up", "{health}");
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+}
+
+/// In memory the demo runs `run`'s real poller loop on a simulated
+/// `push_notify` table: `/health` shows an active poller on a database
+/// that is up, `/metrics` the poller's batches growing.
+#[test]
+fn demo_in_memory_polls_a_simulated_database_with_since_and_partial() {
+    let demo = Demo::start(
+        &["--poll-interval", "200ms"],
+        &[("BZPUSH_LISTEN", "127.0.0.1:0".to_string())],
+    );
+    let health = || -> (u16, Value) {
+        let (status, body) = http_get(&demo.addr(), "/health");
+        (status, serde_json::from_str(&body).expect("JSON"))
+    };
+    assert!(
+        wait_until(WAIT, || health().1["poller"] == "active"),
+        "the demo's poller never took its lock: {:?}\n{}",
+        health(),
+        demo.bzpush.log()
+    );
+    let (status, json) = health();
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["database"], "up", "{json}");
+    assert_eq!(metric(&demo, "bzpush_poller_active"), 1.0);
+    let batches = metric(&demo, "bzpush_poll_batches_total");
+    assert!(
+        wait_until(WAIT, || metric(&demo, "bzpush_poll_batches_total")
+            > batches),
+        "the poller hands on no batch"
+    );
+    assert!(
+        demo.bzpush.log().contains("active: holding database lock"),
+        "{}",
+        demo.bzpush.log()
+    );
     // In memory there is no database to vouch for a time before the start.
     updates_since_and_partial(&demo, true);
     let page_url = demo.page_url.clone();
@@ -209,7 +246,7 @@ fn the_page_shows_updates_in_chromium_directly_and_behind_nginx() {
         "bug numbers link to Bugzilla:\n{dom}"
     );
     assert!(
-        dom.contains("simulation up"),
+        dom.contains("database up"),
         "the page shows /health:\n{dom}"
     );
 

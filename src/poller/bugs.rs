@@ -115,7 +115,7 @@ impl Bugs {
     }
 }
 
-impl Source for Bugs {
+impl Source<Conn> for Bugs {
     type Receipt = Window;
 
     fn activated(&mut self, now: &ChangeTime, took_over: bool) {

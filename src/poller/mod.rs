@@ -10,7 +10,9 @@
 //! a `KILL`, a cut) is replaced at once without a word; only when that
 //! fails too is the database reported down. The two
 //! sources (what to read, what to forget) live in [`push_notify`] and
-//! [`bugs`].
+//! [`bugs`]. The loop runs on Bugzilla's MariaDB or, for `bzpush demo`
+//! without a database, on a simulated `push_notify` table in memory
+//! ([`memory`]): what it needs of either is [`Database`] and [`Session`].
 //!
 //! Errors come in two kinds: the database is down (connection and I/O
 //! errors, retried with capped backoff) or it answers and refuses (a missing
@@ -20,6 +22,7 @@
 //! `/health` and `/metrics`.
 
 mod bugs;
+pub mod memory;
 mod push_notify;
 mod recheck;
 mod state;
@@ -101,10 +104,92 @@ pub trait Sink {
     fn activated(&mut self) {}
 }
 
-/// A place changes are read from. Each batch is `read`, sent, settled,
-/// then `confirmed`; while one batch is being settled, the next may be
-/// read and sent, if the source can read past it.
-trait Source {
+/// The database the poller runs on: Bugzilla's MariaDB ([`MariaDb`]), or
+/// the demo's simulated one ([`memory::Memory`]).
+trait Database {
+    type Session: Session;
+
+    /// Where it is, for log lines: a URL without its password.
+    fn describe(&self) -> String;
+
+    fn connect(&self) -> Result<Self::Session, mysql::Error>;
+
+    /// Whether `error` is one no retry cures; if so, what it means and
+    /// what to do (see [`refusal`]).
+    fn refusal(&self, error: &mysql::Error) -> Option<String>;
+}
+
+/// One connection to a [`Database`], and the poller lock on it: the lock
+/// goes with the connection.
+trait Session {
+    /// One attempt at the lock `name`, waiting at most `wait_secs`: whether
+    /// it was taken (`Some(1)`), the database's time (`YYYY-MM-DDTHH:MM:SS`)
+    /// and the connection that holds the lock, if any.
+    fn try_lock(
+        &mut self,
+        name: &str,
+        wait_secs: u32,
+    ) -> Result<(Option<i64>, String, Option<u64>), mysql::Error>;
+
+    /// This connection's id, as [`Session::try_lock`] names a holder.
+    fn connection_id(&mut self) -> Result<Option<u64>, mysql::Error>;
+
+    /// The holder of the lock, connection `id`, as far as it can be seen.
+    fn lock_holder(&mut self, id: u64) -> LockHolder;
+
+    /// Ends connection `id`, which took its lock with it.
+    fn end_connection(&mut self, id: u64) -> Result<(), mysql::Error>;
+}
+
+/// Bugzilla's database on MariaDB or MySQL, as `config` names it.
+struct MariaDb<'a>(&'a PollerConfig);
+
+impl Database for MariaDb<'_> {
+    type Session = Conn;
+
+    fn describe(&self) -> String {
+        self.0.database.to_string()
+    }
+
+    fn connect(&self) -> Result<Conn, mysql::Error> {
+        database::connect(&self.0.database, DB_IO_TIMEOUT)
+    }
+
+    fn refusal(&self, error: &mysql::Error) -> Option<String> {
+        refusal(error, self.0)
+    }
+}
+
+impl Session for Conn {
+    fn try_lock(
+        &mut self,
+        name: &str,
+        wait_secs: u32,
+    ) -> Result<(Option<i64>, String, Option<u64>), mysql::Error> {
+        let row: Option<(Option<i64>, String, Option<u64>)> = self.exec_first(
+            "SELECT GET_LOCK(?, ?), DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s'), IS_USED_LOCK(?)",
+            (name, wait_secs, name),
+        )?;
+        Ok(row.unwrap_or((None, String::new(), None)))
+    }
+
+    fn connection_id(&mut self) -> Result<Option<u64>, mysql::Error> {
+        self.query_first("SELECT CONNECTION_ID()")
+    }
+
+    fn lock_holder(&mut self, id: u64) -> LockHolder {
+        lock_holder(self, id)
+    }
+
+    fn end_connection(&mut self, id: u64) -> Result<(), mysql::Error> {
+        self.query_drop(format!("KILL CONNECTION {id}"))
+    }
+}
+
+/// A place changes are read from, over a connection `C`. Each batch is
+/// `read`, sent, settled, then `confirmed`; while one batch is being
+/// settled, the next may be read and sent, if the source can read past it.
+trait Source<C> {
     type Receipt;
 
     /// This poller just took the lock. `now` is the database time of the
@@ -115,10 +200,10 @@ trait Source {
     /// the poller settles what is in flight before it reads again.
     fn reads_ahead(&self) -> bool;
 
-    fn read(&mut self, db: &mut Conn) -> Result<Batch<Self::Receipt>, mysql::Error>;
+    fn read(&mut self, db: &mut C) -> Result<Batch<Self::Receipt>, mysql::Error>;
 
     /// Every notification of the batch is now the sink's.
-    fn confirmed(&mut self, db: &mut Conn, receipt: Self::Receipt) -> Result<(), mysql::Error>;
+    fn confirmed(&mut self, db: &mut C, receipt: Self::Receipt) -> Result<(), mysql::Error>;
 
     /// The batches in flight were not delivered: read them again.
     fn reset(&mut self);
@@ -206,20 +291,55 @@ pub fn lock_holder(db: &mut Conn, id: u64) -> LockHolder {
 /// `metrics` gets poll counts, and the database link's state in
 /// `upstream_links[0]` when there is one.
 pub fn run(config: &PollerConfig, sink: impl Sink, metrics: &Metrics, shutdown: &Shutdown) {
+    let settings = Settings {
+        lock_name: &config.lock_name,
+        poll_interval: config.poll_interval,
+        batch_size: config.batch_size,
+    };
+    let database = MariaDb(config);
     match config.source {
         SourceKind::PushNotify => {
             let source = push_notify::PushNotify::new(config);
-            Poller::new(config, sink, metrics, shutdown, source).run()
+            Poller::new(settings, database, sink, metrics, shutdown, source).run()
         }
         SourceKind::Bugs => {
             let source = bugs::Bugs::new(config);
-            Poller::new(config, sink, metrics, shutdown, source).run()
+            Poller::new(settings, database, sink, metrics, shutdown, source).run()
         }
     }
 }
 
-struct Poller<'a, S, K> {
-    config: &'a PollerConfig,
+/// Runs the poller like [`run`], on the simulated Bugzilla database
+/// `table` (source `push_notify`, lock `lock_name`).
+pub fn run_in_memory(
+    table: &memory::Table,
+    lock_name: &str,
+    poll_interval: Duration,
+    batch_size: usize,
+    sink: impl Sink,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) {
+    let settings = Settings {
+        lock_name,
+        poll_interval,
+        batch_size,
+    };
+    let source = memory::PushNotify::new(batch_size);
+    let database = memory::Memory(table);
+    Poller::new(settings, database, sink, metrics, shutdown, source).run()
+}
+
+/// How the poller polls, whatever its database.
+struct Settings<'a> {
+    lock_name: &'a str,
+    poll_interval: Duration,
+    batch_size: usize,
+}
+
+struct Poller<'a, D, S, K> {
+    settings: Settings<'a>,
+    db: D,
     shutdown: &'a Shutdown,
     metrics: &'a Metrics,
     source: S,
@@ -244,21 +364,23 @@ struct Poller<'a, S, K> {
     last_quiet_reconnect: Option<Instant>,
 }
 
-impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
+impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
     fn new(
-        config: &'a PollerConfig,
+        settings: Settings<'a>,
+        db: D,
         sink: K,
         metrics: &'a Metrics,
         shutdown: &'a Shutdown,
         source: S,
     ) -> Self {
-        let mut database = Link::new("database", config.database.to_string());
+        let mut database = Link::new("database", db.describe());
         if let Some(flag) = metrics.upstream_links.first() {
             database = database.reporting(flag);
         }
         let (kind, target) = sink.describe();
         Poller {
-            config,
+            settings,
+            db,
             shutdown,
             metrics,
             source,
@@ -294,7 +416,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                     // first is the active poller.
                     self.metrics.poller().role = None;
                     self.reconnect_quietly = false;
-                    let stop = match refusal(&e, self.config) {
+                    let stop = match self.db.refusal(&e) {
                         Some(reason) => {
                             self.refused(&reason);
                             self.shutdown.sleep(REFUSED_RETRY)
@@ -325,7 +447,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
 
     /// Connects, waits for the lock, polls. `Ok` only on shutdown.
     fn connect_and_work(&mut self, backoff: &mut Backoff) -> Result<(), mysql::Error> {
-        let mut db = database::connect(&self.config.database, DB_IO_TIMEOUT)?;
+        let mut db = self.db.connect()?;
         if self.take_lock(&mut db)? {
             self.work(&mut db, backoff)?;
         }
@@ -334,25 +456,19 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
 
     /// Waits for the poller lock as a hot standby. `Ok(false)`: shutdown
     /// came first.
-    fn take_lock(&mut self, db: &mut Conn) -> Result<bool, mysql::Error> {
-        let name = self.config.lock_name.as_str();
+    fn take_lock(&mut self, db: &mut D::Session) -> Result<bool, mysql::Error> {
+        let name = self.settings.lock_name;
         let mut waited = false;
         let mut holder: Option<LockHolder> = None;
         loop {
             self.metrics.beat(&self.metrics.poller_beat);
-            let row: Option<(Option<i64>, String, Option<u64>)> = db.exec_first(
-                "SELECT GET_LOCK(?, ?), DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s'), IS_USED_LOCK(?)",
-                (name, LOCK_WAIT_SECS, name),
-            )?;
+            let (got, now, holder_id) = db.try_lock(name, LOCK_WAIT_SECS)?;
             self.reconnect_quietly = true;
-            let (got, now, holder_id) = row.unwrap_or((None, String::new(), None));
             if got == Some(1) {
-                let id: Option<u64> = db.query_first("SELECT CONNECTION_ID()")?;
+                let id = db.connection_id()?;
                 // Without its host, an id alone could name another
                 // process's connection after a server restart: not kept.
-                self.session = id
-                    .map(|id| lock_holder(db, id))
-                    .filter(|h| h.host.is_some());
+                self.session = id.map(|id| db.lock_holder(id)).filter(|h| h.host.is_some());
                 self.set_role(PollerRole::Active);
                 self.source.activated(&ChangeTime::new(now), waited);
                 self.sink.activated();
@@ -367,7 +483,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                 // Looked up once per holder, not once a second.
                 let current = match holder.take() {
                     Some(known) if known.connection == id => known,
-                    _ => lock_holder(db, id),
+                    _ => db.lock_holder(id),
                 };
                 if self.session.as_ref() == Some(&current) {
                     self.end_own_session(db, id);
@@ -395,13 +511,13 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     /// itself until the server's `wait_timeout`, hours away: end it. KILL
     /// of a connection of one's own user needs no privilege. Tried once;
     /// if it fails, the poller waits as a standby like any other.
-    fn end_own_session(&mut self, db: &mut Conn, id: u64) {
+    fn end_own_session(&mut self, db: &mut D::Session, id: u64) {
         self.session = None;
-        let name = &self.config.lock_name;
+        let name = self.settings.lock_name;
         info!(
             "database lock {name:?} is still held by this poller's previous connection {id}: ending it"
         );
-        if let Err(e) = db.query_drop(format!("KILL CONNECTION {id}")) {
+        if let Err(e) = db.end_connection(id) {
             warn!(
                 "could not end database connection {id} ({e}); waiting for the server to drop it"
             );
@@ -422,7 +538,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     }
 
     fn role_line(&self, role: &PollerRole) -> String {
-        let name = &self.config.lock_name;
+        let name = self.settings.lock_name;
         match role {
             PollerRole::Standby(holder) => {
                 format!("standby: database lock {name:?} is held by {holder}; waiting to take over")
@@ -460,7 +576,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
 
     /// Polls while this poller holds the lock on `db`, until shutdown
     /// (`Ok`) or a database error (the lock is gone with the connection).
-    fn work(&mut self, db: &mut Conn, db_backoff: &mut Backoff) -> Result<(), mysql::Error> {
+    fn work(&mut self, db: &mut D::Session, db_backoff: &mut Backoff) -> Result<(), mysql::Error> {
         let mut next_poll = Instant::now();
         let mut in_flight = None;
         loop {
@@ -492,7 +608,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                     if full {
                         Instant::now()
                     } else {
-                        started + self.config.poll_interval
+                        started + self.settings.poll_interval
                     }
                 }
                 Err(Failure::Sink(e)) => {
@@ -509,7 +625,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
                     // What the sink already has is not handed over again.
                     self.abandon(in_flight.take());
                     self.source.reset();
-                    let Some(reason) = refusal(&e, self.config) else {
+                    let Some(reason) = self.db.refusal(&e) else {
                         return Err(e);
                     };
                     // The connection and the lock are fine: keep them, and
@@ -545,7 +661,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
 
     fn remember_handed_over(&mut self, notifications: Vec<Notification>) {
         if self.handed_over.len() + notifications.len()
-            > HANDED_OVER_BATCHES * self.config.batch_size
+            > HANDED_OVER_BATCHES * self.settings.batch_size
         {
             self.handed_over.clear();
         }
@@ -564,7 +680,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     /// it.
     fn step(
         &mut self,
-        db: &mut Conn,
+        db: &mut D::Session,
         in_flight: &mut Option<InFlight<K::Pending, S::Receipt>>,
     ) -> Result<bool, Failure<K::Error>> {
         if !self.source.reads_ahead() {
@@ -613,7 +729,7 @@ impl<'a, S: Source, K: Sink> Poller<'a, S, K> {
     /// it. A sink failure forgets nothing.
     fn settle(
         &mut self,
-        db: &mut Conn,
+        db: &mut D::Session,
         in_flight: Option<InFlight<K::Pending, S::Receipt>>,
     ) -> Result<(), Failure<K::Error>> {
         let Some(InFlight {

@@ -160,7 +160,7 @@ impl PushNotify {
     }
 }
 
-impl Source for PushNotify {
+impl Source<Conn> for PushNotify {
     type Receipt = Rows;
 
     fn activated(&mut self, _now: &ChangeTime, _took_over: bool) {
