@@ -58,6 +58,7 @@ pub mod config;
 pub mod connection;
 pub mod database;
 pub mod demo;
+pub mod handshake;
 pub mod http;
 pub mod hub;
 pub mod logging;

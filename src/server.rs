@@ -2,8 +2,8 @@
 //! starts and is joined.
 //!
 //! `poll` is the poller alone. `serve` and `run` are a WebSocket server:
-//! this file owns its listening socket and accept loop, the limits checked
-//! at the handshake (total connections, origin, feed path), and starting
+//! this file owns its listening socket and accept loop (the handshake is
+//! [`crate::handshake`]'s), and starting
 //! and joining every other thread: the hub, the writer pool, what feeds the
 //! hub (one broker consumer per feed for `serve`, the poller for `run`),
 //! the catch-up worker, and the connections' threads, all in one scope. Shutdown stops
@@ -19,14 +19,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle, Scope};
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use crate::catchup;
-use crate::config::{
-    DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig, feed_path,
-};
+use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig};
 use crate::connection::{self, Limits};
-use crate::http::{self, Head};
+use crate::handshake::{HEAD_TIMEOUT, Handshake, Upgraded};
+use crate::http;
 use crate::hub::{ConnId, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink, Message};
 use crate::metrics::Metrics;
 use crate::origin;
@@ -43,8 +42,6 @@ use crate::systemd;
 /// stack of a debug build and aborted the whole process. Only pages
 /// touched cost memory: an idle connection touches a few KiB.
 const CONNECTION_STACK: usize = 512 * 1024;
-/// A client has this long to send its request head (slowloris).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sockets may wait in the handshake beyond the connection limit by this
 /// many before new ones are refused at once.
 const HANDSHAKE_SLACK: usize = 256;
@@ -55,15 +52,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// What every connection thread shares.
 struct Shared {
-    feeds: Vec<Feed>,
-    allowed_origins: Option<Vec<String>>,
-    refused_origins: origin::Refusals,
-    max_connections: usize,
+    /// What a request must pass to become a WebSocket.
+    handshake: Handshake,
     outbound_queue: usize,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// What the live page is given: where bugs link to, what it watches.
-    page: http::Page,
     sockets: Sockets,
 }
 
@@ -255,10 +248,17 @@ impl Server<'_> {
         systemd::notify("READY=1");
 
         let shared = Arc::new(Shared {
-            feeds: self.feeds.to_vec(),
-            allowed_origins: self.config.allowed_origins.clone(),
-            refused_origins: origin::Refusals::default(),
-            max_connections: self.config.max_connections,
+            handshake: Handshake {
+                feeds: self.feeds.to_vec(),
+                allowed_origins: self.config.allowed_origins.clone(),
+                refused_origins: origin::Refusals::default(),
+                max_connections: self.config.max_connections,
+                metrics: Arc::clone(&metrics),
+                page: http::Page {
+                    bugzilla_url: self.config.bugzilla_url.clone(),
+                    bugs: self.config.page_bugs.clone(),
+                },
+            },
             outbound_queue: self.config.outbound_queue,
             limits: Limits {
                 max_message_size: self.config.max_message_size,
@@ -266,10 +266,6 @@ impl Server<'_> {
                 ping_timeout: self.config.ping_timeout,
             },
             metrics: Arc::clone(&metrics),
-            page: http::Page {
-                bugzilla_url: self.config.bugzilla_url.clone(),
-                bugs: self.config.page_bugs.clone(),
-            },
             sockets: Sockets::default(),
         });
         let mut acceptor = Acceptor {
@@ -429,11 +425,13 @@ impl<'scope> Acceptor<'_> {
     }
 
     /// Starts `socket`'s handshake thread, which hands a WebSocket on to a
-    /// thread of its own ([`Conn::start_websocket`]).
+    /// thread of its own ([`Conn::start_websocket`]); [`handshake`] answers it.
     fn start(&mut self, scope: &'scope Scope<'scope, '_>, socket: TcpStream) -> io::Result<()> {
         let id = self.next_id;
         self.next_id += 1;
-        if self.shared.sockets.lock().len() >= self.shared.max_connections + HANDSHAKE_SLACK {
+        if self.shared.sockets.lock().len()
+            >= self.shared.handshake.max_connections + HANDSHAKE_SLACK
+        {
             let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
             return http::respond_text(&socket, "503 Service Unavailable", "too many connections");
         }
@@ -458,7 +456,7 @@ impl<'scope> Acceptor<'_> {
             .name(format!("http-{id}"))
             .stack_size(CONNECTION_STACK)
             .spawn_scoped(scope, move || {
-                match contain(id, || handle(&conn)).flatten() {
+                match contain(id, || conn.shared.handshake.answer(id, &conn.socket)).flatten() {
                     Some(websocket) => conn.start_websocket(scope, websocket),
                     None => conn.finish(),
                 }
@@ -496,13 +494,6 @@ struct Conn {
     outbox: Arc<Outbox>,
     shared: Arc<Shared>,
     hub: HubSender,
-}
-
-/// A WebSocket whose handshake succeeded: the feed it asked for, and the
-/// bytes the client sent after its request head.
-struct Upgraded {
-    feed: usize,
-    leftover: Vec<u8>,
 }
 
 impl Conn {
@@ -560,91 +551,4 @@ impl Conn {
             let _ = s.shutdown(SocketShutdown::Both);
         }
     }
-}
-/// One accepted socket: a plain HTTP request, or the handshake of a
-/// WebSocket, which then gets a thread of its own
-/// ([`Conn::start_websocket`]). `None`: the connection is over.
-fn handle(conn: &Conn) -> Option<Upgraded> {
-    let (id, mut socket, shared) = (conn.id, &*conn.socket, &*conn.shared);
-    let (request, leftover) = match http::read_head(socket, HEAD_TIMEOUT) {
-        Ok(Head::Request(request, leftover)) => (request, leftover),
-        Ok(Head::TooLarge) => {
-            let _ = http::respond_text(
-                socket,
-                "431 Request Header Fields Too Large",
-                "request head too large",
-            );
-            return None;
-        }
-        Ok(Head::Malformed) => {
-            let _ = http::respond_text(socket, "400 Bad Request", "malformed request");
-            return None;
-        }
-        Err(e) => {
-            debug!("connection {id}: no request: {e}");
-            return None;
-        }
-    };
-    if let Some(name) = http::duplicated_singleton(&request) {
-        let _ = http::respond_text(
-            socket,
-            "400 Bad Request",
-            &format!("more than one {name} header"),
-        );
-        return None;
-    }
-    if !http::method_allowed(&request) {
-        let _ = http::respond_not_allowed(socket);
-        return None;
-    }
-    let upgrade = request
-        .headers()
-        .get("Upgrade")
-        .and_then(|h| h.to_str().ok())
-        .is_some_and(|h| h.eq_ignore_ascii_case("websocket"));
-    if !upgrade {
-        if let Err(e) = http::serve_plain(socket, &request, &shared.metrics, &shared.page) {
-            debug!("connection {id}: {e}");
-        }
-        return None;
-    }
-    let Some(feed) = feed_path(request.uri().path())
-        .and_then(|path| shared.feeds.iter().position(|f| f.path == path))
-    else {
-        let _ = http::respond_text(socket, "404 Not Found", "no feed at this path");
-        return None;
-    };
-    // No Origin header: not a browser, which origins do not restrict.
-    if let Some(allowed) = &shared.allowed_origins
-        && let Some(header) = request.headers().get("Origin")
-    {
-        let origin = String::from_utf8_lossy(header.as_bytes());
-        if !origin::is_allowed(allowed, &origin) {
-            shared.refused_origins.refused(&origin);
-            let _ = http::respond_text(socket, "403 Forbidden", "origin not allowed");
-            return None;
-        }
-    }
-    let response = match tungstenite::handshake::server::create_response(&request) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = http::respond_text(
-                socket,
-                "400 Bad Request",
-                &format!("bad WebSocket handshake: {e}"),
-            );
-            return None;
-        }
-    };
-    let connections = &shared.metrics.connections;
-    if connections.fetch_add(1, Ordering::Relaxed) >= shared.max_connections as u64 {
-        connections.fetch_sub(1, Ordering::Relaxed);
-        let _ = http::respond_text(socket, "503 Service Unavailable", "too many connections");
-        return None;
-    }
-    if tungstenite::handshake::server::write_response(&mut socket, &response).is_err() {
-        connections.fetch_sub(1, Ordering::Relaxed);
-        return None;
-    }
-    Some(Upgraded { feed, leftover })
 }
