@@ -3,7 +3,7 @@
 //! When a client subscribes with `since` and the hub's cache cannot prove it
 //! holds every change since then (the server restarted, or the cache moved
 //! past that time), the hub asks this worker instead. One thread with its own
-//! read-only database connection answers each [`Job`] with every asked bug's
+//! read-only database connection answers each [`CatchUpJob`] with every asked bug's
 //! latest change at or after `since` (`bugs.delta_ts`), and sends the answer
 //! back to the hub as a message. It must never write to the database, and
 //! never block the hub: the hub only queues jobs.
@@ -18,9 +18,8 @@ use mysql::prelude::Queryable;
 
 use crate::config::DatabaseUrl;
 use crate::database::{self, bug_id, change_time};
-use crate::hub::{ConnId, HubSender, Message};
+use crate::hub::{CatchUpJob, HubSender, Message};
 use crate::notification::{BugId, ChangeTime, Notification};
-use crate::protocol::Since;
 use crate::retry::Link;
 
 /// Jobs handed to the worker at once. More wait in the hub (at most one per
@@ -35,18 +34,11 @@ const IDS_PER_QUERY: usize = 1000;
 /// A catch-up query slower than this fails over to `partial`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One subscription's catch-up request.
-pub struct Job {
-    pub conn: ConnId,
-    pub bugs: Vec<BugId>,
-    pub since: Since,
-}
-
 /// Answers jobs until the hub drops its end of `jobs`. Every job waiting
 /// when the worker is free is answered by one merged query: the union of
 /// their bugs since the earliest `since`, then each job gets its own bugs
 /// and times from the rows.
-pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
+pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
     let mut link = Link::new("catch-up database", database.to_string());
     let mut db: Option<Conn> = None;
     while let Ok(first) = jobs.recv() {
@@ -91,7 +83,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
 
 /// One job's answer from the merged rows: its bugs changed at or after its
 /// `since`, oldest first.
-fn answer(rows: &HashMap<BugId, ChangeTime>, job: &Job) -> Vec<Notification> {
+fn answer(rows: &HashMap<BugId, ChangeTime>, job: &CatchUpJob) -> Vec<Notification> {
     let mut updates: Vec<Notification> = job
         .bugs
         .iter()
@@ -115,7 +107,7 @@ fn answer(rows: &HashMap<BugId, ChangeTime>, job: &Job) -> Vec<Notification> {
 fn latest_changes(
     url: &DatabaseUrl,
     db: &mut Option<Conn>,
-    batch: &[Job],
+    batch: &[CatchUpJob],
 ) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
     if let Some(conn) = db.as_mut() {
         match query(conn, batch) {
@@ -130,7 +122,10 @@ fn latest_changes(
     query(conn, batch)
 }
 
-fn query(conn: &mut Conn, batch: &[Job]) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
+fn query(
+    conn: &mut Conn,
+    batch: &[CatchUpJob],
+) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
     let ids: BTreeSet<BugId> = batch.iter().flat_map(|j| j.bugs.iter().copied()).collect();
     let Some(since) = batch.iter().map(|j| &j.since).min_by_key(|s| s.at()) else {
         return Ok(HashMap::new());

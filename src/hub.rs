@@ -20,7 +20,6 @@ use log::debug;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::cache::Cache;
-use crate::catchup::Job;
 use crate::metrics::Metrics;
 use crate::notification::{BugId, ChangeTime, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
@@ -77,6 +76,15 @@ pub enum Message {
 
 /// Sends messages to the hub.
 pub type HubSender = Sender<Message>;
+
+/// One subscription's catch-up request, which the hub sends to the
+/// catch-up worker (`catchup`) when its cache cannot vouch for
+/// `since`; the answer comes back as a [`Message`].
+pub struct CatchUpJob {
+    pub conn: ConnId,
+    pub bugs: Vec<BugId>,
+    pub since: Since,
+}
 
 /// The hub as the poller's [`Sink`] (`bzpush run`): a notification is
 /// handed over once it is in the hub's queue.
@@ -220,11 +228,11 @@ pub struct Hub {
     max_subscriptions: usize,
     outbound_queue: usize,
     /// Where to send catch-ups the cache cannot answer, if anywhere.
-    catchup: Option<Sender<Job>>,
+    catchup: Option<Sender<CatchUpJob>>,
     /// Catch-up jobs the worker had no room for yet, oldest first: at most
     /// [`CATCH_UPS_PER_CONNECTION`] per connection, so bounded by the
     /// connection limit.
-    unsent: VecDeque<Job>,
+    unsent: VecDeque<CatchUpJob>,
     metrics: Arc<Metrics>,
 }
 
@@ -234,7 +242,7 @@ pub struct HubConfig {
     pub cache_size: usize,
     pub max_subscriptions: usize,
     pub outbound_queue: usize,
-    pub catchup: Option<Sender<Job>>,
+    pub catchup: Option<Sender<CatchUpJob>>,
 }
 
 impl Hub {
@@ -382,7 +390,7 @@ impl Hub {
                     }
                     return;
                 }
-                let job = Job {
+                let job = CatchUpJob {
                     conn,
                     bugs: asked.iter().copied().collect(),
                     since: since.clone(),
@@ -570,7 +578,7 @@ mod tests {
 
     /// A hub with one connection whose frames arrive on the returned
     /// socket, and the catch-up jobs it sends.
-    fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<Job>) {
+    fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<CatchUpJob>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (server, _) = listener.accept().expect("accept");
