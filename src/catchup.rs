@@ -13,12 +13,11 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use log::debug;
-use mysql::Conn;
 use mysql::prelude::Queryable;
 
 use crate::config::DatabaseUrl;
 use crate::database::{self, bug_id, change_time};
-use crate::hub::{CatchUpJob, HubSender, Message};
+use crate::hub::{CatchUpJob, Event, HubSender};
 use crate::notification::{BugId, ChangeTime, Notification};
 use crate::retry::Link;
 
@@ -40,7 +39,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// and times from the rows.
 pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
     let mut link = Link::new("catch-up database", database.to_string());
-    let mut db: Option<Conn> = None;
+    let mut db: Option<mysql::Conn> = None;
     while let Ok(first) = jobs.recv() {
         let mut ids = first.bugs.len();
         let mut batch = vec![first];
@@ -70,7 +69,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
         );
         for job in batch {
             let updates = rows.as_ref().map(|rows| answer(rows, &job));
-            let message = Message::CaughtUp {
+            let message = Event::CaughtUp {
                 conn: job.conn,
                 updates,
             };
@@ -106,11 +105,11 @@ fn answer(rows: &HashMap<BugId, ChangeTime>, job: &CatchUpJob) -> Vec<Notificati
 /// anyone is told.
 fn latest_changes(
     url: &DatabaseUrl,
-    db: &mut Option<Conn>,
+    db: &mut Option<mysql::Conn>,
     batch: &[CatchUpJob],
 ) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
-    if let Some(conn) = db.as_mut() {
-        match query(conn, batch) {
+    if let Some(open) = db.as_mut() {
+        match query(open, batch) {
             Ok(rows) => return Ok(rows),
             Err(e) => {
                 debug!("catch-up database: {e}; reconnecting and asking again");
@@ -118,12 +117,12 @@ fn latest_changes(
             }
         }
     }
-    let conn = db.insert(database::connect(url, QUERY_TIMEOUT)?);
-    query(conn, batch)
+    let fresh = db.insert(database::connect(url, QUERY_TIMEOUT)?);
+    query(fresh, batch)
 }
 
 fn query(
-    conn: &mut Conn,
+    db: &mut mysql::Conn,
     batch: &[CatchUpJob],
 ) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
     let ids: BTreeSet<BugId> = batch.iter().flat_map(|j| j.bugs.iter().copied()).collect();
@@ -136,7 +135,7 @@ fn query(
         let placeholders = vec!["?"; ids.len()].join(",");
         let mut params: Vec<mysql::Value> = vec![since.as_str().into()];
         params.extend(ids.iter().map(|id| mysql::Value::from(id.get())));
-        let found: Vec<(mysql::Value, mysql::Value)> = conn.exec(
+        let found: Vec<(mysql::Value, mysql::Value)> = db.exec(
             format!(
                 "SELECT bug_id, delta_ts FROM bugs \
                  WHERE delta_ts >= STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s') AND bug_id IN ({placeholders})"

@@ -31,8 +31,9 @@ pub use publisher::{PublishError, Publisher, PulseSink, Sent};
 /// AMQP `delivery_mode` for a message the broker keeps on disk.
 const PERSISTENT: u8 = 2;
 
+/// The JSON body of a Pulse message: what mozillapulse sends.
 #[derive(Serialize)]
-struct Message<'a> {
+struct Body<'a> {
     payload: Payload<'a>,
     #[serde(rename = "_meta")]
     meta: Meta<'a>,
@@ -61,7 +62,7 @@ pub fn routing_key(notification: &Notification) -> String {
 /// (RFC 3339, see [`rfc3339_utc`]).
 pub fn encode(notification: &Notification, exchange: &str, sent: &str) -> Vec<u8> {
     let routing_key = routing_key(notification);
-    let message = Message {
+    let message = Body {
         payload: Payload {
             id: notification.bug.get(),
             delta_ts: notification.when.as_str(),

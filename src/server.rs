@@ -26,7 +26,7 @@ use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, Serve
 use crate::connection::{self, Limits};
 use crate::handshake::{HEAD_TIMEOUT, Handshake, Upgraded};
 use crate::http;
-use crate::hub::{ConnId, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink, Message};
+use crate::hub::{ConnId, Event, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink};
 use crate::metrics::Metrics;
 use crate::origin;
 use crate::outbox::{Outbox, Writers};
@@ -240,7 +240,7 @@ impl Server<'_> {
             let poller = self.has_poller;
             move |interval| {
                 // Answered by the hub before the next check if it is alive.
-                let _ = hub.try_send(Message::Heartbeat);
+                let _ = hub.try_send(Event::Heartbeat);
                 metrics.since(&metrics.hub_beat) < interval
                     && (!poller || metrics.since(&metrics.poller_beat) < interval)
             }
@@ -284,7 +284,7 @@ impl Server<'_> {
                 shared.sockets.lock().len()
             );
             // Also ends the catch-up worker, which holds a sender to the hub.
-            let _ = hub_tx.send(Message::CloseAll);
+            let _ = hub_tx.send(Event::CloseAll);
             shared.sockets.drain(CLOSE_GRACE);
         });
         drop(acceptor);
@@ -425,7 +425,7 @@ impl<'scope> Acceptor<'_> {
     }
 
     /// Starts `socket`'s handshake thread, which hands a WebSocket on to a
-    /// thread of its own ([`Conn::start_websocket`]); [`handshake`] answers it.
+    /// thread of its own ([`Accepted::start_websocket`]); [`handshake`] answers it.
     fn start(&mut self, scope: &'scope Scope<'scope, '_>, socket: TcpStream) -> io::Result<()> {
         let id = self.next_id;
         self.next_id += 1;
@@ -440,7 +440,7 @@ impl<'scope> Acceptor<'_> {
         socket.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let socket = Arc::new(socket);
         self.shared.sockets.lock().insert(id, Arc::clone(&socket));
-        let conn = Conn {
+        let accepted = Accepted {
             id,
             outbox: Outbox::new(
                 Arc::clone(&socket),
@@ -456,9 +456,13 @@ impl<'scope> Acceptor<'_> {
             .name(format!("http-{id}"))
             .stack_size(CONNECTION_STACK)
             .spawn_scoped(scope, move || {
-                match contain(id, || conn.shared.handshake.answer(id, &conn.socket)).flatten() {
-                    Some(websocket) => conn.start_websocket(scope, websocket),
-                    None => conn.finish(),
+                match contain(id, || {
+                    accepted.shared.handshake.answer(id, &accepted.socket)
+                })
+                .flatten()
+                {
+                    Some(websocket) => accepted.start_websocket(scope, websocket),
+                    None => accepted.finish(),
                 }
             });
         if let Err(e) = thread {
@@ -486,9 +490,9 @@ fn contain<T>(id: ConnId, work: impl FnOnce() -> T) -> Option<T> {
         .ok()
 }
 
-/// What a connection's threads hold.
+/// An accepted socket, as its threads (handshake, then WebSocket) hold it.
 #[derive(Clone)]
-struct Conn {
+struct Accepted {
     id: ConnId,
     socket: Arc<TcpStream>,
     outbox: Arc<Outbox>,
@@ -496,18 +500,18 @@ struct Conn {
     hub: HubSender,
 }
 
-impl Conn {
+impl Accepted {
     /// Serves `websocket` on a thread of its own, started afresh: the
     /// handshake's thread ends here, and its stack and malloc cache keep
     /// what the handshake touched, which would otherwise cost every idle
     /// connection some KiB for its whole life.
     fn start_websocket<'scope>(self, scope: &'scope Scope<'scope, '_>, websocket: Upgraded) {
-        let (id, conn) = (self.id, self.clone());
+        let (id, accepted) = (self.id, self.clone());
         let spawned = thread::Builder::new()
             .name(format!("conn-{id}"))
             .stack_size(CONNECTION_STACK)
             .spawn_scoped(scope, move || {
-                let (socket, outbox) = (Arc::clone(&conn.socket), Arc::clone(&conn.outbox));
+                let (socket, outbox) = (Arc::clone(&accepted.socket), Arc::clone(&accepted.outbox));
                 let served = contain(id, || {
                     connection::run(
                         id,
@@ -515,15 +519,15 @@ impl Conn {
                         socket,
                         websocket.leftover,
                         outbox,
-                        &conn.hub,
-                        conn.shared.limits,
+                        &accepted.hub,
+                        accepted.shared.limits,
                     )
                 });
                 if served.is_none() {
                     // It may not have told the hub it left.
-                    let _ = conn.hub.send(Message::Disconnect { conn: id });
+                    let _ = accepted.hub.send(Event::Disconnect { conn: id });
                 }
-                conn.left();
+                accepted.left();
             });
         if let Err(e) = spawned {
             warn!("cannot start a connection thread: {e}");

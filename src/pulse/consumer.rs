@@ -12,7 +12,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, ConnectionProperties};
 use log::warn;
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
     wait, wait_at_most,
 };
 use crate::config::AmqpUrl;
-use crate::hub::{FeedId, HubSender, Message as HubMessage};
+use crate::hub::{Event, FeedId, HubSender};
 use crate::metrics::Metrics;
 use crate::retry::{Backoff, Link};
 use crate::shutdown::Shutdown;
@@ -73,7 +73,7 @@ pub enum QueueState {
 /// is refused if not. A queue deleted in between is created as `serve`
 /// would create it.
 pub fn probe_queue(
-    connection: &Connection,
+    connection: &lapin::Connection,
     url: &AmqpUrl,
     setup: &ConsumerSetup,
 ) -> Result<QueueState, BrokerError> {
@@ -192,7 +192,10 @@ fn consume_once(
     connected: &mut dyn FnMut(),
 ) -> Result<(), BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name("bzpush serve".into());
-    let connection = wait("connecting", Connection::connect(url.secret(), properties))?;
+    let connection = wait(
+        "connecting",
+        lapin::Connection::connect(url.secret(), properties),
+    )?;
     let channel = wait("opening a channel", connection.create_channel())?;
     // Declared as the publisher declares it, so serve may start first.
     wait(
@@ -253,7 +256,7 @@ fn consume_once(
     // Everything published from now on reaches this queue; what was
     // consumed before (by a predecessor, or before the queue existed) may
     // not: the cache vouches only for later changes.
-    if hub.send(HubMessage::Resumed { feed: setup.feed }).is_err() {
+    if hub.send(Event::Resumed { feed: setup.feed }).is_err() {
         return Ok(());
     }
     let mut acks = Acks::default();
@@ -286,7 +289,7 @@ fn consume_once(
         metrics.notifications_in.fetch_add(1, Ordering::Relaxed);
         match decode(&delivery.data) {
             Ok(notification) => {
-                let message = HubMessage::Notify {
+                let message = Event::Notify {
                     feed: setup.feed,
                     notification,
                 };

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use futures_lite::future;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{Channel, Confirmation, ConnectionProperties, PublisherConfirm};
 
 use super::{
     BrokerError, OPERATION_TIMEOUT, PUBLISH_TIMEOUT, bounded, declare_exchange, encode, properties,
@@ -51,7 +51,7 @@ impl From<BrokerError> for PublishError {
 pub struct Publisher {
     // Held to keep the connection open (lapin closes it when the connection
     // and all its channels are dropped) and to read its state.
-    connection: Connection,
+    connection: lapin::Connection,
     channel: Channel,
     exchange: String,
 }
@@ -62,7 +62,7 @@ impl Publisher {
     pub fn connect(url: &AmqpUrl, exchange: &str, name: &str) -> Result<Publisher, BrokerError> {
         bounded("connecting", OPERATION_TIMEOUT, async {
             let properties = ConnectionProperties::default().with_connection_name(name.into());
-            let connection = Connection::connect(url.secret(), properties)
+            let connection = lapin::Connection::connect(url.secret(), properties)
                 .await
                 .map_err(BrokerError::new("connecting"))?;
             let channel = connection
