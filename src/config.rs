@@ -392,7 +392,8 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Where the poller reads changes from (SPEC §3).
+/// Where the poller reads changes from (the README's "Install on one VM"
+/// says what each needs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     /// The PushNotify extension's queue table: read, publish, delete.
