@@ -57,6 +57,7 @@ struct Shared {
     outbound_queue: usize,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Every live connection's socket: how many, and what to cut.
     sockets: Sockets,
 }
 
@@ -425,7 +426,8 @@ impl<'scope> Acceptor<'_> {
     }
 
     /// Starts `socket`'s handshake thread, which hands a WebSocket on to a
-    /// thread of its own ([`Accepted::start_websocket`]); [`handshake`] answers it.
+    /// thread of its own ([`Accepted::start_websocket`]); [`Handshake::answer`]
+    /// answers the request.
     fn start(&mut self, scope: &'scope Scope<'scope, '_>, socket: TcpStream) -> io::Result<()> {
         let id = self.next_id;
         self.next_id += 1;
