@@ -3,7 +3,7 @@
 //! When a client subscribes with `since` and the hub's cache cannot prove it
 //! holds every change since then (the server restarted, or the cache moved
 //! past that time), the hub asks this worker instead. One thread with its own
-//! read-only database connection answers each [`Job`] with every asked bug's
+//! read-only database connection answers each [`CatchUpJob`] with every asked bug's
 //! latest change at or after `since` (`bugs.delta_ts`), and sends the answer
 //! back to the hub as a message. It must never write to the database, and
 //! never block the hub: the hub only queues jobs.
@@ -13,14 +13,12 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use log::debug;
-use mysql::Conn;
 use mysql::prelude::Queryable;
 
 use crate::config::DatabaseUrl;
 use crate::database::{self, bug_id, change_time};
-use crate::hub::{ConnId, HubSender, Message};
+use crate::hub::{CatchUpJob, Event, HubSender};
 use crate::notification::{BugId, ChangeTime, Notification};
-use crate::protocol::Since;
 use crate::retry::Link;
 
 /// Jobs handed to the worker at once. More wait in the hub (at most one per
@@ -35,20 +33,13 @@ const IDS_PER_QUERY: usize = 1000;
 /// A catch-up query slower than this fails over to `partial`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One subscription's catch-up request.
-pub struct Job {
-    pub conn: ConnId,
-    pub bugs: Vec<BugId>,
-    pub since: Since,
-}
-
 /// Answers jobs until the hub drops its end of `jobs`. Every job waiting
 /// when the worker is free is answered by one merged query: the union of
 /// their bugs since the earliest `since`, then each job gets its own bugs
 /// and times from the rows.
-pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
+pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
     let mut link = Link::new("catch-up database", database.to_string());
-    let mut db: Option<Conn> = None;
+    let mut db: Option<mysql::Conn> = None;
     while let Ok(first) = jobs.recv() {
         let mut ids = first.bugs.len();
         let mut batch = vec![first];
@@ -78,7 +69,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
         );
         for job in batch {
             let updates = rows.as_ref().map(|rows| answer(rows, &job));
-            let message = Message::CaughtUp {
+            let message = Event::CaughtUp {
                 conn: job.conn,
                 updates,
             };
@@ -91,7 +82,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
 
 /// One job's answer from the merged rows: its bugs changed at or after its
 /// `since`, oldest first.
-fn answer(rows: &HashMap<BugId, ChangeTime>, job: &Job) -> Vec<Notification> {
+fn answer(rows: &HashMap<BugId, ChangeTime>, job: &CatchUpJob) -> Vec<Notification> {
     let mut updates: Vec<Notification> = job
         .bugs
         .iter()
@@ -114,11 +105,11 @@ fn answer(rows: &HashMap<BugId, ChangeTime>, job: &Job) -> Vec<Notification> {
 /// anyone is told.
 fn latest_changes(
     url: &DatabaseUrl,
-    db: &mut Option<Conn>,
-    batch: &[Job],
+    db: &mut Option<mysql::Conn>,
+    batch: &[CatchUpJob],
 ) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
-    if let Some(conn) = db.as_mut() {
-        match query(conn, batch) {
+    if let Some(open) = db.as_mut() {
+        match query(open, batch) {
             Ok(rows) => return Ok(rows),
             Err(e) => {
                 debug!("catch-up database: {e}; reconnecting and asking again");
@@ -126,11 +117,14 @@ fn latest_changes(
             }
         }
     }
-    let conn = db.insert(database::connect(url, QUERY_TIMEOUT)?);
-    query(conn, batch)
+    let fresh = db.insert(database::connect(url, QUERY_TIMEOUT)?);
+    query(fresh, batch)
 }
 
-fn query(conn: &mut Conn, batch: &[Job]) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
+fn query(
+    db: &mut mysql::Conn,
+    batch: &[CatchUpJob],
+) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
     let ids: BTreeSet<BugId> = batch.iter().flat_map(|j| j.bugs.iter().copied()).collect();
     let Some(since) = batch.iter().map(|j| &j.since).min_by_key(|s| s.at()) else {
         return Ok(HashMap::new());
@@ -141,7 +135,7 @@ fn query(conn: &mut Conn, batch: &[Job]) -> Result<HashMap<BugId, ChangeTime>, m
         let placeholders = vec!["?"; ids.len()].join(",");
         let mut params: Vec<mysql::Value> = vec![since.as_str().into()];
         params.extend(ids.iter().map(|id| mysql::Value::from(id.get())));
-        let found: Vec<(mysql::Value, mysql::Value)> = conn.exec(
+        let found: Vec<(mysql::Value, mysql::Value)> = db.exec(
             format!(
                 "SELECT bug_id, delta_ts FROM bugs \
                  WHERE delta_ts >= STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s') AND bug_id IN ({placeholders})"

@@ -96,163 +96,224 @@ impl Setting {
 /// Every setting bzpush reads. A subcommand ignores the ones it does not
 /// use, so one environment file can serve every unit.
 pub const SETTINGS: &[Setting] = &[
-    Setting {
+    key::DATABASE_URL,
+    key::SOURCE,
+    key::POLL_INTERVAL,
+    key::BATCH_SIZE,
+    key::STATE_DIRECTORY,
+    key::REPLAY_LIMIT,
+    key::OVERLAP,
+    key::LOCK_NAME,
+    key::AMQP_URL,
+    key::HEARTBEAT,
+    key::EXCHANGE,
+    key::FEEDS,
+    key::QUEUE,
+    key::QUEUE_EXPIRES,
+    key::LISTEN,
+    key::MAX_CONNECTIONS,
+    key::MAX_SUBSCRIPTIONS,
+    key::MAX_MESSAGE_SIZE,
+    key::OUTBOUND_QUEUE,
+    key::CACHE_SIZE,
+    key::PING_INTERVAL,
+    key::PING_TIMEOUT,
+    key::ALLOWED_ORIGINS,
+    key::CATCHUP_DATABASE_URL,
+    key::BUGZILLA_URL,
+    key::LOG,
+];
+
+/// One constant per row of [`SETTINGS`], named for it: code asks for a
+/// setting by its row, not by a string, so it cannot name one the table
+/// lacks.
+pub mod key {
+    use std::time::Duration;
+
+    use super::{MAX_BATCH_SIZE, MAX_OVERLAP, MAX_REPLAY_LIMIT, Range, Setting, count, secs};
+
+    pub const DATABASE_URL: Setting = Setting {
         name: "database-url",
         default: "mysql://bugs@localhost:3306/bugs",
         doc: "Bugzilla's database (poll, run)",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const SOURCE: Setting = Setting {
         name: "source",
         default: "push_notify",
         doc: "push_notify (table of the PushNotify extension) or bugs (stock Bugzilla)",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const POLL_INTERVAL: Setting = Setting {
         name: "poll-interval",
         default: "1s",
         doc: "time between polls, e.g. 250ms or 2s",
         range: Range::Duration(Duration::from_millis(10), secs(3600)),
-    },
-    Setting {
+    };
+
+    pub const BATCH_SIZE: Setting = Setting {
         name: "batch-size",
         default: "1000",
         doc: "rows read and published per poll; a full batch polls again at once",
         range: count(1, MAX_BATCH_SIZE, "rows"),
-    },
-    Setting {
+    };
+
+    pub const STATE_DIRECTORY: Setting = Setting {
         name: "state-directory",
         default: "$STATE_DIRECTORY",
         doc: "source bugs: folder of the watermark file (an absolute path, or off); default systemd's StateDirectory=, none without it",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const REPLAY_LIMIT: Setting = Setting {
         name: "replay-limit",
         default: "24h",
         doc: "source bugs: on start, replay from the watermark file at most this far back",
         range: Range::Duration(secs(1), MAX_REPLAY_LIMIT),
-    },
-    Setting {
+    };
+
+    pub const OVERLAP: Setting = Setting {
         name: "overlap",
         default: "30s",
         doc: "source bugs: how far back each poll looks for late commits; push_notify: how long a bug is re-checked after its row is deleted",
         range: Range::Duration(secs(1), MAX_OVERLAP),
-    },
-    Setting {
+    };
+
+    pub const LOCK_NAME: Setting = Setting {
         name: "lock-name",
         default: "bzpush.poller.<database>",
         doc: "database lock held by the active poller; server-wide, so the default names the database",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const AMQP_URL: Setting = Setting {
         name: "amqp-url",
         default: "amqp://guest:guest@127.0.0.1:5672/%2f",
         doc: "the broker; amqps:// for TLS (poll, serve)",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const HEARTBEAT: Setting = Setting {
         name: "heartbeat",
         default: "10s",
         doc: "poll, serve: AMQP heartbeat, in whole seconds; a silently dead broker link is noticed within about twice this (a heartbeat= in the URL wins)",
         range: Range::Duration(secs(1), secs(65535)),
-    },
-    Setting {
+    };
+
+    pub const EXCHANGE: Setting = Setting {
         name: "exchange",
         default: "exchange/bugzilla/simple",
         doc: "exchange the poller publishes to",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const FEEDS: Setting = Setting {
         name: "feeds",
         default: "/=exchange/bugzilla/simple",
         doc: "serve: comma-separated PATH=EXCHANGE, one WebSocket path per Pulse exchange",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const QUEUE: Setting = Setting {
         name: "queue",
         default: "queue/<amqp user>/bzpush-<hostname>",
         doc: "serve: name prefix of the durable consumer queues (one per feed)",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const QUEUE_EXPIRES: Setting = Setting {
         name: "queue-expires",
         default: "24h",
         doc: "serve: the broker deletes a queue unused this long (x-expires)",
         range: Range::Duration(secs(60), secs(30 * 24 * 3600)),
-    },
-    Setting {
+    };
+
+    pub const LISTEN: Setting = Setting {
         name: "listen",
         default: "127.0.0.1:8844",
         doc: "serve, run: WebSocket and HTTP address",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const MAX_CONNECTIONS: Setting = Setting {
         name: "max-connections",
         default: "10000",
         doc: "serve, run: open WebSocket connections; more are refused with HTTP 503",
         range: count(1, 1_000_000, "connections"),
-    },
-    Setting {
+    };
+
+    pub const MAX_SUBSCRIPTIONS: Setting = Setting {
         name: "max-subscriptions",
         default: "20000",
         doc: "serve, run: bugs one connection may subscribe to",
         range: count(1, 10_000_000, "bugs"),
-    },
-    Setting {
+    };
+
+    pub const MAX_MESSAGE_SIZE: Setting = Setting {
         name: "max-message-size",
         default: "1048576",
         doc: "serve, run: largest client message in bytes; larger closes with 1009",
         range: count(1024, 64 << 20, "bytes"),
-    },
-    Setting {
+    };
+
+    pub const OUTBOUND_QUEUE: Setting = Setting {
         name: "outbound-queue",
         default: "4096",
         doc: "serve, run: messages waiting for one slow client before it is closed with 1008",
         range: count(16, 1_000_000, "messages"),
-    },
-    Setting {
+    };
+
+    pub const CACHE_SIZE: Setting = Setting {
         name: "cache-size",
         default: "100000",
         doc: "serve, run: recent updates per feed kept to answer `since`",
         range: count(0, 10_000_000, "updates"),
-    },
-    Setting {
+    };
+
+    pub const PING_INTERVAL: Setting = Setting {
         name: "ping-interval",
         default: "30s",
         doc: "serve, run: a silent connection is pinged after this long",
         range: Range::Duration(secs(1), secs(3600)),
-    },
-    Setting {
+    };
+
+    pub const PING_TIMEOUT: Setting = Setting {
         name: "ping-timeout",
         default: "30s",
         doc: "serve, run: a pinged connection that stays silent this long is closed",
         range: Range::Duration(secs(1), secs(3600)),
-    },
-    Setting {
+    };
+
+    pub const ALLOWED_ORIGINS: Setting = Setting {
         name: "allowed-origins",
         default: "*",
         doc: "serve, run: comma-separated Origin values allowed to connect; * allows all",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const CATCHUP_DATABASE_URL: Setting = Setting {
         name: "catchup-database-url",
         default: "off",
         doc: "serve: Bugzilla's database, read-only, to answer `since` beyond the cache (run uses database-url)",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const BUGZILLA_URL: Setting = Setting {
         name: "bugzilla-url",
         default: "off",
         doc: "serve, run, demo: Bugzilla's address, e.g. https://bugzilla.example.org; the live page links bug numbers to it",
         range: Range::Text,
-    },
-    Setting {
+    };
+
+    pub const LOG: Setting = Setting {
         name: "log",
         default: "info",
         doc: "error, warn, info, debug or trace",
         range: Range::Text,
-    },
-];
+    };
+}
 
 /// What the user asked for on the command line.
 #[derive(Debug)]
@@ -331,7 +392,8 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Where the poller reads changes from (SPEC §3).
+/// Where the poller reads changes from (the README's "Install on one VM"
+/// says what each needs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     /// The PushNotify extension's queue table: read, publish, delete.
@@ -340,32 +402,35 @@ pub enum Source {
     Bugs,
 }
 
-/// A MySQL/MariaDB URL, checked, that prints without its password.
+/// A checked URL that may hold a password, and what its client connects
+/// with (`O`). It prints redacted, as `Display` and as `Debug`, so that no
+/// log line, `check` output or error shows the password; only the client
+/// reads `opts`. Both URLs are this one type: [`DatabaseUrl`], [`AmqpUrl`].
 #[derive(Clone)]
-pub struct DatabaseUrl {
-    pub opts: mysql::Opts,
+pub struct SecretUrl<O> {
+    /// What the client connects with, credentials included.
+    pub opts: O,
     url: String,
 }
 
-impl fmt::Display for DatabaseUrl {
+impl<O> fmt::Display for SecretUrl<O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&redact_url(&self.url))
     }
 }
 
-impl fmt::Debug for DatabaseUrl {
+impl<O> fmt::Debug for SecretUrl<O> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }
 }
 
-/// An AMQP URL, checked, that prints without its password.
-#[derive(Clone)]
-pub struct AmqpUrl {
-    url: String,
-    /// What lapin connects with: `url` and the heartbeat, if `url` sets none.
-    connect: String,
-}
+/// A MySQL/MariaDB URL; the mysql crate connects with its `opts`.
+pub type DatabaseUrl = SecretUrl<mysql::Opts>;
+
+/// An AMQP URL; lapin connects with its `opts`: the URL and the heartbeat,
+/// if the URL sets none ([`AmqpUrl::secret`]).
+pub type AmqpUrl = SecretUrl<String>;
 
 impl AmqpUrl {
     /// Checks `value`; the error says what is wrong with it.
@@ -381,7 +446,7 @@ impl AmqpUrl {
             .map_err(|e| without_secrets(&e.to_string(), value))?;
         Ok(AmqpUrl {
             url: value.to_string(),
-            connect: value.to_string(),
+            opts: value.to_string(),
         })
     }
 
@@ -398,26 +463,14 @@ impl AmqpUrl {
         }
         let separator = if self.url.contains('?') { '&' } else { '?' };
         AmqpUrl {
-            connect: format!("{}{separator}heartbeat={secs}", self.url),
+            opts: format!("{}{separator}heartbeat={secs}", self.url),
             url: self.url,
         }
     }
 
     /// The full URL, credentials included: only for connecting.
     pub fn secret(&self) -> &str {
-        &self.connect
-    }
-}
-
-impl fmt::Display for AmqpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.url))
-    }
-}
-
-impl fmt::Debug for AmqpUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+        &self.opts
     }
 }
 
@@ -621,12 +674,13 @@ pub fn parse(
     }
     values.extend(flags);
     let given = Given {
-        get: &|name| {
-            let setting = lookup(name).unwrap_or_else(|| panic!("{name} is in SETTINGS"));
-            let value = values.get(name).map_or(setting.default, String::as_str);
+        get: &|setting| {
+            let value = values
+                .get(setting.name)
+                .map_or(setting.default, String::as_str);
             (setting, value)
         },
-        is_set: &|name| values.contains_key(name),
+        is_set: &|setting| values.contains_key(setting.name),
         systemd_state_directory,
     };
     let mode = resolve(mode, &given)?;
@@ -637,15 +691,16 @@ pub fn parse(
     })
 }
 
-/// A setting and its value, as [`resolve`] asks for them by name.
-type Get<'a> = dyn Fn(&str) -> (&'static Setting, &'a str) + 'a;
+/// A setting and its value, as [`resolve`] asks for them by row
+/// ([`key`]).
+type Get<'a> = dyn Fn(&'static Setting) -> (&'static Setting, &'a str) + 'a;
 
 /// What [`resolve`] reads.
 struct Given<'a> {
     /// Each setting's value: given, or its default.
     get: &'a Get<'a>,
     /// Whether the user gave a setting (environment, env file or flag).
-    is_set: &'a dyn Fn(&str) -> bool,
+    is_set: &'a dyn Fn(&Setting) -> bool,
     /// The folder systemd made for `StateDirectory=`, if any.
     systemd_state_directory: Option<PathBuf>,
 }
@@ -656,42 +711,42 @@ struct Given<'a> {
 fn resolve(mode: &str, given: &Given) -> Result<Mode, ConfigError> {
     let get = given.get;
     let poller = || -> Result<PollerConfig, ConfigError> {
-        let database = database_url(get("database-url"))?;
+        let database = database_url(get(&key::DATABASE_URL))?;
         Ok(PollerConfig {
-            lock_name: lock_name(get("lock-name"), &database)?,
+            lock_name: lock_name(get(&key::LOCK_NAME), &database)?,
             database,
-            source: source(get("source"))?,
-            poll_interval: duration(get("poll-interval"))?,
-            batch_size: number(get("batch-size"))?,
-            overlap: duration(get("overlap"))?,
+            source: source(get(&key::SOURCE))?,
+            poll_interval: duration(get(&key::POLL_INTERVAL))?,
+            batch_size: number(get(&key::BATCH_SIZE))?,
+            overlap: duration(get(&key::OVERLAP))?,
             state_directory: state_directory(
-                get("state-directory"),
+                get(&key::STATE_DIRECTORY),
                 given.systemd_state_directory.clone(),
             )?,
-            replay_limit: duration(get("replay-limit"))?,
+            replay_limit: duration(get(&key::REPLAY_LIMIT))?,
         })
     };
     let server = || -> Result<ServerConfig, ConfigError> {
         Ok(ServerConfig {
-            listen: socket_addr(get("listen"))?,
-            max_connections: number(get("max-connections"))?,
-            max_subscriptions: number(get("max-subscriptions"))?,
-            max_message_size: number(get("max-message-size"))?,
-            outbound_queue: number(get("outbound-queue"))?,
-            cache_size: number(get("cache-size"))?,
-            ping_interval: duration(get("ping-interval"))?,
-            ping_timeout: duration(get("ping-timeout"))?,
-            allowed_origins: origins(get("allowed-origins"))?,
-            bugzilla_url: bugzilla_url(get("bugzilla-url"))?,
+            listen: socket_addr(get(&key::LISTEN))?,
+            max_connections: number(get(&key::MAX_CONNECTIONS))?,
+            max_subscriptions: number(get(&key::MAX_SUBSCRIPTIONS))?,
+            max_message_size: number(get(&key::MAX_MESSAGE_SIZE))?,
+            outbound_queue: number(get(&key::OUTBOUND_QUEUE))?,
+            cache_size: number(get(&key::CACHE_SIZE))?,
+            ping_interval: duration(get(&key::PING_INTERVAL))?,
+            ping_timeout: duration(get(&key::PING_TIMEOUT))?,
+            allowed_origins: origins(get(&key::ALLOWED_ORIGINS))?,
+            bugzilla_url: bugzilla_url(get(&key::BUGZILLA_URL))?,
             page_bugs: Vec::new(),
         })
     };
-    let log = log_level(get("log"))?;
+    let log = log_level(get(&key::LOG))?;
     Ok(match mode {
         "poll" => Mode::Poll(PollConfig {
             poller: poller()?,
-            amqp: amqp_url(get("amqp-url"))?.with_heartbeat(heartbeat(get("heartbeat"))?),
-            exchange: text(get("exchange"), MAX_EXCHANGE_NAME)?,
+            amqp: amqp_url(get(&key::AMQP_URL))?.with_heartbeat(heartbeat(get(&key::HEARTBEAT))?),
+            exchange: text(get(&key::EXCHANGE), MAX_EXCHANGE_NAME)?,
             log,
         }),
         "run" => Mode::Run(RunConfig {
@@ -700,26 +755,27 @@ fn resolve(mode: &str, given: &Given) -> Result<Mode, ConfigError> {
             log,
         }),
         "demo" => {
-            let database = get("database-url");
+            let database = get(&key::DATABASE_URL);
             Mode::Demo(DemoConfig {
-                database: if (given.is_set)("database-url") {
+                database: if (given.is_set)(&key::DATABASE_URL) {
                     Some(server_url(database)?)
                 } else {
                     None
                 },
-                poll_interval: duration(get("poll-interval"))?,
+                poll_interval: duration(get(&key::POLL_INTERVAL))?,
                 server: server()?,
-                listen_given: (given.is_set)("listen"),
+                listen_given: (given.is_set)(&key::LISTEN),
                 log,
             })
         }
         _ => {
-            let amqp = amqp_url(get("amqp-url"))?.with_heartbeat(heartbeat(get("heartbeat"))?);
-            let catchup = get("catchup-database-url");
+            let amqp =
+                amqp_url(get(&key::AMQP_URL))?.with_heartbeat(heartbeat(get(&key::HEARTBEAT))?);
+            let catchup = get(&key::CATCHUP_DATABASE_URL);
             Mode::Serve(ServeConfig {
-                feeds: feeds(get("feeds"))?,
-                queue_prefix: queue_prefix(get("queue"), &amqp)?,
-                queue_expires: duration(get("queue-expires"))?,
+                feeds: feeds(get(&key::FEEDS))?,
+                queue_prefix: queue_prefix(get(&key::QUEUE), &amqp)?,
+                queue_expires: duration(get(&key::QUEUE_EXPIRES))?,
                 catchup_database: if catchup.1 == catchup.0.default {
                     None
                 } else {
@@ -740,8 +796,7 @@ pub fn settings_of(mode: &str) -> Vec<&'static Setting> {
     // The defaults are valid (a test says so); were one not, the list
     // would only be shorter, never wrong.
     let given = Given {
-        get: &|name| {
-            let setting = lookup(name).unwrap_or_else(|| panic!("{name} is in SETTINGS"));
+        get: &|setting| {
             read.borrow_mut().push(setting.name);
             (setting, setting.default)
         },

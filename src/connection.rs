@@ -17,9 +17,9 @@ use std::time::Duration;
 use log::debug;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
-use tungstenite::{Error as WsError, Message as WsMessage, WebSocket};
+use tungstenite::{Error as WsError, Message, WebSocket};
 
-use crate::hub::{ConnId, FeedId, HubSender, Message};
+use crate::hub::{ConnId, Event, FeedId, HubSender};
 use crate::outbox::{Outbox, OutboxWriter};
 use crate::protocol;
 
@@ -72,7 +72,7 @@ pub fn run(
     limits: Limits,
 ) {
     if hub
-        .send(Message::Connect {
+        .send(Event::Connect {
             conn,
             feed,
             outbox: Arc::clone(&outbox),
@@ -93,7 +93,7 @@ pub fn run(
     let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(config));
     let why = serve(conn, &mut ws, &outbox, hub, limits);
     debug!("connection {conn} ended: {why}");
-    let _ = hub.send(Message::Disconnect { conn });
+    let _ = hub.send(Event::Disconnect { conn });
 }
 
 /// Reads until the connection ends; says why.
@@ -115,17 +115,17 @@ fn serve(
             return format!("socket error: {e}");
         }
         let text = match ws.read() {
-            Ok(WsMessage::Text(text)) => text.as_str().to_string(),
+            Ok(Message::Text(text)) => text.as_str().to_string(),
             // Not in the protocol, but read as text if it is some, so a
             // client library that sends binary still gets an answer.
-            Ok(WsMessage::Binary(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-            Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_)) => {
+            Ok(Message::Binary(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
                 // Answers a ping: tungstenite queued the pong.
                 let _ = ws.flush();
                 pinged = false;
                 continue;
             }
-            Ok(WsMessage::Close(frame)) => {
+            Ok(Message::Close(frame)) => {
                 // One reply, from the outbox: the client's code echoed, or
                 // 1002 for a code no client may send (tungstenite's
                 // choice). Flushing tungstenite's own reply as well could
@@ -143,7 +143,7 @@ fn serve(
                     outbox.close(CloseCode::Away, "ping timeout");
                     return "no answer to ping".into();
                 }
-                if ws.send(WsMessage::Ping(Default::default())).is_err() {
+                if ws.send(Message::Ping(Default::default())).is_err() {
                     return "closing".into();
                 }
                 pinged = true;
@@ -169,8 +169,8 @@ fn serve(
         };
         pinged = false;
         let message = match protocol::parse(&text) {
-            Ok(command) => Message::Command { conn, command },
-            Err(error) => Message::Error { conn, error },
+            Ok(command) => Event::Command { conn, command },
+            Err(error) => Event::Error { conn, error },
         };
         if hub.send(message).is_err() {
             return "hub gone".into();

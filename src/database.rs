@@ -11,7 +11,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use mysql::{Conn, OptsBuilder};
+use mysql::OptsBuilder;
 
 use crate::config::DatabaseUrl;
 use crate::notification::{BugId, ChangeTime};
@@ -42,7 +42,7 @@ pub const ACCESS_DENIED: [u16; 2] = [1045, 1698];
 /// and switch 127.0.0.1 over to the socket. An "Access denied" error says
 /// which account the server tried ([`access_denied_hint`]), wherever it is
 /// logged or printed.
-pub fn connect(url: &DatabaseUrl, io_timeout: Duration) -> Result<Conn, mysql::Error> {
+pub fn connect(url: &DatabaseUrl, io_timeout: Duration) -> Result<mysql::Conn, mysql::Error> {
     let opts = OptsBuilder::from_opts(url.opts.clone())
         .prefer_socket(false)
         .tcp_connect_timeout(Some(CONNECT_TIMEOUT))
@@ -63,7 +63,7 @@ pub fn connect(url: &DatabaseUrl, io_timeout: Duration) -> Result<Conn, mysql::E
         }
         Route::Tcp => opts,
     };
-    Conn::new(opts).map_err(|error| match (access_denied_hint(&error), error) {
+    mysql::Conn::new(opts).map_err(|error| match (access_denied_hint(&error), error) {
         (Some(hint), mysql::Error::MySqlError(mut e)) => {
             e.message = format!("{} ({hint})", e.message);
             mysql::Error::MySqlError(e)

@@ -2,7 +2,7 @@
 //!
 //! One thread owns the subscription index of every feed (bug → connections,
 //! connection → bugs) and the catch-up cache; connection threads and broker
-//! consumers talk to it only by [`Message`], never by lock. Each update is
+//! consumers talk to it only by [`Event`], never by lock. Each update is
 //! encoded to its WebSocket frame once and the same bytes are queued to every
 //! subscriber's [`Outbox`]. Replies to a connection's commands are queued
 //! here too, so a connection sees its answers, catch-up and live updates in
@@ -20,7 +20,6 @@ use log::debug;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::cache::Cache;
-use crate::catchup::Job;
 use crate::metrics::Metrics;
 use crate::notification::{BugId, ChangeTime, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
@@ -42,7 +41,7 @@ pub const CATCH_UPS_PER_CONNECTION: usize = 4;
 pub const HUB_QUEUE: usize = 16 * 1024;
 
 /// What the hub is asked to do.
-pub enum Message {
+pub enum Event {
     /// A WebSocket connection on `feed` opened.
     Connect {
         conn: ConnId,
@@ -76,7 +75,16 @@ pub enum Message {
 }
 
 /// Sends messages to the hub.
-pub type HubSender = Sender<Message>;
+pub type HubSender = Sender<Event>;
+
+/// One subscription's catch-up request, which the hub sends to the
+/// catch-up worker (`catchup`) when its cache cannot vouch for
+/// `since`; the answer comes back as an [`Event`].
+pub struct CatchUpJob {
+    pub conn: ConnId,
+    pub bugs: Vec<BugId>,
+    pub since: Since,
+}
 
 /// The hub as the poller's [`Sink`] (`bzpush run`): a notification is
 /// handed over once it is in the hub's queue.
@@ -113,12 +121,12 @@ impl Sink for HubSink {
     /// the cache vouches only for what comes from now on.
     fn activated(&mut self) {
         // Only fails during shutdown, when nobody asks the cache any more.
-        let _ = self.hub.send(Message::Resumed { feed: self.feed });
+        let _ = self.hub.send(Event::Resumed { feed: self.feed });
     }
 
     fn send(&mut self, batch: &[Notification]) -> Result<(), HubGone> {
         for notification in batch {
-            let message = Message::Notify {
+            let message = Event::Notify {
                 feed: self.feed,
                 notification: notification.clone(),
             };
@@ -131,7 +139,7 @@ impl Sink for HubSink {
     }
 }
 
-struct Connection {
+struct Subscriber {
     feed: FeedId,
     outbox: Arc<Outbox>,
     bugs: BTreeSet<BugId>,
@@ -167,7 +175,7 @@ enum Waiting {
     Update(Notification, Bytes),
 }
 
-impl Connection {
+impl Subscriber {
     /// Queues a reply or catch-up frame (never refused for being many).
     fn reply(&mut self, frame: Bytes) {
         match self.held.back_mut() {
@@ -216,15 +224,15 @@ struct Feed {
 /// The hub's state; [`Hub::run`] is its thread.
 pub struct Hub {
     feeds: Vec<Feed>,
-    connections: HashMap<ConnId, Connection>,
+    subscribers: HashMap<ConnId, Subscriber>,
     max_subscriptions: usize,
     outbound_queue: usize,
     /// Where to send catch-ups the cache cannot answer, if anywhere.
-    catchup: Option<Sender<Job>>,
+    catchup: Option<Sender<CatchUpJob>>,
     /// Catch-up jobs the worker had no room for yet, oldest first: at most
     /// [`CATCH_UPS_PER_CONNECTION`] per connection, so bounded by the
     /// connection limit.
-    unsent: VecDeque<Job>,
+    unsent: VecDeque<CatchUpJob>,
     metrics: Arc<Metrics>,
 }
 
@@ -234,7 +242,7 @@ pub struct HubConfig {
     pub cache_size: usize,
     pub max_subscriptions: usize,
     pub outbound_queue: usize,
-    pub catchup: Option<Sender<Job>>,
+    pub catchup: Option<Sender<CatchUpJob>>,
 }
 
 impl Hub {
@@ -246,7 +254,7 @@ impl Hub {
                     cache: Cache::new(config.cache_size),
                 })
                 .collect(),
-            connections: HashMap::new(),
+            subscribers: HashMap::new(),
             max_subscriptions: config.max_subscriptions,
             outbound_queue: config.outbound_queue,
             catchup: config.catchup,
@@ -256,21 +264,21 @@ impl Hub {
     }
 
     /// Handles messages until every sender is gone.
-    pub fn run(mut self, messages: Receiver<Message>) {
+    pub fn run(mut self, messages: Receiver<Event>) {
         for message in messages {
             self.handle(message);
         }
         debug!("hub stopped");
     }
 
-    fn handle(&mut self, message: Message) {
+    fn handle(&mut self, message: Event) {
         self.metrics.beat(&self.metrics.hub_beat);
         match message {
-            Message::Heartbeat => {}
-            Message::Connect { conn, feed, outbox } => {
-                self.connections.insert(
+            Event::Heartbeat => {}
+            Event::Connect { conn, feed, outbox } => {
+                self.subscribers.insert(
                     conn,
-                    Connection {
+                    Subscriber {
                         feed,
                         outbox,
                         bugs: BTreeSet::new(),
@@ -279,31 +287,31 @@ impl Hub {
                     },
                 );
             }
-            Message::Command { conn, command } => self.command(conn, command),
-            Message::Error { conn, error } => {
+            Event::Command { conn, command } => self.command(conn, command),
+            Event::Error { conn, error } => {
                 self.reply(conn, protocol::error_reply(&error));
             }
-            Message::Disconnect { conn } => {
-                if let Some(c) = self.connections.remove(&conn) {
+            Event::Disconnect { conn } => {
+                if let Some(c) = self.subscribers.remove(&conn) {
                     if !c.held.is_empty() {
                         self.unsent.retain(|job| job.conn != conn);
                     }
                     self.unsubscribe(conn, c.feed, &c.bugs);
                 }
             }
-            Message::Notify { feed, notification } => self.notify(feed, &notification),
-            Message::CaughtUp { conn, updates } => self.caught_up(conn, updates),
-            Message::Resumed { feed } => {
+            Event::Notify { feed, notification } => self.notify(feed, &notification),
+            Event::CaughtUp { conn, updates } => self.caught_up(conn, updates),
+            Event::Resumed { feed } => {
                 if let Some(f) = self.feeds.get_mut(feed) {
                     f.cache.resume(Moment::from_system(SystemTime::now()));
                 }
             }
-            Message::CloseAll => {
+            Event::CloseAll => {
                 // The catch-up worker holds a sender to the hub: let it
                 // end, so that the hub can.
                 self.catchup = None;
                 self.unsent.clear();
-                for c in self.connections.values() {
+                for c in self.subscribers.values() {
                     c.outbox.close(CloseCode::Away, "server shutting down");
                 }
             }
@@ -311,13 +319,13 @@ impl Hub {
     }
 
     fn reply(&mut self, conn: ConnId, text: String) {
-        if let Some(c) = self.connections.get_mut(&conn) {
+        if let Some(c) = self.subscribers.get_mut(&conn) {
             c.reply(text_frame(text));
         }
     }
 
     fn command(&mut self, conn: ConnId, command: Command) {
-        let Some(c) = self.connections.get_mut(&conn) else {
+        let Some(c) = self.subscribers.get_mut(&conn) else {
             return;
         };
         // Its answer would go nowhere: a client that was closed for asking
@@ -382,7 +390,7 @@ impl Hub {
                     }
                     return;
                 }
-                let job = Job {
+                let job = CatchUpJob {
                     conn,
                     bugs: asked.iter().copied().collect(),
                     since: since.clone(),
@@ -434,7 +442,7 @@ impl Hub {
     fn caught_up(&mut self, conn: ConnId, updates: Option<Vec<Notification>>) {
         // The worker took jobs from its queue: there is room for more.
         self.hand_over();
-        let Some(c) = self.connections.get_mut(&conn) else {
+        let Some(c) = self.subscribers.get_mut(&conn) else {
             return;
         };
         let Some(held) = c.held.pop_front() else {
@@ -495,7 +503,7 @@ impl Hub {
         let frame = text_frame(protocol::update(notification));
         let mut sent = 0;
         for conn in conns {
-            if let Some(c) = self.connections.get_mut(conn)
+            if let Some(c) = self.subscribers.get_mut(conn)
                 && c.update(notification, Arc::clone(&frame), self.outbound_queue)
             {
                 sent += 1;
@@ -509,7 +517,7 @@ impl Hub {
 
 /// Answers a `since` from the cache alone: `partial` unless the cache can
 /// vouch for it. Then releases whatever was held.
-fn answer_from_cache(c: &mut Connection, cache: &Cache, held: Held) {
+fn answer_from_cache(c: &mut Subscriber, cache: &Cache, held: Held) {
     let partial = !cache.complete_since(&held.since);
     c.reply(text_frame(protocol::subscribe_reply(
         held.subscribed.iter().copied(),
@@ -526,7 +534,7 @@ fn answer_from_cache(c: &mut Connection, cache: &Cache, held: Held) {
 /// catch-up `answer` already gave. The answer's latest pair per bug stays
 /// with the connection for a live copy still on its way.
 fn release<'a>(
-    c: &mut Connection,
+    c: &mut Subscriber,
     waiting: Vec<Waiting>,
     answer: impl Iterator<Item = &'a Notification>,
 ) {
@@ -570,7 +578,7 @@ mod tests {
 
     /// A hub with one connection whose frames arrive on the returned
     /// socket, and the catch-up jobs it sends.
-    fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<Job>) {
+    fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<CatchUpJob>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (server, _) = listener.accept().expect("accept");
@@ -590,7 +598,7 @@ mod tests {
             Arc::clone(&metrics),
         );
         let outbox = Outbox::new(Arc::new(server), 100, writers, metrics);
-        hub.handle(Message::Connect {
+        hub.handle(Event::Connect {
             conn: 1,
             feed: 0,
             outbox,
@@ -600,7 +608,7 @@ mod tests {
 
     /// Sends connection 1's subscribe command to `hub`.
     fn subscribe(hub: &mut Hub, bugs: Vec<BugId>, since: Option<Since>) {
-        hub.handle(Message::Command {
+        hub.handle(Event::Command {
             conn: 1,
             command: Command::Subscribe { bugs, since },
         });
@@ -638,19 +646,19 @@ mod tests {
         assert_eq!(job.conn, 1);
         // Meanwhile: bug 5 at a time the database answer will cover, bug 6
         // at a time later than the database's, and a command.
-        hub.handle(Message::Notify {
+        hub.handle(Event::Notify {
             feed: 0,
             notification: n(5, "2026-01-01T00:00:05"),
         });
-        hub.handle(Message::Notify {
+        hub.handle(Event::Notify {
             feed: 0,
             notification: n(6, "2026-01-01T00:00:09"),
         });
-        hub.handle(Message::Command {
+        hub.handle(Event::Command {
             conn: 1,
             command: Command::Version,
         });
-        hub.handle(Message::CaughtUp {
+        hub.handle(Event::CaughtUp {
             conn: 1,
             updates: Some(vec![
                 n(6, "2026-01-01T00:00:03"),
@@ -687,7 +695,7 @@ mod tests {
         assert!(jobs.try_recv().is_ok());
         // The database is ahead of the live stream: it answers :07 while
         // :05 and :07 are still in the broker's queue.
-        hub.handle(Message::CaughtUp {
+        hub.handle(Event::CaughtUp {
             conn: 1,
             updates: Some(vec![n(5, "2026-01-01T00:00:07")]),
         });
@@ -696,12 +704,12 @@ mod tests {
             "2026-01-01T00:00:07",
             "2026-01-01T00:00:09",
         ] {
-            hub.handle(Message::Notify {
+            hub.handle(Event::Notify {
                 feed: 0,
                 notification: n(5, when),
             });
         }
-        hub.handle(Message::Command {
+        hub.handle(Event::Command {
             conn: 1,
             command: Command::Version,
         });
@@ -720,7 +728,7 @@ mod tests {
         let (mut hub, mut client, jobs) = hub_with_client(&writers);
         let since = Since::parse("2026-01-01T00:00:00");
         subscribe(&mut hub, vec![BugId::new(5).expect("5")], since.clone());
-        hub.handle(Message::Command {
+        hub.handle(Event::Command {
             conn: 1,
             command: Command::Version,
         });
@@ -730,15 +738,15 @@ mod tests {
             2,
             "both catch-ups go to the database"
         );
-        hub.handle(Message::Notify {
+        hub.handle(Event::Notify {
             feed: 0,
             notification: n(6, "2026-01-01T00:00:08"),
         });
-        hub.handle(Message::CaughtUp {
+        hub.handle(Event::CaughtUp {
             conn: 1,
             updates: Some(vec![n(5, "2026-01-01T00:00:07")]),
         });
-        hub.handle(Message::CaughtUp {
+        hub.handle(Event::CaughtUp {
             conn: 1,
             updates: Some(vec![n(6, "2026-01-01T00:00:03")]),
         });
@@ -767,15 +775,15 @@ mod tests {
             Since::parse("2026-01-01T00:00:00"),
         );
         assert!(jobs.try_recv().is_ok());
-        hub.handle(Message::Notify {
+        hub.handle(Event::Notify {
             feed: 0,
             notification: n(5, "2026-01-01T00:00:04"),
         });
-        hub.handle(Message::Notify {
+        hub.handle(Event::Notify {
             feed: 0,
             notification: n(5, "2026-01-01T00:00:05"),
         });
-        hub.handle(Message::CaughtUp {
+        hub.handle(Event::CaughtUp {
             conn: 1,
             updates: None,
         });
@@ -784,7 +792,7 @@ mod tests {
         assert_eq!(frames[1]["when"], "2026-01-01T00:00:04");
         assert_eq!(frames[2]["when"], "2026-01-01T00:00:05");
         // Nothing more: the held copies of :04 and :05 were not repeated.
-        hub.handle(Message::Command {
+        hub.handle(Event::Command {
             conn: 1,
             command: Command::Version,
         });
@@ -802,12 +810,12 @@ mod tests {
             "2026-01-01T00:00:09",
             "2026-01-01 00:00:05",
         ] {
-            hub.handle(Message::Notify {
+            hub.handle(Event::Notify {
                 feed: 0,
                 notification: n(5, when),
             });
         }
-        hub.handle(Message::Command {
+        hub.handle(Event::Command {
             conn: 1,
             command: Command::Version,
         });

@@ -11,24 +11,39 @@
 //! - [`poller`]: reads changes from Bugzilla's database (`push_notify` or
 //!   `bugs`), holds the one-active-poller lock, forgets a change only once
 //!   the broker confirmed it.
-//! - [`pulse`]: the Pulse (AMQP) wire format, the confirmed publisher, and
-//!   the consumer that feeds the hub (ack after hand-off).
-//! - [`hub`]: the subscription index, the catch-up cache, fan-out of
-//!   pre-encoded frames.
+//! - [`pulse`]: the Pulse (AMQP) wire format; [`pulse::publisher`], the
+//!   confirmed publisher; [`pulse::consumer`], the consumer that feeds the
+//!   hub (ack after hand-off).
+//! - [`hub`]: the subscription index and fan-out of pre-encoded frames; it
+//!   owns each feed's cache and sends [`hub::CatchUpJob`]s.
 //! - [`cache`]: the catch-up cache of a feed and the proof of what it
 //!   holds; which pairs were already delivered.
 //! - [`catchup`]: answers `since` from Bugzilla's `bugs` table when the
 //!   cache cannot vouch for it.
 //! - [`outbox`]: each connection's bounded send queue and the writer pool
 //!   that drains them; slow clients are closed, never waited for.
+//! - [`handshake`]: what a request must pass to become a WebSocket (head,
+//!   method, feed path, origin, connection limit); plain HTTP requests.
 //! - [`connection`]: one thread per WebSocket client: read, parse, keepalive.
 //! - [`protocol`]: the client protocol (bugzfeed's wire format): frames in,
 //!   commands out, and the JSON of every reply and update; no I/O.
 //! - [`http`]: `/health`, `/metrics`, the live page, request heads.
-//! - [`server`]: `bzpush serve` and `bzpush run`: the accept loop, handshake
-//!   limits, and starting and joining every thread.
+//! - [`server`]: `bzpush poll`, `serve` and `run`: the accept loop, and
+//!   starting and joining every thread.
 //! - [`demo`]: `bzpush demo`: `run` fed by a simulated Bugzilla, in memory
 //!   or in a scratch database it creates and drops.
+//!
+//! # Threads
+//!
+//! Every thread is started from [`server`] and joined there: the pipeline's
+//! threads (poller, broker consumers, hub, writers, catch-up worker) through
+//! [`shutdown::spawn_essential`], so that one that dies stops the process;
+//! the watchdog ([`systemd`]); and the connections' threads, in one
+//! `std::thread::scope` around the accept loop: a thread per accepted
+//! socket for its request, which hands a WebSocket on to a fresh thread of
+//! its own. Two exceptions, each with its own start and join: the signal
+//! watcher ([`signals`], started by `main`), and `demo`'s simulated
+//! Bugzilla ([`demo`]).
 //!
 //! Around it:
 //!
@@ -58,6 +73,7 @@ pub mod config;
 pub mod connection;
 pub mod database;
 pub mod demo;
+pub mod handshake;
 pub mod http;
 pub mod hub;
 pub mod logging;

@@ -4,14 +4,9 @@
 
 use std::net::TcpListener;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::thread;
 
 use bzpush::config::{self, Invocation, Mode};
-use bzpush::metrics::Metrics;
-use bzpush::pulse::PulseSink;
-use bzpush::shutdown::Shutdown;
-use bzpush::{check, demo, logging, poller, server, shutdown, signals, systemd};
+use bzpush::{check, demo, logging, server, shutdown, signals};
 use log::{Level, error, info};
 
 fn main() -> ExitCode {
@@ -76,7 +71,9 @@ fn start(mode: Mode) -> Result<(), String> {
             server::run(&config, listener, &shutdown).map_err(|e| format!("run: {e}"))
         }
         (Mode::Demo(config), Some(listener)) => demo::run(&config, listener, &shutdown),
-        (Mode::Poll(config), _) => poll(config, &shutdown),
+        (Mode::Poll(config), _) => {
+            server::poll(&config, &shutdown).map_err(|e| format!("poll: {e}"))
+        }
         _ => Err("no listener".to_string()),
     };
     signals.stop();
@@ -88,34 +85,6 @@ fn start(mode: Mode) -> Result<(), String> {
 
 fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (BZPUSH_LISTEN): {e}"))
-}
-
-fn poll(config: config::PollConfig, shutdown: &Shutdown) -> Result<(), String> {
-    let sink = PulseSink::new(config.amqp, config.exchange);
-    let metrics = Arc::new(Metrics::new("database", 1));
-    let poller = {
-        let (metrics, stop) = (Arc::clone(&metrics), shutdown.clone());
-        shutdown::spawn_essential(
-            "poller".into(),
-            thread::Builder::new(),
-            shutdown,
-            move || poller::run(&config.poller, sink, &metrics, &stop),
-        )
-        .map_err(|e| format!("cannot start the poller thread: {e}"))?
-    };
-    let watchdog = systemd::spawn_watchdog(shutdown, move |interval| {
-        metrics.since(&metrics.poller_beat) < interval
-    })
-    .map_err(|e| format!("cannot start the watchdog thread: {e}"))?;
-    systemd::notify("READY=1");
-    // Returns on shutdown, which also ends the watchdog, or when the
-    // poller died, which fails the shutdown: `start` reports it.
-    shutdown::join(poller);
-    systemd::notify("STOPPING=1");
-    if let Some(watchdog) = watchdog {
-        shutdown::join(watchdog);
-    }
-    Ok(())
 }
 
 /// One line for the log saying what runs against what.

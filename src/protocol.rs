@@ -390,7 +390,7 @@ mod tests {
         serde_json::from_str(text).unwrap()
     }
 
-    // ---- parse: the commands of SPEC §5 ----
+    // ---- parse: the commands of the README's "The client protocol" ----
 
     #[test]
     fn parses_the_four_commands() {

@@ -1,36 +1,37 @@
-//! `bzpush serve` and `bzpush run`: the threads of a WebSocket server and
-//! their lifecycle.
+//! `bzpush poll`, `serve` and `run`: where every thread of the pipeline
+//! starts and is joined.
 //!
-//! Owns the listening socket and the accept loop, the limits checked at
-//! the handshake (total connections, origin, feed path), and starting and
-//! joining every other thread: the hub, the writer pool, what feeds the hub
-//! (one broker consumer per feed for `serve`, the poller for `run`), the
-//! catch-up worker, one thread per connection. Shutdown stops accepting,
-//! closes every connection with 1001, joins every thread. Nothing here
-//! touches a subscription: that is the hub's.
+//! `poll` is the poller alone. `serve` and `run` are a WebSocket server:
+//! this file owns its listening socket and accept loop (the handshake is
+//! [`crate::handshake`]'s), and starting
+//! and joining every other thread: the hub, the writer pool, what feeds the
+//! hub (one broker consumer per feed for `serve`, the poller for `run`),
+//! the catch-up worker, and the connections' threads, all in one scope. Shutdown stops
+//! accepting, closes every connection with 1001, joins every thread.
+//! Nothing here touches a subscription: that is the hub's.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle, Scope};
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use crate::catchup;
-use crate::config::{DatabaseUrl, Feed, RunConfig, ServeConfig, ServerConfig, feed_path};
+use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig};
 use crate::connection::{self, Limits};
-use crate::http::{self, Head};
-use crate::hub::{ConnId, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink, Message};
+use crate::handshake::{HEAD_TIMEOUT, Handshake, Upgraded};
+use crate::http;
+use crate::hub::{ConnId, Event, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink};
 use crate::metrics::Metrics;
 use crate::origin;
 use crate::outbox::{Outbox, Writers};
 use crate::poller;
-use crate::pulse::{self, ConsumerSetup};
+use crate::pulse::{self, ConsumerSetup, PulseSink};
 use crate::shutdown::{self, Shutdown};
 use crate::systemd;
 
@@ -41,8 +42,6 @@ use crate::systemd;
 /// stack of a debug build and aborted the whole process. Only pages
 /// touched cost memory: an idle connection touches a few KiB.
 const CONNECTION_STACK: usize = 512 * 1024;
-/// A client has this long to send its request head (slowloris).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sockets may wait in the handshake beyond the connection limit by this
 /// many before new ones are refused at once.
 const HANDSHAKE_SLACK: usize = 256;
@@ -53,27 +52,14 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// What every connection thread shares.
 struct Shared {
-    feeds: Vec<Feed>,
-    allowed_origins: Option<Vec<String>>,
-    refused_origins: origin::Refusals,
-    max_connections: usize,
+    /// What a request must pass to become a WebSocket.
+    handshake: Handshake,
     outbound_queue: usize,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// What the live page is given: where bugs link to, what it watches.
-    page: http::Page,
-    /// Sockets of live connections, to cut them at shutdown. A connection
-    /// has one descriptor, shared by this map, its thread and its outbox.
-    sockets: Mutex<HashMap<ConnId, Arc<TcpStream>>>,
+    /// Every live connection's socket: how many, and what to cut.
+    sockets: Sockets,
 }
-
-/// The thread serving a connection. The thread that reads the request
-/// hands a WebSocket on to a thread of its own and returns that one (see
-/// [`handle`]), so a connection may have two threads in turn.
-type ConnThread = JoinHandle<Successor>;
-
-/// The thread a connection's thread handed the connection to, if any.
-struct Successor(Option<ConnThread>);
 
 /// `bzpush serve`: the server fed by one Pulse consumer per feed, until
 /// `shutdown`.
@@ -123,6 +109,41 @@ pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io
         )?;
         Ok(vec![poller])
     })
+}
+
+/// `bzpush poll`: the database poller publishing to the broker, without
+/// a server, until `shutdown` or until the poller dies (which fails
+/// `shutdown`: the caller reports it).
+pub fn poll(config: &PollConfig, shutdown: &Shutdown) -> io::Result<()> {
+    let sink = PulseSink::new(config.amqp.clone(), config.exchange.clone());
+    let metrics = Arc::new(Metrics::new("database", 1));
+    let poller = {
+        let (poller_config, metrics, stop) = (
+            config.poller.clone(),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        );
+        shutdown::spawn_essential(
+            "poller".into(),
+            thread::Builder::new(),
+            shutdown,
+            move || poller::run(&poller_config, sink, &metrics, &stop),
+        )
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start the poller thread: {e}")))?
+    };
+    let watchdog = systemd::spawn_watchdog(shutdown, move |interval| {
+        metrics.since(&metrics.poller_beat) < interval
+    })
+    .map_err(|e| io::Error::new(e.kind(), format!("cannot start the watchdog thread: {e}")))?;
+    systemd::notify("READY=1");
+    // Returns on shutdown, which also ends the watchdog, or when the
+    // poller died, which fails the shutdown.
+    shutdown::join(poller);
+    systemd::notify("STOPPING=1");
+    if let Some(watchdog) = watchdog {
+        shutdown::join(watchdog);
+    }
+    Ok(())
 }
 
 /// `bzpush demo` in memory: the server of `run`, fed by the poller thread
@@ -221,7 +242,7 @@ impl Server<'_> {
             let poller = self.has_poller;
             move |interval| {
                 // Answered by the hub before the next check if it is alive.
-                let _ = hub.try_send(Message::Heartbeat);
+                let _ = hub.try_send(Event::Heartbeat);
                 metrics.since(&metrics.hub_beat) < interval
                     && (!poller || metrics.since(&metrics.poller_beat) < interval)
             }
@@ -229,10 +250,17 @@ impl Server<'_> {
         systemd::notify("READY=1");
 
         let shared = Arc::new(Shared {
-            feeds: self.feeds.to_vec(),
-            allowed_origins: self.config.allowed_origins.clone(),
-            refused_origins: origin::Refusals::default(),
-            max_connections: self.config.max_connections,
+            handshake: Handshake {
+                feeds: self.feeds.to_vec(),
+                allowed_origins: self.config.allowed_origins.clone(),
+                refused_origins: origin::Refusals::default(),
+                max_connections: self.config.max_connections,
+                metrics: Arc::clone(&metrics),
+                page: http::Page {
+                    bugzilla_url: self.config.bugzilla_url.clone(),
+                    bugs: self.config.page_bugs.clone(),
+                },
+            },
             outbound_queue: self.config.outbound_queue,
             limits: Limits {
                 max_message_size: self.config.max_message_size,
@@ -240,27 +268,27 @@ impl Server<'_> {
                 ping_timeout: self.config.ping_timeout,
             },
             metrics: Arc::clone(&metrics),
-            page: http::Page {
-                bugzilla_url: self.config.bugzilla_url.clone(),
-                bugs: self.config.page_bugs.clone(),
-            },
-            sockets: Mutex::new(HashMap::new()),
+            sockets: Sockets::default(),
         });
         let mut acceptor = Acceptor {
             shared: Arc::clone(&shared),
             hub: hub_tx.clone(),
             writers: &writers,
-            threads: HashMap::new(),
-            done: crossbeam_channel::unbounded(),
             next_id: 0,
         };
-        acceptor.run(&listener, shutdown);
-
-        systemd::notify("STOPPING=1");
-        info!("stopping: closing {} connections", acceptor.threads.len());
-        // Also ends the catch-up worker, which holds a sender to the hub.
-        let _ = hub_tx.send(Message::CloseAll);
-        acceptor.join_all(&shared);
+        // Every connection thread is a thread of this scope: leaving it
+        // joins them all. Their work cannot panic out of them ([`contain`]).
+        thread::scope(|scope| {
+            acceptor.run(scope, &listener, shutdown);
+            systemd::notify("STOPPING=1");
+            info!(
+                "stopping: closing {} connections",
+                shared.sockets.lock().len()
+            );
+            // Also ends the catch-up worker, which holds a sender to the hub.
+            let _ = hub_tx.send(Event::CloseAll);
+            shared.sockets.drain(CLOSE_GRACE);
+        });
         drop(acceptor);
         drop(hub_tx);
         for thread in upstream.into_iter().chain(catchup_thread).chain(watchdog) {
@@ -324,25 +352,63 @@ fn wake_on_shutdown(shutdown: &Shutdown, addr: SocketAddr) {
     let _ = TcpStream::connect(addr);
 }
 
+/// The sockets of live connections, to count them and to cut them at
+/// shutdown. A connection has one descriptor, shared by this map, its
+/// thread and its outbox.
+#[derive(Default)]
+struct Sockets {
+    live: Mutex<HashMap<ConnId, Arc<TcpStream>>>,
+    /// Signalled when a connection leaves the map, for shutdown's wait.
+    left: Condvar,
+}
+
+impl Sockets {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ConnId, Arc<TcpStream>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remove(&self, id: ConnId) -> Option<Arc<TcpStream>> {
+        let socket = self.lock().remove(&id);
+        self.left.notify_all();
+        socket
+    }
+
+    /// Waits until every connection is gone or `grace` passed, then cuts
+    /// the sockets of those still there: their threads then end soon.
+    fn drain(&self, grace: Duration) {
+        let live = self.lock();
+        let (live, _) = self
+            .left
+            .wait_timeout_while(live, grace, |live| !live.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        for socket in live.values() {
+            let _ = socket.shutdown(SocketShutdown::Both);
+        }
+    }
+}
+
+/// The accept loop and what it gives each connection.
 struct Acceptor<'a> {
     shared: Arc<Shared>,
     hub: HubSender,
     writers: &'a Writers,
-    threads: HashMap<ConnId, ConnThread>,
-    /// Each connection thread says here that it is finishing: once, or
-    /// twice for a WebSocket (its handshake thread, then its own).
-    done: (Sender<ConnId>, Receiver<ConnId>),
     next_id: ConnId,
 }
 
-impl Acceptor<'_> {
-    fn run(&mut self, listener: &TcpListener, shutdown: &Shutdown) {
+impl<'scope> Acceptor<'_> {
+    /// Accepts connections until `shutdown`, each on a thread of `scope`,
+    /// which joins them all when it ends.
+    fn run(
+        &mut self,
+        scope: &'scope Scope<'scope, '_>,
+        listener: &TcpListener,
+        shutdown: &Shutdown,
+    ) {
         let mut backoff = Duration::from_millis(10);
         for socket in listener.incoming() {
             if shutdown.requested() {
                 break;
             }
-            self.reap();
             let socket = match socket {
                 Ok(s) => s,
                 Err(e) => {
@@ -354,35 +420,21 @@ impl Acceptor<'_> {
                 }
             };
             backoff = Duration::from_millis(10);
-            if let Err(e) = self.start(socket) {
+            if let Err(e) = self.start(scope, socket) {
                 warn!("cannot start a connection thread: {e}");
             }
         }
     }
 
-    /// Joins the threads that have finished.
-    fn reap(&mut self) {
-        while let Ok(id) = self.done.1.try_recv() {
-            self.join(id);
-        }
-    }
-
-    /// Joins connection `id`'s current thread, which has said it is
-    /// finishing, and keeps the thread it handed the connection to. Both of
-    /// a WebSocket's threads say so, in either order: the first word joins
-    /// the handshake thread (the one in the map), the second its successor.
-    fn join(&mut self, id: ConnId) {
-        if let Some(thread) = self.threads.remove(&id)
-            && let Some(next) = join_connection(thread)
-        {
-            self.threads.insert(id, next);
-        }
-    }
-
-    fn start(&mut self, socket: TcpStream) -> io::Result<()> {
+    /// Starts `socket`'s handshake thread, which hands a WebSocket on to a
+    /// thread of its own ([`Accepted::start_websocket`]); [`Handshake::answer`]
+    /// answers the request.
+    fn start(&mut self, scope: &'scope Scope<'scope, '_>, socket: TcpStream) -> io::Result<()> {
         let id = self.next_id;
         self.next_id += 1;
-        if self.threads.len() >= self.shared.max_connections + HANDSHAKE_SLACK {
+        if self.shared.sockets.lock().len()
+            >= self.shared.handshake.max_connections + HANDSHAKE_SLACK
+        {
             let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
             return http::respond_text(&socket, "503 Service Unavailable", "too many connections");
         }
@@ -390,12 +442,8 @@ impl Acceptor<'_> {
         socket.set_read_timeout(Some(HEAD_TIMEOUT))?;
         socket.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let socket = Arc::new(socket);
-        self.shared
-            .sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::clone(&socket));
-        let conn = Conn {
+        self.shared.sockets.lock().insert(id, Arc::clone(&socket));
+        let accepted = Accepted {
             id,
             outbox: Outbox::new(
                 Arc::clone(&socket),
@@ -406,73 +454,34 @@ impl Acceptor<'_> {
             socket,
             shared: Arc::clone(&self.shared),
             hub: self.hub.clone(),
-            done: self.done.0.clone(),
         };
         let thread = thread::Builder::new()
             .name(format!("http-{id}"))
             .stack_size(CONNECTION_STACK)
-            .spawn(move || {
-                let next = contain(id, || handle(&conn)).flatten();
-                match next {
-                    // Joined next, which yields the WebSocket's thread.
-                    Some(_) => {
-                        let _ = conn.done.send(id);
-                    }
-                    None => conn.finish(),
+            .spawn_scoped(scope, move || {
+                match contain(id, || {
+                    accepted.shared.handshake.answer(id, &accepted.socket)
+                })
+                .flatten()
+                {
+                    Some(websocket) => accepted.start_websocket(scope, websocket),
+                    None => accepted.finish(),
                 }
-                Successor(next)
             });
-        match thread {
-            Ok(thread) => {
-                self.threads.insert(id, thread);
-                Ok(())
-            }
-            Err(e) => {
-                self.shared
-                    .sockets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                Err(e)
-            }
+        if let Err(e) = thread {
+            self.shared.sockets.remove(id);
+            return Err(e);
         }
-    }
-
-    /// Waits for connection threads to finish after `CloseAll`; cuts the
-    /// sockets of those that do not in time.
-    fn join_all(&mut self, shared: &Shared) {
-        let deadline = Instant::now() + CLOSE_GRACE;
-        while !self.threads.is_empty() && Instant::now() < deadline {
-            match self
-                .done
-                .1
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(id) => self.join(id),
-                Err(_) => break,
-            }
-        }
-        for socket in shared
-            .sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            let _ = socket.shutdown(SocketShutdown::Both);
-        }
-        for (_, thread) in self.threads.drain() {
-            let mut next = Some(thread);
-            while let Some(thread) = next.take() {
-                next = join_connection(thread);
-            }
-        }
+        Ok(())
     }
 }
 
 /// Runs a connection thread's `work`. A panic (a bug that one client's
 /// input reached) is logged and ends only this connection: `None`, and
 /// the caller cleans up as after any other end, so that the socket is
-/// closed and the connection forgotten rather than left hanging.
+/// closed and the connection forgotten rather than left hanging. What
+/// runs outside `work` cannot panic, so the scope that joins connection
+/// threads never finds one that did.
 fn contain<T>(id: ConnId, work: impl FnOnce() -> T) -> Option<T> {
     panic::catch_unwind(AssertUnwindSafe(work))
         .map_err(|payload| {
@@ -484,178 +493,69 @@ fn contain<T>(id: ConnId, work: impl FnOnce() -> T) -> Option<T> {
         .ok()
 }
 
-/// Joins a connection's thread; the thread it handed the connection to,
-/// if any. A connection's thread may end alone: a panic that escaped
-/// [`contain`] (in its cleanup) ends only its connection, and is logged
-/// here.
-fn join_connection(thread: ConnThread) -> Option<ConnThread> {
-    let name = thread.thread().name().unwrap_or("connection").to_string();
-    match thread.join() {
-        Ok(Successor(next)) => next,
-        Err(payload) => {
-            warn!(
-                "{name}: the connection's thread panicked: {}",
-                shutdown::panic_message(payload.as_ref())
-            );
-            None
-        }
-    }
-}
-
-/// What a connection's threads hold.
+/// An accepted socket, as its threads (handshake, then WebSocket) hold it.
 #[derive(Clone)]
-struct Conn {
+struct Accepted {
     id: ConnId,
     socket: Arc<TcpStream>,
     outbox: Arc<Outbox>,
     shared: Arc<Shared>,
     hub: HubSender,
-    done: Sender<ConnId>,
 }
 
-impl Conn {
-    /// The connection's last thread ends: forget the socket, shut it, say
-    /// so.
+impl Accepted {
+    /// Serves `websocket` on a thread of its own, started afresh: the
+    /// handshake's thread ends here, and its stack and malloc cache keep
+    /// what the handshake touched, which would otherwise cost every idle
+    /// connection some KiB for its whole life.
+    fn start_websocket<'scope>(self, scope: &'scope Scope<'scope, '_>, websocket: Upgraded) {
+        let (id, accepted) = (self.id, self.clone());
+        let spawned = thread::Builder::new()
+            .name(format!("conn-{id}"))
+            .stack_size(CONNECTION_STACK)
+            .spawn_scoped(scope, move || {
+                let (socket, outbox) = (Arc::clone(&accepted.socket), Arc::clone(&accepted.outbox));
+                let served = contain(id, || {
+                    connection::run(
+                        id,
+                        websocket.feed,
+                        socket,
+                        websocket.leftover,
+                        outbox,
+                        &accepted.hub,
+                        accepted.shared.limits,
+                    )
+                });
+                if served.is_none() {
+                    // It may not have told the hub it left.
+                    let _ = accepted.hub.send(Event::Disconnect { conn: id });
+                }
+                accepted.left();
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a connection thread: {e}");
+            self.left();
+        }
+    }
+
+    /// The WebSocket is over: it no longer counts, and its socket goes.
+    fn left(&self) {
+        self.shared
+            .metrics
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        self.finish();
+    }
+
+    /// The connection's last thread ends: forget the socket, shut it.
     fn finish(&self) {
-        let socket = self
-            .shared
-            .sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        let socket = self.shared.sockets.remove(self.id);
         // A closing outbox shuts the socket itself once its close frame is
         // out: shutting it here could cut that frame off.
         if let Some(s) = socket
             && !self.outbox.is_closing()
         {
             let _ = s.shutdown(SocketShutdown::Both);
-        }
-        let _ = self.done.send(self.id);
-    }
-}
-
-/// One accepted socket: a plain HTTP request, or the handshake of a
-/// WebSocket. The WebSocket then gets a thread of its own, started afresh,
-/// returned here: this thread's stack and malloc cache keep what the
-/// handshake touched, which would otherwise cost every idle connection
-/// some KiB for its whole life. `None`: the connection is over.
-fn handle(conn: &Conn) -> Option<ConnThread> {
-    let (id, mut socket, shared) = (conn.id, &*conn.socket, &*conn.shared);
-    let (request, leftover) = match http::read_head(socket, HEAD_TIMEOUT) {
-        Ok(Head::Request(request, leftover)) => (request, leftover),
-        Ok(Head::TooLarge) => {
-            let _ = http::respond_text(
-                socket,
-                "431 Request Header Fields Too Large",
-                "request head too large",
-            );
-            return None;
-        }
-        Ok(Head::Malformed) => {
-            let _ = http::respond_text(socket, "400 Bad Request", "malformed request");
-            return None;
-        }
-        Err(e) => {
-            debug!("connection {id}: no request: {e}");
-            return None;
-        }
-    };
-    if let Some(name) = http::duplicated_singleton(&request) {
-        let _ = http::respond_text(
-            socket,
-            "400 Bad Request",
-            &format!("more than one {name} header"),
-        );
-        return None;
-    }
-    if !http::method_allowed(&request) {
-        let _ = http::respond_not_allowed(socket);
-        return None;
-    }
-    let upgrade = request
-        .headers()
-        .get("Upgrade")
-        .and_then(|h| h.to_str().ok())
-        .is_some_and(|h| h.eq_ignore_ascii_case("websocket"));
-    if !upgrade {
-        if let Err(e) = http::serve_plain(socket, &request, &shared.metrics, &shared.page) {
-            debug!("connection {id}: {e}");
-        }
-        return None;
-    }
-    let Some(feed) = feed_path(request.uri().path())
-        .and_then(|path| shared.feeds.iter().position(|f| f.path == path))
-    else {
-        let _ = http::respond_text(socket, "404 Not Found", "no feed at this path");
-        return None;
-    };
-    // No Origin header: not a browser, which origins do not restrict.
-    if let Some(allowed) = &shared.allowed_origins
-        && let Some(header) = request.headers().get("Origin")
-    {
-        let origin = String::from_utf8_lossy(header.as_bytes());
-        if !origin::is_allowed(allowed, &origin) {
-            shared.refused_origins.refused(&origin);
-            let _ = http::respond_text(socket, "403 Forbidden", "origin not allowed");
-            return None;
-        }
-    }
-    let response = match tungstenite::handshake::server::create_response(&request) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = http::respond_text(
-                socket,
-                "400 Bad Request",
-                &format!("bad WebSocket handshake: {e}"),
-            );
-            return None;
-        }
-    };
-    let connections = &shared.metrics.connections;
-    if connections.fetch_add(1, Ordering::Relaxed) >= shared.max_connections as u64 {
-        connections.fetch_sub(1, Ordering::Relaxed);
-        let _ = http::respond_text(socket, "503 Service Unavailable", "too many connections");
-        return None;
-    }
-    if tungstenite::handshake::server::write_response(&mut socket, &response).is_err() {
-        connections.fetch_sub(1, Ordering::Relaxed);
-        return None;
-    }
-    let conn = conn.clone();
-    let websocket = move || {
-        let (socket, outbox) = (Arc::clone(&conn.socket), Arc::clone(&conn.outbox));
-        let served = contain(id, || {
-            connection::run(
-                id,
-                feed,
-                socket,
-                leftover,
-                outbox,
-                &conn.hub,
-                conn.shared.limits,
-            )
-        });
-        if served.is_none() {
-            // It may not have told the hub it left.
-            let _ = conn.hub.send(Message::Disconnect { conn: id });
-        }
-        conn.shared
-            .metrics
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
-        conn.finish();
-        Successor(None)
-    };
-    match thread::Builder::new()
-        .name(format!("conn-{id}"))
-        .stack_size(CONNECTION_STACK)
-        .spawn(websocket)
-    {
-        Ok(thread) => Some(thread),
-        Err(e) => {
-            warn!("cannot start a connection thread: {e}");
-            connections.fetch_sub(1, Ordering::Relaxed);
-            None
         }
     }
 }
