@@ -163,14 +163,7 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notification::ChangeTime;
-
-    fn n(bug: u32, when: &str) -> Notification {
-        Notification {
-            bug: BugId::new(bug).expect("nonzero"),
-            when: ChangeTime::new(when),
-        }
-    }
+    use crate::notification::n;
 
     fn at(s: &str) -> Moment {
         Moment::parse(s).expect("a time")

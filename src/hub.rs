@@ -564,17 +564,11 @@ fn release<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::notification::n;
     use crate::outbox::Writers;
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
-
-    fn n(bug: u32, when: &str) -> Notification {
-        Notification {
-            bug: BugId::new(bug).expect("nonzero"),
-            when: ChangeTime::new(when),
-        }
-    }
 
     /// A hub with one connection whose frames arrive on the returned
     /// socket, and the catch-up jobs it sends.

@@ -160,7 +160,7 @@ impl Moment {
 }
 
 /// The value of a run of ASCII decimal digits; `None` if any byte is not one.
-pub(crate) fn digits(bytes: &[u8]) -> Option<u32> {
+fn digits(bytes: &[u8]) -> Option<u32> {
     if bytes.len() > 9 {
         return None;
     }
@@ -169,7 +169,7 @@ pub(crate) fn digits(bytes: &[u8]) -> Option<u32> {
     })
 }
 
-pub(crate) fn days_in_month(year: u32, month: u32) -> u32 {
+fn days_in_month(year: u32, month: u32) -> u32 {
     match month {
         2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
             29
@@ -272,6 +272,15 @@ impl fmt::Display for ChangeTime {
 pub struct Notification {
     pub bug: BugId,
     pub when: ChangeTime,
+}
+
+/// The notification of `bug` (not 0) at `when`, for unit tests.
+#[cfg(test)]
+pub(crate) fn n(bug: u32, when: &str) -> Notification {
+    Notification {
+        bug: BugId::new(bug).expect("nonzero"),
+        when: ChangeTime::new(when),
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::fmt;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::notification::{BugId, ChangeTime, Moment, Notification, days_in_month, digits};
+use crate::notification::{BugId, ChangeTime, Moment, Notification};
 
 /// What a client asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,34 +75,15 @@ impl Since {
     /// February 30, 25:00:00).
     pub fn parse(s: &str) -> Option<Since> {
         let s = s.strip_suffix('Z').unwrap_or(s);
-        let b = s.as_bytes();
-        if b.len() != 19
-            || b[4] != b'-'
-            || b[7] != b'-'
-            || !(b[10] == b'T' || b[10] == b' ')
-            || b[13] != b':'
-            || b[16] != b':'
-        {
+        // Only the plain form: `Moment::parse` would also take fractions
+        // and offsets, which clients never sent to bugzfeed.
+        if s.len() != 19 {
             return None;
         }
-        let year = digits(&b[0..4])?;
-        let month = digits(&b[5..7])?;
-        let day = digits(&b[8..10])?;
-        let hour = digits(&b[11..13])?;
-        let minute = digits(&b[14..16])?;
-        let second = digits(&b[17..19])?;
-        let valid = (1..=12).contains(&month)
-            && (1..=days_in_month(year, month)).contains(&day)
-            && hour < 24
-            && minute < 60
-            && second < 60;
-        // All 19 bytes are ASCII here, so the slices fall on char boundaries.
-        valid.then(|| {
-            Since(
-                format!("{}T{}", &s[..10], &s[11..]),
-                Moment::from_civil(year, month, day, hour, minute, second),
-            )
-        })
+        let at = Moment::parse(s)?;
+        // Read as a time, all 19 bytes are ASCII: the slices fall on char
+        // boundaries.
+        Some(Since(format!("{}T{}", &s[..10], &s[11..]), at))
     }
 
     /// The time as `YYYY-MM-DDTHH:MM:SS`.
