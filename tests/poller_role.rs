@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use common::run::TestUser;
@@ -34,7 +33,7 @@ fn run_default(url: String, extra: &[(&str, String)]) -> Bzpush {
     env.extend(extra.iter().cloned());
     let server = Bzpush::start(&["run"], &env);
     assert!(
-        server.wait_for_log("serving WebSocket and HTTP on", WAIT),
+        server.wait_listening(WAIT),
         "bzpush run did not start:\n{}",
         server.log()
     );
@@ -58,19 +57,7 @@ fn log_lines(log: &str, needles: &[&str]) -> usize {
 fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_says_so() {
     let a = TestDb::new();
     let b = TestDb::new();
-    // A notify socket of the test's own, as systemd would pass.
-    let dir = std::env::temp_dir().join(common::unique("bzpush-notify"));
-    std::fs::create_dir_all(&dir).expect("a folder for the notify socket");
-    let path = dir.join("notify");
-    let notify = UnixDatagram::bind(&path).expect("bind the notify socket");
-    notify
-        .set_read_timeout(Some(WAIT))
-        .expect("a timeout on the notify socket");
-
-    let first = run_default(
-        a.url(),
-        &[("NOTIFY_SOCKET", path.to_string_lossy().into_owned())],
-    );
+    let first = run_default(a.url(), &[]);
     let other = run_default(b.url(), &[]);
     for (server, db) in [(&first, &a), (&other, &b)] {
         assert!(
@@ -89,18 +76,12 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         assert!(wait_until(WAIT, || health(server).1["poller"] == "active"));
         assert_eq!(metric(&server.listen_addr(), "bzpush_poller_active"), 1);
     }
-    // systemd hears the role.
-    let mut statuses = Vec::new();
-    while !statuses
-        .iter()
-        .any(|s: &String| s.starts_with("STATUS=active:"))
-    {
-        let mut buf = [0u8; 4096];
-        let n = notify.recv(&mut buf).unwrap_or_else(|e| {
-            panic!("no STATUS=active: on the notify socket ({e}); got {statuses:?}")
-        });
-        statuses.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    // systemd hears the role (the harness owns each child's notify socket).
+    assert!(
+        first.wait_for_notice("STATUS=active:", WAIT).is_some(),
+        "no STATUS=active: on the notify socket; got {:?}",
+        first.notices()
+    );
 
     // A second poller of the first database waits, and says for whom.
     let second = run_default(a.url(), &[]);
@@ -191,9 +172,6 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         "{}",
         finished.stdout
     );
-    drop(first);
-    drop(other);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

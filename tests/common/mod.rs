@@ -684,6 +684,71 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>, stalled:
 pub struct Bzpush {
     child: Child,
     log: Arc<Mutex<String>>,
+    notices: Notices,
+}
+
+/// The line `bzpush serve` and `run` send systemd once they listen, the
+/// address after it.
+const LISTENING: &str = "STATUS=serving WebSocket and HTTP on ";
+
+/// A systemd notify socket the test owns, as systemd would pass one in
+/// `NOTIFY_SOCKET`: what the child tells systemd (`READY=1`, `STATUS=...`),
+/// one entry per line, in order. The harness learns a child's address here,
+/// as a sysadmin reads it in `systemctl status`, instead of from its log.
+struct Notices {
+    /// The `NOTIFY_SOCKET` value: an abstract socket, nothing to clean up.
+    name: String,
+    lines: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Notices {
+    fn bind() -> Notices {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+        let name = unique("bzpush-test-notify");
+        let addr = UnixAddr::from_abstract_name(name.as_bytes()).expect("an abstract socket name");
+        let socket = UnixDatagram::bind_addr(&addr).expect("bind the test's notify socket");
+        // Wakes the reader to look at `stop` now and then.
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("a timeout on the notify socket");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sink, stopped) = (Arc::clone(&lines), Arc::clone(&stop));
+        thread::Builder::new()
+            .name("test-notify".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                while !stopped.load(Ordering::Relaxed) {
+                    match socket.recv(&mut buf) {
+                        Ok(n) => {
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            let mut lines = sink.lock().expect("notices lock");
+                            lines.extend(text.lines().map(str::to_string));
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) => panic!("reading the test's notify socket: {e}"),
+                    }
+                }
+            })
+            .expect("spawn the notify socket reader");
+        Notices {
+            name: format!("@{name}"),
+            lines,
+            stop,
+        }
+    }
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Bzpush {
@@ -696,7 +761,9 @@ impl Bzpush {
     /// As [`Bzpush::start`], with stdout going to `stdout`; `Stdio::piped()`
     /// leaves it to read from [`Bzpush::take_stdout`].
     pub fn start_with(args: &[&str], env: &[(&str, String)], stdout: Stdio) -> Bzpush {
+        let notices = Notices::bind();
         let mut child = Bzpush::command(args, env)
+            .env("NOTIFY_SOCKET", &notices.name)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped())
@@ -717,7 +784,11 @@ impl Bzpush {
                 }
             })
             .expect("spawn the stderr reader");
-        Bzpush { child, log }
+        Bzpush {
+            child,
+            log,
+            notices,
+        }
     }
 
     /// `bzpush <args>` with exactly the `BZPUSH_*` variables given.
@@ -726,7 +797,7 @@ impl Bzpush {
         let mut command = Command::new(env!("CARGO_BIN_EXE_bzpush"));
         command.args(args);
         for (key, _) in std::env::vars() {
-            if key.starts_with("BZPUSH_") {
+            if key.starts_with("BZPUSH_") || key == "NOTIFY_SOCKET" {
                 command.env_remove(key);
             }
         }
@@ -801,6 +872,46 @@ impl Bzpush {
     /// Everything the process wrote to stderr so far.
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").clone()
+    }
+
+    /// Every line the process sent its notify socket so far (`READY=1`,
+    /// `STATUS=...`), in order.
+    pub fn notices(&self) -> Vec<String> {
+        self.notices.lines.lock().expect("notices lock").clone()
+    }
+
+    /// Waits for a notify line starting with `prefix` and returns the first
+    /// such line; `None` on timeout.
+    pub fn wait_for_notice(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let find = || self.notices().into_iter().find(|l| l.starts_with(prefix));
+        let mut found = None;
+        wait_until(timeout, || {
+            found = find();
+            found.is_some()
+        });
+        found
+    }
+
+    /// Waits until the process says (on its notify socket) where it
+    /// listens; `false` on timeout.
+    pub fn wait_listening(&self, timeout: Duration) -> bool {
+        self.wait_for_notice(LISTENING, timeout).is_some()
+    }
+
+    /// The address the process listens on, from its `STATUS=` line.
+    pub fn listen_addr(&self) -> String {
+        let line = self
+            .notices()
+            .into_iter()
+            .find(|l| l.starts_with(LISTENING))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the process never said where it listens; its notices: {:?}, its log:\n{}",
+                    self.notices(),
+                    self.log()
+                )
+            });
+        line[LISTENING.len()..].to_string()
     }
 
     /// Waits until the log contains `needle`; `false` on timeout.

@@ -30,7 +30,7 @@ impl Bzpush {
         env.extend(extra.iter().cloned());
         let server = Bzpush::start(&["run"], &env);
         assert!(
-            server.wait_for_log("serving WebSocket and HTTP on", STARTUP),
+            server.wait_listening(STARTUP),
             "bzpush run did not start:\n{}",
             server.log()
         );

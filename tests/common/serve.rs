@@ -44,21 +44,11 @@ impl Bzpush {
         env.extend(extra.iter().cloned());
         let server = Bzpush::start(&["serve"], &env);
         assert!(
-            server.wait_for_log("serving WebSocket and HTTP on", STARTUP),
+            server.wait_listening(STARTUP),
             "bzpush serve did not start:\n{}",
             server.log()
         );
         server
-    }
-
-    /// The address the server listens on, from its log.
-    pub fn listen_addr(&self) -> String {
-        let log = self.log();
-        let line = log
-            .lines()
-            .find(|l| l.contains("serving WebSocket and HTTP on"))
-            .expect("the server logged its address");
-        line.rsplit(' ').next().expect("an address").to_string()
     }
 
     pub fn ws_url(&self, path: &str) -> String {
