@@ -9,7 +9,7 @@
 //! model of the SPEC written here, and every error must become a
 //! well-formed reply carrying one of the SPEC's texts. `FUZZ_SECS` (default
 //! 2) sets the time per decoder and `FUZZ_SEED` the seed, for longer runs:
-//! `FUZZ_SECS=600 cargo test --test hostile fuzz`. A failure prints the
+//! `FUZZ_SECS=600 cargo test --test integration hostile::fuzz`. A failure prints the
 //! seed, the round and the input.
 //!
 //! Part 2 attacks a real `bzpush serve` over TCP: slowloris, handshake
@@ -18,19 +18,17 @@
 //! it a normal client still connects, subscribes and receives an update,
 //! and `/health` answers 200.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::util::serve::{Client, Stamps, http_get, metric};
+use crate::util::{Bzpush, Rng, TestBroker, datetime, wait_until};
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::protocol::{self, Command, ProtocolError, Since};
 use bzpush::pulse;
-use common::serve::{Client, Stamps, http_get, metric};
-use common::{Bzpush, Rng, TestBroker, datetime, wait_until};
 use serde_json::{Map, Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -38,22 +36,6 @@ const WAIT: Duration = Duration::from_secs(20);
 // ======================================================================
 // Part 1: the decoders
 // ======================================================================
-
-impl Rng {
-    /// A number in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// True once in `n` times.
-    fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 fn fuzz_budget() -> Duration {
     let secs = std::env::var("FUZZ_SECS")

@@ -5,15 +5,13 @@
 //! plain HTTP (§6) and SIGTERM. Load, limits and broker faults are in
 //! `serve_limits.rs`. Each test has its own exchange, queue and server.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::serve::{Client, Stamps, http_get, metric, ok, t, update};
-use common::{AMQP_ADDR, Bzpush, TestBroker, unique, wait_until};
+use crate::util::serve::{Client, Stamps, http_get, metric, ok, t, update};
+use crate::util::{AMQP_ADDR, Bzpush, TestBroker, unique, wait_until};
 use serde_json::{Value, json};
 use tungstenite::Message;
 use tungstenite::protocol::frame::Frame;

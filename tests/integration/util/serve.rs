@@ -161,7 +161,7 @@ impl TestBroker {
     }
 
     /// Publishes a Pulse message for each `(bug, when)`, in order, with
-    /// bzpush's own publisher (whose wire format `tests/poll.rs` checks),
+    /// bzpush's own publisher (whose wire format `poll.rs` checks),
     /// so a flood goes out as fast as the poller would send it; returns
     /// once the broker has confirmed them all.
     pub fn publish_many(&self, updates: &[(u64, String)]) {

@@ -7,13 +7,15 @@
 //! Each test has its own database (and user); the lock names derive from
 //! the database names, so they are unique too.
 
-mod common;
+use crate::util;
 
 use std::time::Duration;
 
-use common::run::TestUser;
-use common::serve::{Client, http_get, metric};
-use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, admin_conn, wait_until};
+use crate::util::run::TestUser;
+use crate::util::serve::{Client, http_get, metric};
+use crate::util::{
+    AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, admin_conn, wait_until,
+};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
 
@@ -161,7 +163,7 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         &["check", "run"],
         &[
             ("BZPUSH_DATABASE_URL", a.url()),
-            ("BZPUSH_LOCK_NAME", common::unique("bzpush.free")),
+            ("BZPUSH_LOCK_NAME", util::unique("bzpush.free")),
         ],
         Duration::from_secs(30),
     );
@@ -186,7 +188,7 @@ fn a_poller_whose_link_went_silent_ends_its_old_session_and_is_active_again() {
         "the poller takes the lock:\n{}",
         poller.log()
     );
-    let (sql, wire) = common::datetime(0);
+    let (sql, wire) = util::datetime(0);
     TestDb::push_notify_change(&mut conn, 1, Some(&sql));
     let message = broker.recv(WAIT).expect("published before the stall");
     assert_eq!(message.bug_and_time(), (1, wire));
@@ -194,7 +196,7 @@ fn a_poller_whose_link_went_silent_ends_its_old_session_and_is_active_again() {
     // The link goes silent: the server keeps the old session, and its lock,
     // while the poller times out and connects again.
     proxy.stall();
-    let (sql, wire) = common::datetime(1);
+    let (sql, wire) = util::datetime(1);
     TestDb::push_notify_change(&mut conn, 2, Some(&sql));
     let message = broker
         .recv(RETRY_WAIT)
@@ -250,7 +252,7 @@ fn a_database_without_push_notify_is_refused_with_the_fix_once_not_an_outage() {
                UNIQUE KEY push_notify_idx (bug_id))",
         )
         .expect("create push_notify");
-    let (sql, wire) = common::datetime(7);
+    let (sql, wire) = util::datetime(7);
     TestDb::push_notify_change(&mut db.conn(), 7, Some(&sql));
     assert_eq!(
         client.recv(RETRY_WAIT),
@@ -287,7 +289,7 @@ fn without_delete_one_warning_and_each_notification_counted_once() {
         client.request(json!({"command": "subscribe", "bugs": [5]})),
         json!({"command": "subscribe", "result": "ok", "bugs": [5]})
     );
-    let (sql, wire) = common::datetime(5);
+    let (sql, wire) = util::datetime(5);
     TestDb::push_notify_change(&mut db.conn(), 5, Some(&sql));
     assert_eq!(
         client.recv(WAIT),

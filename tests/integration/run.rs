@@ -8,14 +8,14 @@
 //! passes on a good setup, names the problem on each bad one. Each test has
 //! its own database (and exchange, and user).
 
-mod common;
+use crate::util;
 
 use std::time::Duration;
 
-use common::run::{ExchangeName, TestUser, closed_port};
-use common::serve::{Client, http_get, metric};
-use common::{AMQP_ADDR, Bzpush, Finished, MYSQL_ADDR, Proxy, TestBroker, TestDb};
-use common::{amqp_url_at, datetime, wait_until};
+use crate::util::run::{ExchangeName, TestUser, closed_port};
+use crate::util::serve::{Client, http_get, metric};
+use crate::util::{AMQP_ADDR, Bzpush, Finished, MYSQL_ADDR, Proxy, TestBroker, TestDb};
+use crate::util::{amqp_url_at, datetime, wait_until};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
 
@@ -330,7 +330,7 @@ fn serve_catches_up_from_its_database_and_says_partial_when_it_cannot() {
 /// `lock`, if any): what a server does to a connection idle past its
 /// `wait_timeout`. Returns how many it killed.
 fn kill_idle_connections(db: &TestDb, lock: Option<&str>) -> usize {
-    let mut admin = common::admin_conn();
+    let mut admin = util::admin_conn();
     let ids: Vec<u64> = admin
         .exec(
             "SELECT ID FROM information_schema.PROCESSLIST

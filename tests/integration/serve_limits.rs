@@ -3,14 +3,12 @@
 //! 10,000 subscriptions on one connection, 1,000 concurrent connections,
 //! the connection limit. Each test has its own exchange, queue and server.
 
-mod common;
-
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::serve::{Client, http_get, metric, ok, t, update};
-use common::{AMQP_ADDR, Bzpush, Proxy, TestBroker, wait_until};
+use crate::util::serve::{Client, http_get, metric, ok, t, update};
+use crate::util::{AMQP_ADDR, Bzpush, Proxy, TestBroker, wait_until};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
