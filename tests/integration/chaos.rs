@@ -66,7 +66,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::util::{
-    AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, Rng, TestBroker, TestDb, unique, wait_until,
+    AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, Rng, TestBroker, TestDb, rss_kib, unique, wait_until,
 };
 use mio::{Events, Interest, Poll, Token};
 use mysql::prelude::Queryable;
@@ -758,17 +758,6 @@ impl Proc {
             last,
         });
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// A process's memory over its life.

@@ -24,8 +24,9 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::util::serve::{Client, Stamps, http_get, metric};
-use crate::util::{Bzpush, Rng, TestBroker, datetime, wait_until};
+use crate::util::frames::{MASK, client_frame, server_frame};
+use crate::util::serve::{Client, Stamps, healthy_server, http_get, metric, update, version};
+use crate::util::{Bzpush, Rng, TestBroker, datetime, rss_kib, wait_until};
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::protocol::{self, Command, ProtocolError, Since};
 use bzpush::pulse;
@@ -1077,20 +1078,6 @@ fn error(command: Option<&str>, text: &str) -> Value {
     json!({"command": command, "result": "error", "error": text})
 }
 
-fn version() -> Value {
-    json!({"command": "version", "result": "ok", "version": env!("CARGO_PKG_VERSION")})
-}
-
-fn update(bug: u64, when: &str) -> Value {
-    json!({"command": "update", "bug": bug, "when": when})
-}
-
-fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
-    let server = Bzpush::serve(broker, extra);
-    server.wait_healthy();
-    server
-}
-
 /// After an attack: `/health` is 200, and a new client connects,
 /// subscribes and receives a published update. `probe` makes the bug and
 /// time unique per call.
@@ -1141,32 +1128,6 @@ const CONTINUATION: u8 = 0x0;
 const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 const PONG: u8 = 0xa;
-
-/// The bytes of one client frame: `first` is the first byte (FIN, RSV,
-/// opcode), masked with `mask` if any.
-fn frame_bytes(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut out = vec![first];
-    let masked = if mask.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(masked | n as u8),
-        n if n <= 0xffff => {
-            out.push(masked | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(masked | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match mask {
-        Some(key) => {
-            out.extend_from_slice(&key);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        }
-        None => out.extend_from_slice(payload),
-    }
-    out
-}
 
 fn fin(opcode: u8) -> u8 {
     0x80 | opcode
@@ -1226,7 +1187,7 @@ impl Raw {
     /// One masked frame.
     fn frame(&mut self, first: u8, payload: &[u8]) {
         self.mask = self.mask.rotate_left(7) ^ 0x9e37_79b9;
-        let bytes = frame_bytes(first, payload, Some(self.mask.to_be_bytes()));
+        let bytes = client_frame(first, payload, Some(self.mask.to_be_bytes()));
         self.send_bytes(&bytes).expect("send a frame");
     }
 
@@ -1237,7 +1198,8 @@ impl Raw {
     fn read(&mut self, timeout: Duration) -> Got {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some((opcode, payload, used)) = parse_server_frame(&self.pending) {
+            if let Some((opcode, payload, used)) = server_frame(&self.pending) {
+                let payload = payload.to_vec();
                 self.pending.drain(..used);
                 return Got::Frame { opcode, payload };
             }
@@ -1331,28 +1293,6 @@ impl Raw {
     }
 }
 
-/// One complete unmasked frame at the start of `buf`: (opcode, payload,
-/// bytes used). Panics on a frame no server may send.
-fn parse_server_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    assert_eq!(buf[0] & 0x70, 0, "RSV bits set by the server");
-    assert!(buf[0] & 0x80 != 0, "the server fragments nothing");
-    assert_eq!(buf[1] & 0x80, 0, "the server masks nothing");
-    let (len, header) = match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
-        127 if buf.len() >= 10 => (
-            u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes")),
-            10,
-        ),
-        126 | 127 => return None,
-        n => (u64::from(n), 2),
-    };
-    let end = header + usize::try_from(len).expect("a sane length");
-    (buf.len() >= end).then(|| (buf[0] & 0x0f, buf[header..end].to_vec(), end))
-}
-
 // ---- frames ----
 
 /// What a connection should get after a case's bytes.
@@ -1371,7 +1311,7 @@ struct Case {
 
 /// Masked frames with a fixed key.
 fn m(first: u8, payload: &[u8]) -> Vec<u8> {
-    frame_bytes(first, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+    client_frame(first, payload, Some(MASK))
 }
 
 fn frame_cases() -> Vec<Case> {
@@ -1519,7 +1459,7 @@ fn frame_cases() -> Vec<Case> {
         },
         Case {
             name: "an unmasked frame",
-            send: vec![frame_bytes(fin(TEXT), version_text, None)],
+            send: vec![client_frame(fin(TEXT), version_text, None)],
             expect: Expect::Close(1002),
         },
         Case {
@@ -2317,25 +2257,13 @@ fn a_client_close_gets_exactly_one_close_frame() {
 
 // ---- a client that asks and never reads ----
 
-/// The server's resident memory, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS");
-    kib * 1024
-}
-
 /// Sends `flood` on `c` and never reads: the server must give up on the
 /// client (1008, a slow-client close) before its memory grows by 96 MiB,
 /// and then end the connection.
 fn flood_without_reading(server: &Bzpush, c: &mut Raw, flood: &[u8]) {
     let addr = server.listen_addr();
     let closes_before = metric(&addr, "bzpush_slow_client_closes_total");
-    let before = rss_bytes(server.pid());
+    let before = rss_kib(server.pid()) * 1024;
     let mut peak = before;
     thread::scope(|s| {
         // The server stops reading once it gives up: this may fail.
@@ -2344,7 +2272,7 @@ fn flood_without_reading(server: &Bzpush, c: &mut Raw, flood: &[u8]) {
             let _ = writer.write_all(flood);
         });
         let gave_up = wait_until(WAIT, || {
-            peak = peak.max(rss_bytes(server.pid()));
+            peak = peak.max(rss_kib(server.pid()) * 1024);
             metric(&addr, "bzpush_slow_client_closes_total") == closes_before + 1
         });
         assert!(

@@ -23,25 +23,6 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Long enough for a refused poller's slow retry (30 s) and then some.
 const RETRY_WAIT: Duration = Duration::from_secs(60);
 
-/// `bzpush run` on `url` with the default lock name (no
-/// `BZPUSH_LOCK_NAME`) and `extra` settings; returns once it listens.
-fn run_default(url: String, extra: &[(&str, String)]) -> Bzpush {
-    let mut env = vec![
-        ("BZPUSH_DATABASE_URL", url),
-        ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
-        ("BZPUSH_POLL_INTERVAL", "100ms".to_string()),
-        ("BZPUSH_LOG", "debug".to_string()),
-    ];
-    env.extend(extra.iter().cloned());
-    let server = Bzpush::start(&["run"], &env);
-    assert!(
-        server.wait_listening(WAIT),
-        "bzpush run did not start:\n{}",
-        server.log()
-    );
-    server
-}
-
 fn health(server: &Bzpush) -> (u16, Value) {
     let (status, body) = http_get(&server.listen_addr(), "/health");
     let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health {body:?}: {e}"));
@@ -59,8 +40,8 @@ fn log_lines(log: &str, needles: &[&str]) -> usize {
 fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_says_so() {
     let a = TestDb::new();
     let b = TestDb::new();
-    let first = run_default(a.url(), &[]);
-    let other = run_default(b.url(), &[]);
+    let first = Bzpush::run_url(a.url(), &[]);
+    let other = Bzpush::run_url(b.url(), &[]);
     for (server, db) in [(&first, &a), (&other, &b)] {
         assert!(
             server.wait_for_log("active: holding database lock", WAIT),
@@ -86,7 +67,7 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
     );
 
     // A second poller of the first database waits, and says for whom.
-    let second = run_default(a.url(), &[]);
+    let second = Bzpush::run_url(a.url(), &[]);
     assert!(
         second.wait_for_log("standby: database lock", WAIT),
         "the second poller of one database is a standby:\n{}",
@@ -124,7 +105,7 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
     assert_eq!(metric(&second.listen_addr(), "bzpush_poller_active"), 0);
     // A user without the PROCESS privilege sees only its own connections.
     let user = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", a.name)]);
-    let third = run_default(user.url(&a), &[]);
+    let third = Bzpush::run_url(user.url(&a), &[]);
     assert!(
         wait_until(WAIT, || health(&third).1["poller"] == "standby"),
         "{}",
@@ -221,7 +202,7 @@ fn a_database_without_push_notify_is_refused_with_the_fix_once_not_an_outage() {
     db.conn()
         .query_drop("DROP TABLE push_notify")
         .expect("drop push_notify: stock Bugzilla");
-    let server = run_default(db.url(), &[]);
+    let server = Bzpush::run_url(db.url(), &[]);
     let addr = server.listen_addr();
     assert!(
         wait_until(WAIT, || health(&server).1["database"] == "refused"),
@@ -282,7 +263,7 @@ fn without_delete_one_warning_and_each_notification_counted_once() {
         format!("SELECT ON `{}`.push_notify", db.name),
         format!("SELECT ON `{}`.bugs", db.name),
     ]);
-    let server = run_default(user.url(&db), &[]);
+    let server = Bzpush::run_url(user.url(&db), &[]);
     let addr = server.listen_addr();
     let mut client = Client::connect(&server.ws_url("/"));
     assert_eq!(
@@ -347,7 +328,7 @@ fn a_wrong_password_is_refused_with_the_fix_not_an_outage() {
     let db = TestDb::new();
     let user = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", db.name)]);
     let url = user.url(&db).replace(&user.password, "not-the-password");
-    let server = run_default(url, &[]);
+    let server = Bzpush::run_url(url, &[]);
     assert!(
         wait_until(WAIT, || health(&server).1["database"] == "refused"),
         "/health says refused:\n{}",

@@ -10,7 +10,9 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::util::serve::{Client, Stamps, http_get, metric, ok, t, update};
+use crate::util::serve::{
+    Client, Stamps, healthy_server, http_get, metric, ok, partial, t, update, version,
+};
 use crate::util::{AMQP_ADDR, Bzpush, TestBroker, unique, wait_until};
 use serde_json::{Value, json};
 use tungstenite::Message;
@@ -19,16 +21,8 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn partial(bugs: &[u64]) -> Value {
-    json!({"command": "subscribe", "result": "ok", "bugs": bugs, "partial": true})
-}
-
 fn error(command: Option<&str>, text: &str) -> Value {
     json!({"command": command, "result": "error", "error": text})
-}
-
-fn version() -> Value {
-    json!({"command": "version", "result": "ok", "version": "0.1.0"})
 }
 
 /// Sends `text` as a text frame and returns the answer.
@@ -42,13 +36,6 @@ fn request_text(client: &mut Client, text: &str) -> Value {
 /// would arrive first.
 fn assert_nothing_before_version(client: &mut Client) {
     assert_eq!(client.request(json!({"command": "version"})), version());
-}
-
-/// A server on `broker` with `extra` settings, its consumer running.
-fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
-    let server = Bzpush::serve(broker, extra);
-    server.wait_healthy();
-    server
 }
 
 // ---- SPEC §5: commands ----

@@ -7,17 +7,11 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::util::serve::{Client, http_get, metric, ok, t, update};
+use crate::util::serve::{Client, healthy_server, http_get, metric, ok, t, update};
 use crate::util::{AMQP_ADDR, Bzpush, Proxy, TestBroker, wait_until};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
-    let server = Bzpush::serve(broker, extra);
-    server.wait_healthy();
-    server
-}
 
 // ---- a flood and a stalled client ----
 

@@ -10,6 +10,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod demo;
+pub mod frames;
 pub mod run;
 pub mod serve;
 mod watchdog;
@@ -128,6 +129,20 @@ impl Rng {
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len())]
     }
+}
+
+/// A process's resident memory in KiB, from `/proc/PID/status`; 0 once it
+/// is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Waits until `check` is true or `timeout` passes; `false` on timeout.

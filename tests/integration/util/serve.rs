@@ -368,9 +368,28 @@ pub fn t(secs: u32) -> String {
     super::datetime(secs).1
 }
 
+/// `bzpush serve` on `broker` with `extra` settings, once its consumer runs
+/// (`/health` says 200).
+pub fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
+    let server = Bzpush::serve(broker, extra);
+    server.wait_healthy();
+    server
+}
+
+/// The answer to `version`: this build's version.
+pub fn version() -> Value {
+    serde_json::json!({"command": "version", "result": "ok", "version": env!("CARGO_PKG_VERSION")})
+}
+
 /// The update frame the server sends for `bug` changed at `when`.
 pub fn update(bug: u64, when: &str) -> Value {
     serde_json::json!({"command": "update", "bug": bug, "when": when})
+}
+
+/// The answer to a `subscribe` with `since` that the server could not
+/// catch up completely.
+pub fn partial(bugs: &[u64]) -> Value {
+    serde_json::json!({"command": "subscribe", "result": "ok", "bugs": bugs, "partial": true})
 }
 
 /// The ok answer to `command` listing `bugs`.
