@@ -573,6 +573,8 @@ struct ProxyState {
     stalled: Mutex<Vec<Arc<AtomicBool>>>,
     /// Set, every pipe holds what it read, on every connection.
     stalled_all: AtomicBool,
+    /// When each connection was refused while down.
+    refusals: Mutex<Vec<Instant>>,
 }
 
 impl Proxy {
@@ -586,6 +588,7 @@ impl Proxy {
             delay_ms: AtomicU64::new(0),
             stalled: Mutex::new(Vec::new()),
             stalled_all: AtomicBool::new(false),
+            refusals: Mutex::new(Vec::new()),
         });
         let target = target.to_string();
         let shared = Arc::clone(&state);
@@ -598,6 +601,11 @@ impl Proxy {
                     }
                     let Ok(client) = client else { continue };
                     if shared.down.load(Ordering::SeqCst) {
+                        shared
+                            .refusals
+                            .lock()
+                            .expect("proxy lock")
+                            .push(Instant::now());
                         continue; // dropped: the client sees the connection close
                     }
                     let Ok(server) = TcpStream::connect(&target) else {
@@ -661,6 +669,12 @@ impl Proxy {
     /// as TCP retransmits after such an outage.
     pub fn set_stalled(&self, stalled: bool) {
         self.state.stalled_all.store(stalled, Ordering::SeqCst);
+    }
+
+    /// When each connection attempt was refused while down, in order: a
+    /// client's reconnection attempts, and the pauses between them.
+    pub fn refusals(&self) -> Vec<Instant> {
+        self.state.refusals.lock().expect("proxy lock").clone()
     }
 
     /// While down, new connections are accepted and closed at once.
