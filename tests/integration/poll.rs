@@ -380,10 +380,11 @@ fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
     let poller = poll_through(&proxy, &db, &broker, &mut conn);
 
     proxy.set_down(true);
+    let refused = proxy.refusals().len();
     let expected = change_bugs_from_100(&mut conn, ROWS);
-    // Polls keep reading the rows and failing to publish them.
-    let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until {
+    // Polls keep reading the rows and failing to publish them: several
+    // attempts to reach the broker are refused meanwhile.
+    let retried = util::wait_until(WAIT, || {
         assert_eq!(
             db.push_notify_rows(),
             u64::from(ROWS),
@@ -392,7 +393,9 @@ fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
         if let Some(m) = broker.recv(Duration::from_millis(100)) {
             panic!("published while the broker is unreachable: {m:?}");
         }
-    }
+        proxy.refusals().len() >= refused + 3
+    });
+    assert!(retried, "the poller retries the broker:\n{}", poller.log());
     assert!(
         poller.wait_for_log("retrying with backoff", WAIT),
         "the outage is logged"
@@ -431,7 +434,20 @@ fn a_broker_link_cut_while_confirms_are_pending_deletes_nothing() {
 
     // The link stalls: publishing succeeds, confirms never come.
     proxy.set_delay(Duration::from_secs(3600));
+    let sent = proxy.chunks_sent();
     let expected = change_bugs_from_100(&mut conn, ROWS);
+    // The poller publishes into the stalled link...
+    let published = util::wait_until(WAIT, || {
+        assert_eq!(
+            db.push_notify_rows(),
+            u64::from(ROWS),
+            "no row is deleted before its confirm"
+        );
+        proxy.chunks_sent() > sent
+    });
+    assert!(published, "the poller publishes:\n{}", poller.log());
+    // ...and then waits for confirms that never come: a while of that
+    // (proving nothing happens takes a span of time), every row still there.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         assert_eq!(
@@ -475,7 +491,13 @@ fn the_poller_recovers_from_a_severed_database_connection() {
     proxy.set_down(true);
     let (sql, during) = util::datetime(1);
     TestDb::push_notify_change(&mut conn, 2, Some(&sql));
-    thread::sleep(Duration::from_secs(2));
+    // Several failed attempts in this one outage.
+    let before = proxy.refusals().len();
+    assert!(
+        util::wait_until(WAIT, || proxy.refusals().len() >= before + 3),
+        "the poller retries during the outage:\n{}",
+        poller.log()
+    );
     assert!(
         poller.wait_for_log("retrying with backoff", WAIT),
         "the outage is logged"
@@ -520,7 +542,9 @@ fn source_bugs_publishes_each_change_once_catches_late_commits_and_replays_no_hi
         bugs_row(&mut conn, late),
     ];
     let extra = [("BZPUSH_SOURCE", "bugs".to_string())];
-    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    // The poller's database link, to see it poll.
+    let db_link = Proxy::to(MYSQL_ADDR);
+    let poller = Bzpush::poll(&db, &db_link.addr(), AMQP_ADDR, &broker.exchange, &extra);
     assert!(
         poller.wait_for_log("active:", WAIT),
         "the poller takes the lock"
@@ -542,9 +566,15 @@ fn source_bugs_publishes_each_change_once_catches_late_commits_and_replays_no_hi
         "new changes arrive: expected {expected:?}, got {received:?}"
     );
 
-    // Several polls later, with the poller's watermark past NOW() - 10 s,
-    // a transaction commits a change it stamped that long ago.
-    thread::sleep(Duration::from_millis(1200));
+    // Several polls later (each queries the database through `db_link`),
+    // with the poller's watermark past NOW() - 10 s, a transaction commits
+    // a change it stamped that long ago.
+    let polled = db_link.chunks_sent();
+    assert!(
+        util::wait_until(WAIT, || db_link.chunks_sent() >= polled + 10),
+        "the poller keeps polling:\n{}",
+        poller.log()
+    );
     conn.exec_drop(
         "UPDATE bugs SET delta_ts = NOW() - INTERVAL 10 SECOND WHERE bug_id = ?",
         (late,),

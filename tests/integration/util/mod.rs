@@ -575,6 +575,8 @@ struct ProxyState {
     stalled_all: AtomicBool,
     /// When each connection was refused while down.
     refusals: Mutex<Vec<Instant>>,
+    /// Chunks read from the clients, toward the target.
+    chunks_sent: AtomicU64,
 }
 
 impl Proxy {
@@ -589,6 +591,7 @@ impl Proxy {
             stalled: Mutex::new(Vec::new()),
             stalled_all: AtomicBool::new(false),
             refusals: Mutex::new(Vec::new()),
+            chunks_sent: AtomicU64::new(0),
         });
         let target = target.to_string();
         let shared = Arc::clone(&state);
@@ -626,8 +629,8 @@ impl Proxy {
                             .lock()
                             .expect("proxy lock")
                             .push(Arc::clone(&stalled));
-                        pipe(client, s2, Arc::clone(&shared), Arc::clone(&stalled));
-                        pipe(server, c2, Arc::clone(&shared), stalled);
+                        pipe(client, s2, Arc::clone(&shared), Arc::clone(&stalled), true);
+                        pipe(server, c2, Arc::clone(&shared), stalled, false);
                     }
                 }
             })
@@ -677,6 +680,13 @@ impl Proxy {
         self.state.refusals.lock().expect("proxy lock").clone()
     }
 
+    /// How many chunks the clients have sent toward the target so far: it
+    /// grows with each request a client makes (a query, an ack), so a test
+    /// can wait for the client's next one instead of sleeping.
+    pub fn chunks_sent(&self) -> u64 {
+        self.state.chunks_sent.load(Ordering::SeqCst)
+    }
+
     /// While down, new connections are accepted and closed at once.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
@@ -694,7 +704,14 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>, stalled: Arc<AtomicBool>) {
+/// Forwards `from` to `to`; `upstream` when `from` is the client.
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    state: Arc<ProxyState>,
+    stalled: Arc<AtomicBool>,
+    upstream: bool,
+) {
     let _ = thread::Builder::new()
         .name("test-proxy-pipe".into())
         .spawn(move || {
@@ -703,6 +720,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>, stalled:
                 match from.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        if upstream {
+                            state.chunks_sent.fetch_add(1, Ordering::SeqCst);
+                        }
                         let delay = state.delay_ms.load(Ordering::SeqCst);
                         if delay > 0 {
                             thread::sleep(Duration::from_millis(delay));
