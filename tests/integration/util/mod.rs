@@ -577,6 +577,11 @@ struct ProxyState {
     refusals: Mutex<Vec<Instant>>,
     /// Chunks read from the clients, toward the target.
     chunks_sent: AtomicU64,
+    /// Chunks read either way, numbered in order, and the number of the
+    /// last one each way: which side spoke last.
+    chunks: AtomicU64,
+    last_up: AtomicU64,
+    last_down: AtomicU64,
 }
 
 impl Proxy {
@@ -592,6 +597,9 @@ impl Proxy {
             stalled_all: AtomicBool::new(false),
             refusals: Mutex::new(Vec::new()),
             chunks_sent: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
+            last_up: AtomicU64::new(0),
+            last_down: AtomicU64::new(0),
         });
         let target = target.to_string();
         let shared = Arc::clone(&state);
@@ -687,6 +695,12 @@ impl Proxy {
         self.state.chunks_sent.load(Ordering::SeqCst)
     }
 
+    /// Whether the last chunk through the proxy came from a client: it
+    /// answered (an ack, say) everything the target sent it.
+    pub fn client_spoke_last(&self) -> bool {
+        self.state.last_up.load(Ordering::SeqCst) > self.state.last_down.load(Ordering::SeqCst)
+    }
+
     /// While down, new connections are accepted and closed at once.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
@@ -720,8 +734,12 @@ fn pipe(
                 match from.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        let number = state.chunks.fetch_add(1, Ordering::SeqCst) + 1;
                         if upstream {
                             state.chunks_sent.fetch_add(1, Ordering::SeqCst);
+                            state.last_up.store(number, Ordering::SeqCst);
+                        } else {
+                            state.last_down.store(number, Ordering::SeqCst);
                         }
                         let delay = state.delay_ms.load(Ordering::SeqCst);
                         if delay > 0 {
