@@ -469,7 +469,7 @@ impl<'a> Cluster<'a> {
                 let (proxy, name) = match rng.below(3) {
                     0 => (&self.poller_amqp, "the pollers' broker link".to_string()),
                     n => (
-                        &self.server_amqp[n as usize - 1],
+                        &self.server_amqp[n - 1],
                         format!("server {}'s broker link", n - 1),
                     ),
                 };
