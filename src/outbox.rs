@@ -413,6 +413,16 @@ mod tests {
             );
         }
 
+        /// Closed once as too slow: only the 1008 close frame is queued,
+        /// then written, then the socket is shut down.
+        fn expect_closed_too_slow(&mut self) {
+            assert_eq!(self.slow_closes(), 1);
+            assert_eq!(self.queued(), (1, too_slow_frame().len()));
+            self.drain();
+            self.expect_bytes(&too_slow_frame());
+            self.expect_eof();
+        }
+
         fn slow_closes(&self) -> u64 {
             self.metrics.slow_client_closes.load(Ordering::Relaxed)
         }
@@ -463,14 +473,10 @@ mod tests {
         assert!(rig.outbox.push(text("b")));
         assert!(!rig.outbox.push(text("c")), "the queue holds 2");
         assert!(rig.outbox.is_closing());
-        assert_eq!(rig.slow_closes(), 1);
-        // What was queued is dropped: only the close frame goes out.
-        assert_eq!(rig.queued(), (1, too_slow_frame().len()));
         assert!(!rig.outbox.push(text("d")), "closing: nothing more");
-        assert_eq!(rig.slow_closes(), 1, "counted once");
-        rig.drain();
-        rig.expect_bytes(&too_slow_frame());
-        rig.expect_eof();
+        // What was queued is dropped: only the close frame goes out, and
+        // the client is counted once.
+        rig.expect_closed_too_slow();
     }
 
     #[test]
@@ -480,11 +486,7 @@ mod tests {
         assert!(rig.outbox.push(Arc::clone(&big)));
         assert!(rig.outbox.push(big), "over the byte bound only now");
         assert!(!rig.outbox.push(text("a")), "the bytes bound the queue too");
-        assert_eq!(rig.slow_closes(), 1);
-        assert_eq!(rig.queued(), (1, too_slow_frame().len()));
-        rig.drain();
-        rig.expect_bytes(&too_slow_frame());
-        rig.expect_eof();
+        rig.expect_closed_too_slow();
     }
 
     #[test]
@@ -508,11 +510,7 @@ mod tests {
         assert!(!rig.outbox.is_closing(), "exactly the bound fits");
         rig.outbox.push_reply(text("one more"));
         assert!(rig.outbox.is_closing(), "past the bound: too slow");
-        assert_eq!(rig.slow_closes(), 1);
-        assert_eq!(rig.queued(), (1, too_slow_frame().len()));
-        rig.drain();
-        rig.expect_bytes(&too_slow_frame());
-        rig.expect_eof();
+        rig.expect_closed_too_slow();
     }
 
     #[test]
