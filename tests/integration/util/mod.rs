@@ -3,11 +3,13 @@
 //! Each test makes its own uniquely named database, exchange and queue and
 //! drops them when it ends, so tests run in parallel without touching each
 //! other's data. Faults are real: [`Proxy`] severs TCP connections, and
-//! [`Bzpush::kill9`] sends SIGKILL. A service that is down fails the test
+//! [`Bzpush::kill9`] sends SIGKILL. Each child gets a systemd notify socket
+//! the harness owns: where it listens comes from its `STATUS=` line there,
+//! as `systemctl status` shows it, not from its log. A service that is down fails the test
 //! with how to start it; nothing is skipped. Every wait has a deadline, so a
 //! hung test fails instead of hanging CI, and a [`watchdog`] ends a test binary
 //! that runs far too long, printing where it hung.
-#![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(dead_code)] // the benchmarks (tests/benchmark) use only part of the harness
 
 pub mod demo;
 pub mod frames;
