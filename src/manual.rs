@@ -4,7 +4,7 @@
 //! The Debian package ships the rendered page as `doc/bzpush.1`, checked
 //! in: what the package installs can be read in the repository, and a test
 //! fails when the file and [`render`] disagree (`BZPUSH_WRITE_MAN=1 cargo
-//! test --test package man` rewrites it). Nothing here does I/O.
+//! test --test integration package::the_man` rewrites it). Nothing here does I/O.
 
 use crate::config::{SETTINGS, Setting, settings_of};
 

@@ -335,3 +335,306 @@ impl Writers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The state machine, driven by hand: the tests own the writers' queue
+    //! (no writer threads) and call `drain` themselves, so every step is
+    //! deterministic. One test runs the real pool end to end.
+
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// An outbox on one end of a loopback TCP connection, the other end
+    /// (the "client") for reading what it sends, and the writers' queue.
+    struct Rig {
+        outbox: Arc<Outbox>,
+        client: TcpStream,
+        queue: Receiver<Arc<Outbox>>,
+        metrics: Arc<Metrics>,
+    }
+
+    fn rig(limit: usize) -> Rig {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback listener");
+        let client = TcpStream::connect(listener.local_addr().expect("its address"))
+            .expect("a loopback connection");
+        // A test that would otherwise wait forever fails instead.
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("a read timeout");
+        let (server, _) = listener.accept().expect("the accepted connection");
+        let (sender, queue) = crossbeam_channel::unbounded();
+        let writers = Writers {
+            sender,
+            threads: Vec::new(),
+        };
+        let metrics = Arc::new(Metrics::new("database", 1));
+        let outbox = Outbox::new(Arc::new(server), limit, &writers, Arc::clone(&metrics));
+        Rig {
+            outbox,
+            client,
+            queue,
+            metrics,
+        }
+    }
+
+    impl Rig {
+        /// Runs the writer for every outbox the queue holds, as a writer
+        /// thread would; returns how many there were.
+        fn drain(&self) -> usize {
+            self.queue.try_iter().map(|outbox| outbox.drain()).count()
+        }
+
+        fn queued(&self) -> (usize, usize) {
+            let state = self.outbox.lock();
+            (state.frames.len(), state.bytes)
+        }
+
+        /// Reads exactly `expected.len()` bytes and compares.
+        fn expect_bytes(&mut self, expected: &[u8]) {
+            let mut got = vec![0u8; expected.len()];
+            self.client
+                .read_exact(&mut got)
+                .expect("the frames the outbox sent");
+            assert_eq!(got, expected);
+        }
+
+        /// The socket is shut down: the client reads end of stream.
+        fn expect_eof(&mut self) {
+            let mut rest = Vec::new();
+            self.client
+                .read_to_end(&mut rest)
+                .expect("end of stream after the shutdown");
+            assert!(
+                rest.is_empty(),
+                "nothing after the expected bytes: {rest:?}"
+            );
+        }
+
+        /// Closed once as too slow: only the 1008 close frame is queued,
+        /// then written, then the socket is shut down.
+        fn expect_closed_too_slow(&mut self) {
+            assert_eq!(self.slow_closes(), 1);
+            assert_eq!(self.queued(), (1, too_slow_frame().len()));
+            self.drain();
+            self.expect_bytes(&too_slow_frame());
+            self.expect_eof();
+        }
+
+        fn slow_closes(&self) -> u64 {
+            self.metrics.slow_client_closes.load(Ordering::Relaxed)
+        }
+    }
+
+    fn text(s: &str) -> Bytes {
+        text_frame(s.to_string())
+    }
+
+    fn too_slow_frame() -> Bytes {
+        close_frame(CloseCode::Policy, "too slow: outbound queue full")
+    }
+
+    #[test]
+    fn frames_are_written_in_order_and_the_outbox_is_scheduled_once() {
+        let mut rig = rig(8);
+        for s in ["a", "b", "c"] {
+            assert!(rig.outbox.push(text(s)));
+        }
+        rig.outbox.push_reply(text("reply"));
+        let (frames, bytes) = rig.queued();
+        assert_eq!(frames, 4);
+        assert_eq!(
+            bytes,
+            [text("a"), text("b"), text("c"), text("reply")]
+                .iter()
+                .map(|f| f.len())
+                .sum::<usize>()
+        );
+        assert_eq!(rig.drain(), 1, "queued for the writers once, not per frame");
+        assert_eq!(rig.queued(), (0, 0));
+        let expected: Vec<u8> = [text("a"), text("b"), text("c"), text("reply")]
+            .iter()
+            .flat_map(|f| f.iter().copied())
+            .collect();
+        rig.expect_bytes(&expected);
+        // Drained: the next frame schedules it again.
+        assert!(rig.outbox.push(text("d")));
+        assert_eq!(rig.drain(), 1);
+        rig.expect_bytes(&text("d"));
+        assert!(!rig.outbox.is_closing());
+    }
+
+    #[test]
+    fn a_live_update_into_a_full_queue_closes_the_client_with_1008() {
+        let mut rig = rig(2);
+        assert!(rig.outbox.push(text("a")));
+        assert!(rig.outbox.push(text("b")));
+        assert!(!rig.outbox.push(text("c")), "the queue holds 2");
+        assert!(rig.outbox.is_closing());
+        assert!(!rig.outbox.push(text("d")), "closing: nothing more");
+        // What was queued is dropped: only the close frame goes out, and
+        // the client is counted once.
+        rig.expect_closed_too_slow();
+    }
+
+    #[test]
+    fn a_live_update_past_the_byte_bound_closes_the_client_with_1008() {
+        let mut rig = rig(usize::MAX);
+        let big: Bytes = vec![0u8; MAX_QUEUED_BYTES / 2 + 1].into();
+        assert!(rig.outbox.push(Arc::clone(&big)));
+        assert!(rig.outbox.push(big), "over the byte bound only now");
+        assert!(!rig.outbox.push(text("a")), "the bytes bound the queue too");
+        rig.expect_closed_too_slow();
+    }
+
+    #[test]
+    fn replies_pass_the_frame_limit_but_not_a_full_queue_of_updates() {
+        let rig = rig(1);
+        for _ in 0..5 {
+            rig.outbox.push_reply(text("reply"));
+        }
+        assert_eq!(rig.queued().0, 5, "replies are exempt from the frame limit");
+        assert!(!rig.outbox.is_closing());
+        // A live update still finds the queue full.
+        assert!(!rig.outbox.push(text("update")));
+        assert!(rig.outbox.is_closing());
+        assert_eq!(rig.slow_closes(), 1);
+    }
+
+    #[test]
+    fn replies_past_the_byte_bound_close_the_client_with_1008() {
+        let mut rig = rig(1);
+        rig.outbox.push_reply(vec![0u8; MAX_QUEUED_BYTES].into());
+        assert!(!rig.outbox.is_closing(), "exactly the bound fits");
+        rig.outbox.push_reply(text("one more"));
+        assert!(rig.outbox.is_closing(), "past the bound: too slow");
+        rig.expect_closed_too_slow();
+    }
+
+    #[test]
+    fn close_drops_the_queue_sends_one_close_frame_then_shuts_the_socket() {
+        let mut rig = rig(8);
+        assert!(rig.outbox.push(text("never sent")));
+        rig.outbox.close(CloseCode::Away, "shutting down");
+        assert!(rig.outbox.is_closing());
+        rig.outbox.close(CloseCode::Error, "a second close");
+        assert!(!rig.outbox.push(text("a")));
+        rig.outbox.push_reply(text("b"));
+        let frame = close_frame(CloseCode::Away, "shutting down");
+        assert_eq!(rig.queued(), (1, frame.len()), "the first close only");
+        assert_eq!(
+            rig.slow_closes(),
+            0,
+            "a close asked for is not a slow client"
+        );
+        assert_eq!(rig.drain(), 1, "scheduled once");
+        rig.expect_bytes(&frame);
+        rig.expect_eof();
+        assert!(rig.outbox.lock().closed);
+    }
+
+    #[test]
+    fn closing_while_a_writer_is_stuck_on_a_full_queue_frees_it_at_once() {
+        let mut rig = rig(1);
+        assert!(rig.outbox.push(text("a")));
+        // A writer inside `write` with the queue still full: stuck.
+        rig.outbox.lock().writing = true;
+        assert!(!rig.outbox.push(text("b")));
+        assert_eq!(rig.slow_closes(), 1);
+        {
+            let state = rig.outbox.lock();
+            assert!(state.closing && state.closed, "shut down without waiting");
+            assert!(
+                state.frames.is_empty(),
+                "no close frame: it could not get through"
+            );
+            assert_eq!(state.bytes, 0);
+        }
+        rig.expect_eof();
+    }
+
+    #[test]
+    fn closing_while_a_writer_is_merely_writing_still_sends_the_close_frame() {
+        let mut rig = rig(8);
+        assert!(rig.outbox.push(text("a")));
+        rig.outbox.lock().writing = true;
+        rig.outbox.close(CloseCode::Normal, "bye");
+        let frame = close_frame(CloseCode::Normal, "bye");
+        assert_eq!(rig.queued(), (1, frame.len()));
+        assert!(!rig.outbox.lock().closed);
+        rig.outbox.lock().writing = false;
+        rig.drain();
+        rig.expect_bytes(&frame);
+        rig.expect_eof();
+    }
+
+    #[test]
+    fn a_failed_write_closes_the_outbox_and_drops_the_queue() {
+        let rig = rig(8);
+        // Our side can no longer write: the next write fails (EPIPE).
+        rig.outbox
+            .socket
+            .shutdown(Shutdown::Write)
+            .expect("shut down the write side");
+        assert!(rig.outbox.push(text("a")));
+        rig.drain();
+        let state = rig.outbox.lock();
+        assert!(state.closing && state.closed && !state.scheduled);
+        assert!(state.frames.is_empty());
+        assert_eq!(state.bytes, 0);
+        drop(state);
+        assert_eq!(rig.slow_closes(), 0, "a broken pipe is not a slow client");
+        assert!(!rig.outbox.push(text("b")));
+    }
+
+    #[test]
+    fn tungstenite_writes_go_through_the_outbox_until_it_closes() {
+        let mut rig = rig(1);
+        let mut writer = OutboxWriter(Arc::clone(&rig.outbox));
+        let pong = [0x8a, 0x00];
+        // Exempt from the frame limit, like a reply.
+        writer.write_all(&pong).expect("queued");
+        writer
+            .write_all(&pong)
+            .expect("queued past the frame limit");
+        writer.flush().expect("flush does nothing");
+        rig.drain();
+        rig.expect_bytes(&[pong, pong].concat());
+        rig.outbox.close(CloseCode::Normal, "");
+        let refused = writer.write(&pong).expect_err("closing: refused");
+        assert_eq!(refused.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn the_writer_pool_delivers_and_joins() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback listener");
+        let mut client = TcpStream::connect(listener.local_addr().expect("its address"))
+            .expect("a loopback connection");
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("a read timeout");
+        let (server, _) = listener.accept().expect("the accepted connection");
+        let (mut trigger, shutdown) = shutdown::channel();
+        let writers = Writers::start(&shutdown).expect("writer threads");
+        let metrics = Arc::new(Metrics::new("database", 1));
+        let outbox = Outbox::new(Arc::new(server), 8, &writers, metrics);
+        assert!(outbox.push(text("hello")));
+        let mut got = vec![0u8; text("hello").len()];
+        client.read_exact(&mut got).expect("the frame");
+        assert_eq!(got, &*text("hello"));
+        outbox.close(CloseCode::Normal, "bye");
+        let mut got = Vec::new();
+        client
+            .read_to_end(&mut got)
+            .expect("the close frame, then end of stream");
+        assert_eq!(got, &*close_frame(CloseCode::Normal, "bye"));
+        drop(outbox);
+        // As the server does: the shutdown first, so writers that end are
+        // not taken for writers that died.
+        trigger.fire();
+        writers.join();
+        assert!(shutdown.failure().is_none(), "no writer died");
+    }
+}

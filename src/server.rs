@@ -237,6 +237,7 @@ impl Server<'_> {
             move || wake_on_shutdown(&shutdown, addr)
         })?;
         info!("serving WebSocket and HTTP on {addr}");
+        systemd::notify(&format!("STATUS=serving WebSocket and HTTP on {addr}"));
         let watchdog = systemd::spawn_watchdog(shutdown, {
             let (hub, metrics) = (hub_tx.clone(), Arc::clone(&metrics));
             let poller = self.has_poller;

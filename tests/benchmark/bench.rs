@@ -13,7 +13,7 @@
 //! printed with the table.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-#[path = "../common/mod.rs"]
+#[path = "../integration/util/mod.rs"]
 mod common;
 mod poll;
 mod serve;

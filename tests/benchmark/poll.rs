@@ -17,7 +17,7 @@ use bzpush::config::AmqpUrl;
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::pulse::Publisher;
 
-use crate::common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, TestBroker, TestDb};
+use crate::common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Rng, TestBroker, TestDb};
 use crate::{Row, quantile};
 
 const BACKLOG: u32 = 100_000;
@@ -304,7 +304,10 @@ fn lag() -> Row {
     let first = broker.recv(ARRIVAL_DEADLINE);
     assert!(first.is_some(), "the warm-up change never arrived");
 
-    let mut rng = XorShift::seeded();
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut rng = Rng(seed);
     let schedule = stratified_schedule(&mut rng);
     let base = Instant::now() + Duration::from_millis(100);
     let mut committed: HashMap<String, Instant> = HashMap::new();
@@ -361,7 +364,7 @@ fn lag() -> Row {
 
 /// Commit moments, as offsets from the start, whose phases modulo
 /// [`INTERVAL`] are the slots of an even grid, each used once.
-fn stratified_schedule(rng: &mut XorShift) -> Vec<Duration> {
+fn stratified_schedule(rng: &mut Rng) -> Vec<Duration> {
     let interval = INTERVAL.as_micros() as u64;
     let slot = interval / LAG_SAMPLES as u64;
     let (min_gap, max_gap) = (LAG_GAP_MS.0 * 1000, LAG_GAP_MS.1 * 1000);
@@ -389,24 +392,4 @@ fn stratified_schedule(rng: &mut XorShift) -> Vec<Duration> {
         schedule.push(Duration::from_micros(now));
     }
     schedule
-}
-
-/// A small PRNG: the schedule needs variety, not quality.
-struct XorShift(u64);
-
-impl XorShift {
-    fn seeded() -> XorShift {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        XorShift(nanos | 1)
-    }
-
-    /// A number in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
 }

@@ -59,7 +59,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use mio::{Events, Interest, Poll, Token};
 
 use crate::Row;
-use crate::common::{AMQP_ADDR, Bzpush, amqp_url_at, unique};
+use crate::common::frames::{MASK, client_frame, server_frame};
+use crate::common::{AMQP_ADDR, Bzpush, amqp_url_at, unique, wait_until};
 
 /// Threads opening connections (blocking handshakes).
 const OPENERS: usize = 4;
@@ -584,7 +585,7 @@ fn storm(o: &Options) -> Vec<Row> {
                             r#"{{"command":"subscribe","bugs":[{},{},{}],"since":"2026-01-01T00:00:00"}}"#,
                             bugs[0], bugs[1], bugs[2]
                         );
-                        if socket.write_all(&client_text_frame(&text)).is_err() {
+                        if socket.write_all(&client_frame(0x81, text.as_bytes(), Some(MASK))).is_err() {
                             incomplete.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -1144,13 +1145,18 @@ impl Fleet {
         let subscribe = if bugs.is_empty() {
             Vec::new()
         } else {
-            client_text_frame(&format!(
-                r#"{{"command":"subscribe","bugs":[{}]}}"#,
-                bugs.iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ))
+            client_frame(
+                0x81,
+                format!(
+                    r#"{{"command":"subscribe","bugs":[{}]}}"#,
+                    bugs.iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+                .as_bytes(),
+                Some(MASK),
+            )
         };
         let next = AtomicUsize::new(0);
         let failed = AtomicUsize::new(0);
@@ -1330,52 +1336,6 @@ fn open_one(addr: SocketAddr, subscribe: &[u8]) -> io::Result<(TcpStream, Vec<u8
     }
 }
 
-/// A masked client frame: FIN, `opcode`, `payload`.
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut frame = vec![0x80 | opcode];
-    match payload.len() {
-        n if n < 126 => frame.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    frame
-}
-
-fn client_text_frame(text: &str) -> Vec<u8> {
-    client_frame(0x1, text.as_bytes())
-}
-
-/// The first whole server frame in `buffer`: `(opcode, payload, bytes
-/// used)`. Server frames are unmasked; fragmentation is not expected.
-fn server_frame(buffer: &[u8]) -> Option<(u8, &[u8], usize)> {
-    if buffer.len() < 2 {
-        return None;
-    }
-    let opcode = buffer[0] & 0x0f;
-    let (len, head) = match buffer[1] & 0x7f {
-        126 => (
-            u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
-    let payload = buffer.get(head..head + len)?;
-    Some((opcode, payload, head + len))
-}
-
 /// `(bug, phase, seq, publish ns)` of an update this benchmark published.
 fn parse_update(payload: &[u8]) -> Option<(u64, u64, u64, u64)> {
     let text = std::str::from_utf8(payload).ok()?;
@@ -1438,7 +1398,7 @@ impl Conn {
                     }
                     self.open = false;
                 }
-                0x9 => pongs.push(client_frame(0xA, payload)),
+                0x9 => pongs.push(client_frame(0x8a, payload, Some(MASK))),
                 _ => {}
             }
         }
@@ -1527,18 +1487,6 @@ fn read_loop(me: usize, mut conns: Vec<Conn>, shared: &Shared) {
 
 // ---------------------------------------------------------------------------
 // Small helpers
-
-/// Polls `check` every millisecond until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
-    check()
-}
 
 /// µs as milliseconds, `12.3 ms`.
 fn ms(us: u64) -> String {

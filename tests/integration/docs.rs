@@ -5,7 +5,7 @@ use bzpush::config::SETTINGS;
 
 #[test]
 fn readme_settings_table_matches_the_code() {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let rows: Vec<&str> = readme
         .lines()
         .filter(|l| l.starts_with("| `BZPUSH_"))

@@ -5,15 +5,14 @@
 //! plain HTTP (§6) and SIGTERM. Load, limits and broker faults are in
 //! `serve_limits.rs`. Each test has its own exchange, queue and server.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use common::serve::{Client, Stamps, http_get, metric, ok, t, update};
-use common::{AMQP_ADDR, Bzpush, TestBroker, unique, wait_until};
+use crate::util::serve::{
+    Client, Stamps, healthy_server, http_get, metric, ok, partial, t, update, version,
+};
+use crate::util::{AMQP_ADDR, Bzpush, Proxy, TestBroker, unique, wait_until};
 use serde_json::{Value, json};
 use tungstenite::Message;
 use tungstenite::protocol::frame::Frame;
@@ -21,16 +20,8 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn partial(bugs: &[u64]) -> Value {
-    json!({"command": "subscribe", "result": "ok", "bugs": bugs, "partial": true})
-}
-
 fn error(command: Option<&str>, text: &str) -> Value {
     json!({"command": command, "result": "error", "error": text})
-}
-
-fn version() -> Value {
-    json!({"command": "version", "result": "ok", "version": "0.1.0"})
 }
 
 /// Sends `text` as a text frame and returns the answer.
@@ -44,13 +35,6 @@ fn request_text(client: &mut Client, text: &str) -> Value {
 /// would arrive first.
 fn assert_nothing_before_version(client: &mut Client) {
     assert_eq!(client.request(json!({"command": "version"})), version());
-}
-
-/// A server on `broker` with `extra` settings, its consumer running.
-fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
-    let server = Bzpush::serve(broker, extra);
-    server.wait_healthy();
-    server
 }
 
 // ---- SPEC §5: commands ----
@@ -671,7 +655,11 @@ fn an_idle_consumer_has_acked_everything_it_handed_on() {
     // rest must be acked at once, or a crash would deliver them again.
     let broker = TestBroker::new();
     let prefix = format!("queue/guest/{}", unique("bzpush-test"));
-    let mut server = healthy_server(&broker, &[("BZPUSH_QUEUE", prefix.clone())]);
+    // The server's broker link, to see it ack.
+    let link = Proxy::to(AMQP_ADDR);
+    let feeds = format!("/={}", broker.exchange);
+    let mut server = Bzpush::serve_at(&link.addr(), &feeds, &[("BZPUSH_QUEUE", prefix.clone())]);
+    server.wait_healthy();
     let mut c = Client::connect(&server.ws_url("/"));
     assert_eq!(
         c.request(json!({"command": "subscribe", "bugs": [5]})),
@@ -683,7 +671,12 @@ fn an_idle_consumer_has_acked_everything_it_handed_on() {
     for (bug, when) in &updates {
         assert_eq!(c.recv(WAIT), update(*bug, when));
     }
-    thread::sleep(Duration::from_millis(500));
+    // Idle now: the server's last word to the broker comes after the
+    // broker's last delivery (the ack), or the test fails here.
+    assert!(
+        wait_until(WAIT, || link.client_spoke_last()),
+        "the server said nothing to the broker after its last delivery: no ack"
+    );
     server.kill9();
     // Whatever the server had not acked is back in its queue now.
     let queue = format!("{prefix}/{}", broker.exchange);

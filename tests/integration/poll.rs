@@ -1,12 +1,12 @@
 //! `bzpush poll` end to end: real MariaDB, real RabbitMQ, the real binary.
 
-mod common;
+use crate::util;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb};
+use crate::util::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb};
 use mysql::prelude::Queryable;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -56,7 +56,7 @@ fn wire_format_is_field_for_field_what_mozillapulse_sends() {
     );
 
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "the confirmed row is deleted"
     );
 }
@@ -155,7 +155,7 @@ fn concurrent_writers_each_bugs_last_message_is_its_latest_change_in_order() {
                 let mut landed = Vec::new();
                 for i in 0..CHANGES {
                     let bug = t * BUGS_PER_THREAD + i % BUGS_PER_THREAD + 1;
-                    let (sql, wire) = common::datetime(t * 100 + i);
+                    let (sql, wire) = util::datetime(t * 100 + i);
                     if TestDb::push_notify_change(&mut conn, bug, Some(&sql)) {
                         landed.push((u64::from(bug), wire));
                     }
@@ -178,7 +178,7 @@ fn concurrent_writers_each_bugs_last_message_is_its_latest_change_in_order() {
     let mut received = Pairs::new();
     let done = broker.receive_until(&mut received, WAIT, |r| last_per_bug(r) == expected);
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "push_notify ends empty"
     );
     received.extend(
@@ -239,7 +239,7 @@ fn a_poller_killed_mid_stream_and_restarted_loses_no_bugs_latest_change() {
         let mut latest = BTreeMap::new();
         for i in 0..CHANGES {
             let bug = i % BUGS + 1;
-            let (sql, wire) = common::datetime(i);
+            let (sql, wire) = util::datetime(i);
             if TestDb::push_notify_change(&mut conn, bug, Some(&sql)) {
                 latest.insert(u64::from(bug), wire);
             }
@@ -284,7 +284,7 @@ fn a_poller_killed_mid_stream_and_restarted_loses_no_bugs_latest_change() {
         "every bug's latest change reaches the broker ({killed_after} messages before the kill); missing: {missing:?}"
     );
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "push_notify ends empty"
     );
 }
@@ -305,7 +305,7 @@ fn a_standby_poller_publishes_nothing_until_the_active_one_dies_then_takes_over(
         "the second poller says it is a standby"
     );
 
-    let (sql, wire) = common::datetime(1);
+    let (sql, wire) = util::datetime(1);
     TestDb::push_notify_change(&mut conn, 10, Some(&sql));
     let message = broker.recv(WAIT).expect("the active poller publishes");
     assert_eq!(message.bug_and_time(), (10, wire));
@@ -316,7 +316,7 @@ fn a_standby_poller_publishes_nothing_until_the_active_one_dies_then_takes_over(
     // A hot standby: connected to the broker (so a broker problem shows
     // before it takes over, SPEC §3.4), publishing nothing.
     assert!(
-        common::wait_until(WAIT, || log_lines(&second.log(), &["broker", "connected"])
+        util::wait_until(WAIT, || log_lines(&second.log(), &["broker", "connected"])
             == 1),
         "the standby keeps a broker link ready:\n{}",
         second.log()
@@ -328,12 +328,12 @@ fn a_standby_poller_publishes_nothing_until_the_active_one_dies_then_takes_over(
         "the standby takes over within seconds:\n{}",
         second.log()
     );
-    let (sql, wire) = common::datetime(2);
+    let (sql, wire) = util::datetime(2);
     TestDb::push_notify_change(&mut conn, 11, Some(&sql));
     let message = broker.recv(WAIT).expect("the new active poller publishes");
     assert_eq!(message.bug_and_time(), (11, wire));
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "and deletes what it published"
     );
 }
@@ -349,11 +349,11 @@ fn poll_through(proxy: &Proxy, db: &TestDb, broker: &TestBroker, conn: &mut mysq
         &broker.exchange,
         &small_batches(),
     );
-    let (sql, wire) = common::datetime(0);
+    let (sql, wire) = util::datetime(0);
     TestDb::push_notify_change(conn, 1, Some(&sql));
     let message = broker.recv(WAIT).expect("published through the proxy");
     assert_eq!(message.bug_and_time(), (1, wire));
-    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+    assert!(util::wait_until(WAIT, || db.push_notify_rows() == 0));
     poller
 }
 
@@ -362,7 +362,7 @@ fn poll_through(proxy: &Proxy, db: &TestDb, broker: &TestBroker, conn: &mut mysq
 fn change_bugs_from_100(conn: &mut mysql::Conn, count: u32) -> BTreeSet<(u64, String)> {
     (100..100 + count)
         .map(|bug| {
-            let (sql, wire) = common::datetime(bug);
+            let (sql, wire) = util::datetime(bug);
             TestDb::push_notify_change(conn, bug, Some(&sql));
             (u64::from(bug), wire)
         })
@@ -380,10 +380,11 @@ fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
     let poller = poll_through(&proxy, &db, &broker, &mut conn);
 
     proxy.set_down(true);
+    let refused = proxy.refusals().len();
     let expected = change_bugs_from_100(&mut conn, ROWS);
-    // Polls keep reading the rows and failing to publish them.
-    let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until {
+    // Polls keep reading the rows and failing to publish them: several
+    // attempts to reach the broker are refused meanwhile.
+    let retried = util::wait_until(WAIT, || {
         assert_eq!(
             db.push_notify_rows(),
             u64::from(ROWS),
@@ -392,7 +393,9 @@ fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
         if let Some(m) = broker.recv(Duration::from_millis(100)) {
             panic!("published while the broker is unreachable: {m:?}");
         }
-    }
+        proxy.refusals().len() >= refused + 3
+    });
+    assert!(retried, "the poller retries the broker:\n{}", poller.log());
     assert!(
         poller.wait_for_log("retrying with backoff", WAIT),
         "the outage is logged"
@@ -408,7 +411,7 @@ fn while_the_broker_is_unreachable_nothing_is_deleted_and_all_goes_out_after() {
         "all rows arrive once the broker is back; got {received:?}"
     );
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "and the table empties"
     );
     let log = poller.log();
@@ -431,7 +434,20 @@ fn a_broker_link_cut_while_confirms_are_pending_deletes_nothing() {
 
     // The link stalls: publishing succeeds, confirms never come.
     proxy.set_delay(Duration::from_secs(3600));
+    let sent = proxy.chunks_sent();
     let expected = change_bugs_from_100(&mut conn, ROWS);
+    // The poller publishes into the stalled link...
+    let published = util::wait_until(WAIT, || {
+        assert_eq!(
+            db.push_notify_rows(),
+            u64::from(ROWS),
+            "no row is deleted before its confirm"
+        );
+        proxy.chunks_sent() > sent
+    });
+    assert!(published, "the poller publishes:\n{}", poller.log());
+    // ...and then waits for confirms that never come: a while of that
+    // (proving nothing happens takes a span of time), every row still there.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         assert_eq!(
@@ -449,7 +465,7 @@ fn a_broker_link_cut_while_confirms_are_pending_deletes_nothing() {
     });
     assert!(done, "all rows arrive after the cut; got {received:?}");
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "and the table empties:\n{}",
         poller.log()
     );
@@ -467,21 +483,27 @@ fn the_poller_recovers_from_a_severed_database_connection() {
         "the poller takes the lock"
     );
 
-    let (sql, wire) = common::datetime(0);
+    let (sql, wire) = util::datetime(0);
     TestDb::push_notify_change(&mut conn, 1, Some(&sql));
     let message = broker.recv(WAIT).expect("published before the outage");
     assert_eq!(message.bug_and_time(), (1, wire));
 
     proxy.set_down(true);
-    let (sql, during) = common::datetime(1);
+    let (sql, during) = util::datetime(1);
     TestDb::push_notify_change(&mut conn, 2, Some(&sql));
-    thread::sleep(Duration::from_secs(2));
+    // Several failed attempts in this one outage.
+    let before = proxy.refusals().len();
+    assert!(
+        util::wait_until(WAIT, || proxy.refusals().len() >= before + 3),
+        "the poller retries during the outage:\n{}",
+        poller.log()
+    );
     assert!(
         poller.wait_for_log("retrying with backoff", WAIT),
         "the outage is logged"
     );
     proxy.set_down(false);
-    let (sql, after) = common::datetime(2);
+    let (sql, after) = util::datetime(2);
     TestDb::push_notify_change(&mut conn, 3, Some(&sql));
 
     let mut received = Pairs::new();
@@ -494,7 +516,7 @@ fn the_poller_recovers_from_a_severed_database_connection() {
         "changes made during and after the outage arrive; got {received:?}"
     );
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "and are deleted"
     );
     let log = poller.log();
@@ -520,7 +542,9 @@ fn source_bugs_publishes_each_change_once_catches_late_commits_and_replays_no_hi
         bugs_row(&mut conn, late),
     ];
     let extra = [("BZPUSH_SOURCE", "bugs".to_string())];
-    let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
+    // The poller's database link, to see it poll.
+    let db_link = Proxy::to(MYSQL_ADDR);
+    let poller = Bzpush::poll(&db, &db_link.addr(), AMQP_ADDR, &broker.exchange, &extra);
     assert!(
         poller.wait_for_log("active:", WAIT),
         "the poller takes the lock"
@@ -542,9 +566,15 @@ fn source_bugs_publishes_each_change_once_catches_late_commits_and_replays_no_hi
         "new changes arrive: expected {expected:?}, got {received:?}"
     );
 
-    // Several polls later, with the poller's watermark past NOW() - 10 s,
-    // a transaction commits a change it stamped that long ago.
-    thread::sleep(Duration::from_millis(1200));
+    // Several polls later (each queries the database through `db_link`),
+    // with the poller's watermark past NOW() - 10 s, a transaction commits
+    // a change it stamped that long ago.
+    let polled = db_link.chunks_sent();
+    assert!(
+        util::wait_until(WAIT, || db_link.chunks_sent() >= polled + 10),
+        "the poller keeps polling:\n{}",
+        poller.log()
+    );
     conn.exec_drop(
         "UPDATE bugs SET delta_ts = NOW() - INTERVAL 10 SECOND WHERE bug_id = ?",
         (late,),
@@ -626,7 +656,7 @@ fn bad_settings_exit_2_naming_the_setting_and_never_print_a_password() {
     let good = |extra: &[(&'static str, &str)]| {
         let mut env = vec![
             ("BZPUSH_DATABASE_URL", db.url()),
-            ("BZPUSH_AMQP_URL", common::amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_AMQP_URL", util::amqp_url_at(AMQP_ADDR)),
             ("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name)),
         ];
         for (key, value) in extra {
@@ -767,12 +797,12 @@ fn a_row_another_session_holds_locked_does_not_stall_other_bugs() {
     writer
         .query_drop("SET SESSION innodb_lock_wait_timeout = 5")
         .expect("bound the writer's lock waits");
-    let (sql, wire) = common::datetime(0);
+    let (sql, wire) = util::datetime(0);
     assert!(TestDb::push_notify_change(&mut writer, 62, Some(&sql)));
     let first = broker.recv(WAIT).expect("bug 62's first change arrives");
     assert_eq!(first.bug_and_time(), (62, wire));
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "and its row is deleted"
     );
 
@@ -785,7 +815,7 @@ fn a_row_another_session_holds_locked_does_not_stall_other_bugs() {
         .expect("insert bug 61's row, uncommitted");
 
     for secs in 1..=4 {
-        let (sql, wire) = common::datetime(secs);
+        let (sql, wire) = util::datetime(secs);
         assert!(
             TestDb::push_notify_change(&mut writer, 62, Some(&sql)),
             "bug 62's change {secs} lands: nothing holds its row for long"
@@ -803,7 +833,7 @@ fn a_row_another_session_holds_locked_does_not_stall_other_bugs() {
         // the next change does not race the DELETE the way the extension
         // does (tested below).
         assert!(
-            common::wait_until(Duration::from_secs(10), || db.push_notify_rows() == 0),
+            util::wait_until(Duration::from_secs(10), || db.push_notify_rows() == 0),
             "bug 62's row is deleted within 10 s while bug 61's row is locked"
         );
     }
@@ -816,7 +846,7 @@ struct StateDir(std::path::PathBuf);
 
 impl StateDir {
     fn new() -> StateDir {
-        let dir = std::env::temp_dir().join(common::unique("bzpush_state"));
+        let dir = std::env::temp_dir().join(util::unique("bzpush_state"));
         std::fs::create_dir_all(&dir).expect("make the state folder");
         StateDir(dir)
     }
@@ -872,12 +902,12 @@ fn source_bugs_replays_what_changed_while_the_poller_was_down_longer_than_the_ov
     let state = StateDir::new();
     let server = Bzpush::serve(&broker, &[]);
     server.wait_healthy();
-    let mut client = common::serve::Client::connect(&server.ws_url("/"));
+    let mut client = util::serve::Client::connect(&server.ws_url("/"));
     let mut conn = db.conn();
     let bug = insert_bug(&mut conn, "NOW() - INTERVAL 1 HOUR");
     assert_eq!(
         client.request(serde_json::json!({"command": "subscribe", "bugs": [bug]})),
-        common::serve::ok("subscribe", &[bug])
+        util::serve::ok("subscribe", &[bug])
     );
 
     let extra = bugs_source_with_state(&state, None);
@@ -889,9 +919,9 @@ fn source_bugs_replays_what_changed_while_the_poller_was_down_longer_than_the_ov
     conn.exec_drop("UPDATE bugs SET delta_ts = NOW() WHERE bug_id = ?", (bug,))
         .expect("change the bug");
     let (_, before) = bugs_row(&mut conn, bug);
-    assert_eq!(client.recv(WAIT), common::serve::update(bug, &before));
+    assert_eq!(client.recv(WAIT), util::serve::update(bug, &before));
     assert!(
-        common::wait_until(WAIT, || state.watermark_file(&db).exists()),
+        util::wait_until(WAIT, || state.watermark_file(&db).exists()),
         "the poller saves its watermark in the state folder"
     );
 
@@ -899,21 +929,21 @@ fn source_bugs_replays_what_changed_while_the_poller_was_down_longer_than_the_ov
     // overlap by far.
     poller.kill9();
     assert!(
-        common::wait_until(WAIT, || database_time_passed(&mut conn, &before, 0)),
+        util::wait_until(WAIT, || database_time_passed(&mut conn, &before, 0)),
         "the database's clock moves on"
     );
     conn.exec_drop("UPDATE bugs SET delta_ts = NOW() WHERE bug_id = ?", (bug,))
         .expect("change the bug while no poller runs");
     let (_, during) = bugs_row(&mut conn, bug);
     assert!(
-        common::wait_until(WAIT, || database_time_passed(&mut conn, &during, 4)),
+        util::wait_until(WAIT, || database_time_passed(&mut conn, &during, 4)),
         "the database's clock passes the change by twice the overlap"
     );
 
     let restarted = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
     assert_eq!(
         client.try_recv(WAIT),
-        Some(common::serve::update(bug, &during)),
+        Some(util::serve::update(bug, &during)),
         "the change made while no poller ran arrives:\n{}",
         restarted.log()
     );
@@ -1009,7 +1039,7 @@ fn source_bugs_with_a_corrupt_state_file_warns_once_and_starts_one_overlap_back(
         "one warning:\n{log}"
     );
     assert!(
-        common::wait_until(WAIT, || std::fs::read_to_string(state.watermark_file(&db))
+        util::wait_until(WAIT, || std::fs::read_to_string(state.watermark_file(&db))
             .is_ok_and(|text| text.len() == 20 && text.ends_with('\n'))),
         "the next confirmed poll rewrites the file"
     );
@@ -1034,8 +1064,8 @@ fn a_change_the_push_notify_extension_loses_to_a_delete_still_arrives_from_bugs(
     slow.set_delay(Duration::from_millis(300));
 
     // Change 1, as Bugzilla writes it: bugs.delta_ts and the row, together.
-    let (t1_sql, t1) = common::datetime(10);
-    let (t2_sql, t2) = common::datetime(20);
+    let (t1_sql, t1) = util::datetime(10);
+    let (t2_sql, t2) = util::datetime(20);
     let mut bugzilla = db.conn();
     let mut tx = bugzilla
         .start_transaction(mysql::TxOpts::default())
@@ -1065,7 +1095,7 @@ fn a_change_the_push_notify_extension_loses_to_a_delete_still_arrives_from_bugs(
     let first = broker.recv(WAIT).expect("change 1 arrives");
     assert_eq!(first.bug_and_time(), (80, t1));
     assert!(
-        common::wait_until(WAIT, || db.push_notify_rows() == 0),
+        util::wait_until(WAIT, || db.push_notify_rows() == 0),
         "the poller deletes the row"
     );
     // ...and the update by id matches nothing; Bugzilla stamps the bug.
@@ -1104,13 +1134,12 @@ fn a_change_the_push_notify_extension_loses_to_a_delete_still_arrives_from_bugs(
 fn without_select_on_bugs_the_poller_warns_once_and_delivers_on() {
     let db = TestDb::new();
     let broker = TestBroker::new();
-    let user =
-        common::run::TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
+    let user = util::run::TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
     let extra = [("BZPUSH_DATABASE_URL", user.url(&db))];
     let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &extra);
     let mut conn = db.conn();
     for secs in 0..3 {
-        let (sql, wire) = common::datetime(secs);
+        let (sql, wire) = util::datetime(secs);
         TestDb::push_notify_change(&mut conn, 90 + secs, Some(&sql));
         let message = broker.recv(WAIT).expect("the change arrives");
         assert_eq!(message.bug_and_time(), (u64::from(90 + secs), wire));
@@ -1121,7 +1150,7 @@ fn without_select_on_bugs_the_poller_warns_once_and_delivers_on() {
         poller.log()
     );
     // Later polls keep delivering, and do not say it again.
-    let (sql, wire) = common::datetime(10);
+    let (sql, wire) = util::datetime(10);
     TestDb::push_notify_change(&mut conn, 99, Some(&sql));
     let message = broker.recv(WAIT).expect("a later change arrives");
     assert_eq!(message.bug_and_time(), (99, wire));
@@ -1156,7 +1185,7 @@ fn a_poller_connection_the_server_drops_is_replaced_without_an_outage_warning() 
     let db = TestDb::new();
     let broker = TestBroker::new();
     let lock = format!("bzpush.{}", db.name);
-    let mut admin = common::admin_conn();
+    let mut admin = util::admin_conn();
     let mut conn = db.conn();
     let active = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &[]);
     assert!(
@@ -1173,7 +1202,7 @@ fn a_poller_connection_the_server_drops_is_replaced_without_an_outage_warning() 
     // administrator's KILL would.
     let mut waiting = Vec::new();
     assert!(
-        common::wait_until(WAIT, || {
+        util::wait_until(WAIT, || {
             waiting = waiting_for_lock(&mut admin, &db);
             !waiting.is_empty()
         }),
@@ -1184,7 +1213,7 @@ fn a_poller_connection_the_server_drops_is_replaced_without_an_outage_warning() 
         .query_drop(format!("KILL CONNECTION {killed}"))
         .expect("kill the standby's connection");
     assert!(
-        common::wait_until(WAIT, || waiting_for_lock(&mut admin, &db)
+        util::wait_until(WAIT, || waiting_for_lock(&mut admin, &db)
             .iter()
             .any(|id| *id != killed)),
         "the standby waits again, on a new connection:\n{}",
@@ -1197,11 +1226,11 @@ fn a_poller_connection_the_server_drops_is_replaced_without_an_outage_warning() 
         .query_drop(format!("KILL CONNECTION {holder}"))
         .expect("kill the active poller's connection");
     assert!(
-        common::wait_until(WAIT, || lock_holder(&mut admin, &lock)
+        util::wait_until(WAIT, || lock_holder(&mut admin, &lock)
             .is_some_and(|id| id != holder)),
         "a poller holds the lock again"
     );
-    let (sql, wire) = common::datetime(1);
+    let (sql, wire) = util::datetime(1);
     TestDb::push_notify_change(&mut conn, 5, Some(&sql));
     let message = broker.recv(WAIT).expect("a change after the kills arrives");
     assert_eq!(message.bug_and_time(), (5, wire));
@@ -1227,18 +1256,18 @@ fn a_poller_connection_cut_under_it_is_replaced_without_an_outage_warning() {
         poller.wait_for_log("active:", WAIT),
         "the poller takes the lock"
     );
-    let (sql, wire) = common::datetime(0);
+    let (sql, wire) = util::datetime(0);
     TestDb::push_notify_change(&mut conn, 1, Some(&sql));
     assert_eq!(
         broker.recv(WAIT).expect("published").bug_and_time(),
         (1, wire)
     );
-    assert!(common::wait_until(WAIT, || db.push_notify_rows() == 0));
+    assert!(util::wait_until(WAIT, || db.push_notify_rows() == 0));
 
     // A firewall or a load balancer in front of the database closes the
     // connection; new ones get through.
     proxy.sever();
-    let (sql, wire) = common::datetime(1);
+    let (sql, wire) = util::datetime(1);
     TestDb::push_notify_change(&mut conn, 2, Some(&sql));
     assert_eq!(
         broker
@@ -1263,7 +1292,7 @@ fn check_poll_names_the_state_directory_and_the_race_checks_grant() {
     let check = |extra: &[(&'static str, String)]| {
         let mut env = vec![
             ("BZPUSH_DATABASE_URL", db.url()),
-            ("BZPUSH_AMQP_URL", common::amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_AMQP_URL", util::amqp_url_at(AMQP_ADDR)),
             ("BZPUSH_EXCHANGE", broker.exchange.clone()),
         ];
         env.extend(extra.iter().cloned());
@@ -1290,8 +1319,7 @@ fn check_poll_names_the_state_directory_and_the_race_checks_grant() {
     assert_eq!(finished.status.code(), Some(1), "{finished:?}");
     assert!(finished.stdout.contains("not a folder"), "{finished:?}");
 
-    let user =
-        common::run::TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
+    let user = util::run::TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
     let finished = check(&[("BZPUSH_DATABASE_URL", user.url(&db))]);
     assert!(finished.status.success(), "only a warning: {finished:?}");
     assert!(

@@ -6,8 +6,6 @@
 //! and "Access denied" naming the host tried; allowed origins compared as
 //! browsers send them, refusals logged once.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -15,8 +13,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::run::closed_port;
-use common::{Bzpush, Finished, MYSQL_ADDR, TestDb, admin_conn, unique, wait_until};
+use crate::util::run::closed_port;
+use crate::util::{Bzpush, Finished, MYSQL_ADDR, TestDb, admin_conn, unique, wait_until};
 use mysql::prelude::Queryable;
 
 /// `bzpush check <mode>` with exactly `env`.

@@ -3,12 +3,10 @@
 //! sentences with the right advice, never as Rust types
 //! (`MySqlError { … }`, `DriverError { … }`, `Closed`).
 
-mod common;
-
 use std::time::Duration;
 
-use common::run::{TestUser, closed_port};
-use common::{AMQP_ADDR, Bzpush, Finished, TestDb, amqp_url_at};
+use crate::util::run::{TestUser, closed_port};
+use crate::util::{AMQP_ADDR, Bzpush, Finished, TestDb, amqp_url_at};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -5,8 +5,8 @@
 //!
 //! The `.deb` checks need the package, which takes a release build:
 //! `.ci/run` builds it once after the tests and runs them with
-//! `BZPUSH_TEST_DEB=target/debian/bzpush_….deb cargo test --test package
-//! -- --include-ignored`. Run that way without the variable they fail
+//! `BZPUSH_TEST_DEB=target/debian/bzpush_….deb cargo test --test integration
+//! -- --include-ignored package::`. Run that way without the variable they fail
 //! saying how to build it.
 
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ fn the_man_page_is_current_and_lists_every_setting() {
     assert!(
         shipped == page,
         "doc/bzpush.1 differs from the settings table: \
-         BZPUSH_WRITE_MAN=1 cargo test --test package man rewrites it"
+         BZPUSH_WRITE_MAN=1 cargo test --test integration package::the_man rewrites it"
     );
     for setting in SETTINGS {
         let var = setting.env_var().replace('-', "\\-");

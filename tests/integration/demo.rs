@@ -3,16 +3,14 @@
 //! database, Debian's headless Chromium for the page, directly and behind
 //! nginx configured with the README's block.
 
-mod common;
-
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use common::demo::{
+use crate::util::demo::{
     Browser, Demo, Nginx, chromium_until_updates, readme_nginx_block, shown_updates,
 };
-use common::serve::{Client, http_get};
-use common::{Bzpush, MYSQL_ADDR, admin_conn, wait_until};
+use crate::util::serve::{Client, http_get};
+use crate::util::{Bzpush, MYSQL_ADDR, admin_conn, wait_until};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
 

@@ -183,7 +183,7 @@ pub fn chromium_until_updates(url: &str) -> String {
 
 /// The README's nginx `location` block, exactly as printed there.
 pub fn readme_nginx_block() -> String {
-    let readme = include_str!("../../README.md");
+    let readme = include_str!("../../../README.md");
     let start = readme
         .find("```nginx\n")
         .expect("the README has an nginx block")

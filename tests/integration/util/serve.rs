@@ -44,21 +44,11 @@ impl Bzpush {
         env.extend(extra.iter().cloned());
         let server = Bzpush::start(&["serve"], &env);
         assert!(
-            server.wait_for_log("serving WebSocket and HTTP on", STARTUP),
+            server.wait_listening(STARTUP),
             "bzpush serve did not start:\n{}",
             server.log()
         );
         server
-    }
-
-    /// The address the server listens on, from its log.
-    pub fn listen_addr(&self) -> String {
-        let log = self.log();
-        let line = log
-            .lines()
-            .find(|l| l.contains("serving WebSocket and HTTP on"))
-            .expect("the server logged its address");
-        line.rsplit(' ').next().expect("an address").to_string()
     }
 
     pub fn ws_url(&self, path: &str) -> String {
@@ -171,7 +161,7 @@ impl TestBroker {
     }
 
     /// Publishes a Pulse message for each `(bug, when)`, in order, with
-    /// bzpush's own publisher (whose wire format `tests/poll.rs` checks),
+    /// bzpush's own publisher (whose wire format `poll.rs` checks),
     /// so a flood goes out as fast as the poller would send it; returns
     /// once the broker has confirmed them all.
     pub fn publish_many(&self, updates: &[(u64, String)]) {
@@ -378,9 +368,28 @@ pub fn t(secs: u32) -> String {
     super::datetime(secs).1
 }
 
+/// `bzpush serve` on `broker` with `extra` settings, once its consumer runs
+/// (`/health` says 200).
+pub fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
+    let server = Bzpush::serve(broker, extra);
+    server.wait_healthy();
+    server
+}
+
+/// The answer to `version`: this build's version.
+pub fn version() -> Value {
+    serde_json::json!({"command": "version", "result": "ok", "version": env!("CARGO_PKG_VERSION")})
+}
+
 /// The update frame the server sends for `bug` changed at `when`.
 pub fn update(bug: u64, when: &str) -> Value {
     serde_json::json!({"command": "update", "bug": bug, "when": when})
+}
+
+/// The answer to a `subscribe` with `since` that the server could not
+/// catch up completely.
+pub fn partial(bugs: &[u64]) -> Value {
+    serde_json::json!({"command": "subscribe", "result": "ok", "bugs": bugs, "partial": true})
 }
 
 /// The ok answer to `command` listing `bugs`.

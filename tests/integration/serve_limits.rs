@@ -3,23 +3,15 @@
 //! 10,000 subscriptions on one connection, 1,000 concurrent connections,
 //! the connection limit. Each test has its own exchange, queue and server.
 
-mod common;
-
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::serve::{Client, http_get, metric, ok, t, update};
-use common::{AMQP_ADDR, Bzpush, Proxy, TestBroker, wait_until};
+use crate::util::serve::{Client, healthy_server, http_get, metric, ok, t, update};
+use crate::util::{AMQP_ADDR, Bzpush, Proxy, TestBroker, wait_until};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
-    let server = Bzpush::serve(broker, extra);
-    server.wait_healthy();
-    server
-}
 
 // ---- a flood and a stalled client ----
 
@@ -159,8 +151,16 @@ fn a_severed_broker_link_turns_health_red_and_delivers_what_waited() {
     // in its durable queue.
     broker.publish(1, &t(2));
     broker.publish(2, &t(3));
-    // Long enough for several failed reconnection attempts.
-    thread::sleep(Duration::from_millis(3500));
+    // Several failed reconnection attempts, each pause longer than the last.
+    let before = proxy.refusals().len();
+    assert!(
+        wait_until(WAIT, || proxy.refusals().len() >= before + 5),
+        "the server gave up reconnecting: {} attempts\n{}",
+        proxy.refusals().len() - before,
+        server.log()
+    );
+    let first = proxy.refusals();
+    let last_pause = first[first.len() - 1] - first[first.len() - 2];
     // The WebSocket side stays up meanwhile.
     assert_eq!(
         client.request(json!({"command": "subscriptions"})),
@@ -176,13 +176,23 @@ fn a_severed_broker_link_turns_health_red_and_delivers_what_waited() {
     proxy.set_down(true);
     assert!(wait_until(WAIT, || health().0 == 503), "{}", server.log());
     broker.publish(2, &t(4));
-    proxy.set_down(false);
-    let back = Instant::now();
-    expect_updates(&mut client, &mut seen, &[(2, t(4))]);
+    let before = proxy.refusals().len();
     assert!(
-        back.elapsed() < Duration::from_millis(2500),
-        "reconnected {:?} after the broker came back",
-        back.elapsed()
+        wait_until(WAIT, || proxy.refusals().len() >= before + 2),
+        "the server gave up reconnecting\n{}",
+        server.log()
+    );
+    let second = proxy.refusals();
+    let first_pause = second[before + 1] - second[before];
+    proxy.set_down(false);
+    expect_updates(&mut client, &mut seen, &[(2, t(4))]);
+    // Measured between the server's own attempts, so a slow machine
+    // stretches both alike: with no reset this pause would be at least the
+    // last one (doubling, capped), with the reset it is a fraction of it.
+    assert!(
+        first_pause < last_pause,
+        "the second outage's first pause ({first_pause:?}) is not shorter than the \
+         first outage's last ({last_pause:?}): the backoff did not start over"
     );
     assert!(wait_until(WAIT, || health().0 == 200));
     assert!(metric(&addr, "bzpush_broker_reconnects_total") >= 2);

@@ -5,15 +5,15 @@
 //! `contrib/`: promtool accepts the rules, and every metric they and the
 //! dashboard name is one bzpush exports.
 
-mod common;
+use crate::util;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::serve::http_get;
-use common::{Bzpush, Proxy, TestBroker, TestDb, wait_until};
+use crate::util::serve::http_get;
+use crate::util::{Bzpush, Proxy, TestBroker, TestDb, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -42,7 +42,7 @@ fn families(addr: &str) -> BTreeSet<String> {
 #[test]
 fn run_exports_poller_metrics_and_a_lag_that_grows_while_the_database_is_down() {
     let db = TestDb::new();
-    let proxy = Proxy::to(common::MYSQL_ADDR);
+    let proxy = Proxy::to(util::MYSQL_ADDR);
     let server = Bzpush::run_on(&db, &[("BZPUSH_DATABASE_URL", db.url_at(&proxy.addr()))]);
     server.wait_healthy();
     let addr = server.listen_addr();

@@ -1,4 +1,5 @@
-//! The last line of defence against a hung test: a timer per test binary.
+//! The last line of defence against a hung test: a timer per test binary
+//! (the integration binary, and the benchmarks').
 //!
 //! Every wait in the harness has its own deadline, but a hang nobody
 //! foresaw (a library call that never returns, a join on a stuck thread)
@@ -16,9 +17,9 @@ use std::sync::Once;
 use std::thread;
 use std::time::Duration;
 
-/// How long one test binary may run. The slowest takes under a minute on
-/// a loaded 2-core machine; a longer soak sets `TEST_WATCHDOG_SECS`, and 0
-/// turns the watchdog off.
+/// How long the test binary may run. The integration binary, every test
+/// in it, took about 4 minutes on a loaded 2-core machine; a longer soak
+/// sets `TEST_WATCHDOG_SECS`, and 0 turns the watchdog off.
 const DEFAULT_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// Starts the timer, once per process; later calls do nothing.

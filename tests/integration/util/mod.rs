@@ -3,13 +3,16 @@
 //! Each test makes its own uniquely named database, exchange and queue and
 //! drops them when it ends, so tests run in parallel without touching each
 //! other's data. Faults are real: [`Proxy`] severs TCP connections, and
-//! [`Bzpush::kill9`] sends SIGKILL. A service that is down fails the test
+//! [`Bzpush::kill9`] sends SIGKILL. Each child gets a systemd notify socket
+//! the harness owns: where it listens comes from its `STATUS=` line there,
+//! as `systemctl status` shows it, not from its log. A service that is down fails the test
 //! with how to start it; nothing is skipped. Every wait has a deadline, so a
 //! hung test fails instead of hanging CI, and a [`watchdog`] ends a test binary
 //! that runs far too long, printing where it hung.
-#![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(dead_code)] // the benchmarks (tests/benchmark) use only part of the harness
 
 pub mod demo;
+pub mod frames;
 pub mod run;
 pub mod serve;
 mod watchdog;
@@ -97,7 +100,7 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// SplitMix64: small, seedable, the same sequence everywhere, so a seed
-/// printed by a failing test replays it. Each test adds the helpers it needs.
+/// printed by a failing test replays it.
 pub struct Rng(pub u64);
 
 impl Rng {
@@ -108,6 +111,40 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// A number in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    /// True once in `n` times.
+    pub fn one_in(&mut self, n: usize) -> bool {
+        self.below(n) == 0
+    }
+
+    /// One of `items` (not empty).
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// A process's resident memory in KiB, from `/proc/PID/status`; 0 once it
+/// is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Waits until `check` is true or `timeout` passes; `false` on timeout.
@@ -538,6 +575,15 @@ struct ProxyState {
     stalled: Mutex<Vec<Arc<AtomicBool>>>,
     /// Set, every pipe holds what it read, on every connection.
     stalled_all: AtomicBool,
+    /// When each connection was refused while down.
+    refusals: Mutex<Vec<Instant>>,
+    /// Chunks read from the clients, toward the target.
+    chunks_sent: AtomicU64,
+    /// Chunks read either way, numbered in order, and the number of the
+    /// last one each way: which side spoke last.
+    chunks: AtomicU64,
+    last_up: AtomicU64,
+    last_down: AtomicU64,
 }
 
 impl Proxy {
@@ -551,6 +597,11 @@ impl Proxy {
             delay_ms: AtomicU64::new(0),
             stalled: Mutex::new(Vec::new()),
             stalled_all: AtomicBool::new(false),
+            refusals: Mutex::new(Vec::new()),
+            chunks_sent: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
+            last_up: AtomicU64::new(0),
+            last_down: AtomicU64::new(0),
         });
         let target = target.to_string();
         let shared = Arc::clone(&state);
@@ -563,6 +614,11 @@ impl Proxy {
                     }
                     let Ok(client) = client else { continue };
                     if shared.down.load(Ordering::SeqCst) {
+                        shared
+                            .refusals
+                            .lock()
+                            .expect("proxy lock")
+                            .push(Instant::now());
                         continue; // dropped: the client sees the connection close
                     }
                     let Ok(server) = TcpStream::connect(&target) else {
@@ -583,8 +639,8 @@ impl Proxy {
                             .lock()
                             .expect("proxy lock")
                             .push(Arc::clone(&stalled));
-                        pipe(client, s2, Arc::clone(&shared), Arc::clone(&stalled));
-                        pipe(server, c2, Arc::clone(&shared), stalled);
+                        pipe(client, s2, Arc::clone(&shared), Arc::clone(&stalled), true);
+                        pipe(server, c2, Arc::clone(&shared), stalled, false);
                     }
                 }
             })
@@ -628,6 +684,25 @@ impl Proxy {
         self.state.stalled_all.store(stalled, Ordering::SeqCst);
     }
 
+    /// When each connection attempt was refused while down, in order: a
+    /// client's reconnection attempts, and the pauses between them.
+    pub fn refusals(&self) -> Vec<Instant> {
+        self.state.refusals.lock().expect("proxy lock").clone()
+    }
+
+    /// How many chunks the clients have sent toward the target so far: it
+    /// grows with each request a client makes (a query, an ack), so a test
+    /// can wait for the client's next one instead of sleeping.
+    pub fn chunks_sent(&self) -> u64 {
+        self.state.chunks_sent.load(Ordering::SeqCst)
+    }
+
+    /// Whether the last chunk through the proxy came from a client: it
+    /// answered (an ack, say) everything the target sent it.
+    pub fn client_spoke_last(&self) -> bool {
+        self.state.last_up.load(Ordering::SeqCst) > self.state.last_down.load(Ordering::SeqCst)
+    }
+
     /// While down, new connections are accepted and closed at once.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
@@ -645,7 +720,14 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>, stalled: Arc<AtomicBool>) {
+/// Forwards `from` to `to`; `upstream` when `from` is the client.
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    state: Arc<ProxyState>,
+    stalled: Arc<AtomicBool>,
+    upstream: bool,
+) {
     let _ = thread::Builder::new()
         .name("test-proxy-pipe".into())
         .spawn(move || {
@@ -654,6 +736,13 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>, stalled:
                 match from.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        let number = state.chunks.fetch_add(1, Ordering::SeqCst) + 1;
+                        if upstream {
+                            state.chunks_sent.fetch_add(1, Ordering::SeqCst);
+                            state.last_up.store(number, Ordering::SeqCst);
+                        } else {
+                            state.last_down.store(number, Ordering::SeqCst);
+                        }
                         let delay = state.delay_ms.load(Ordering::SeqCst);
                         if delay > 0 {
                             thread::sleep(Duration::from_millis(delay));
@@ -684,6 +773,71 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, state: Arc<ProxyState>, stalled:
 pub struct Bzpush {
     child: Child,
     log: Arc<Mutex<String>>,
+    notices: Notices,
+}
+
+/// The line `bzpush serve` and `run` send systemd once they listen, the
+/// address after it.
+const LISTENING: &str = "STATUS=serving WebSocket and HTTP on ";
+
+/// A systemd notify socket the test owns, as systemd would pass one in
+/// `NOTIFY_SOCKET`: what the child tells systemd (`READY=1`, `STATUS=...`),
+/// one entry per line, in order. The harness learns a child's address here,
+/// as a sysadmin reads it in `systemctl status`, instead of from its log.
+struct Notices {
+    /// The `NOTIFY_SOCKET` value: an abstract socket, nothing to clean up.
+    name: String,
+    lines: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Notices {
+    fn bind() -> Notices {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+        let name = unique("bzpush-test-notify");
+        let addr = UnixAddr::from_abstract_name(name.as_bytes()).expect("an abstract socket name");
+        let socket = UnixDatagram::bind_addr(&addr).expect("bind the test's notify socket");
+        // Wakes the reader to look at `stop` now and then.
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("a timeout on the notify socket");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sink, stopped) = (Arc::clone(&lines), Arc::clone(&stop));
+        thread::Builder::new()
+            .name("test-notify".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                while !stopped.load(Ordering::Relaxed) {
+                    match socket.recv(&mut buf) {
+                        Ok(n) => {
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            let mut lines = sink.lock().expect("notices lock");
+                            lines.extend(text.lines().map(str::to_string));
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) => panic!("reading the test's notify socket: {e}"),
+                    }
+                }
+            })
+            .expect("spawn the notify socket reader");
+        Notices {
+            name: format!("@{name}"),
+            lines,
+            stop,
+        }
+    }
+}
+
+impl Drop for Notices {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Bzpush {
@@ -696,7 +850,9 @@ impl Bzpush {
     /// As [`Bzpush::start`], with stdout going to `stdout`; `Stdio::piped()`
     /// leaves it to read from [`Bzpush::take_stdout`].
     pub fn start_with(args: &[&str], env: &[(&str, String)], stdout: Stdio) -> Bzpush {
+        let notices = Notices::bind();
         let mut child = Bzpush::command(args, env)
+            .env("NOTIFY_SOCKET", &notices.name)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped())
@@ -717,7 +873,11 @@ impl Bzpush {
                 }
             })
             .expect("spawn the stderr reader");
-        Bzpush { child, log }
+        Bzpush {
+            child,
+            log,
+            notices,
+        }
     }
 
     /// `bzpush <args>` with exactly the `BZPUSH_*` variables given.
@@ -726,7 +886,7 @@ impl Bzpush {
         let mut command = Command::new(env!("CARGO_BIN_EXE_bzpush"));
         command.args(args);
         for (key, _) in std::env::vars() {
-            if key.starts_with("BZPUSH_") {
+            if key.starts_with("BZPUSH_") || key == "NOTIFY_SOCKET" {
                 command.env_remove(key);
             }
         }
@@ -801,6 +961,46 @@ impl Bzpush {
     /// Everything the process wrote to stderr so far.
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").clone()
+    }
+
+    /// Every line the process sent its notify socket so far (`READY=1`,
+    /// `STATUS=...`), in order.
+    pub fn notices(&self) -> Vec<String> {
+        self.notices.lines.lock().expect("notices lock").clone()
+    }
+
+    /// Waits for a notify line starting with `prefix` and returns the first
+    /// such line; `None` on timeout.
+    pub fn wait_for_notice(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let find = || self.notices().into_iter().find(|l| l.starts_with(prefix));
+        let mut found = None;
+        wait_until(timeout, || {
+            found = find();
+            found.is_some()
+        });
+        found
+    }
+
+    /// Waits until the process says (on its notify socket) where it
+    /// listens; `false` on timeout.
+    pub fn wait_listening(&self, timeout: Duration) -> bool {
+        self.wait_for_notice(LISTENING, timeout).is_some()
+    }
+
+    /// The address the process listens on, from its `STATUS=` line.
+    pub fn listen_addr(&self) -> String {
+        let line = self
+            .notices()
+            .into_iter()
+            .find(|l| l.starts_with(LISTENING))
+            .unwrap_or_else(|| {
+                panic!(
+                    "the process never said where it listens; its notices: {:?}, its log:\n{}",
+                    self.notices(),
+                    self.log()
+                )
+            });
+        line[LISTENING.len()..].to_string()
     }
 
     /// Waits until the log contains `needle`; `false` on timeout.

@@ -20,9 +20,17 @@ impl Bzpush {
     /// a poller lock of its own and `extra` settings; returns once it
     /// listens (see [`Bzpush::listen_addr`]).
     pub fn run_on(db: &TestDb, extra: &[(&str, String)]) -> Bzpush {
+        let mut env = vec![("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name))];
+        env.extend(extra.iter().cloned());
+        Bzpush::run_url(db.url(), &env)
+    }
+
+    /// `bzpush run` against the database at `url` on a free port, polling
+    /// every 100 ms, with the default lock name (unless `extra` names one)
+    /// and `extra` settings; returns once it listens.
+    pub fn run_url(url: String, extra: &[(&str, String)]) -> Bzpush {
         let mut env = vec![
-            ("BZPUSH_DATABASE_URL", db.url()),
-            ("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name)),
+            ("BZPUSH_DATABASE_URL", url),
             ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
             ("BZPUSH_POLL_INTERVAL", "100ms".to_string()),
             ("BZPUSH_LOG", "debug".to_string()),
@@ -30,7 +38,7 @@ impl Bzpush {
         env.extend(extra.iter().cloned());
         let server = Bzpush::start(&["run"], &env);
         assert!(
-            server.wait_for_log("serving WebSocket and HTTP on", STARTUP),
+            server.wait_listening(STARTUP),
             "bzpush run did not start:\n{}",
             server.log()
         );

@@ -55,7 +55,7 @@
 //! live through the whole soak and their memory can be watched. Run with
 //! `--nocapture` to see the report.
 
-mod common;
+use crate::util;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -65,7 +65,9 @@ use std::sync::{Mutex, OnceLock, RwLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, Rng, TestBroker, TestDb, unique, wait_until};
+use crate::util::{
+    AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, Rng, TestBroker, TestDb, rss_kib, unique, wait_until,
+};
 use mio::{Events, Interest, Poll, Token};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
@@ -277,7 +279,7 @@ fn make_clients(rng: &mut Rng) -> Vec<Vec<Client>> {
     for id in 0..CLIENTS {
         let mut bugs: Vec<u32> = Vec::new();
         while bugs.len() < SUBSCRIPTIONS {
-            let bug = FIRST_BUG + rng.below(u64::from(BUGS)) as u32;
+            let bug = FIRST_BUG + rng.below(BUGS as usize) as u32;
             if !bugs.contains(&bug) {
                 bugs.push(bug);
             }
@@ -413,7 +415,7 @@ impl<'a> Cluster<'a> {
                     .pollers
                     .iter()
                     .position(|p| poller_is_active(&p.bzpush))
-                    .unwrap_or_else(|| rng.below(self.pollers.len() as u64) as usize);
+                    .unwrap_or_else(|| rng.below(self.pollers.len()));
                 let mut old = self.pollers.remove(active);
                 old.sample_end(world, false);
                 old.bzpush.kill9();
@@ -438,7 +440,7 @@ impl<'a> Cluster<'a> {
                 "kill -9 the active poller"
             }
             1 => {
-                let slot = rng.below(2) as usize;
+                let slot = rng.below(2);
                 let old = &mut self.servers[slot];
                 let addr = old.bzpush.listen_addr();
                 world
@@ -467,7 +469,7 @@ impl<'a> Cluster<'a> {
                 let (proxy, name) = match rng.below(3) {
                     0 => (&self.poller_amqp, "the pollers' broker link".to_string()),
                     n => (
-                        &self.server_amqp[n as usize - 1],
+                        &self.server_amqp[n - 1],
                         format!("server {}'s broker link", n - 1),
                     ),
                 };
@@ -515,7 +517,7 @@ impl<'a> Cluster<'a> {
             println!(
                 "chaos: server pid {}: /health {:?}",
                 p.bzpush.pid(),
-                common::serve::http_get(&addr, "/health")
+                util::serve::http_get(&addr, "/health")
             );
         }
     }
@@ -721,16 +723,6 @@ fn parse_wire(s: &str) -> Option<u32> {
     Some((n(0..2)? - 1) * 86_400 + n(3..5)? * 3600 + n(6..8)? * 60 + n(9..11)?)
 }
 
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-}
-
 /// A bzpush process and its memory at start.
 struct Proc {
     name: &'static str,
@@ -766,17 +758,6 @@ impl Proc {
             last,
         });
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// A process's memory over its life.
@@ -939,7 +920,7 @@ fn writer(w: usize, world: &World, db: &TestDb, seed: u64) {
             next = now; // behind: no burst to catch up
         }
         next += interval;
-        let bug = owned[rng.below(owned.len() as u64) as usize];
+        let bug = *rng.pick(&owned);
         let now_secs = 1 + t0.elapsed().as_secs() as u32;
         let secs = last.get(&bug).map_or(now_secs, |l| now_secs.max(l + 1));
         last.insert(bug, secs);
@@ -1014,7 +995,7 @@ impl Client {
         if servers.is_empty() {
             return Err("no server".into());
         }
-        let server = servers[rng.below(servers.len() as u64) as usize].clone();
+        let server = rng.pick(&servers).clone();
         let addr = server.parse().map_err(|e| format!("{server}: {e}"))?;
         let socket =
             TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;

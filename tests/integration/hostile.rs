@@ -9,7 +9,7 @@
 //! model of the SPEC written here, and every error must become a
 //! well-formed reply carrying one of the SPEC's texts. `FUZZ_SECS` (default
 //! 2) sets the time per decoder and `FUZZ_SEED` the seed, for longer runs:
-//! `FUZZ_SECS=600 cargo test --test hostile fuzz`. A failure prints the
+//! `FUZZ_SECS=600 cargo test --test integration hostile::fuzz`. A failure prints the
 //! seed, the round and the input.
 //!
 //! Part 2 attacks a real `bzpush serve` over TCP: slowloris, handshake
@@ -18,19 +18,20 @@
 //! it a normal client still connects, subscribes and receives an update,
 //! and `/health` answers 200.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::util::frames::{MASK, client_frame, server_frame};
+use crate::util::serve::{Client, Stamps, healthy_server, http_get, metric, update, version};
+use crate::util::{Bzpush, Rng, TestBroker, datetime, rss_kib, wait_until};
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::protocol::{self, Command, ProtocolError, Since};
 use bzpush::pulse;
-use common::serve::{Client, Stamps, http_get, metric};
-use common::{Bzpush, Rng, TestBroker, datetime, wait_until};
 use serde_json::{Map, Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -38,22 +39,6 @@ const WAIT: Duration = Duration::from_secs(20);
 // ======================================================================
 // Part 1: the decoders
 // ======================================================================
-
-impl Rng {
-    /// A number in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// True once in `n` times.
-    fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 fn fuzz_budget() -> Duration {
     let secs = std::env::var("FUZZ_SECS")
@@ -1095,20 +1080,6 @@ fn error(command: Option<&str>, text: &str) -> Value {
     json!({"command": command, "result": "error", "error": text})
 }
 
-fn version() -> Value {
-    json!({"command": "version", "result": "ok", "version": env!("CARGO_PKG_VERSION")})
-}
-
-fn update(bug: u64, when: &str) -> Value {
-    json!({"command": "update", "bug": bug, "when": when})
-}
-
-fn healthy_server(broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush {
-    let server = Bzpush::serve(broker, extra);
-    server.wait_healthy();
-    server
-}
-
 /// After an attack: `/health` is 200, and a new client connects,
 /// subscribes and receives a published update. `probe` makes the bug and
 /// time unique per call.
@@ -1159,32 +1130,6 @@ const CONTINUATION: u8 = 0x0;
 const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 const PONG: u8 = 0xa;
-
-/// The bytes of one client frame: `first` is the first byte (FIN, RSV,
-/// opcode), masked with `mask` if any.
-fn frame_bytes(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut out = vec![first];
-    let masked = if mask.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(masked | n as u8),
-        n if n <= 0xffff => {
-            out.push(masked | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(masked | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match mask {
-        Some(key) => {
-            out.extend_from_slice(&key);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        }
-        None => out.extend_from_slice(payload),
-    }
-    out
-}
 
 fn fin(opcode: u8) -> u8 {
     0x80 | opcode
@@ -1244,7 +1189,7 @@ impl Raw {
     /// One masked frame.
     fn frame(&mut self, first: u8, payload: &[u8]) {
         self.mask = self.mask.rotate_left(7) ^ 0x9e37_79b9;
-        let bytes = frame_bytes(first, payload, Some(self.mask.to_be_bytes()));
+        let bytes = client_frame(first, payload, Some(self.mask.to_be_bytes()));
         self.send_bytes(&bytes).expect("send a frame");
     }
 
@@ -1255,7 +1200,8 @@ impl Raw {
     fn read(&mut self, timeout: Duration) -> Got {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some((opcode, payload, used)) = parse_server_frame(&self.pending) {
+            if let Some((opcode, payload, used)) = server_frame(&self.pending) {
+                let payload = payload.to_vec();
                 self.pending.drain(..used);
                 return Got::Frame { opcode, payload };
             }
@@ -1349,28 +1295,6 @@ impl Raw {
     }
 }
 
-/// One complete unmasked frame at the start of `buf`: (opcode, payload,
-/// bytes used). Panics on a frame no server may send.
-fn parse_server_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    assert_eq!(buf[0] & 0x70, 0, "RSV bits set by the server");
-    assert!(buf[0] & 0x80 != 0, "the server fragments nothing");
-    assert_eq!(buf[1] & 0x80, 0, "the server masks nothing");
-    let (len, header) = match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
-        127 if buf.len() >= 10 => (
-            u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes")),
-            10,
-        ),
-        126 | 127 => return None,
-        n => (u64::from(n), 2),
-    };
-    let end = header + usize::try_from(len).expect("a sane length");
-    (buf.len() >= end).then(|| (buf[0] & 0x0f, buf[header..end].to_vec(), end))
-}
-
 // ---- frames ----
 
 /// What a connection should get after a case's bytes.
@@ -1389,7 +1313,7 @@ struct Case {
 
 /// Masked frames with a fixed key.
 fn m(first: u8, payload: &[u8]) -> Vec<u8> {
-    frame_bytes(first, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+    client_frame(first, payload, Some(MASK))
 }
 
 fn frame_cases() -> Vec<Case> {
@@ -1537,7 +1461,7 @@ fn frame_cases() -> Vec<Case> {
         },
         Case {
             name: "an unmasked frame",
-            send: vec![frame_bytes(fin(TEXT), version_text, None)],
+            send: vec![client_frame(fin(TEXT), version_text, None)],
             expect: Expect::Close(1002),
         },
         Case {
@@ -1855,6 +1779,16 @@ fn since_in_strange_formats() {
 
 // ---- slowloris and floods ----
 
+/// Whether the server has neither closed `socket` nor sent anything on it
+/// yet: a look without waiting.
+fn still_open(socket: &TcpStream) -> bool {
+    socket.set_nonblocking(true).expect("non-blocking");
+    let mut buf = [0u8; 1];
+    let open = matches!(socket.peek(&mut buf), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    socket.set_nonblocking(false).expect("blocking");
+    open
+}
+
 /// Reads until the server closes; `true` if it did within `timeout`
 /// (having sent nothing, or anything).
 fn closed_within(socket: &mut TcpStream, timeout: Duration) -> bool {
@@ -1890,7 +1824,6 @@ fn slowloris_does_not_starve_other_clients() {
     let broker = TestBroker::new();
     let server = healthy_server(&broker, &[]);
     let addr = server.listen_addr();
-    let opened = Instant::now();
     // Silent sockets, and sockets stuck in the middle of a request head.
     let mut silent: Vec<TcpStream> = (0..100)
         .map(|_| TcpStream::connect(&addr).expect("connect"))
@@ -1906,47 +1839,43 @@ fn slowloris_does_not_starve_other_clients() {
     // One that keeps its head coming, a byte every 300 ms: a per-read
     // timeout alone would never end it.
     let mut drip = TcpStream::connect(&addr).expect("connect");
+    let stop_dripping = Arc::new(AtomicBool::new(false));
     let dripping = {
         let mut drip = drip.try_clone().expect("clone");
+        let stop = Arc::clone(&stop_dripping);
         thread::spawn(move || {
             let head = b"GET /health HTTP/1.1\r\nX-Drip: ";
             for byte in head.iter().chain(std::iter::repeat(&b'a')) {
-                if drip.write_all(&[*byte]).is_err() {
+                if stop.load(Ordering::Relaxed) || drip.write_all(&[*byte]).is_err() {
                     return;
                 }
+                // The drip's pace: what makes it a slow client.
                 thread::sleep(Duration::from_millis(300));
-                if opened.elapsed() > HEAD_TIMEOUT * 2 {
-                    return;
-                }
             }
         })
     };
 
-    // Meanwhile everyone else is served, promptly.
-    let started = Instant::now();
+    // Meanwhile everyone else is served, while every slow socket still
+    // holds on: nobody waited for the slow ones to time out.
     assert_still_serves(&server, &broker, 4);
     assert_eq!(http_get(&addr, "/metrics").0, 200);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "others waited {:?} behind the slow sockets",
-        started.elapsed()
+    let held = silent.iter().chain(&partial).chain([&drip]);
+    assert_eq!(
+        held.filter(|s| !still_open(s)).count(),
+        0,
+        "others were served only after slow sockets went"
     );
 
-    // Each slow socket is closed once its head timeout has passed, the
-    // dripping one included; none of them got an answer.
-    let limit = HEAD_TIMEOUT + Duration::from_secs(3);
-    let left = || limit.saturating_sub(opened.elapsed());
-    assert!(
-        closed_within(&mut drip, left()),
-        "the dripping socket stayed open"
-    );
-    assert!(
-        opened.elapsed() >= HEAD_TIMEOUT - Duration::from_secs(1),
-        "closed early"
-    );
+    // Each slow socket is closed by its head timeout (10 s; the bound here
+    // only keeps a broken server from hanging the test), the dripping one
+    // included; none of them got an answer.
+    let bound = HEAD_TIMEOUT + WAIT;
+    let closed = closed_within(&mut drip, bound);
+    stop_dripping.store(true, Ordering::Relaxed);
     dripping.join().expect("dripper");
+    assert!(closed, "the dripping socket stayed open");
     for (i, s) in silent.iter_mut().chain(partial.iter_mut()).enumerate() {
-        assert!(closed_within(s, left()), "slow socket {i} stayed open");
+        assert!(closed_within(s, bound), "slow socket {i} stayed open");
     }
     drop((silent, partial));
     assert_still_serves(&server, &broker, 5);
@@ -1963,14 +1892,15 @@ fn stuck_handshakes_past_the_slack_get_503_at_once() {
     let stuck: Vec<TcpStream> = (0..20 + 256)
         .map(|_| TcpStream::connect(&addr).expect("connect"))
         .collect();
-    let started = Instant::now();
     let (status, body) = http_get(&addr, "/health");
     assert_eq!(status, 503, "{body}");
     assert_eq!(body, "too many connections\n");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
+    // At once: answered while every stuck socket still holds its slot, not
+    // after one timed out and freed it.
+    assert_eq!(
+        stuck.iter().filter(|s| !still_open(s)).count(),
+        0,
+        "the 503 came only after stuck sockets went"
     );
     drop(stuck);
     assert!(
@@ -2335,25 +2265,13 @@ fn a_client_close_gets_exactly_one_close_frame() {
 
 // ---- a client that asks and never reads ----
 
-/// The server's resident memory, from /proc.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS");
-    kib * 1024
-}
-
 /// Sends `flood` on `c` and never reads: the server must give up on the
 /// client (1008, a slow-client close) before its memory grows by 96 MiB,
 /// and then end the connection.
 fn flood_without_reading(server: &Bzpush, c: &mut Raw, flood: &[u8]) {
     let addr = server.listen_addr();
     let closes_before = metric(&addr, "bzpush_slow_client_closes_total");
-    let before = rss_bytes(server.pid());
+    let before = rss_kib(server.pid()) * 1024;
     let mut peak = before;
     thread::scope(|s| {
         // The server stops reading once it gives up: this may fail.
@@ -2362,7 +2280,7 @@ fn flood_without_reading(server: &Bzpush, c: &mut Raw, flood: &[u8]) {
             let _ = writer.write_all(flood);
         });
         let gave_up = wait_until(WAIT, || {
-            peak = peak.max(rss_bytes(server.pid()));
+            peak = peak.max(rss_kib(server.pid()) * 1024);
             metric(&addr, "bzpush_slow_client_closes_total") == closes_before + 1
         });
         assert!(

@@ -7,39 +7,21 @@
 //! Each test has its own database (and user); the lock names derive from
 //! the database names, so they are unique too.
 
-mod common;
+use crate::util;
 
-use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use common::run::TestUser;
-use common::serve::{Client, http_get, metric};
-use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, admin_conn, wait_until};
+use crate::util::run::TestUser;
+use crate::util::serve::{Client, http_get, metric};
+use crate::util::{
+    AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, admin_conn, wait_until,
+};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
 /// Long enough for a refused poller's slow retry (30 s) and then some.
 const RETRY_WAIT: Duration = Duration::from_secs(60);
-
-/// `bzpush run` on `url` with the default lock name (no
-/// `BZPUSH_LOCK_NAME`) and `extra` settings; returns once it listens.
-fn run_default(url: String, extra: &[(&str, String)]) -> Bzpush {
-    let mut env = vec![
-        ("BZPUSH_DATABASE_URL", url),
-        ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
-        ("BZPUSH_POLL_INTERVAL", "100ms".to_string()),
-        ("BZPUSH_LOG", "debug".to_string()),
-    ];
-    env.extend(extra.iter().cloned());
-    let server = Bzpush::start(&["run"], &env);
-    assert!(
-        server.wait_for_log("serving WebSocket and HTTP on", WAIT),
-        "bzpush run did not start:\n{}",
-        server.log()
-    );
-    server
-}
 
 fn health(server: &Bzpush) -> (u16, Value) {
     let (status, body) = http_get(&server.listen_addr(), "/health");
@@ -58,20 +40,8 @@ fn log_lines(log: &str, needles: &[&str]) -> usize {
 fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_says_so() {
     let a = TestDb::new();
     let b = TestDb::new();
-    // A notify socket of the test's own, as systemd would pass.
-    let dir = std::env::temp_dir().join(common::unique("bzpush-notify"));
-    std::fs::create_dir_all(&dir).expect("a folder for the notify socket");
-    let path = dir.join("notify");
-    let notify = UnixDatagram::bind(&path).expect("bind the notify socket");
-    notify
-        .set_read_timeout(Some(WAIT))
-        .expect("a timeout on the notify socket");
-
-    let first = run_default(
-        a.url(),
-        &[("NOTIFY_SOCKET", path.to_string_lossy().into_owned())],
-    );
-    let other = run_default(b.url(), &[]);
+    let first = Bzpush::run_url(a.url(), &[]);
+    let other = Bzpush::run_url(b.url(), &[]);
     for (server, db) in [(&first, &a), (&other, &b)] {
         assert!(
             server.wait_for_log("active: holding database lock", WAIT),
@@ -89,21 +59,15 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         assert!(wait_until(WAIT, || health(server).1["poller"] == "active"));
         assert_eq!(metric(&server.listen_addr(), "bzpush_poller_active"), 1);
     }
-    // systemd hears the role.
-    let mut statuses = Vec::new();
-    while !statuses
-        .iter()
-        .any(|s: &String| s.starts_with("STATUS=active:"))
-    {
-        let mut buf = [0u8; 4096];
-        let n = notify.recv(&mut buf).unwrap_or_else(|e| {
-            panic!("no STATUS=active: on the notify socket ({e}); got {statuses:?}")
-        });
-        statuses.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    // systemd hears the role (the harness owns each child's notify socket).
+    assert!(
+        first.wait_for_notice("STATUS=active:", WAIT).is_some(),
+        "no STATUS=active: on the notify socket; got {:?}",
+        first.notices()
+    );
 
     // A second poller of the first database waits, and says for whom.
-    let second = run_default(a.url(), &[]);
+    let second = Bzpush::run_url(a.url(), &[]);
     assert!(
         second.wait_for_log("standby: database lock", WAIT),
         "the second poller of one database is a standby:\n{}",
@@ -141,7 +105,7 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
     assert_eq!(metric(&second.listen_addr(), "bzpush_poller_active"), 0);
     // A user without the PROCESS privilege sees only its own connections.
     let user = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", a.name)]);
-    let third = run_default(user.url(&a), &[]);
+    let third = Bzpush::run_url(user.url(&a), &[]);
     assert!(
         wait_until(WAIT, || health(&third).1["poller"] == "standby"),
         "{}",
@@ -180,7 +144,7 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         &["check", "run"],
         &[
             ("BZPUSH_DATABASE_URL", a.url()),
-            ("BZPUSH_LOCK_NAME", common::unique("bzpush.free")),
+            ("BZPUSH_LOCK_NAME", util::unique("bzpush.free")),
         ],
         Duration::from_secs(30),
     );
@@ -191,9 +155,6 @@ fn pollers_of_two_databases_are_both_active_and_of_one_database_one_waits_and_sa
         "{}",
         finished.stdout
     );
-    drop(first);
-    drop(other);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -208,7 +169,7 @@ fn a_poller_whose_link_went_silent_ends_its_old_session_and_is_active_again() {
         "the poller takes the lock:\n{}",
         poller.log()
     );
-    let (sql, wire) = common::datetime(0);
+    let (sql, wire) = util::datetime(0);
     TestDb::push_notify_change(&mut conn, 1, Some(&sql));
     let message = broker.recv(WAIT).expect("published before the stall");
     assert_eq!(message.bug_and_time(), (1, wire));
@@ -216,7 +177,7 @@ fn a_poller_whose_link_went_silent_ends_its_old_session_and_is_active_again() {
     // The link goes silent: the server keeps the old session, and its lock,
     // while the poller times out and connects again.
     proxy.stall();
-    let (sql, wire) = common::datetime(1);
+    let (sql, wire) = util::datetime(1);
     TestDb::push_notify_change(&mut conn, 2, Some(&sql));
     let message = broker
         .recv(RETRY_WAIT)
@@ -241,7 +202,7 @@ fn a_database_without_push_notify_is_refused_with_the_fix_once_not_an_outage() {
     db.conn()
         .query_drop("DROP TABLE push_notify")
         .expect("drop push_notify: stock Bugzilla");
-    let server = run_default(db.url(), &[]);
+    let server = Bzpush::run_url(db.url(), &[]);
     let addr = server.listen_addr();
     assert!(
         wait_until(WAIT, || health(&server).1["database"] == "refused"),
@@ -272,7 +233,7 @@ fn a_database_without_push_notify_is_refused_with_the_fix_once_not_an_outage() {
                UNIQUE KEY push_notify_idx (bug_id))",
         )
         .expect("create push_notify");
-    let (sql, wire) = common::datetime(7);
+    let (sql, wire) = util::datetime(7);
     TestDb::push_notify_change(&mut db.conn(), 7, Some(&sql));
     assert_eq!(
         client.recv(RETRY_WAIT),
@@ -302,14 +263,14 @@ fn without_delete_one_warning_and_each_notification_counted_once() {
         format!("SELECT ON `{}`.push_notify", db.name),
         format!("SELECT ON `{}`.bugs", db.name),
     ]);
-    let server = run_default(user.url(&db), &[]);
+    let server = Bzpush::run_url(user.url(&db), &[]);
     let addr = server.listen_addr();
     let mut client = Client::connect(&server.ws_url("/"));
     assert_eq!(
         client.request(json!({"command": "subscribe", "bugs": [5]})),
         json!({"command": "subscribe", "result": "ok", "bugs": [5]})
     );
-    let (sql, wire) = common::datetime(5);
+    let (sql, wire) = util::datetime(5);
     TestDb::push_notify_change(&mut db.conn(), 5, Some(&sql));
     assert_eq!(
         client.recv(WAIT),
@@ -367,7 +328,7 @@ fn a_wrong_password_is_refused_with_the_fix_not_an_outage() {
     let db = TestDb::new();
     let user = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", db.name)]);
     let url = user.url(&db).replace(&user.password, "not-the-password");
-    let server = run_default(url, &[]);
+    let server = Bzpush::run_url(url, &[]);
     assert!(
         wait_until(WAIT, || health(&server).1["database"] == "refused"),
         "/health says refused:\n{}",

@@ -11,13 +11,13 @@
 //! database's URL for the example's). The script must succeed, and its
 //! `bzpush check run --env-file …` must reach the database.
 
-mod common;
+use crate::util;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::TestDb;
+use crate::util::TestDb;
 
 /// A fenced block of the README: its language tag and its text.
 fn blocks(markdown: &str) -> Vec<(String, String)> {
@@ -38,7 +38,7 @@ fn blocks(markdown: &str) -> Vec<(String, String)> {
 }
 
 fn install_section() -> &'static str {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let start = readme
         .find("\n## Install on one VM")
         .expect("README has a section \"Install on one VM\"");
@@ -63,7 +63,7 @@ fn mode(path: &Path) -> u32 {
 #[test]
 fn the_readme_install_steps_work_as_written() {
     let db = TestDb::new();
-    let temp = std::env::temp_dir().join(common::unique("bzpush-install"));
+    let temp = std::env::temp_dir().join(util::unique("bzpush-install"));
     let (root, checkout, shims) = (temp.join("root"), temp.join("checkout"), temp.join("shims"));
     for dir in [
         root.join("etc/systemd/system"),
@@ -188,7 +188,7 @@ fn the_readme_install_steps_work_as_written() {
 /// process list: no command the README gives carries one.
 #[test]
 fn no_readme_command_puts_a_password_on_the_command_line() {
-    for (tag, text) in blocks(include_str!("../README.md")) {
+    for (tag, text) in blocks(include_str!("../../README.md")) {
         if tag != "sh" {
             continue;
         }

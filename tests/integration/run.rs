@@ -8,14 +8,14 @@
 //! passes on a good setup, names the problem on each bad one. Each test has
 //! its own database (and exchange, and user).
 
-mod common;
+use crate::util;
 
 use std::time::Duration;
 
-use common::run::{ExchangeName, TestUser, closed_port};
-use common::serve::{Client, http_get, metric};
-use common::{AMQP_ADDR, Bzpush, Finished, MYSQL_ADDR, Proxy, TestBroker, TestDb};
-use common::{amqp_url_at, datetime, wait_until};
+use crate::util::run::{ExchangeName, TestUser, closed_port};
+use crate::util::serve::{Client, http_get, metric, partial, t, update, version};
+use crate::util::{AMQP_ADDR, Bzpush, Finished, MYSQL_ADDR, Proxy, TestBroker, TestDb};
+use crate::util::{amqp_url_at, datetime, wait_until};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
 
@@ -26,23 +26,10 @@ fn sql(secs: u32) -> String {
     datetime(secs).0
 }
 
-/// `2026-01-01T00:00:00` plus `secs` seconds, as the wire carries it.
-fn t(secs: u32) -> String {
-    datetime(secs).1
-}
-
-fn update(bug: u64, when: &str) -> Value {
-    json!({"command": "update", "bug": bug, "when": when})
-}
-
 /// The subscribe answer without `partial`: the whole object, so an extra
 /// field fails the comparison.
 fn subscribed(bugs: &[u64]) -> Value {
     json!({"command": "subscribe", "result": "ok", "bugs": bugs})
-}
-
-fn partial(bugs: &[u64]) -> Value {
-    json!({"command": "subscribe", "result": "ok", "bugs": bugs, "partial": true})
 }
 
 fn subscribe_since(bugs: &[u64], since: &str) -> Value {
@@ -54,7 +41,7 @@ fn subscribe_since(bugs: &[u64], since: &str) -> Value {
 fn assert_nothing_queued(client: &mut Client) {
     assert_eq!(
         client.request(json!({"command": "version"})),
-        json!({"command": "version", "result": "ok", "version": "0.1.0"}),
+        version(),
         "a frame was queued that should not have been"
     );
 }
@@ -330,7 +317,7 @@ fn serve_catches_up_from_its_database_and_says_partial_when_it_cannot() {
 /// `lock`, if any): what a server does to a connection idle past its
 /// `wait_timeout`. Returns how many it killed.
 fn kill_idle_connections(db: &TestDb, lock: Option<&str>) -> usize {
-    let mut admin = common::admin_conn();
+    let mut admin = util::admin_conn();
     let ids: Vec<u64> = admin
         .exec(
             "SELECT ID FROM information_schema.PROCESSLIST

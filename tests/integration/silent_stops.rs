@@ -5,13 +5,13 @@
 //! and a silently dead broker link is noticed within a bounded time. All
 //! against the real binary, MariaDB and RabbitMQ.
 
-mod common;
+use crate::util;
 
 use std::time::Duration;
 
-use common::run::ExchangeName;
-use common::serve::{Client, http_get, ok, t, update};
-use common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, unique, wait_until};
+use crate::util::run::ExchangeName;
+use crate::util::serve::{Client, http_get, ok, t, update};
+use crate::util::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, unique, wait_until};
 use serde_json::json;
 
 /// Generous bound for an event a test waits for.
@@ -154,7 +154,7 @@ fn broker_connected_lines(log: &str) -> usize {
 /// Whether a passive declare of `exchange` (what mozillapulse's consumer
 /// does before it binds) succeeds now.
 fn exchange_exists(connection: &lapin::Connection, exchange: &str) -> bool {
-    let Some(Ok(channel)) = common::within(Duration::from_secs(10), connection.create_channel())
+    let Some(Ok(channel)) = util::within(Duration::from_secs(10), connection.create_channel())
     else {
         return false;
     };
@@ -167,12 +167,9 @@ fn exchange_exists(connection: &lapin::Connection, exchange: &str) -> bool {
         },
         lapin::types::FieldTable::default(),
     );
-    let exists = matches!(
-        common::within(Duration::from_secs(10), passive),
-        Some(Ok(()))
-    );
+    let exists = matches!(util::within(Duration::from_secs(10), passive), Some(Ok(())));
     if exists {
-        let _ = common::within(Duration::from_secs(10), channel.close(200, "done".into()));
+        let _ = util::within(Duration::from_secs(10), channel.close(200, "done".into()));
     }
     exists
 }
@@ -181,7 +178,7 @@ fn exchange_exists(connection: &lapin::Connection, exchange: &str) -> bool {
 fn an_idle_poll_declares_its_exchange_at_start() {
     let db = TestDb::new();
     let exchange = ExchangeName::new();
-    let connection = common::amqp_connect();
+    let connection = util::amqp_connect();
     assert!(!exchange_exists(&connection, &exchange.0));
     let poller = Bzpush::poll(&db, MYSQL_ADDR, AMQP_ADDR, &exchange.0, &[]);
     assert!(
@@ -302,12 +299,12 @@ impl ServeQueue {
 
 impl Drop for ServeQueue {
     fn drop(&mut self) {
-        let connection = common::amqp_connect();
-        if let Some(Ok(channel)) = common::within(WAIT, connection.create_channel()) {
+        let connection = util::amqp_connect();
+        if let Some(Ok(channel)) = util::within(WAIT, connection.create_channel()) {
             let delete = channel.queue_delete(self.queue.as_str().into(), Default::default());
-            let _ = common::within(WAIT, delete);
+            let _ = util::within(WAIT, delete);
         }
-        let _ = common::within(WAIT, connection.close(200, "test done".into()));
+        let _ = util::within(WAIT, connection.close(200, "test done".into()));
     }
 }
 
@@ -372,7 +369,7 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
     let queue = ServeQueue::for_exchange(&broker.exchange);
     let check = |expires: &str| {
         let mut env = vec![
-            ("BZPUSH_AMQP_URL", common::amqp_url_at(AMQP_ADDR)),
+            ("BZPUSH_AMQP_URL", util::amqp_url_at(AMQP_ADDR)),
             ("BZPUSH_FEEDS", format!("/={}", broker.exchange)),
         ];
         env.extend(queue.settings(expires));
@@ -391,14 +388,14 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
     assert!(check("24h").starts_with("ok    "), "before serve ran");
 
     // Serve's queue as a 24 h serve left it.
-    let connection = common::amqp_connect();
-    let channel = common::broker("open a channel", connection.create_channel());
+    let connection = util::amqp_connect();
+    let channel = util::broker("open a channel", connection.create_channel());
     let mut arguments = lapin::types::FieldTable::default();
     arguments.insert(
         "x-expires".into(),
         lapin::types::AMQPValue::LongUInt(24 * 3600 * 1000),
     );
-    common::broker(
+    util::broker(
         "declare the queue as serve does",
         channel.queue_declare(
             queue.queue.as_str().into(),
@@ -447,9 +444,9 @@ fn serve_declares_its_queue_again_when_it_is_deleted_under_it() {
     broker.publish(1, &t(1));
     assert_eq!(client.recv(WAIT), update(1, &t(1)));
 
-    let connection = common::amqp_connect();
-    let channel = common::broker("open a channel", connection.create_channel());
-    common::broker(
+    let connection = util::amqp_connect();
+    let channel = util::broker("open a channel", connection.create_channel());
+    util::broker(
         "delete serve's queue",
         channel.queue_delete(queue.queue.as_str().into(), Default::default()),
     );

@@ -1,0 +1,24 @@
+//! The integration tests: one binary, as each test module would otherwise
+//! link its own copy of bzpush's library and the harness. A module per
+//! area; `util` is the one harness (real MariaDB, real RabbitMQ, the real
+//! `bzpush` binary). Run one area with a filter, e.g.
+//! `cargo test --test integration serve::`.
+
+mod util;
+
+mod chaos;
+mod demo;
+mod docs;
+mod hostile;
+mod install;
+mod messages;
+mod metrics;
+mod package;
+mod poll;
+mod poller_role;
+mod run;
+mod serve;
+mod serve_limits;
+mod settings;
+mod silent_stops;
+mod systemd;
