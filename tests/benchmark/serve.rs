@@ -85,7 +85,7 @@ const TARGET_KIB_PER_CONN: f64 = 16.0;
 const TARGET_IDLE_CPU_PERCENT: f64 = 0.5;
 const TARGET_FANOUT_P99: Duration = Duration::from_millis(25);
 const TARGET_UPDATES_PER_SEC: f64 = 100_000.0;
-/// Sustained throughput keeps p99 latency within this (SPEC: "within
+/// Sustained throughput keeps p99 latency within this (the README: "within
 /// about a second").
 const SUSTAINED_P99: Duration = Duration::from_secs(1);
 
@@ -436,7 +436,7 @@ fn throughput(o: &Options) -> Vec<Row> {
         let clean = lost == 0 && closed == 0 && stats.disorder == 0;
         let (p50, p99) = (stats.latency.quantile(0.5), stats.latency.quantile(0.99));
         // What was asked for; below it by more than 5 %, the server no
-        // longer keeps up and a backlog grows (in the broker). SPEC: a
+        // longer keeps up and a backlog grows (in the broker). The README: a
         // client hears of a change within about a second.
         let offered = expected as f64 / published_in.as_secs_f64();
         let keeps_up = delivered >= 0.95 * offered && p99 <= SUSTAINED_P99.as_micros() as u64;

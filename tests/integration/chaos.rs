@@ -30,7 +30,8 @@
 //! 2. No reordering: within one WebSocket connection, one bug's `when` never
 //!    goes back in time in the live stream. Right after a bug's first update
 //!    (a catch-up answer from the database gives only its latest time), one
-//!    step back to a change still on its way is owed (SPEC §5). Equal times (duplicates) are
+//!    step back to a change still on its way is owed (README, "What a client
+//!    is owed"). Equal times (duplicates) are
 //!    allowed and counted, and so is an older time on a *new* connection
 //!    (a catch-up from the cache answers every cached update since `since`).
 //! 3. Nothing invented: every update is for a bug the client subscribed to,
@@ -1104,8 +1105,8 @@ impl Client {
                     }
                 }
                 // A catch-up from the database gives a bug's latest time
-                // while older changes may still be on their way live; SPEC
-                // §5 owes those too. So right after a bug's first update on
+                // while older changes may still be on their way live; a client
+                // is owed those too (README, "What a client is owed"). So right after a bug's first update on
                 // the connection, one step back is allowed, and the stream
                 // goes on from there; any other step back is reordering.
                 let (previous, count) = conn.last.get(&bug).copied().unwrap_or((secs, 0));

@@ -1,4 +1,4 @@
-//! `bzpush demo` and the live page end to end (SPEC §1, §6): the real
+//! `bzpush demo` and the live page end to end (README, "See it work"): the real
 //! binary, real WebSocket clients, the real MariaDB for the scratch
 //! database, Debian's headless Chromium for the page, directly and behind
 //! nginx configured with the README's block.

@@ -2,12 +2,12 @@
 //! gets a wrong answer, or degrades the service for anyone else.
 //!
 //! Part 1 needs no service: a deterministic, seeded fuzz of the two
-//! decoders of untrusted bytes, [`protocol::parse`] (client frames, SPEC §5)
-//! and [`pulse::decode`] (Pulse bodies, SPEC §4). A corpus of nasty cases,
+//! decoders of untrusted bytes, [`protocol::parse`] (client frames, README "The client protocol")
+//! and [`pulse::decode`] (Pulse bodies, README "Pulse: poll and serve"). A corpus of nasty cases,
 //! every `since` format variant, then mutated valid messages and random
 //! JSON trees for a bounded time. Every result is checked against a small
-//! model of the SPEC written here, and every error must become a
-//! well-formed reply carrying one of the SPEC's texts. `FUZZ_SECS` (default
+//! model of the documented protocol written here, and every error must become a
+//! well-formed reply carrying one of the documented texts. `FUZZ_SECS` (default
 //! 2) sets the time per decoder and `FUZZ_SEED` the seed, for longer runs:
 //! `FUZZ_SECS=600 cargo test --test integration hostile::fuzz`. A failure prints the
 //! seed, the round and the input.
@@ -75,14 +75,14 @@ fn fuzz_for(name: &str, min_rounds: u64, mut round: impl FnMut(&mut Rng)) -> u64
     n
 }
 
-// ---- the model: SPEC §4-§5 as the test reads it ----
+// ---- the model: the documented protocol as the test reads it ----
 
 const INVALID_JSON: &str = "invalid JSON";
 const INVALID_COMMAND: &str = "invalid command";
 const MISSING_BUGS: &str = "missing mandatory arg: bugs";
 const INVALID_BUG_ID: &str = "invalid bug id; must be integer";
 const INVALID_SINCE: &str = "invalid since; expected YYYY-MM-DDTHH:MM:SS";
-const SPEC_ERRORS: [&str; 5] = [
+const DOCUMENTED_ERRORS: [&str; 5] = [
     INVALID_JSON,
     INVALID_COMMAND,
     MISSING_BUGS,
@@ -235,7 +235,7 @@ fn check_since(since: &Since) -> String {
 }
 
 /// An error becomes a reply that is a JSON object of exactly `command`
-/// (the command as sent, or null), `result` `error`, and a SPEC text.
+/// (the command as sent, or null), `result` `error`, and a documented text.
 fn check_error_reply(error: &ProtocolError) -> Expected {
     let reply = protocol::error_reply(error);
     let value: Value = serde_json::from_str(&reply)
@@ -245,10 +245,10 @@ fn check_error_reply(error: &ProtocolError) -> Expected {
     assert_eq!(keys.len(), 3, "{reply}");
     assert_eq!(object["result"], "error", "{reply}");
     let text = object["error"].as_str().expect("error text is a string");
-    let spec = SPEC_ERRORS
+    let spec = DOCUMENTED_ERRORS
         .iter()
         .find(|&&t| t == text)
-        .unwrap_or_else(|| panic!("not a SPEC error text: {reply}"));
+        .unwrap_or_else(|| panic!("not a documented error text: {reply}"));
     assert_eq!(text, error.kind().to_string());
     match error.command() {
         Some(c) => assert_eq!(object["command"], c, "{reply}"),
@@ -275,7 +275,7 @@ fn check_parse(text: &str) {
     let expected = model(text);
     if got != expected {
         let shown: String = text.chars().take(300).collect();
-        panic!("parse({shown:?}) gave {got:?}, the SPEC says {expected:?}");
+        panic!("parse({shown:?}) gave {got:?}, the documented protocol says {expected:?}");
     }
 }
 
@@ -303,7 +303,7 @@ fn check_decode(body: &[u8]) {
     let expected = pulse_model(body).map_err(str::to_owned);
     if got != expected {
         let shown = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-        panic!("decode({shown:?}) gave {got:?}, the SPEC says {expected:?}");
+        panic!("decode({shown:?}) gave {got:?}, the documented protocol says {expected:?}");
     }
     if let Ok((_, when)) = &got {
         // What a subscriber then receives is JSON carrying `when` verbatim.
@@ -716,7 +716,7 @@ fn mutate(rng: &mut Rng, bytes: &mut Vec<u8>, other: &[u8]) {
     }
 }
 
-/// Frames that have broken parsers before, and what the SPEC says of some.
+/// Frames that have broken parsers before, and what the documented protocol says of some.
 fn protocol_corpus() -> Vec<String> {
     let mut corpus: Vec<String> = [
         r#"{"command":"subscribe","bugs":[1234,5678]}"#,
@@ -897,7 +897,7 @@ fn fuzz_the_protocol_decoder() {
     for text in &corpus {
         check_parse(text);
     }
-    // Spot checks of what the SPEC says about some of them.
+    // Spot checks of what the documented protocol says about some of them.
     let spec = |text: &str| model(text);
     assert_eq!(
         spec(r#"{"command":"version","command":"subscribe","bugs":1}"#),

@@ -314,7 +314,7 @@ fn a_standby_poller_publishes_nothing_until_the_active_one_dies_then_takes_over(
     let log = second.log();
     assert!(!says_active(&log), "the standby stays standby:\n{log}");
     // A hot standby: connected to the broker (so a broker problem shows
-    // before it takes over, SPEC §3.4), publishing nothing.
+    // before it takes over, README, "Pulse: poll and serve"), publishing nothing.
     assert!(
         util::wait_until(WAIT, || log_lines(&second.log(), &["broker", "connected"])
             == 1),

@@ -1,5 +1,5 @@
-//! The poller's lock and role, and a database that refuses it (SPEC §3.3,
-//! §6): the default lock name keeps pollers of two databases apart and
+//! The poller's lock and role, and a database that refuses it (README,
+//! "The poller lock" and Operations): the default lock name keeps pollers of two databases apart and
 //! pollers of one together; who is active shows in the log, systemd's
 //! `STATUS=`, `/health`, `/metrics` and `check`; a poller whose old
 //! connection still holds the lock ends it; a missing table or privilege is

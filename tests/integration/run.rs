@@ -1,7 +1,7 @@
 //! `bzpush run` and `bzpush check` end to end: real MariaDB, real RabbitMQ
 //! (for `check poll|serve` and `serve`'s catch-up), the real binary.
 //!
-//! `run` (SPEC §1): a PushNotify row reaches a WebSocket client and is
+//! `run` (README, "bzpush run"): a PushNotify row reaches a WebSocket client and is
 //! deleted; /health and /metrics (§6); `since` answered from `bugs.delta_ts`
 //! when the cache cannot, complete across restarts (§5); SIGTERM (§7).
 //! `serve`'s catch-up database and its `partial` fallback. `check` (§1):
@@ -87,7 +87,7 @@ fn run_delivers_a_push_notify_change_and_deletes_its_row() {
     assert_eq!(metric(&addr, "bzpush_notifications_out_total"), 1);
 }
 
-/// SPEC §5: a new `(bug, when)` pair is delivered even when `when` is
+/// What a client is owed (README): a new `(bug, when)` pair is delivered even when `when` is
 /// earlier than the bug's last one. Three ways a stamp goes back: summer
 /// time ending in a database on local time (the repeated hour), an NTP step
 /// back, and two requests on one bug committing in the other order than

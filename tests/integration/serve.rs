@@ -1,6 +1,6 @@
 //! `bzpush serve` end to end: real RabbitMQ, real WebSocket clients over TCP.
 //!
-//! The protocol of SPEC §5 (every command, every error text, `since`
+//! The client protocol of the README (every command, every error text, `since`
 //! catch-up), feeds, poison messages, frames the protocol does not expect,
 //! plain HTTP (§6) and SIGTERM. Load, limits and broker faults are in
 //! `serve_limits.rs`. Each test has its own exchange, queue and server.
@@ -37,7 +37,7 @@ fn assert_nothing_before_version(client: &mut Client) {
     assert_eq!(client.request(json!({"command": "version"})), version());
 }
 
-// ---- SPEC §5: commands ----
+// ---- the client protocol: commands ----
 
 #[test]
 fn a_published_change_reaches_a_subscriber() {
@@ -598,7 +598,7 @@ fn a_fresh_queue_mid_stream_vouches_only_after_it_started() {
     );
 }
 
-/// SPEC §5: an earlier `when` than the bug's last is a new pair and is
+/// What a client is owed (README): an earlier `when` than the bug's last is a new pair and is
 /// delivered; only a pair already delivered is dropped. Times are compared
 /// as times whatever their spelling (a space, `Z`, fractions), and passed
 /// on as sent.
