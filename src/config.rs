@@ -1000,7 +1000,7 @@ fn database_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, Confi
         return Err(ConfigError::url(setting, value, AMBIGUOUS));
     }
     let opts = mysql::Opts::from_url(value)
-        .map_err(|e| ConfigError::url(setting, value, &without_secrets(&e.to_string(), value)))?;
+        .map_err(|e| ConfigError::url(setting, value, &url_complaint(&e, value)))?;
     if opts.get_db_name().is_none_or(str::is_empty) {
         return Err(ConfigError::url(
             setting,
@@ -1017,15 +1017,20 @@ fn database_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, Confi
 /// A database server the demo may create a database on: a MySQL URL that
 /// may name no database.
 fn server_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, ConfigError> {
+    // The same checks and advice as `database_url`: a password holding
+    // `/` or `@` must not be blamed on the port.
     if !value.starts_with("mysql://") {
-        return Err(ConfigError::setting(
+        return Err(ConfigError::url(
             setting,
             value,
             "expected mysql://USER[:PASSWORD]@HOST[:PORT]/",
         ));
     }
+    if redacted(value).is_none() {
+        return Err(ConfigError::url(setting, value, AMBIGUOUS));
+    }
     let opts = mysql::Opts::from_url(value)
-        .map_err(|e| ConfigError::setting(setting, value, &e.to_string()))?;
+        .map_err(|e| ConfigError::url(setting, value, &url_complaint(&e, value)))?;
     Ok(DatabaseUrl {
         opts,
         url: value.to_string(),
@@ -1413,6 +1418,17 @@ fn redacted(value: &str) -> Option<String> {
 /// A library's complaint about URL `value`, unless it repeats a secret of
 /// it (the password, a `password=` query value): then only that the URL
 /// does not parse.
+/// The mysql crate's complaint about a URL as a sentence, without its
+/// type wrapper (`URL ParseError { invalid port number }`) and without
+/// any secret of `value`.
+fn url_complaint(error: &mysql::UrlError, value: &str) -> String {
+    let complaint = match error {
+        mysql::UrlError::ParseError(e) => e.to_string(),
+        e => e.to_string(),
+    };
+    without_secrets(&complaint, value)
+}
+
 fn without_secrets(complaint: &str, value: &str) -> String {
     let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
@@ -1458,9 +1474,14 @@ pub fn help() -> String {
 
 /// The text of `bzpush MODE --help`: the settings `mode` reads.
 pub fn mode_help(mode: &str) -> String {
+    // `check` checks run, poll and serve; there is no `check demo`.
+    let check = if mode == "demo" {
+        String::new()
+    } else {
+        format!("       bzpush check {mode} [--env-file PATH]... [--SETTING VALUE]...\n")
+    };
     let mut text = format!(
-        "Usage: bzpush {mode} [--env-file PATH]... [--SETTING VALUE]...\n       \
-         bzpush check {mode} [--env-file PATH]... [--SETTING VALUE]...\n\n\
+        "Usage: bzpush {mode} [--env-file PATH]... [--SETTING VALUE]...\n{check}\n\
          Settings `{mode}` reads (environment variable, flag, default):\n"
     );
     text.push_str(&setting_lines(settings_of(mode).into_iter()));
@@ -1799,6 +1820,32 @@ mod tests {
                 assert!(err.contains("%2F %23 %3F %40 %3A"), "{err}");
             }
         }
+        // The demo's server URL (it may name no database) alike.
+        for password in passwords {
+            let value = format!("mysql://bzpush:{password}@127.0.0.1:3306/");
+            let err = demo(&["--database-url", &value], &[])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("BZPUSH_DATABASE_URL"), "{err}");
+            assert!(!err.contains("cr3t") && !err.contains("cr@t"), "{err}");
+            assert!(err.contains("%2F %23 %3F %40 %3A"), "{value}: {err}");
+        }
+        // The URL parser's complaint without its Rust type wrapper.
+        for value in [
+            "mysql://bzpush:cr3t@127.0.0.1:99999/bugs",
+            "mysql://bzpush:cr3t@/bugs",
+        ] {
+            let err = poll(&["--database-url", value], &[])
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("ParseError"), "{err}");
+            let err = demo(&["--database-url", value], &[])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("ParseError"), "{err}");
+        }
         // A URL without its flag.
         let err = poll(&["mysql://bzpush:se/cr3t@127.0.0.1/bugs"], &[]).unwrap_err();
         assert!(!err.to_string().contains("cr3t"), "{err}");
@@ -1972,6 +2019,10 @@ mod tests {
         assert!(serve.contains("BZPUSH_AMQP_URL"), "{serve}");
         let poll = mode_help("poll");
         assert!(!poll.contains("BZPUSH_LISTEN"), "{poll}");
+        assert!(poll.contains("bzpush check poll"), "{poll}");
+        // There is no `bzpush check demo` to advertise.
+        let demo = mode_help("demo");
+        assert!(!demo.contains("bzpush check"), "{demo}");
     }
 
     #[test]
