@@ -1484,10 +1484,27 @@ pub fn mode_help(mode: &str) -> String {
         "Usage: bzpush {mode} [--env-file PATH]... [--SETTING VALUE]...\n{check}\n\
          Settings `{mode}` reads (environment variable, flag, default):\n"
     );
-    text.push_str(&setting_lines(settings_of(mode).into_iter()));
+    let mut lines = setting_lines(settings_of(mode).into_iter());
+    if mode == "demo" {
+        // The demo needs no Bugzilla: without the setting it simulates
+        // one in memory, and given one it wants a server, not `bugs`.
+        let database = lookup("database-url").map(|s| (s.default, s.doc));
+        if let Some((default, doc)) = database {
+            lines = lines.replacen(default, DEMO_DATABASE_DEFAULT, 1).replacen(
+                doc,
+                DEMO_DATABASE_DOC,
+                1,
+            );
+        }
+    }
+    text.push_str(&lines);
     text.push_str(HELP_FOOTER);
     text
 }
+
+const DEMO_DATABASE_DEFAULT: &str = "none: in memory";
+const DEMO_DATABASE_DOC: &str = "demo: a MySQL or MariaDB server where the demo may create and \
+    drop a scratch database, e.g. mysql://root@127.0.0.1:3306/; unset, Bugzilla is simulated in memory";
 
 const HELP_FOOTER: &str = "\n--env-file PATH reads a file in systemd's EnvironmentFile= syntax (repeatable, \
     later files win).\nA flag wins over an --env-file, which wins over the environment. \
@@ -2020,9 +2037,13 @@ mod tests {
         let poll = mode_help("poll");
         assert!(!poll.contains("BZPUSH_LISTEN"), "{poll}");
         assert!(poll.contains("bzpush check poll"), "{poll}");
-        // There is no `bzpush check demo` to advertise.
+        // There is no `bzpush check demo` to advertise, and the demo
+        // needs no Bugzilla: its database is none unless given a server.
         let demo = mode_help("demo");
         assert!(!demo.contains("bzpush check"), "{demo}");
+        assert!(!demo.contains("mysql://bugs@localhost"), "{demo}");
+        assert!(demo.contains(DEMO_DATABASE_DEFAULT), "{demo}");
+        assert!(mode_help("run").contains("mysql://bugs@localhost"));
     }
 
     #[test]
