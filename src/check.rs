@@ -361,12 +361,14 @@ fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
             c
         }
         Err(e) => {
-            let todo = if e.refused() {
-                "check the user, password and vhost in BZPUSH_AMQP_URL"
+            let todo = if e.advised() {
+                ""
+            } else if e.refused() {
+                " — check the user, password and vhost in BZPUSH_AMQP_URL"
             } else {
-                "is RabbitMQ running and reachable at that host and port?"
+                " — is RabbitMQ running and reachable at that host and port?"
             };
-            report.line(Err(format!("broker {url}: {e} — {todo}")));
+            report.line(Err(format!("broker {url}: {e}{todo}")));
             return;
         }
     };

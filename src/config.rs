@@ -1055,7 +1055,7 @@ fn database_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, Confi
         return Err(ConfigError::url(setting, value, AMBIGUOUS));
     }
     let opts = mysql::Opts::from_url(value)
-        .map_err(|e| ConfigError::url(setting, value, &without_secrets(&e.to_string(), value)))?;
+        .map_err(|e| ConfigError::url(setting, value, &url_complaint(&e, value)))?;
     if opts.get_db_name().is_none_or(str::is_empty) {
         return Err(ConfigError::url(
             setting,
@@ -1072,15 +1072,20 @@ fn database_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, Confi
 /// A database server the demo may create a database on: a MySQL URL that
 /// may name no database.
 fn server_url((setting, value): (&Setting, &str)) -> Result<DatabaseUrl, ConfigError> {
+    // The same checks and advice as `database_url`: a password holding
+    // `/` or `@` must not be blamed on the port.
     if !value.starts_with("mysql://") {
-        return Err(ConfigError::setting(
+        return Err(ConfigError::url(
             setting,
             value,
             "expected mysql://USER[:PASSWORD]@HOST[:PORT]/",
         ));
     }
+    if redacted(value).is_none() {
+        return Err(ConfigError::url(setting, value, AMBIGUOUS));
+    }
     let opts = mysql::Opts::from_url(value)
-        .map_err(|e| ConfigError::setting(setting, value, &e.to_string()))?;
+        .map_err(|e| ConfigError::url(setting, value, &url_complaint(&e, value)))?;
     Ok(DatabaseUrl {
         opts,
         url: value.to_string(),
@@ -1468,6 +1473,17 @@ fn redacted(value: &str) -> Option<String> {
 /// A library's complaint about URL `value`, unless it repeats a secret of
 /// it (the password, a `password=` query value): then only that the URL
 /// does not parse.
+/// The mysql crate's complaint about a URL as a sentence, without its
+/// type wrapper (`URL ParseError { invalid port number }`) and without
+/// any secret of `value`.
+fn url_complaint(error: &mysql::UrlError, value: &str) -> String {
+    let complaint = match error {
+        mysql::UrlError::ParseError(e) => e.to_string(),
+        e => e.to_string(),
+    };
+    without_secrets(&complaint, value)
+}
+
 fn without_secrets(complaint: &str, value: &str) -> String {
     let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
@@ -1513,15 +1529,37 @@ pub fn help() -> String {
 
 /// The text of `bzpush MODE --help`: the settings `mode` reads.
 pub fn mode_help(mode: &str) -> String {
+    // `check` checks run, poll and serve; there is no `check demo`.
+    let check = if mode == "demo" {
+        String::new()
+    } else {
+        format!("       bzpush check {mode} [--env-file PATH]... [--SETTING VALUE]...\n")
+    };
     let mut text = format!(
-        "Usage: bzpush {mode} [--env-file PATH]... [--SETTING VALUE]...\n       \
-         bzpush check {mode} [--env-file PATH]... [--SETTING VALUE]...\n\n\
+        "Usage: bzpush {mode} [--env-file PATH]... [--SETTING VALUE]...\n{check}\n\
          Settings `{mode}` reads (environment variable, flag, default):\n"
     );
-    text.push_str(&setting_lines(settings_of(mode).into_iter()));
+    let mut lines = setting_lines(settings_of(mode).into_iter());
+    if mode == "demo" {
+        // The demo needs no Bugzilla: without the setting it simulates
+        // one in memory, and given one it wants a server, not `bugs`.
+        let database = lookup("database-url").map(|s| (s.default, s.doc));
+        if let Some((default, doc)) = database {
+            lines = lines.replacen(default, DEMO_DATABASE_DEFAULT, 1).replacen(
+                doc,
+                DEMO_DATABASE_DOC,
+                1,
+            );
+        }
+    }
+    text.push_str(&lines);
     text.push_str(HELP_FOOTER);
     text
 }
+
+const DEMO_DATABASE_DEFAULT: &str = "none: in memory";
+const DEMO_DATABASE_DOC: &str = "demo: a MySQL or MariaDB server where the demo may create and \
+    drop a scratch database, e.g. mysql://root@127.0.0.1:3306/; unset, Bugzilla is simulated in memory";
 
 const HELP_FOOTER: &str = "\n--env-file PATH reads a file in systemd's EnvironmentFile= syntax (repeatable, \
     later files win).\nA flag wins over an --env-file, which wins over the environment. \
@@ -1854,6 +1892,32 @@ mod tests {
                 assert!(err.contains("%2F %23 %3F %40 %3A"), "{err}");
             }
         }
+        // The demo's server URL (it may name no database) alike.
+        for password in passwords {
+            let value = format!("mysql://bzpush:{password}@127.0.0.1:3306/");
+            let err = demo(&["--database-url", &value], &[])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("BZPUSH_DATABASE_URL"), "{err}");
+            assert!(!err.contains("cr3t") && !err.contains("cr@t"), "{err}");
+            assert!(err.contains("%2F %23 %3F %40 %3A"), "{value}: {err}");
+        }
+        // The URL parser's complaint without its Rust type wrapper.
+        for value in [
+            "mysql://bzpush:cr3t@127.0.0.1:99999/bugs",
+            "mysql://bzpush:cr3t@/bugs",
+        ] {
+            let err = poll(&["--database-url", value], &[])
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("ParseError"), "{err}");
+            let err = demo(&["--database-url", value], &[])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("ParseError"), "{err}");
+        }
         // A URL without its flag.
         let err = poll(&["mysql://bzpush:se/cr3t@127.0.0.1/bugs"], &[]).unwrap_err();
         assert!(!err.to_string().contains("cr3t"), "{err}");
@@ -2027,6 +2091,14 @@ mod tests {
         assert!(serve.contains("BZPUSH_AMQP_URL"), "{serve}");
         let poll = mode_help("poll");
         assert!(!poll.contains("BZPUSH_LISTEN"), "{poll}");
+        assert!(poll.contains("bzpush check poll"), "{poll}");
+        // There is no `bzpush check demo` to advertise, and the demo
+        // needs no Bugzilla: its database is none unless given a server.
+        let demo = mode_help("demo");
+        assert!(!demo.contains("bzpush check"), "{demo}");
+        assert!(!demo.contains("mysql://bugs@localhost"), "{demo}");
+        assert!(demo.contains(DEMO_DATABASE_DEFAULT), "{demo}");
+        assert!(mode_help("run").contains("mysql://bugs@localhost"));
     }
 
     #[test]

@@ -225,9 +225,10 @@ impl Scratch {
             .query_drop(format!("CREATE DATABASE `{}`", scratch.name))
             .map_err(|e| {
                 format!(
-                    "demo: cannot create a scratch database on {}: {e}; \
+                    "demo: cannot create a scratch database on {}: {}; \
                      the account needs CREATE and DROP (or run the demo without --database-url)",
-                    scratch.server
+                    scratch.server,
+                    database::Sentence(&e)
                 )
             })?;
         info!(
@@ -251,19 +252,30 @@ impl Scratch {
         );
         if let Err(e) = admin.query_drop(tables) {
             scratch.drop_database();
-            return Err(format!("demo: cannot create the scratch tables: {e}"));
+            return Err(format!(
+                "demo: cannot create the scratch tables: {}",
+                database::Sentence(&e)
+            ));
         }
         Ok(scratch)
     }
 
+    /// A connection to the server, in no database, the way every other
+    /// connection goes ([`database::connect`]): host `localhost` is the
+    /// Unix socket, so an account `'u'@'localhost'` works here as it does
+    /// for the poller on the scratch database.
     fn admin(&self) -> Result<Conn, String> {
-        let opts = OptsBuilder::from_opts(self.server.opts.clone())
+        let mut server = self.server.clone();
+        server.opts = OptsBuilder::from_opts(server.opts)
             .db_name(None::<String>)
-            .prefer_socket(false)
-            .tcp_connect_timeout(Some(DB_TIMEOUT))
-            .read_timeout(Some(DB_TIMEOUT))
-            .write_timeout(Some(DB_TIMEOUT));
-        Conn::new(opts).map_err(|e| format!("demo: cannot connect to {}: {e}", self.server))
+            .into();
+        database::connect(&server, DB_TIMEOUT).map_err(|e| {
+            format!(
+                "demo: cannot connect to {}: {}",
+                self.server,
+                database::Sentence(&e)
+            )
+        })
     }
 
     /// Drops the scratch database; says so, or says what is left behind.
@@ -271,7 +283,7 @@ impl Scratch {
         let dropped = self.admin().and_then(|mut admin| {
             admin
                 .query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.name))
-                .map_err(|e| e.to_string())
+                .map_err(|e| database::sentence(&e))
         });
         match dropped {
             Ok(()) => info!("demo: dropped scratch database {}", self.name),

@@ -206,6 +206,12 @@ impl BrokerError {
         matches!(&self.cause, Cause::Lapin(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)))
     }
 
+    /// Whether the error's own text already says what to do (a refused
+    /// login or vhost), so that a caller adds no second piece of advice.
+    pub fn advised(&self) -> bool {
+        matches!(self.code(), Some(ACCESS_REFUSED | NOT_ALLOWED))
+    }
+
     fn closed(doing: &'static str) -> BrokerError {
         BrokerError {
             doing,

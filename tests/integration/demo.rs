@@ -165,6 +165,80 @@ fn demo_with_a_database_polls_its_scratch_database_and_drops_it() {
     assert!(!exists(&name), "{name} is dropped after SIGTERM");
 }
 
+/// `--database-url mysql://u:pw@localhost/` with an account
+/// `'u'@'localhost'` only, as the README creates them: host `localhost` is
+/// the Unix socket for the demo's own connection too (this machine's
+/// MariaDB skips name resolution, so a TCP login would be refused), and a
+/// refused login reads as a sentence.
+#[test]
+fn demo_on_localhost_uses_the_socket_and_says_errors_as_sentences() {
+    let user = LocalUser::new();
+    let url = format!("mysql://{}:{}@localhost/", user.name, user.password);
+    let demo = Demo::start(
+        &["--database-url", &url],
+        &[("BZPUSH_LISTEN", "127.0.0.1:0".to_string())],
+    );
+    assert!(
+        wait_until(WAIT, || http_get(&demo.addr(), "/health").0 == 200),
+        "the demo's poller never reached its scratch database:\n{}",
+        demo.bzpush.log()
+    );
+    let (status, _) = demo.stop();
+    assert!(status.success(), "exit status {status}");
+
+    let wrong = format!("mysql://{}:wrong@localhost/", user.name);
+    let finished = Bzpush::run(
+        &["demo", "--database-url", &wrong],
+        &[("BZPUSH_LISTEN", "127.0.0.1:0".to_string())],
+        WAIT,
+    );
+    assert_eq!(finished.status.code(), Some(1), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("Access denied"),
+        "{}",
+        finished.stderr
+    );
+    for wrapper in ["MySqlError", "DriverError", "{", "}"] {
+        assert!(!finished.stderr.contains(wrapper), "{}", finished.stderr);
+    }
+}
+
+/// An account `'NAME'@'localhost'` only, as the README creates them, that
+/// may create and drop the demo's scratch databases; dropped at the end.
+struct LocalUser {
+    name: String,
+    password: String,
+}
+
+impl LocalUser {
+    fn new() -> LocalUser {
+        let user = LocalUser {
+            name: common::unique("u_demo"),
+            password: common::unique("Pw"),
+        };
+        let mut admin = admin_conn();
+        admin
+            .query_drop(format!(
+                "CREATE USER '{}'@'localhost' IDENTIFIED BY '{}'",
+                user.name, user.password
+            ))
+            .expect("create the user");
+        admin
+            .query_drop(format!(
+                "GRANT ALL ON `bzpush\\_demo\\_%`.* TO '{}'@'localhost'",
+                user.name
+            ))
+            .expect("grant the demo's databases");
+        user
+    }
+}
+
+impl Drop for LocalUser {
+    fn drop(&mut self) {
+        let _ = admin_conn().query_drop(format!("DROP USER IF EXISTS '{}'@'localhost'", self.name));
+    }
+}
+
 #[test]
 fn demo_takes_a_free_port_when_the_default_one_is_busy() {
     // Held by this test, or already by someone else: busy either way.

@@ -167,6 +167,8 @@ fn broker_errors_read_as_sentences_with_the_right_advice() {
         .unwrap_or_else(|| panic!("no broker line in:\n{}", finished.stdout));
     assert!(line.contains("the broker refused"), "{line}");
     assert!(!line.contains("is RabbitMQ running"), "{line}");
+    // One piece of advice, not the same one twice in other words.
+    assert_eq!(line.matches(" — ").count(), 1, "{line}");
     assert!(!line.contains("wrong-password"), "{line}");
     assert_sentences(&finished.stdout);
 }
