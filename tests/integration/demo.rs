@@ -10,7 +10,7 @@ use crate::util::demo::{
     Browser, Demo, Nginx, chromium_until_updates, readme_nginx_block, shown_updates,
 };
 use crate::util::serve::{Client, http_get};
-use crate::util::{Bzpush, MYSQL_ADDR, admin_conn, wait_until};
+use crate::util::{Bzpush, MYSQL_ADDR, admin_conn, unique, wait_until};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
 
@@ -213,8 +213,8 @@ struct LocalUser {
 impl LocalUser {
     fn new() -> LocalUser {
         let user = LocalUser {
-            name: common::unique("u_demo"),
-            password: common::unique("Pw"),
+            name: unique("u_demo"),
+            password: unique("Pw"),
         };
         let mut admin = admin_conn();
         admin
