@@ -23,7 +23,9 @@ use crate::{Row, quantile};
 const BACKLOG: u32 = 100_000;
 const RUNS: usize = 3;
 const BATCH_SIZES: &[usize] = &[1000, 5000];
-const TARGET_ROWS_PER_SEC: f64 = 20_000.0;
+/// The drain's target, as a share of the broker floor measured in the
+/// same run: the broker, not the poller, is this machine's limit.
+const TARGET_OF_FLOOR: f64 = 0.9;
 
 /// The default `BZPUSH_POLL_INTERVAL`.
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -37,11 +39,12 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 const ARRIVAL_DEADLINE: Duration = Duration::from_secs(20);
 
 pub fn run() -> Vec<Row> {
-    let mut rows = vec![broker_floor(), throughput(1000, Consumer::None)];
+    let (floor_row, floor) = broker_floor();
+    let mut rows = vec![floor_row, throughput(1000, Consumer::None, floor)];
     rows.extend(
         BATCH_SIZES
             .iter()
-            .map(|&b| throughput(b, Consumer::SameCores)),
+            .map(|&b| throughput(b, Consumer::SameCores, floor)),
     );
     rows.push(lag());
     rows
@@ -71,7 +74,8 @@ fn poller(db: &TestDb, broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush 
     Bzpush::poll(db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &env)
 }
 
-fn throughput(batch_size: usize, consumer: Consumer) -> Row {
+/// `floor`: the broker floor's median in this run, messages/s.
+fn throughput(batch_size: usize, consumer: Consumer, floor: f64) -> Row {
     let rates: Vec<f64> = (1..=RUNS)
         .map(|run| {
             let rate = drain_backlog(batch_size, consumer);
@@ -87,10 +91,14 @@ fn throughput(batch_size: usize, consumer: Consumer) -> Row {
     Row {
         scenario: format!("throughput ({}k-row backlog), {who}", BACKLOG / 1000),
         setting: format!("BZPUSH_BATCH_SIZE={batch_size}"),
-        center: format!("{} rows/s", crate::thousands(median)),
+        center: format!(
+            "{} rows/s = {:.0} % of the floor",
+            crate::thousands(median),
+            100.0 * median / floor
+        ),
         spread: format!("runs: {runs}"),
-        target: format!(">= {} rows/s", crate::thousands(TARGET_ROWS_PER_SEC)),
-        met: Some(median >= TARGET_ROWS_PER_SEC),
+        target: format!(">= {:.0} % of the broker floor", 100.0 * TARGET_OF_FLOOR),
+        met: Some(median >= TARGET_OF_FLOOR * floor),
     }
 }
 
@@ -155,7 +163,7 @@ fn drain_backlog(batch_size: usize, consumer: Consumer) -> f64 {
 /// sends [`BACKLOG`] notifications with confirms, all in flight at once,
 /// with no database to read or delete from. No poller, however it
 /// overlaps its steps, can drain faster than this.
-fn broker_floor() -> Row {
+fn broker_floor() -> (Row, f64) {
     let rates: Vec<f64> = (1..=RUNS)
         .map(|run| {
             let broker = TestBroker::holding();
@@ -186,7 +194,7 @@ fn broker_floor() -> Row {
         })
         .collect();
     let (median, runs) = median_and_runs(rates);
-    Row {
+    let row = Row {
         scenario: format!(
             "broker floor: {}k messages published with confirms, no database",
             BACKLOG / 1000
@@ -196,7 +204,8 @@ fn broker_floor() -> Row {
         spread: format!("runs: {runs}"),
         target: "-".into(),
         met: None,
-    }
+    };
+    (row, median)
 }
 
 /// The median of `rates`, and every run in the order it ran, for the
