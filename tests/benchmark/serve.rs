@@ -85,6 +85,8 @@ const PING_INTERVAL: &str = "10m";
 /// Threads writing the fan-out floor: as many as the server's writer pool
 /// (`WRITER_THREADS` in src/outbox.rs).
 const FLOOR_WRITERS: usize = 4;
+/// Writes to each socket of the fan-out floor per round.
+const FLOOR_PASSES: usize = 4;
 /// The fan-out target, as a ratio of p99 to the floor's p99.
 const TARGET_FANOUT_P99_RATIO: f64 = 1.3;
 
@@ -335,14 +337,6 @@ fn idle_with(o: &Options, k: u64, floor: &mut Option<f64>) -> Vec<Row> {
 }
 
 fn fanout(o: &Options) -> Vec<Row> {
-    let (floor, floor_rounds) = fanout_floor(o.connections, o.repeats);
-    let (floor_p50, floor_p99) = (floor.quantile(0.5), floor.quantile(0.99));
-    eprintln!(
-        "fanout floor: p50 {}, p99 {}, rounds {:?} µs",
-        ms(floor_p50),
-        ms(floor_p99),
-        floor_rounds
-    );
     let server = Server::start(o.connections);
     thread::sleep(Duration::from_secs(1));
     let before = Proc::of(server.pid());
@@ -366,12 +360,16 @@ fn fanout(o: &Options) -> Vec<Row> {
     let phase = 1;
     fleet.reset(phase);
     let cpu_before = Proc::of(server.pid());
-    let own_before = Proc::of(std::process::id());
+    // The load generator's own CPU in the server's rounds only: the floor's
+    // rounds run in this process too.
+    let mut own_cpu = 0.0;
     let mut rounds = Vec::new();
-    let mut seq = 0;
-    for round in 1..=o.repeats as u64 {
-        seq += 1;
-        server.exchange.publish(FANOUT_BUG, &when(phase, seq));
+    // A floor round, then the server's, and so on: the machine is shared,
+    // and its load changes from one second to the next.
+    let (floor, floor_rounds) = fanout_floor(n as usize, o.repeats, |round| {
+        let round = round as u64;
+        let own_before = Proc::of(std::process::id()).cpu_seconds();
+        server.exchange.publish(FANOUT_BUG, &when(phase, round));
         let complete = wait_until(ROUND_DEADLINE, || fleet.received() >= n * round);
         let (first, last) = fleet.take_extremes();
         eprintln!(
@@ -381,11 +379,18 @@ fn fanout(o: &Options) -> Vec<Row> {
             last as f64 / 1000.0,
             if complete { "" } else { " (INCOMPLETE)" }
         );
+        own_cpu += Proc::of(std::process::id()).cpu_seconds() - own_before;
         rounds.push(last);
         thread::sleep(Duration::from_millis(200));
-    }
+    });
+    let (floor_p50, floor_p99) = (floor.quantile(0.5), floor.quantile(0.99));
+    eprintln!(
+        "fanout floor: p50 {}, p99 {}, rounds {:?} µs",
+        ms(floor_p50),
+        ms(floor_p99),
+        floor_rounds
+    );
     let cpu = Proc::of(server.pid()).cpu_seconds() - cpu_before.cpu_seconds();
-    let own_cpu = Proc::of(std::process::id()).cpu_seconds() - own_before.cpu_seconds();
     let stats = fleet.collect();
     let expected = n * o.repeats as u64;
     let lost = expected.saturating_sub(stats.count);
@@ -407,9 +412,13 @@ fn fanout(o: &Options) -> Vec<Row> {
             scenario: format!(
                 "fanout floor: {} bare 60-byte loopback writes, {FLOOR_WRITERS} writer threads, \
                  {READERS} epoll readers, no server",
-                crate::thousands(o.connections as f64)
+                crate::thousands(n as f64)
             ),
-            setting: format!("{} rounds", o.repeats),
+            setting: format!(
+                "{} sockets × {FLOOR_PASSES}, {} rounds, each before a server round",
+                crate::thousands(n.div_ceil(FLOOR_PASSES as u64) as f64),
+                o.repeats
+            ),
             center: format!("p50 {}", ms(floor_p50)),
             spread: format!("p99 {}", ms(floor_p99)),
             target: "–".into(),
@@ -988,11 +997,18 @@ impl Memory {
 /// Each arrival's time since its round started goes into the histogram, so
 /// its p50 and p99 compare with the fan-out's. `rounds` rounds; the second
 /// value is each round's last arrival, µs.
-fn fanout_floor(writes: usize, rounds: usize) -> (Histogram, Vec<u64>) {
-    // Two writes to each socket, one pass after the other as a second
-    // change would: half as many sockets keep the process under its 20,000
-    // file descriptors while the fleet's are not open yet.
-    let pairs = writes.div_ceil(2);
+///
+/// `between(round)` runs after each floor round: the server's round, so
+/// that both see the same load on this shared machine.
+fn fanout_floor(
+    writes: usize,
+    rounds: usize,
+    mut between: impl FnMut(usize),
+) -> (Histogram, Vec<u64>) {
+    // [`FLOOR_PASSES`] writes to each socket, one pass after the other as
+    // further changes would: fewer sockets keep the process under its
+    // 20,000 file descriptors beside the fleet's 10,000.
+    let pairs = writes.div_ceil(FLOOR_PASSES);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
     let addr = listener.local_addr().expect("listener address");
     let mut servers = Vec::with_capacity(pairs);
@@ -1084,6 +1100,7 @@ fn fanout_floor(writes: usize, rounds: usize) -> (Histogram, Vec<u64>) {
             let round_start = *start.lock().unwrap_or_else(|e| e.into_inner());
             lasts.push(round_start.elapsed().as_micros() as u64);
             thread::sleep(Duration::from_millis(200));
+            between(round);
         }
         stop.store(true, Ordering::Relaxed);
         go.wait();
