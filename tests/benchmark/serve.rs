@@ -193,19 +193,109 @@ const IDLE_BUGS: [u64; 4] = [0, 10, 1, 100];
 const IDLE_HEADLINE_BUGS: u64 = 10;
 
 fn idle(o: &Options) -> Vec<Row> {
-    let mut rows = Vec::new();
+    // Both ends in this process: half as many keep it under its 20,000
+    // file descriptors.
+    let floor_connections = o.connections / 2;
+    let (floor_rate, floor_secs) = connection_rate_floor(floor_connections);
+    eprintln!("connection rate floor: {floor_rate:.0}/s ({floor_secs:.2} s)");
+    let mut rows = vec![Row {
+        scenario: "connection rate floor: a bare responder, a thread per connection, \
+                   answering the same upgrade request with a fixed 101"
+            .into(),
+        setting: format!(
+            "{} connections, the same {OPENERS} load-generator threads",
+            crate::thousands(floor_connections as f64)
+        ),
+        center: format!("{}/s", crate::thousands(floor_rate)),
+        spread: format!("{floor_secs:.2} s for all"),
+        target: "–".into(),
+        met: None,
+    }];
     let mut floor: Option<f64> = None;
     for k in IDLE_BUGS {
-        rows.extend(idle_with(o, k, &mut floor));
+        rows.extend(idle_with(o, k, &mut floor, floor_rate));
     }
     rows
+}
+
+/// The floor under the rate at which connections open here: the load
+/// generator's own opener threads against a responder in this process
+/// that does only what any thread-per-connection server must (accept,
+/// start a thread, read the request head, write a fixed 101 answer, then
+/// wait in `read`). Connections per second, and the seconds taken.
+fn connection_rate_floor(n: usize) -> (f64, f64) {
+    const ANSWER: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    let addr = listener.local_addr().expect("listener address");
+    let acceptor = thread::spawn(move || {
+        let mut threads = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Ok((mut socket, _)) = listener.accept() else {
+                break;
+            };
+            let thread = thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let mut head = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => head.extend_from_slice(&chunk[..k]),
+                        }
+                    }
+                    if socket.write_all(ANSWER).is_err() {
+                        return;
+                    }
+                    // Held, as a server holds a connection, until the
+                    // client leaves.
+                    while matches!(socket.read(&mut chunk), Ok(k) if k > 0) {}
+                })
+                .expect("spawn a responder thread");
+            threads.push(thread);
+        }
+        threads
+    });
+    let next = AtomicUsize::new(0);
+    let start = Instant::now();
+    let sockets: Vec<TcpStream> = thread::scope(|scope| {
+        let openers: Vec<_> = (0..OPENERS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    while next.fetch_add(1, Ordering::Relaxed) < n {
+                        match open_one(addr, &[]) {
+                            Ok((socket, _)) => mine.push(socket),
+                            Err(e) => panic!("connection rate floor: {e}"),
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        openers
+            .into_iter()
+            .flat_map(|t| t.join().expect("an opener thread panicked"))
+            .collect()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let opened = sockets.len();
+    drop(sockets);
+    for thread in acceptor.join().expect("the floor's acceptor panicked") {
+        let _ = thread.join();
+    }
+    // The client side closed first here: a moment for its ports' TIME_WAIT
+    // to matter less to the next scenario's connects.
+    thread::sleep(Duration::from_secs(1));
+    (opened as f64 / secs, secs)
 }
 
 /// One idle scenario: every connection subscribed to `k` bugs of its own
 /// (no two connections share one: the costly case for the hub's index).
 /// The first (`k` = 0) sets `floor`, the RSS per connection that never
 /// sent a frame; the others are reported as a ratio to it.
-fn idle_with(o: &Options, k: u64, floor: &mut Option<f64>) -> Vec<Row> {
+fn idle_with(o: &Options, k: u64, floor: &mut Option<f64>, rate_floor: f64) -> Vec<Row> {
     let server = Server::start(o.connections);
     thread::sleep(Duration::from_secs(1));
     let before = Proc::of(server.pid());
@@ -279,7 +369,11 @@ fn idle_with(o: &Options, k: u64, floor: &mut Option<f64>) -> Vec<Row> {
                 "{} connections, {OPENERS} blocking load-generator threads on the same cores",
                 crate::thousands(n as f64)
             ),
-            center: format!("{}/s", crate::thousands(rate)),
+            center: format!(
+                "{}/s = {:.2}× the floor",
+                crate::thousands(rate),
+                rate / rate_floor
+            ),
             spread: format!("{opened_in:.2} s for all"),
             target: format!(
                 ">= {}/s (bugzfeed: 1,421/s)",
