@@ -5,7 +5,9 @@
 //!   RSS per connection beside the floor, connections that never sent a
 //!   frame, as a ratio to it; the server's CPU over `--idle-seconds` (10)
 //!   while nothing happens; connections opened per second (the handshake
-//!   alone, and with the subscription).
+//!   alone, and with the subscription), beside the rate at which the same
+//!   opener threads open connections to a bare thread-per-connection
+//!   responder in this process.
 //! - fanout: as many connections, all subscribed to one bug (their RSS is
 //!   reported too); one change at a time, `--repeats` (20) times; the
 //!   latency of every delivery. Beside it, the floor this machine puts
@@ -384,7 +386,9 @@ fn idle_with(o: &Options, k: u64, floor: &mut Option<f64>, rate_floor: f64) -> V
         tear_down(server, fleet);
         return rows;
     }
-    let ratio = floor.map_or(String::new(), |f| format!(" = {:.2}× the floor", per_conn / f));
+    let ratio = floor.map_or(String::new(), |f| {
+        format!(" = {:.2}× the floor", per_conn / f)
+    });
     let target = match k {
         IDLE_HEADLINE_BUGS => Some(TARGET_KIB_SUBSCRIBED_10),
         100 => Some(TARGET_KIB_SUBSCRIBED_100),
@@ -401,7 +405,11 @@ fn idle_with(o: &Options, k: u64, floor: &mut Option<f64>, rate_floor: f64) -> V
         target: target.map_or("–".into(), |t| {
             format!(
                 "<= {t:.0} KiB{}",
-                if headline { " (bugzfeed: 16.2 KiB)" } else { "" }
+                if headline {
+                    " (bugzfeed: 16.2 KiB)"
+                } else {
+                    ""
+                }
             )
         }),
         met: target.map(|t| all_open && per_conn <= t),
@@ -1111,7 +1119,9 @@ fn fanout_floor(
         let client = TcpStream::connect(addr).expect("connect a socket pair");
         let (server, _) = listener.accept().expect("accept a socket pair");
         server.set_nodelay(true).expect("TCP_NODELAY");
-        client.set_nonblocking(true).expect("make a socket non-blocking");
+        client
+            .set_nonblocking(true)
+            .expect("make a socket non-blocking");
         servers.push(server);
         clients[i % READERS].push(mio::net::TcpStream::from_std(client));
     }
