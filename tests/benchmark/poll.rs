@@ -39,12 +39,11 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 const ARRIVAL_DEADLINE: Duration = Duration::from_secs(20);
 
 pub fn run() -> Vec<Row> {
-    let (floor_row, floor) = broker_floor();
-    let mut rows = vec![floor_row, throughput(1000, Consumer::None, floor)];
+    let mut rows = vec![broker_floor(), throughput(1000, Consumer::None)];
     rows.extend(
         BATCH_SIZES
             .iter()
-            .map(|&b| throughput(b, Consumer::SameCores, floor)),
+            .map(|&b| throughput(b, Consumer::SameCores)),
     );
     rows.push(lag());
     rows
@@ -74,16 +73,33 @@ fn poller(db: &TestDb, broker: &TestBroker, extra: &[(&str, String)]) -> Bzpush 
     Bzpush::poll(db, MYSQL_ADDR, AMQP_ADDR, &broker.exchange, &env)
 }
 
-/// `floor`: the broker floor's median in this run, messages/s.
-fn throughput(batch_size: usize, consumer: Consumer, floor: f64) -> Row {
-    let rates: Vec<f64> = (1..=RUNS)
+/// Each run drains right after a run of the broker floor, and is
+/// reported as a share of it: the machine is shared, and its load moves
+/// between runs more than the poller's own cost does.
+fn throughput(batch_size: usize, consumer: Consumer) -> Row {
+    let (rates, shares): (Vec<f64>, Vec<f64>) = (1..=RUNS)
         .map(|run| {
+            let floor = floor_once(run);
             let rate = drain_backlog(batch_size, consumer);
-            eprintln!("throughput, batch {batch_size}, run {run}/{RUNS}: {rate:.0} rows/s");
-            rate
+            eprintln!(
+                "throughput, batch {batch_size}, run {run}/{RUNS}: {rate:.0} rows/s, \
+                 {:.0} % of the floor's {floor:.0} just before",
+                100.0 * rate / floor
+            );
+            (rate, rate / floor)
         })
-        .collect();
+        .unzip();
     let (median, runs) = median_and_runs(rates);
+    let share = {
+        let mut s = shares.clone();
+        s.sort_by(f64::total_cmp);
+        quantile(&s, 0.5)
+    };
+    let shares = shares
+        .iter()
+        .map(|s| format!("{:.0} %", 100.0 * s))
+        .collect::<Vec<_>>()
+        .join(" / ");
     let who = match consumer {
         Consumer::None => "queued, no consumer",
         Consumer::SameCores => "a consumer on the same cores",
@@ -92,13 +108,13 @@ fn throughput(batch_size: usize, consumer: Consumer, floor: f64) -> Row {
         scenario: format!("throughput ({}k-row backlog), {who}", BACKLOG / 1000),
         setting: format!("BZPUSH_BATCH_SIZE={batch_size}"),
         center: format!(
-            "{} rows/s = {:.0} % of the floor",
-            crate::thousands(median),
-            100.0 * median / floor
+            "{:.0} % of the floor (median), {} rows/s",
+            100.0 * share,
+            crate::thousands(median)
         ),
-        spread: format!("runs: {runs}"),
+        spread: format!("runs: {runs} rows/s = {shares} of the floor run just before"),
         target: format!(">= {:.0} % of the broker floor", 100.0 * TARGET_OF_FLOOR),
-        met: Some(median >= TARGET_OF_FLOOR * floor),
+        met: Some(share >= TARGET_OF_FLOOR),
     }
 }
 
@@ -163,38 +179,10 @@ fn drain_backlog(batch_size: usize, consumer: Consumer) -> f64 {
 /// sends [`BACKLOG`] notifications with confirms, all in flight at once,
 /// with no database to read or delete from. No poller, however it
 /// overlaps its steps, can drain faster than this.
-fn broker_floor() -> (Row, f64) {
-    let rates: Vec<f64> = (1..=RUNS)
-        .map(|run| {
-            let broker = TestBroker::holding();
-            let url = AmqpUrl::parse(&crate::common::amqp_url_at(AMQP_ADDR)).expect("a URL");
-            let publisher =
-                Publisher::connect(&url, &broker.exchange, "bench").expect("connect to publish");
-            let all: Vec<Notification> = (1..=BACKLOG)
-                .map(|i| Notification {
-                    bug: BugId::new(i).expect("a bug id"),
-                    when: ChangeTime::new("2026-11-28T02:04:50"),
-                })
-                .collect();
-            let rabbit = CpuClock::of_process("beam.smp");
-            let start = Instant::now();
-            publisher.publish(&all).expect("publish");
-            let elapsed = start.elapsed();
-            let rate = f64::from(BACKLOG) / elapsed.as_secs_f64();
-            eprintln!(
-                "broker floor, run {run}/{RUNS}: {rate:.0} messages/s; RabbitMQ {:.1} CPU-s",
-                rabbit.seconds()
-            );
-            assert_eq!(
-                broker.queued(),
-                BACKLOG,
-                "the queue should hold every message"
-            );
-            rate
-        })
-        .collect();
+fn broker_floor() -> Row {
+    let rates: Vec<f64> = (1..=RUNS).map(floor_once).collect();
     let (median, runs) = median_and_runs(rates);
-    let row = Row {
+    Row {
         scenario: format!(
             "broker floor: {}k messages published with confirms, no database",
             BACKLOG / 1000
@@ -204,8 +192,36 @@ fn broker_floor() -> (Row, f64) {
         spread: format!("runs: {runs}"),
         target: "-".into(),
         met: None,
-    };
-    (row, median)
+    }
+}
+
+/// One run of the broker floor, messages/s.
+fn floor_once(run: usize) -> f64 {
+    let broker = TestBroker::holding();
+    let url = AmqpUrl::parse(&crate::common::amqp_url_at(AMQP_ADDR)).expect("a URL");
+    let publisher =
+        Publisher::connect(&url, &broker.exchange, "bench").expect("connect to publish");
+    let all: Vec<Notification> = (1..=BACKLOG)
+        .map(|i| Notification {
+            bug: BugId::new(i).expect("a bug id"),
+            when: ChangeTime::new("2026-11-28T02:04:50"),
+        })
+        .collect();
+    let rabbit = CpuClock::of_process("beam.smp");
+    let start = Instant::now();
+    publisher.publish(&all).expect("publish");
+    let elapsed = start.elapsed();
+    let rate = f64::from(BACKLOG) / elapsed.as_secs_f64();
+    eprintln!(
+        "broker floor, run {run}/{RUNS}: {rate:.0} messages/s; RabbitMQ {:.1} CPU-s",
+        rabbit.seconds()
+    );
+    assert_eq!(
+        broker.queued(),
+        BACKLOG,
+        "the queue should hold every message"
+    );
+    rate
 }
 
 /// The median of `rates`, and every run in the order it ran, for the
