@@ -2,7 +2,9 @@
 //!
 //! One thread owns the subscription index of every feed (bug → connections,
 //! connection → bugs) and the catch-up cache; connection threads and broker
-//! consumers talk to it only by [`Message`], never by lock. Each update is
+//! consumers talk to it only by [`Message`], never by lock. It parses the
+//! clients' commands too, so that parsing leaves nothing on the many
+//! connection threads. Each update is
 //! encoded to its WebSocket frame once and the same bytes are queued to every
 //! subscriber's [`Outbox`]. Replies to a connection's commands are queued
 //! here too, so a connection sees its answers, catch-up and live updates in

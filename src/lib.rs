@@ -21,7 +21,8 @@
 //!   cache cannot vouch for it.
 //! - [`outbox`]: each connection's bounded send queue and the writer pool
 //!   that drains them; slow clients are closed, never waited for.
-//! - [`connection`]: one thread per WebSocket client: read, parse, keepalive.
+//! - [`connection`]: one thread per WebSocket client: read, keepalive; the
+//!   hub parses what it reads.
 //! - [`protocol`]: the client protocol (bugzfeed's wire format): frames in,
 //!   commands out, and the JSON of every reply and update; no I/O.
 //! - [`http`]: `/health`, `/metrics`, the live page, request heads.
