@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::panic;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use log::debug;
+use log::{debug, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::cache::Cache;
@@ -346,10 +347,24 @@ impl Hub {
                     },
                 );
             }
-            Message::Command { conn, text } => match protocol::parse(&text) {
-                Ok(command) => self.command(conn, command),
-                Err(error) => self.reply(conn, protocol::error_reply(&error)),
-            },
+            Message::Command { conn, text } => {
+                // A bug in the parser that one client's input reaches must
+                // end that connection, not the hub: it ran on the
+                // connection's own thread before, where it was contained.
+                match panic::catch_unwind(|| protocol::parse(&text)) {
+                    Ok(Ok(command)) => self.command(conn, command),
+                    Ok(Err(error)) => self.reply(conn, protocol::error_reply(&error)),
+                    Err(payload) => {
+                        warn!(
+                            "connection {conn}: parsing its command panicked: {}",
+                            crate::shutdown::panic_message(payload.as_ref())
+                        );
+                        if let Some(c) = self.connections.get(&conn) {
+                            c.outbox.close(CloseCode::Error, "internal error");
+                        }
+                    }
+                }
+            }
             Message::Disconnect { conn } => {
                 if let Some(c) = self.connections.remove(&conn) {
                     if !c.held.is_empty() {
