@@ -1,7 +1,7 @@
 //! One WebSocket client, after its handshake: the connection's only thread.
 //!
-//! The thread blocks reading the socket, parses each text frame into a
-//! command and hands it to the hub; it never writes to the socket itself.
+//! The thread blocks reading the socket and hands each text frame to the
+//! hub, which parses it; it never writes to the socket itself.
 //! Everything it or tungstenite sends (pongs, pings, close replies) goes
 //! into the connection's [`Outbox`], in order with the hub's replies and
 //! updates, and the writer pool puts it on the wire. An idle connection
@@ -21,7 +21,6 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 
 use crate::hub::{ConnId, Event, FeedId, HubSender};
 use crate::outbox::{Outbox, OutboxWriter};
-use crate::protocol;
 
 /// Per-connection read buffer: client messages are small commands, and the
 /// buffer is paid for by every idle connection (tungstenite fills it with
@@ -168,11 +167,8 @@ fn serve(
             }
         };
         pinged = false;
-        let message = match protocol::parse(&text) {
-            Ok(command) => Event::Command { conn, command },
-            Err(error) => Event::Error { conn, error },
-        };
-        if hub.send(message).is_err() {
+        // Parsed by the hub (see `Event::Command`).
+        if hub.send(Event::Command { conn, text }).is_err() {
             return "hub gone".into();
         }
     }

@@ -24,7 +24,8 @@
 //!   that drains them; slow clients are closed, never waited for.
 //! - [`handshake`]: what a request must pass to become a WebSocket (head,
 //!   method, feed path, origin, connection limit); plain HTTP requests.
-//! - [`connection`]: one thread per WebSocket client: read, parse, keepalive.
+//! - [`connection`]: one thread per WebSocket client: read, keepalive; the
+//!   hub parses what it reads.
 //! - [`protocol`]: the client protocol (bugzfeed's wire format): frames in,
 //!   commands out, and the JSON of every reply and update; no I/O.
 //! - [`http`]: `/health`, `/metrics`, the live page, request heads.
