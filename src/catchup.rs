@@ -7,9 +7,16 @@
 //! latest change at or after `since` (`bugs.delta_ts`), and sends the answer
 //! back to the hub as a message. It must never write to the database, and
 //! never block the hub: the hub only queues jobs.
+//!
+//! Each time it connects, it also measures how far the database's clock is
+//! from this host's and tells the hub ([`Event::DatabaseClock`]): `serve`'s
+//! cache resumes on this host's clock, and needs the offset to compare that
+//! with the database's stamps (see `cache`). Bugzilla stamps with the
+//! database's `NOW()`, in the server's default time zone, which is also
+//! this connection's.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Receiver;
 use log::debug;
@@ -18,7 +25,7 @@ use mysql::prelude::Queryable;
 use crate::config::DatabaseUrl;
 use crate::database::{self, bug_id, change_time};
 use crate::hub::{CatchUpJob, Event, HubSender};
-use crate::notification::{BugId, ChangeTime, Notification};
+use crate::notification::{BugId, ChangeTime, Moment, Notification};
 use crate::retry::Link;
 
 /// Jobs handed to the worker at once. More wait in the hub (at most one per
@@ -39,7 +46,15 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// and times from the rows.
 pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
     let mut link = Link::new("catch-up database", database.to_string());
-    let mut db: Option<mysql::Conn> = None;
+    // Connected at once, so that the clock is known before the first
+    // catch-up; if the database is down, the first job connects and says so.
+    let mut db = match connect(database, &hub) {
+        Ok(db) => Some(db),
+        Err(e) => {
+            debug!("catch-up database: {e}; connecting again at the first catch-up");
+            None
+        }
+    };
     while let Ok(first) = jobs.recv() {
         let mut ids = first.bugs.len();
         let mut batch = vec![first];
@@ -49,7 +64,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
             ids += job.bugs.len();
             batch.push(job);
         }
-        let rows = match latest_changes(database, &mut db, &batch) {
+        let rows = match latest_changes(database, &mut db, &batch, &hub) {
             Ok(rows) => {
                 link.up();
                 Some(rows)
@@ -107,6 +122,7 @@ fn latest_changes(
     url: &DatabaseUrl,
     db: &mut Option<mysql::Conn>,
     batch: &[CatchUpJob],
+    hub: &HubSender,
 ) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
     if let Some(open) = db.as_mut() {
         match query(open, batch) {
@@ -117,8 +133,32 @@ fn latest_changes(
             }
         }
     }
-    let fresh = db.insert(database::connect(url, QUERY_TIMEOUT)?);
+    let fresh = db.insert(connect(url, hub)?);
     query(fresh, batch)
+}
+
+/// A new connection, once the hub knows the database's clock by it.
+fn connect(url: &DatabaseUrl, hub: &HubSender) -> Result<mysql::Conn, mysql::Error> {
+    let mut db = database::connect(url, QUERY_TIMEOUT)?;
+    let ahead = clock_ahead(&mut db)?;
+    debug!("catch-up database: its clock is at most {ahead} s ahead of this host's");
+    // Fails only when the hub has stopped, which ends this worker anyway.
+    let _ = hub.send(Event::DatabaseClock { ahead });
+    Ok(db)
+}
+
+/// At most how many seconds the database's clock runs ahead of this host's
+/// (negative: behind). Its `NOW()` is truncated to the second and read at
+/// some moment after `before`: the true offset is below `now + 1 - before`.
+fn clock_ahead(db: &mut mysql::Conn) -> Result<i64, mysql::Error> {
+    let before = Moment::from_system(SystemTime::now());
+    let now: Option<String> = db.query_first("SELECT DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s')")?;
+    let Some(now) = now.as_deref().and_then(Moment::parse) else {
+        return Err(mysql::Error::IoError(std::io::Error::other(format!(
+            "the database answered NOW() with {now:?}, not a time: is it MariaDB or MySQL?"
+        ))));
+    };
+    Ok(now.secs() + 1 - before.secs())
 }
 
 fn query(

@@ -293,7 +293,8 @@ fn check_time_zone(report: &mut Report, db: &mut Conn) {
         Some(zone) => report.warn(&format!(
             "database time zone: {zone}, not UTC — when its clock goes back (summer \
              time ending), a change stamped in the repeated hour is still delivered live, \
-             but a client's `since` catch-up cannot see it; run the server on UTC \
+             but a client's `since` catch-up cannot see it, and `serve` without a \
+             catch-up database takes its stamps for UTC; run the server on UTC \
              (default_time_zone = '+00:00')"
         )),
         None => report.line(Ok("database time zone: UTC".to_string())),

@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{debug, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, DatabaseClock, Resumed};
 use crate::metrics::Metrics;
 use crate::notification::{BugId, ChangeTime, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
@@ -67,8 +67,11 @@ pub enum Event {
     },
     /// The feed's upstream (a broker consumer, the in-process poller) just
     /// started receiving from a point known to be complete: everything
-    /// published from now on reaches the hub.
-    Resumed { feed: FeedId },
+    /// published from `at` on reaches the hub.
+    Resumed { feed: FeedId, at: Resumed },
+    /// The catch-up database's clock runs at most `ahead` seconds ahead of
+    /// this host's (negative: behind), measured when it connected.
+    DatabaseClock { ahead: i64 },
     /// The database's answer to a catch-up; `None` if it failed.
     CaughtUp {
         conn: ConnId,
@@ -124,10 +127,14 @@ impl Sink for HubSink {
     }
 
     /// Another poller may have taken changes while this one had no lock:
-    /// the cache vouches only for what comes from now on.
-    fn activated(&mut self) {
+    /// the cache vouches only for what is stamped after `database_now`,
+    /// on the database's clock, whatever this host's says.
+    fn activated(&mut self, database_now: Option<Moment>) {
         // Only fails during shutdown, when nobody asks the cache any more.
-        let _ = self.hub.send(Event::Resumed { feed: self.feed });
+        let _ = self.hub.send(Event::Resumed {
+            feed: self.feed,
+            at: Resumed::Database(database_now),
+        });
     }
 
     fn send(&mut self, batch: &[Notification]) -> Result<(), HubGone> {
@@ -315,11 +322,18 @@ pub struct HubConfig {
 
 impl Hub {
     pub fn new(config: HubConfig, metrics: Arc<Metrics>) -> Hub {
+        // With a catch-up database, its clock is measured when it connects
+        // (`catchup`); without one, it is assumed to be on UTC.
+        let clock = if config.catchup.is_some() {
+            DatabaseClock::Awaited
+        } else {
+            DatabaseClock::AssumedUtc
+        };
         Hub {
             feeds: (0..config.feeds)
                 .map(|_| Feed {
                     subscribers: HashMap::new(),
-                    cache: Cache::new(config.cache_size),
+                    cache: Cache::new(config.cache_size, clock),
                 })
                 .collect(),
             subscribers: HashMap::new(),
@@ -383,9 +397,14 @@ impl Hub {
             }
             Event::Notify { feed, notification } => self.notify(feed, &notification),
             Event::CaughtUp { conn, updates } => self.caught_up(conn, updates),
-            Event::Resumed { feed } => {
+            Event::Resumed { feed, at } => {
                 if let Some(f) = self.feeds.get_mut(feed) {
-                    f.cache.resume(Moment::from_system(SystemTime::now()));
+                    f.cache.resume(at);
+                }
+            }
+            Event::DatabaseClock { ahead } => {
+                for f in &mut self.feeds {
+                    f.cache.database_clock(ahead);
                 }
             }
             Event::CloseAll => {
@@ -472,7 +491,10 @@ impl Hub {
                     return;
                 };
                 let asked: HashSet<BugId> = bugs.into_iter().collect();
-                if feed.cache.complete_since(&since) {
+                if feed
+                    .cache
+                    .complete_since(&since, Moment::from_system(SystemTime::now()))
+                {
                     c.reply(text_frame(protocol::subscribe_reply(
                         c.bugs.iter().copied(),
                         false,
@@ -610,7 +632,7 @@ impl Hub {
 /// Answers a `since` from the cache alone: `partial` unless the cache can
 /// vouch for it. Then releases whatever was held.
 fn answer_from_cache(c: &mut Subscriber, cache: &Cache, held: Held) {
-    let partial = !cache.complete_since(&held.since);
+    let partial = !cache.complete_since(&held.since, Moment::from_system(SystemTime::now()));
     c.reply(text_frame(protocol::subscribe_reply(
         held.subscribed.iter().copied(),
         partial,

@@ -99,9 +99,10 @@ pub trait Sink {
         Ok(())
     }
 
-    /// This poller just took the lock: everything it sends from now on
-    /// follows. Another poller may have taken changes meanwhile.
-    fn activated(&mut self) {}
+    /// This poller just took the lock, by `database_now` on the database's
+    /// clock (`None` if the database did not say): everything stamped later
+    /// reaches this sink. Another poller may have taken changes meanwhile.
+    fn activated(&mut self, _database_now: Option<crate::notification::Moment>) {}
 }
 
 /// The database the poller runs on: Bugzilla's MariaDB ([`MariaDb`]), or
@@ -470,8 +471,12 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
                 // process's connection after a server restart: not kept.
                 self.session = id.map(|id| db.lock_holder(id)).filter(|h| h.host.is_some());
                 self.set_role(PollerRole::Active);
-                self.source.activated(&ChangeTime::new(now), waited);
-                self.sink.activated();
+                let now = ChangeTime::new(now);
+                self.source.activated(&now, waited);
+                // NOW() is when the statement began: GET_LOCK took the lock
+                // at most its wait later.
+                let locked = now.at().map(|at| at.plus_secs(LOCK_WAIT_SECS.into()));
+                self.sink.activated(locked);
                 return Ok(true);
             }
             self.database_up();

@@ -4,7 +4,7 @@
 //! redelivered in a loop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_lite::StreamExt;
 use futures_lite::future::{self, block_on};
@@ -19,9 +19,11 @@ use super::{
     ACK_TIMEOUT, BrokerError, Cause, NOT_FOUND, PRECONDITION_FAILED, declare_exchange, decode,
     wait, wait_at_most,
 };
+use crate::cache::Resumed;
 use crate::config::AmqpUrl;
 use crate::hub::{Event, FeedId, HubSender};
 use crate::metrics::Metrics;
+use crate::notification::Moment;
 use crate::retry::{Backoff, Link};
 use crate::shutdown::Shutdown;
 
@@ -256,7 +258,16 @@ fn consume_once(
     // Everything published from now on reaches this queue; what was
     // consumed before (by a predecessor, or before the queue existed) may
     // not: the cache vouches only for later changes.
-    if hub.send(Event::Resumed { feed: setup.feed }).is_err() {
+    // This host's clock: the hub shifts it by the database's measured
+    // offset, if it can measure one.
+    let resumed = Resumed::Host(Moment::from_system(SystemTime::now()));
+    if hub
+        .send(Event::Resumed {
+            feed: setup.feed,
+            at: resumed,
+        })
+        .is_err()
+    {
         return Ok(());
     }
     let mut acks = Acks::default();

@@ -12,7 +12,7 @@ use crate::util;
 
 use std::time::Duration;
 
-use crate::util::run::{ExchangeName, TestUser, closed_port};
+use crate::util::run::{ExchangeName, TestUser, ZonedServer, closed_port};
 use crate::util::serve::{Client, http_get, metric, partial, t, update, version};
 use crate::util::{AMQP_ADDR, Bzpush, Finished, MYSQL_ADDR, Proxy, TestBroker, TestDb};
 use crate::util::{amqp_url_at, datetime, wait_until};
@@ -310,6 +310,70 @@ fn serve_catches_up_from_its_database_and_says_partial_when_it_cannot() {
         recv_n(&mut client, 2),
         [update(1, &t(100)), update(2, &t(300))]
     );
+    assert_nothing_queued(&mut client);
+}
+
+/// Records a change of `bug` at `when` (a DATETIME literal) on `server`,
+/// in `bugs` and `push_notify`, as Bugzilla does; returns `when` as the
+/// update carries it.
+fn change_on(server: &ZonedServer, bug: u32, when: &str) -> String {
+    let mut conn = server.conn();
+    conn.exec_drop(
+        "INSERT INTO bugs (bug_id, delta_ts) VALUES (?, ?)
+         ON DUPLICATE KEY UPDATE delta_ts = VALUES(delta_ts)",
+        (bug, when),
+    )
+    .expect("set bugs.delta_ts");
+    assert!(TestDb::push_notify_change(&mut conn, bug, Some(when)));
+    when.replace(' ', "T")
+}
+
+/// Issue 8 item 2, a database clock ahead of this host (a Bugzilla
+/// database on CET: its NOW() and its stamps an hour ahead of UTC). After a
+/// clean restart of `run`, a `since` taken from a stamp before the restart
+/// must not be vouched for by the cache: the database answers it.
+#[test]
+fn run_restarted_on_a_database_clock_ahead_of_the_host_answers_since_from_the_database() {
+    let zoned = ZonedServer::start("+01:00");
+    let lock = ("BZPUSH_LOCK_NAME", util::unique("bzpush.zoned"));
+    let mut server = Bzpush::run_url(zoned.url(), std::slice::from_ref(&lock));
+    server.wait_healthy();
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [5, 6]})),
+        subscribed(&[5, 6])
+    );
+    let when6 = change_on(&zoned, 6, &zoned.now());
+    assert_eq!(client.recv(WAIT), update(6, &when6));
+    let when5 = change_on(&zoned, 5, &zoned.now());
+    assert_eq!(client.recv(WAIT), update(5, &when5));
+    let mut conn = zoned.conn();
+    assert!(
+        wait_until(WAIT, || conn
+            .query_first::<u64, _>("SELECT COUNT(*) FROM push_notify")
+            .ok()
+            .flatten()
+            == Some(0)),
+        "the delivered rows were not deleted"
+    );
+    server.sigterm();
+    assert!(server.wait_exit(WAIT).is_some(), "run did not stop");
+
+    let server = Bzpush::run_url(zoned.url(), std::slice::from_ref(&lock));
+    server.wait_healthy();
+    // Healthy: the new poller took the lock, and told the hub at once.
+    // No change comes after the restart: a stamp seen ahead of this host's
+    // clock would show the offset, which the input does not.
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(subscribe_since(&[5, 6], &when6)),
+        subscribed(&[5, 6]),
+        "the database can answer since {when6}, complete:\n{}",
+        server.log()
+    );
+    let mut got = recv_n(&mut client, 2);
+    got.sort_by_key(|u| u["bug"].as_u64());
+    assert_eq!(got, [update(5, &when5), update(6, &when6)]);
     assert_nothing_queued(&mut client);
 }
 

@@ -990,3 +990,65 @@ fn sigterm_closes_clients_with_1001_and_exits_0() {
         .unwrap_or_else(|| panic!("still running after SIGTERM:\n{}", server.log()));
     assert_eq!(status.code(), Some(0), "{}", server.log());
 }
+
+/// Issue 8 item 2 on `serve`: a database clock an hour ahead of this host
+/// (a Bugzilla database on CET). `serve` delivers and acks bugs 6 and 5,
+/// is killed, and starts again on its inherited queue: a `since` taken
+/// from a stamp before the kill is not the cache's to vouch for. The
+/// catch-up database, whose clock offset `serve` measures, answers it.
+#[test]
+fn serve_restarted_on_a_database_clock_ahead_of_the_host_answers_since_from_the_database() {
+    use mysql::prelude::Queryable;
+    let zoned = crate::util::run::ZonedServer::start("+01:00");
+    let broker = TestBroker::new();
+    let queue = (
+        "BZPUSH_QUEUE",
+        format!("queue/guest/{}", unique("bzpush-test")),
+    );
+    let catchup = ("BZPUSH_CATCHUP_DATABASE_URL", zoned.url());
+    let feeds = format!("/={}", broker.exchange);
+    // The server's broker link, to see it ack.
+    let link = Proxy::to(AMQP_ADDR);
+    let mut server = Bzpush::serve_at(&link.addr(), &feeds, &[queue.clone(), catchup.clone()]);
+    server.wait_healthy();
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [5, 6]})),
+        ok("subscribe", &[5, 6])
+    );
+    let mut stamps = Vec::new();
+    for bug in [6, 5] {
+        let now = zoned.now();
+        zoned
+            .conn()
+            .exec_drop(
+                "INSERT INTO bugs (bug_id, delta_ts) VALUES (?, ?)",
+                (bug, &now),
+            )
+            .expect("set bugs.delta_ts");
+        let when = now.replace(' ', "T");
+        broker.publish(bug, &when);
+        assert_eq!(client.recv(WAIT), update(bug, &when));
+        stamps.push(when);
+    }
+    assert!(
+        wait_until(WAIT, || link.client_spoke_last()),
+        "the server said nothing to the broker after its last delivery: no ack"
+    );
+    server.kill9();
+
+    let server = Bzpush::serve(&broker, &[queue, catchup]);
+    // Healthy: consuming its inherited queue, which holds nothing.
+    server.wait_healthy();
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [5, 6], "since": stamps[0]})),
+        ok("subscribe", &[5, 6]),
+        "the database can answer since {}, complete:\n{}",
+        stamps[0],
+        server.log()
+    );
+    let mut got = vec![client.recv(WAIT), client.recv(WAIT)];
+    got.sort_by_key(|u| u["bug"].as_u64());
+    assert_eq!(got, [update(5, &stamps[1]), update(6, &stamps[0])]);
+}

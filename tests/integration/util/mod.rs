@@ -170,6 +170,18 @@ pub fn datetime(secs: u32) -> (String, String) {
     )
 }
 
+/// Bugzilla's `push_notify`, and a minimal `bugs` table.
+pub const BUGZILLA_TABLES: &str = "CREATE TABLE push_notify (
+       id INT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+       bug_id MEDIUMINT NOT NULL,
+       delta_ts DATETIME NOT NULL,
+       UNIQUE KEY push_notify_idx (bug_id));
+     CREATE TABLE bugs (
+       bug_id MEDIUMINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+       short_desc VARCHAR(255) NOT NULL DEFAULT '',
+       delta_ts DATETIME NOT NULL,
+       KEY bugs_delta_ts_idx (delta_ts))";
+
 /// A database of its own, with Bugzilla's `push_notify` and a minimal
 /// `bugs` table, dropped at the end of the test.
 pub struct TestDb {
@@ -185,18 +197,7 @@ impl TestDb {
             .expect("create the test database");
         let db = TestDb { name };
         db.conn()
-            .query_drop(
-                "CREATE TABLE push_notify (
-                   id INT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                   bug_id MEDIUMINT NOT NULL,
-                   delta_ts DATETIME NOT NULL,
-                   UNIQUE KEY push_notify_idx (bug_id));
-                 CREATE TABLE bugs (
-                   bug_id MEDIUMINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                   short_desc VARCHAR(255) NOT NULL DEFAULT '',
-                   delta_ts DATETIME NOT NULL,
-                   KEY bugs_delta_ts_idx (delta_ts))",
-            )
+            .query_drop(BUGZILLA_TABLES)
             .expect("create the Bugzilla tables");
         db
     }

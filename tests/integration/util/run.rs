@@ -138,3 +138,101 @@ impl Drop for ExchangeName {
         }
     }
 }
+
+/// A MariaDB server of the test's own whose clock is on time zone `zone`
+/// (`+01:00`: a Bugzilla database on local time east of UTC), with
+/// Bugzilla's tables in database `bugs`; stopped and removed at the end of
+/// the test. The shared server's zone is everyone's: it is never changed.
+pub struct ZonedServer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    pub addr: String,
+}
+
+impl ZonedServer {
+    pub fn start(zone: &str) -> ZonedServer {
+        const INSTALL: &str = "mariadb-install-db and mariadbd must be installed \
+                               (apt-get install mariadb-server)";
+        let dir = std::env::temp_dir().join(unique("bzpush-zoned"));
+        let data = dir.join("data");
+        let installed = std::process::Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--skip-test-db", "--user=root"])
+            .arg(format!("--datadir={}", data.display()))
+            .arg("--auth-root-authentication-method=normal")
+            .output()
+            .unwrap_or_else(|e| panic!("{INSTALL}: {e}"));
+        assert!(
+            installed.status.success(),
+            "mariadb-install-db failed: {}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        let addr = closed_port();
+        let port = addr.rsplit(':').next().unwrap_or_default().to_string();
+        let child = std::process::Command::new("mariadbd")
+            .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1"])
+            .args(["--innodb-buffer-pool-size=16M", "--skip-log-bin"])
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", dir.join("sock").display()))
+            .arg(format!("--pid-file={}", dir.join("pid").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .arg(format!("--port={port}"))
+            .arg(format!("--default-time-zone={zone}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{INSTALL}: {e}"));
+        let server = ZonedServer { child, dir, addr };
+        assert!(
+            super::wait_until(STARTUP, || server.try_conn(None).is_ok()),
+            "the test's own mariadbd did not start: see {}",
+            server.dir.join("error.log").display()
+        );
+        let mut conn = server
+            .try_conn(None)
+            .expect("connect to the test's mariadbd");
+        conn.query_drop("CREATE DATABASE bugs")
+            .expect("create database bugs");
+        conn.query_drop("USE bugs").expect("use bugs");
+        conn.query_drop(super::BUGZILLA_TABLES)
+            .expect("create the Bugzilla tables");
+        server
+    }
+
+    fn try_conn(&self, db: Option<&str>) -> Result<mysql::Conn, mysql::Error> {
+        let (host, port) = self.addr.rsplit_once(':').unwrap_or_default();
+        let opts = mysql::OptsBuilder::new()
+            .ip_or_hostname(Some(host))
+            .tcp_port(port.parse().unwrap_or_default())
+            .user(Some("root"))
+            .db_name(db)
+            .tcp_connect_timeout(Some(Duration::from_secs(5)));
+        mysql::Conn::new(opts)
+    }
+
+    /// A connection to database `bugs`.
+    pub fn conn(&self) -> mysql::Conn {
+        self.try_conn(Some("bugs"))
+            .expect("connect to the test's mariadbd")
+    }
+
+    /// The URL bzpush uses for database `bugs`.
+    pub fn url(&self) -> String {
+        format!("mysql://root@{}/bugs", self.addr)
+    }
+
+    /// The server's `NOW()`, as a DATETIME literal.
+    pub fn now(&self) -> String {
+        self.conn()
+            .query_first("SELECT DATE_FORMAT(NOW(), '%Y-%m-%d %H:%i:%s')")
+            .expect("ask NOW()")
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ZonedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
