@@ -213,8 +213,8 @@ struct LocalUser {
 impl LocalUser {
     fn new() -> LocalUser {
         let user = LocalUser {
-            name: common::unique("u_demo"),
-            password: common::unique("Pw"),
+            name: crate::util::unique("u_demo"),
+            password: crate::util::unique("Pw"),
         };
         let mut admin = admin_conn();
         admin
