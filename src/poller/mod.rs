@@ -454,7 +454,10 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
 
     /// Connects, waits for the lock, polls. `Ok` only on shutdown.
     fn connect_and_work(&mut self, backoff: &mut Backoff) -> Result<(), mysql::Error> {
-        let mut db = self.db.connect().inspect_err(|_| self.refused_at_work = false)?;
+        let mut db = self
+            .db
+            .connect()
+            .inspect_err(|_| self.refused_at_work = false)?;
         if self.take_lock(&mut db)? {
             self.work(&mut db, backoff)?;
         }

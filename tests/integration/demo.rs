@@ -468,7 +468,9 @@ fn a_client_that_saw_no_update_resubscribes_without_since_and_emits_partial_in_c
     for message in subscribes {
         assert_eq!(message["command"], "subscribe", "{sent}");
         assert!(
-            message.get("since").is_none_or(|since| since.is_null() || since == ""),
+            message
+                .get("since")
+                .is_none_or(|since| since.is_null() || since == ""),
             "a since the server never sent: {sent}"
         );
     }

@@ -406,7 +406,11 @@ fn a_poller_refused_while_active_lets_a_standby_that_works_take_over() {
         refused.log()
     );
     let (status, json) = health(&refused);
-    assert_eq!((status, &json["database"]), (503, &json!("refused")), "{json}");
+    assert_eq!(
+        (status, &json["database"]),
+        (503, &json!("refused")),
+        "{json}"
+    );
     assert!(
         json["reason"].as_str().is_some_and(|r| r.contains(&format!(
             "GRANT SELECT, DELETE ON `{}`.push_notify",
@@ -415,5 +419,10 @@ fn a_poller_refused_while_active_lets_a_standby_that_works_take_over() {
         "{json}"
     );
     assert_eq!(health(&working).1["poller"], "active");
-    assert_eq!(log_lines(&refused.log(), &["refused"]), 1, "{}", refused.log());
+    assert_eq!(
+        log_lines(&refused.log(), &["refused"]),
+        1,
+        "{}",
+        refused.log()
+    );
 }
