@@ -426,3 +426,69 @@ fn a_poller_refused_while_active_lets_a_standby_that_works_take_over() {
         refused.log()
     );
 }
+
+/// The same for `poll`: the refused poller has published the change but
+/// may not delete it; the standby that takes over publishes it again (a
+/// duplicate is allowed, a loss is not) and deletes it.
+#[test]
+fn a_poll_refused_while_active_lets_a_standby_that_works_publish_and_delete() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let select_only = TestUser::new(&[
+        format!("SELECT ON `{}`.push_notify", db.name),
+        format!("SELECT ON `{}`.bugs", db.name),
+    ]);
+    let granted = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", db.name)]);
+    let as_user = |user: &TestUser| [("BZPUSH_DATABASE_URL", user.url(&db))];
+    let refused = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &as_user(&select_only),
+    );
+    assert!(
+        refused.wait_for_log("active: holding database lock", WAIT),
+        "{}",
+        refused.log()
+    );
+    let working = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &as_user(&granted),
+    );
+    assert!(
+        working.wait_for_log("standby: database lock", WAIT),
+        "{}",
+        working.log()
+    );
+
+    let (sql, wire) = util::datetime(4);
+    TestDb::push_notify_change(&mut db.conn(), 4, Some(&sql));
+    assert!(
+        wait_until(RETRY_WAIT, || db.push_notify_rows() == 0),
+        "the standby took over and deleted the row:\n{}\n{}",
+        refused.log(),
+        working.log()
+    );
+    assert!(
+        working.wait_for_log("active: holding database lock", WAIT),
+        "{}",
+        working.log()
+    );
+    // Published by the refused poller, then again by the one that took
+    // over: every copy is this change.
+    let message = broker.recv(WAIT).expect("the change is published");
+    assert_eq!(message.bug_and_time(), (4, wire.clone()));
+    while let Some(message) = broker.recv(Duration::from_millis(500)) {
+        assert_eq!(message.bug_and_time(), (4, wire.clone()));
+    }
+    assert_eq!(
+        log_lines(&refused.log(), &["refused"]),
+        1,
+        "{}",
+        refused.log()
+    );
+}
