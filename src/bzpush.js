@@ -8,15 +8,18 @@
 // It reconnects by itself, waiting longer after each failure (with jitter,
 // so a thousand clients cut off by one restart do not all come back in the
 // same second), and resubscribes with `since` set to the newest `when` it
-// has seen, so nothing that changed while it was away is lost. Updates
-// before the first one seen are covered from the time of the first
-// subscribe, on the client's clock less a margin for clock skew.
+// has seen, so nothing that changed while it was away is lost. Before it
+// has seen any update it has no time of the server's to ask from (its own
+// clock may be hours off the database's): it resubscribes without `since`
+// and emits `partial` for the bugs it was subscribed to, which may have
+// changed meanwhile.
 //
 // Events (a CustomEvent each, data in `detail`):
 //   update   {bug, when}       a bug changed; may repeat, never skips
 //   partial  {bugs}            the server cannot vouch for every update since
-//                              the last one seen: refresh these bugs from
-//                              Bugzilla's REST API
+//                              the last one seen, or none was seen before a
+//                              reconnect: refresh these bugs from Bugzilla's
+//                              REST API
 //   open     {}                connected and (re)subscribed
 //   close    {code, reason, retryIn}   disconnected; retrying in retryIn ms
 //   error    {command, error}  the server refused a command
@@ -24,10 +27,6 @@
 "use strict";
 
 (function (global) {
-  // When no update was seen yet, catch up from this long before the first
-  // subscribe: covers a client clock somewhat ahead of the database's.
-  const SKEW_MARGIN_MS = 5 * 60 * 1000;
-
   // `YYYY-MM-DDTHH:MM:SS` from any of the forms the server accepts, so
   // times compare as text in time order.
   function normalize(when) {
@@ -44,7 +43,8 @@
       this.maxDelay = options.maxDelay || 60000;
       this.bugs = new Set();
       this.newest = null; // newest `when` seen, normalized
-      this.firstSubscribe = null; // client time of the first subscribe
+      this.sent = new Set(); // bugs subscribed on some connection
+      this.missed = []; // bugs to report `partial` for at the next subscribe answer
       this.lastByBug = new Map(); // bug -> last `when` delivered
       this.failures = 0;
       this.timer = null;
@@ -58,13 +58,15 @@
       const added = [].concat(bugs).map(Number).filter((b) => Number.isInteger(b) && b > 0 && !this.bugs.has(b));
       if (added.length === 0) return;
       added.forEach((b) => this.bugs.add(b));
-      if (this.firstSubscribe === null) this.firstSubscribe = Date.now();
-      this.send({command: "subscribe", bugs: added, since: this.since()});
+      if (this.send(this.subscribeCommand(added))) added.forEach((b) => this.sent.add(b));
     }
 
     unsubscribe(bugs) {
       const removed = [].concat(bugs).map(Number).filter((b) => this.bugs.delete(b));
-      removed.forEach((b) => this.lastByBug.delete(b));
+      removed.forEach((b) => {
+        this.lastByBug.delete(b);
+        this.sent.delete(b);
+      });
       if (removed.length) this.send({command: "unsubscribe", bugs: removed});
     }
 
@@ -75,14 +77,20 @@
       if (this.ws) this.ws.close(1000, "client closed");
     }
 
-    since() {
-      if (this.newest) return this.newest;
-      if (this.firstSubscribe === null) return "";
-      return new Date(this.firstSubscribe - SKEW_MARGIN_MS).toISOString().slice(0, 19);
+    // `since` only from a `when` the server sent: a time from this
+    // client's clock could be ahead of the database's, and the server
+    // would vouch for it and skip what changed in between.
+    subscribeCommand(bugs) {
+      const command = {command: "subscribe", bugs};
+      if (this.newest) command.since = this.newest;
+      return command;
     }
 
+    // Whether `message` went out (the connection is open).
     send(message) {
-      if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(message));
+      if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+      this.ws.send(JSON.stringify(message));
+      return true;
     }
 
     emit(type, detail) {
@@ -99,7 +107,13 @@
       }
       this.ws = ws;
       ws.onopen = () => {
-        if (this.bugs.size) this.send({command: "subscribe", bugs: [...this.bugs], since: this.since()});
+        const bugs = [...this.bugs];
+        // No `when` seen: nothing tells what changed while away.
+        this.missed = this.newest ? [] : bugs.filter((b) => this.sent.has(b));
+        if (bugs.length) {
+          this.send(this.subscribeCommand(bugs));
+          bugs.forEach((b) => this.sent.add(b));
+        }
         this.emit("open", {});
       };
       ws.onmessage = (event) => this.receive(event.data);
@@ -129,6 +143,8 @@
         // A working subscription: the next failure starts the backoff afresh.
         this.failures = 0;
         if (msg.partial) this.emit("partial", {bugs: msg.bugs});
+        else if (this.missed.length) this.emit("partial", {bugs: this.missed});
+        this.missed = [];
       }
     }
 

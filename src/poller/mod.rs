@@ -16,7 +16,9 @@
 //!
 //! Errors come in two kinds: the database is down (connection and I/O
 //! errors, retried with capped backoff) or it answers and refuses (a missing
-//! table or privilege: said once with the fix, retried slowly). The role
+//! table or privilege: said once with the fix, retried slowly; an active
+//! poller refused lets go of the lock meanwhile, so that a standby whose
+//! account works takes over). The role
 //! (active or standby, and who holds the lock) and a refusal are logged once
 //! per change, sent to systemd as `STATUS=`, and kept in [`Metrics`] for
 //! `/health` and `/metrics`.
@@ -363,6 +365,10 @@ struct Poller<'a, D, S, K> {
     /// without a word.
     reconnect_quietly: bool,
     last_quiet_reconnect: Option<Instant>,
+    /// The refusal in force was met while polling (a table or privilege
+    /// missing), not while connecting: waiting for the lock does not show
+    /// that it is over, only a whole poll does.
+    refused_at_work: bool,
 }
 
 impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
@@ -394,6 +400,7 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
             handed_over: HashSet::new(),
             reconnect_quietly: false,
             last_quiet_reconnect: None,
+            refused_at_work: false,
         }
     }
 
@@ -448,7 +455,10 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
 
     /// Connects, waits for the lock, polls. `Ok` only on shutdown.
     fn connect_and_work(&mut self, backoff: &mut Backoff) -> Result<(), mysql::Error> {
-        let mut db = self.db.connect()?;
+        let mut db = self
+            .db
+            .connect()
+            .inspect_err(|_| self.refused_at_work = false)?;
         if self.take_lock(&mut db)? {
             self.work(&mut db, backoff)?;
         }
@@ -479,7 +489,9 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
                 self.sink.activated(locked);
                 return Ok(true);
             }
-            self.database_up();
+            if !self.refused_at_work {
+                self.database_up();
+            }
             // A standby owes no changes: its lag stays zero, and the
             // active poller's shows.
             self.metrics.poll_lag_from(Instant::now());
@@ -554,6 +566,7 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
 
     /// The database answers: connected, no longer refusing.
     fn database_up(&mut self) {
+        self.refused_at_work = false;
         self.database.up();
         let was_refused = self.metrics.poller().refused.take().is_some();
         if was_refused && let Some(role) = &self.role {
@@ -563,6 +576,7 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
     }
 
     fn database_down(&mut self, error: &mysql::Error) {
+        self.refused_at_work = false;
         let was_refused = self.metrics.poller().refused.take().is_some();
         if was_refused {
             // The last STATUS= was the refusal.
@@ -580,7 +594,8 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
     }
 
     /// Polls while this poller holds the lock on `db`, until shutdown
-    /// (`Ok`) or a database error (the lock is gone with the connection).
+    /// (`Ok`) or a database error, an outage or a refusal: the caller drops
+    /// the connection, and the lock with it.
     fn work(&mut self, db: &mut D::Session, db_backoff: &mut Backoff) -> Result<(), mysql::Error> {
         let mut next_poll = Instant::now();
         let mut in_flight = None;
@@ -627,19 +642,20 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
                     Instant::now()
                 }
                 Err(Failure::Database(e)) => {
-                    // What the sink already has is not handed over again.
+                    // What the sink already has is not handed over again by
+                    // this poller. Another one that takes over reads those
+                    // rows too and sends them again: a duplicate, never a
+                    // loss.
                     self.abandon(in_flight.take());
                     self.source.reset();
-                    let Some(reason) = self.db.refusal(&e) else {
-                        return Err(e);
-                    };
-                    // The connection and the lock are fine: keep them, and
-                    // ask again later.
-                    self.refused(&reason);
-                    if self.shutdown.sleep(REFUSED_RETRY) {
-                        return Ok(());
-                    }
-                    Instant::now()
+                    // Down or refused, the lock goes with the connection. A
+                    // refused poller that kept it would leave a standby
+                    // whose account works waiting forever, while nothing is
+                    // forgotten; without it, one takes over, and this one
+                    // asks for the lock again after its slow retry, as a
+                    // standby.
+                    self.refused_at_work = self.db.refusal(&e).is_some();
+                    return Err(e);
                 }
             };
         }

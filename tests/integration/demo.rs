@@ -392,3 +392,88 @@ fn the_page_reconnects_and_resubscribes_with_since_in_chromium() {
     let (status, _) = second.stop();
     assert!(status.success());
 }
+
+/// `bzpush.js` in a real browser, before it has seen any update: its
+/// clock says nothing about the database's (it may be hours ahead), so it
+/// sends no `since` of its own making, neither at first nor when it
+/// resubscribes after a reconnect, and it emits `partial` for the bugs it
+/// was subscribed to, which may have changed while it was away. The page's
+/// `WebSocket.prototype.send` is wrapped to record what the client sent; it
+/// subscribes to a bug the demo never changes, so no `when` ever arrives.
+#[test]
+fn a_client_that_saw_no_update_resubscribes_without_since_and_emits_partial_in_chromium() {
+    let listen = {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        listener.local_addr().expect("its address").to_string()
+    };
+    let first = Demo::start(&["--listen", &listen], &[]);
+    let mut browser = Browser::open(&first.page_url);
+    assert!(
+        browser.wait_for("typeof BzpushClient === 'function'", WAIT),
+        "the page did not load bzpush.js"
+    );
+    let quiet_bug = 999_999;
+    assert!(!demo_bugs().contains(&quiet_bug));
+    browser.eval(&format!(
+        "window.sent = [];
+         const send = WebSocket.prototype.send;
+         WebSocket.prototype.send = function (data) {{
+           const message = JSON.parse(data);
+           if ([].concat(message.bugs).includes({quiet_bug})) window.sent.push(message);
+           return send.call(this, data);
+         }};
+         window.events = [];
+         window.probe = new BzpushClient('ws://{listen}/', {{minDelay: 100, maxDelay: 500}});
+         for (const type of ['open', 'close', 'update', 'partial']) {{
+           probe.addEventListener(type, (e) => events.push({{type, detail: e.detail}}));
+         }}
+         probe.subscribe([{quiet_bug}]);
+         true"
+    ));
+    let opened = "events.filter((e) => e.type === 'open').length";
+    assert!(
+        browser.wait_for(&format!("{opened} === 1 && sent.length === 1"), WAIT),
+        "the probe did not subscribe: {}",
+        browser.eval("JSON.stringify({events, sent})")
+    );
+    let (status, _) = first.stop();
+    assert!(status.success());
+    assert!(
+        browser.wait_for("events.some((e) => e.type === 'close')", WAIT),
+        "{}",
+        browser.eval("JSON.stringify(events)")
+    );
+
+    let second = Demo::start(&["--listen", &listen], &[]);
+    assert!(
+        browser.wait_for("events.some((e) => e.type === 'partial')", WAIT),
+        "no partial after reconnecting: {}",
+        browser.eval("JSON.stringify({events, sent})")
+    );
+    let events = browser.eval("events");
+    let partial = events
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["type"] == "partial"))
+        .expect("a partial event");
+    assert_eq!(partial["detail"]["bugs"], json!([quiet_bug]), "{events}");
+    assert!(
+        events
+            .as_array()
+            .is_some_and(|events| events.iter().all(|e| e["type"] != "update")),
+        "{events}"
+    );
+    let sent = browser.eval("sent");
+    let subscribes = sent.as_array().expect("a list of messages");
+    assert_eq!(subscribes.len(), 2, "subscribed, then resubscribed: {sent}");
+    for message in subscribes {
+        assert_eq!(message["command"], "subscribe", "{sent}");
+        assert!(
+            message
+                .get("since")
+                .is_none_or(|since| since.is_null() || since == ""),
+            "a since the server never sent: {sent}"
+        );
+    }
+    let (status, _) = second.stop();
+    assert!(status.success());
+}

@@ -347,3 +347,148 @@ fn a_wrong_password_is_refused_with_the_fix_not_an_outage() {
     assert_eq!(log_lines(&log, &["refused"]), 1, "{log}");
     assert_eq!(log_lines(&log, &["retrying with backoff"]), 0, "{log}");
 }
+
+#[test]
+fn a_poller_refused_while_active_lets_a_standby_that_works_take_over() {
+    let db = TestDb::new();
+    let select_only = TestUser::new(&[
+        format!("SELECT ON `{}`.push_notify", db.name),
+        format!("SELECT ON `{}`.bugs", db.name),
+    ]);
+    let granted = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", db.name)]);
+    // The lock name derives from the test database's: unique to this test.
+    let refused = Bzpush::run_url(select_only.url(&db), &[]);
+    assert!(
+        refused.wait_for_log("active: holding database lock", WAIT),
+        "{}",
+        refused.log()
+    );
+    let working = Bzpush::run_url(granted.url(&db), &[]);
+    assert!(
+        wait_until(WAIT, || health(&working).1["poller"] == "standby"),
+        "{}",
+        working.log()
+    );
+    let mut client = Client::connect(&working.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [3]})),
+        json!({"command": "subscribe", "result": "ok", "bugs": [3]})
+    );
+
+    // The active poller reads the change, may not delete it, and lets go
+    // of the lock: the standby takes over, publishes and deletes it.
+    let (sql, wire) = util::datetime(3);
+    TestDb::push_notify_change(&mut db.conn(), 3, Some(&sql));
+    assert_eq!(
+        client.recv(RETRY_WAIT),
+        json!({"command": "update", "bug": 3, "when": wire}),
+        "the standby took over:\n{}\n{}",
+        refused.log(),
+        working.log()
+    );
+    assert!(
+        wait_until(WAIT, || db.push_notify_rows() == 0),
+        "{}",
+        working.log()
+    );
+    let (status, json) = health(&working);
+    assert_eq!((status, &json["poller"]), (200, &json!("active")), "{json}");
+    let (status, json) = health(&refused);
+    assert_eq!(status, 503, "{json}");
+    assert_eq!(json["database"], "refused", "{json}");
+    assert_ne!(json["poller"], "active", "{json}");
+
+    // After its slow retry the refused poller waits as a standby, and
+    // still says it is refused: waiting proves nothing about DELETE.
+    assert!(
+        wait_until(RETRY_WAIT, || health(&refused).1["poller"] == "standby"),
+        "{}",
+        refused.log()
+    );
+    let (status, json) = health(&refused);
+    assert_eq!(
+        (status, &json["database"]),
+        (503, &json!("refused")),
+        "{json}"
+    );
+    assert!(
+        json["reason"].as_str().is_some_and(|r| r.contains(&format!(
+            "GRANT SELECT, DELETE ON `{}`.push_notify",
+            db.name
+        ))),
+        "{json}"
+    );
+    assert_eq!(health(&working).1["poller"], "active");
+    assert_eq!(
+        log_lines(&refused.log(), &["refused"]),
+        1,
+        "{}",
+        refused.log()
+    );
+}
+
+/// The same for `poll`: the refused poller has published the change but
+/// may not delete it; the standby that takes over publishes it again (a
+/// duplicate is allowed, a loss is not) and deletes it.
+#[test]
+fn a_poll_refused_while_active_lets_a_standby_that_works_publish_and_delete() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let select_only = TestUser::new(&[
+        format!("SELECT ON `{}`.push_notify", db.name),
+        format!("SELECT ON `{}`.bugs", db.name),
+    ]);
+    let granted = TestUser::new(&[format!("SELECT, DELETE ON `{}`.*", db.name)]);
+    let as_user = |user: &TestUser| [("BZPUSH_DATABASE_URL", user.url(&db))];
+    let refused = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &as_user(&select_only),
+    );
+    assert!(
+        refused.wait_for_log("active: holding database lock", WAIT),
+        "{}",
+        refused.log()
+    );
+    let working = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &as_user(&granted),
+    );
+    assert!(
+        working.wait_for_log("standby: database lock", WAIT),
+        "{}",
+        working.log()
+    );
+
+    let (sql, wire) = util::datetime(4);
+    TestDb::push_notify_change(&mut db.conn(), 4, Some(&sql));
+    assert!(
+        wait_until(RETRY_WAIT, || db.push_notify_rows() == 0),
+        "the standby took over and deleted the row:\n{}\n{}",
+        refused.log(),
+        working.log()
+    );
+    assert!(
+        working.wait_for_log("active: holding database lock", WAIT),
+        "{}",
+        working.log()
+    );
+    // Published by the refused poller, then again by the one that took
+    // over: every copy is this change.
+    let message = broker.recv(WAIT).expect("the change is published");
+    assert_eq!(message.bug_and_time(), (4, wire.clone()));
+    while let Some(message) = broker.recv(Duration::from_millis(500)) {
+        assert_eq!(message.bug_and_time(), (4, wire.clone()));
+    }
+    assert_eq!(
+        log_lines(&refused.log(), &["refused"]),
+        1,
+        "{}",
+        refused.log()
+    );
+}

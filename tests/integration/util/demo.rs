@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Bzpush, unique, wait_until};
 
@@ -97,65 +97,6 @@ impl Demo {
     }
 }
 
-/// The DOM of `url` after Debian's headless Chromium ran its scripts for a
-/// while. Fails the test, saying how to install it, if there is no
-/// `chromium`.
-pub fn chromium_dom(url: &str) -> String {
-    super::watchdog::arm();
-    let profile = TempDir::new("bzpush-chromium");
-    let mut child = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.0.display()))
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run chromium ({e}): the browser test needs Debian's chromium: \
-                 apt-get install -y chromium (.ci/run installs it)"
-            )
-        });
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let reader = thread::Builder::new()
-        .name("test-chromium-stdout".into())
-        .spawn(move || {
-            let mut dom = String::new();
-            let _ = stdout.read_to_string(&mut dom);
-            dom
-        })
-        .expect("spawn the chromium reader");
-    let deadline = Instant::now() + BROWSER_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("chromium still ran after {BROWSER_TIMEOUT:?} loading {url}");
-            }
-            Err(e) => panic!("waiting for chromium: {e}"),
-        }
-    };
-    let dom = reader.join().expect("chromium reader");
-    assert!(status.success(), "chromium failed ({status}) on {url}");
-    dom
-}
-
 /// The updates a page's DOM shows: `(bug, when)` of each `data-bug` item.
 pub fn shown_updates(dom: &str) -> Vec<(u32, String)> {
     dom.split("data-bug=\"")
@@ -168,17 +109,22 @@ pub fn shown_updates(dom: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Loads `url` in Chromium until its page shows an update; the DOM then.
-/// Each load runs the page for a bounded time, so it is tried a few times.
+/// Loads `url` in Chromium until its page shows an update, live ones (the
+/// page asks for no catch-up before it has seen a `when`), so in real time,
+/// not on a virtual clock; the DOM then.
 pub fn chromium_until_updates(url: &str) -> String {
-    let mut last = String::new();
-    for _ in 0..5 {
-        last = chromium_dom(url);
-        if !shown_updates(&last).is_empty() {
-            return last;
-        }
-    }
-    panic!("the page at {url} never showed an update; its last DOM:\n{last}")
+    let mut browser = Browser::open(url);
+    let shown = browser.wait_for(
+        "document.querySelectorAll('#updates li.update').length > 0",
+        BROWSER_TIMEOUT,
+    );
+    let dom = browser.eval("document.documentElement.outerHTML");
+    let dom = dom.as_str().unwrap_or_default().to_string();
+    assert!(
+        shown,
+        "the page at {url} never showed an update; its last DOM:\n{dom}"
+    );
+    dom
 }
 
 /// The README's nginx `location` block, exactly as printed there.
