@@ -994,6 +994,8 @@ mod tests {
         let sink = drain_with_failures(vec![], vec![2]);
         // Batch 2's rows were not forgotten and those behind it were
         // abandoned: all are read again, and none is sent again.
+        let sent = sink.sent.concat();
+        assert_eq!(sent.len(), 20, "{sent:?}");
         assert_eq!(sink.taken.len(), 20, "{:?}", sink.taken);
     }
 
