@@ -74,7 +74,7 @@ impl Table {
 
     /// The rows not yet forgotten.
     #[cfg(test)]
-    fn rows(&self) -> usize {
+    pub(super) fn rows(&self) -> usize {
         self.lock().push_notify.len()
     }
 

@@ -39,6 +39,11 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 const ARRIVAL_DEADLINE: Duration = Duration::from_secs(20);
 
 pub fn run() -> Vec<Row> {
+    // `-- poll drain`: only the drain at the default batch size, each run
+    // beside its floor run, for a quick comparison on a busy machine.
+    if std::env::args().skip(1).any(|a| a == "drain") {
+        return vec![throughput(1000, Consumer::None)];
+    }
     let mut rows = vec![broker_floor(), throughput(1000, Consumer::None)];
     rows.extend(
         BATCH_SIZES
