@@ -1422,13 +1422,7 @@ fn shown(value: &str) -> Option<String> {
 /// a fragment is dropped.
 fn redacted(value: &str) -> Option<String> {
     let (scheme, rest) = value.split_once("://")?;
-    let scheme_ok = scheme
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic())
-        && scheme
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+    let scheme_ok = origin::is_scheme(scheme);
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     if !scheme_ok || tail.contains('@') {

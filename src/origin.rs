@@ -38,14 +38,7 @@ pub fn normalize(value: &str) -> Result<String, String> {
         return Err("an origin is SCHEME://HOST[:PORT], e.g. https://bugzilla.example.org".into());
     };
     let scheme = scheme.to_ascii_lowercase();
-    let scheme_ok = scheme
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic())
-        && scheme
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
-    if !scheme_ok {
+    if !is_scheme(&scheme) {
         return Err(format!("{scheme:?} is not a URL scheme"));
     }
     let hostport = rest.strip_suffix('/').unwrap_or(rest);
@@ -144,6 +137,14 @@ impl Refusals {
         );
         state.logged.insert(shown, now);
     }
+}
+
+/// Whether `s` is a URL scheme (RFC 3986): a letter, then letters,
+/// digits, `+`, `-` or `.`.
+pub(crate) fn is_scheme(s: &str) -> bool {
+    s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
 }
 
 #[cfg(test)]

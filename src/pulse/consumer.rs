@@ -80,17 +80,7 @@ pub fn probe_queue(
     setup: &ConsumerSetup,
 ) -> Result<QueueState, BrokerError> {
     let channel = wait("opening a channel", connection.create_channel())?;
-    let passive = wait(
-        "looking for the queue",
-        channel.queue_declare(
-            setup.queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ),
-    );
+    let passive = declare_passively(&channel, &setup.queue, "looking for the queue");
     match passive {
         Ok(_) => {
             let _ = wait("closing a channel", channel.close(200, "probed".into()));
@@ -216,17 +206,7 @@ fn consume_once(
                 *advised = true;
             }
             let channel = wait("opening a channel", connection.create_channel())?;
-            wait(
-                "declaring the queue passively",
-                channel.queue_declare(
-                    setup.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                ),
-            )?;
+            declare_passively(&channel, &setup.queue, "declaring the queue passively")?;
             channel
         }
         Err(e) => return Err(e),
@@ -361,4 +341,24 @@ impl Acks {
             None => Ok(()),
         }
     }
+}
+
+/// Declares `queue` passively: reads it as it is, changes nothing; fails
+/// (and closes `channel`) if it does not exist.
+fn declare_passively(
+    channel: &lapin::Channel,
+    queue: &str,
+    doing: &'static str,
+) -> Result<lapin::Queue, BrokerError> {
+    wait(
+        doing,
+        channel.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
 }

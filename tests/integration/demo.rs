@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use crate::util::demo::{
     Browser, Demo, Nginx, chromium_until_updates, readme_nginx_block, shown_updates,
 };
+use crate::util::run::TestUser;
 use crate::util::serve::{Client, http_get};
-use crate::util::{Bzpush, MYSQL_ADDR, admin_conn, unique, wait_until};
+use crate::util::{Bzpush, MYSQL_ADDR, admin_conn, wait_until};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
 
@@ -172,7 +173,7 @@ fn demo_with_a_database_polls_its_scratch_database_and_drops_it() {
 /// refused login reads as a sentence.
 #[test]
 fn demo_on_localhost_uses_the_socket_and_says_errors_as_sentences() {
-    let user = LocalUser::new();
+    let user = TestUser::at_host("localhost", &["ALL ON `bzpush\\_demo\\_%`.*".to_string()]);
     let url = format!("mysql://{}:{}@localhost/", user.name, user.password);
     let demo = Demo::start(
         &["--database-url", &url],
@@ -200,42 +201,6 @@ fn demo_on_localhost_uses_the_socket_and_says_errors_as_sentences() {
     );
     for wrapper in ["MySqlError", "DriverError", "{", "}"] {
         assert!(!finished.stderr.contains(wrapper), "{}", finished.stderr);
-    }
-}
-
-/// An account `'NAME'@'localhost'` only, as the README creates them, that
-/// may create and drop the demo's scratch databases; dropped at the end.
-struct LocalUser {
-    name: String,
-    password: String,
-}
-
-impl LocalUser {
-    fn new() -> LocalUser {
-        let user = LocalUser {
-            name: unique("u_demo"),
-            password: unique("Pw"),
-        };
-        let mut admin = admin_conn();
-        admin
-            .query_drop(format!(
-                "CREATE USER '{}'@'localhost' IDENTIFIED BY '{}'",
-                user.name, user.password
-            ))
-            .expect("create the user");
-        admin
-            .query_drop(format!(
-                "GRANT ALL ON `bzpush\\_demo\\_%`.* TO '{}'@'localhost'",
-                user.name
-            ))
-            .expect("grant the demo's databases");
-        user
-    }
-}
-
-impl Drop for LocalUser {
-    fn drop(&mut self) {
-        let _ = admin_conn().query_drop(format!("DROP USER IF EXISTS '{}'@'localhost'", self.name));
     }
 }
 

@@ -13,9 +13,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::util::run::closed_port;
-use crate::util::{Bzpush, Finished, MYSQL_ADDR, TestDb, admin_conn, unique, wait_until};
-use mysql::prelude::Queryable;
+use crate::util::run::{TestUser, closed_port};
+use crate::util::{Bzpush, Finished, MYSQL_ADDR, TestDb, unique, wait_until};
 
 /// `bzpush check <mode>` with exactly `env`.
 fn check(mode: &str, env: &[(&str, String)]) -> Finished {
@@ -386,46 +385,10 @@ fn connection_errors_do_not_print_the_password() {
 
 // ---- localhost is the Unix socket ----
 
-/// An account `'NAME'@'localhost'` only, as the README creates it;
-/// dropped at the end of the test.
-struct LocalUser {
-    name: String,
-    password: String,
-}
-
-impl LocalUser {
-    fn new(db: &TestDb) -> LocalUser {
-        let user = LocalUser {
-            name: unique("u_x"),
-            password: unique("Pw"),
-        };
-        let mut admin = admin_conn();
-        admin
-            .query_drop(format!(
-                "CREATE USER '{}'@'localhost' IDENTIFIED BY '{}'",
-                user.name, user.password
-            ))
-            .expect("create the user");
-        admin
-            .query_drop(format!(
-                "GRANT SELECT ON `{}`.* TO '{}'@'localhost'",
-                db.name, user.name
-            ))
-            .expect("grant");
-        user
-    }
-}
-
-impl Drop for LocalUser {
-    fn drop(&mut self) {
-        let _ = admin_conn().query_drop(format!("DROP USER IF EXISTS '{}'@'localhost'", self.name));
-    }
-}
-
 #[test]
 fn host_localhost_is_the_unix_socket_and_access_denied_names_the_host_tried() {
     let db = TestDb::new();
-    let user = LocalUser::new(&db);
+    let user = TestUser::at_host("localhost", &[format!("SELECT ON `{}`.*", db.name)]);
     let url = |host: &str, query: &str| {
         format!(
             "mysql://{}:{}@{host}/{}{query}",

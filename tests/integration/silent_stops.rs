@@ -223,31 +223,21 @@ fn an_idle_poll_logs_a_wrong_broker_password() {
 
 #[test]
 fn an_idle_poll_logs_a_broker_link_cut_and_its_return() {
-    let db = TestDb::new();
-    let exchange = ExchangeName::new();
-    let proxy = Proxy::to(AMQP_ADDR);
-    let poller = Bzpush::poll(&db, MYSQL_ADDR, &proxy.addr(), &exchange.0, &[]);
-    assert!(
-        wait_until(WAIT, || broker_connected_lines(&poller.log()) == 1),
-        "{}",
-        poller.log()
-    );
-    proxy.set_down(true);
-    assert!(
-        poller.wait_for_log("retrying with backoff", WAIT),
-        "an idle poll did not notice its broker link was cut:\n{}",
-        poller.log()
-    );
-    proxy.set_down(false);
-    assert!(
-        wait_until(WAIT, || broker_connected_lines(&poller.log()) == 2),
-        "an idle poll did not say it reconnected:\n{}",
-        poller.log()
-    );
+    idle_poll_notices_a_broker_fault(Proxy::set_down, WAIT, "its broker link was cut");
 }
 
 #[test]
 fn an_idle_poll_notices_a_silently_dead_broker_link() {
+    idle_poll_notices_a_broker_fault(
+        Proxy::set_stalled,
+        NOTICE_DEAD_LINK,
+        "its broker link died silently",
+    );
+}
+
+/// An idle poll behind a proxy: `fault(proxy, true)` must be logged within
+/// `notice`, and the link's return once the fault is lifted.
+fn idle_poll_notices_a_broker_fault(fault: fn(&Proxy, bool), notice: Duration, what: &str) {
     let db = TestDb::new();
     let exchange = ExchangeName::new();
     let proxy = Proxy::to(AMQP_ADDR);
@@ -257,16 +247,16 @@ fn an_idle_poll_notices_a_silently_dead_broker_link() {
         "{}",
         poller.log()
     );
-    proxy.set_stalled(true);
+    fault(&proxy, true);
     assert!(
-        poller.wait_for_log("retrying with backoff", NOTICE_DEAD_LINK),
-        "an idle poll did not notice its broker link died silently:\n{}",
+        poller.wait_for_log("retrying with backoff", notice),
+        "an idle poll did not notice {what}:\n{}",
         poller.log()
     );
-    proxy.set_stalled(false);
+    fault(&proxy, false);
     assert!(
         wait_until(WAIT, || broker_connected_lines(&poller.log()) == 2),
-        "{}",
+        "an idle poll did not say it reconnected:\n{}",
         poller.log()
     );
 }

@@ -73,26 +73,35 @@ pub fn closed_port() -> String {
 pub struct TestUser {
     pub name: String,
     pub password: String,
+    /// The account's host part: `%`, or `localhost` for an account that
+    /// matches only Unix-socket logins (as the README creates them).
+    host: &'static str,
 }
 
 impl TestUser {
-    /// A new user `bz_…` with `grants`, each a privilege clause and its
-    /// object as in `GRANT <clause> TO user`, e.g. `SELECT ON db.t`.
+    /// A new user `bz_…'@'%'` with `grants`, each a privilege clause and
+    /// its object as in `GRANT <clause> TO user`, e.g. `SELECT ON db.t`.
     pub fn new(grants: &[String]) -> TestUser {
+        TestUser::at_host("%", grants)
+    }
+
+    /// As [`TestUser::new`], for the account host `host`.
+    pub fn at_host(host: &'static str, grants: &[String]) -> TestUser {
         let user = TestUser {
             name: unique("bz"),
             password: unique("Secret"),
+            host,
         };
         let mut admin = admin_conn();
         admin
             .query_drop(format!(
-                "CREATE USER '{}'@'%' IDENTIFIED BY '{}'",
+                "CREATE USER '{}'@'{host}' IDENTIFIED BY '{}'",
                 user.name, user.password
             ))
             .expect("create the test user");
         for grant in grants {
             admin
-                .query_drop(format!("GRANT {grant} TO '{}'@'%'", user.name))
+                .query_drop(format!("GRANT {grant} TO '{}'@'{host}'", user.name))
                 .unwrap_or_else(|e| panic!("GRANT {grant}: {e}"));
         }
         user
@@ -113,7 +122,10 @@ impl TestUser {
 impl Drop for TestUser {
     fn drop(&mut self) {
         if let Ok(mut admin) = super::try_admin_conn() {
-            let _ = admin.query_drop(format!("DROP USER IF EXISTS '{}'@'%'", self.name));
+            let _ = admin.query_drop(format!(
+                "DROP USER IF EXISTS '{}'@'{}'",
+                self.name, self.host
+            ));
         }
     }
 }
