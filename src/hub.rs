@@ -137,6 +137,16 @@ impl Sink for HubSink {
         });
     }
 
+    /// Changes may now reach another process's hub and never this one:
+    /// the cache vouches for nothing until this poller takes the lock
+    /// again.
+    fn deactivated(&mut self) {
+        let _ = self.hub.send(Event::Resumed {
+            feed: self.feed,
+            at: Resumed::Database(None),
+        });
+    }
+
     fn send(&mut self, batch: &[Notification]) -> Result<(), HubGone> {
         for notification in batch {
             let message = Event::Notify {

@@ -115,6 +115,10 @@ pub trait Sink {
     /// clock (`None` if the database did not say): everything stamped later
     /// reaches this sink. Another poller may have taken changes meanwhile.
     fn activated(&mut self, _database_now: Option<crate::notification::Moment>) {}
+
+    /// This poller lost its connection, and the lock with it: another
+    /// poller may hand changes elsewhere until this one takes it again.
+    fn deactivated(&mut self) {}
 }
 
 /// The database the poller runs on: Bugzilla's MariaDB ([`MariaDb`]), or
@@ -427,12 +431,14 @@ impl<'a, D: Database, S: Source<D::Session>, K: Sink> Poller<'a, D, S, K> {
                     // too. The lock went with the connection; taking it
                     // again is the same as after an outage.
                     debug!("database connection dropped ({e}); reconnecting");
+                    self.sink.deactivated();
                     self.reconnect_quietly = false;
                     self.last_quiet_reconnect = Some(Instant::now());
                 }
                 Err(e) => {
                     // The lock went with the connection: whoever reconnects
                     // first is the active poller.
+                    self.sink.deactivated();
                     self.metrics.poller().role = None;
                     self.reconnect_quietly = false;
                     let stop = match self.db.refusal(&e) {
