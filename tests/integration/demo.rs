@@ -91,8 +91,13 @@ fn demo_in_memory_polls_a_simulated_database_with_since_and_partial() {
         let (status, body) = http_get(&demo.addr(), "/health");
         (status, serde_json::from_str(&body).expect("JSON"))
     };
+    // Active once it holds the lock; the database shows up once its first
+    // poll went through.
     assert!(
-        wait_until(WAIT, || health().1["poller"] == "active"),
+        wait_until(WAIT, || {
+            let (status, json) = health();
+            status == 200 && json["poller"] == "active"
+        }),
         "the demo's poller never took its lock: {:?}\n{}",
         health(),
         demo.bzpush.log()
