@@ -1580,14 +1580,18 @@ fn setting_lines<'a>(settings: impl Iterator<Item = &'a Setting>) -> String {
 mod tests {
     use super::*;
 
-    fn poll(args: &[&str], env: &[(&str, &str)]) -> Result<PollConfig, ConfigError> {
-        let args = std::iter::once("poll")
-            .chain(args.iter().copied())
-            .map(OsString::from);
+    fn run_args(args: &[&str], env: &[(&str, &str)]) -> Result<Invocation, ConfigError> {
         let env = env
             .iter()
             .map(|(k, v)| (OsString::from(k), OsString::from(v)));
-        match parse(args, env)? {
+        parse(args.iter().map(OsString::from), env)
+    }
+
+    fn poll(args: &[&str], env: &[(&str, &str)]) -> Result<PollConfig, ConfigError> {
+        let args: Vec<&str> = std::iter::once("poll")
+            .chain(args.iter().copied())
+            .collect();
+        match run_args(&args, env)? {
             Invocation::Start(Mode::Poll(config)) => Ok(config),
             other => panic!("expected poll, got {other:?}"),
         }
@@ -1666,13 +1670,10 @@ mod tests {
     }
 
     fn demo(args: &[&str], env: &[(&str, &str)]) -> Result<DemoConfig, ConfigError> {
-        let args = std::iter::once("demo")
+        let args: Vec<&str> = std::iter::once("demo")
             .chain(args.iter().copied())
-            .map(OsString::from);
-        let env = env
-            .iter()
-            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
-        match parse(args, env)? {
+            .collect();
+        match run_args(&args, env)? {
             Invocation::Start(Mode::Demo(config)) => Ok(config),
             other => panic!("expected demo, got {other:?}"),
         }
@@ -1998,13 +1999,6 @@ mod tests {
         );
         // No newline at the end; CRLF is not special to systemd either.
         assert_eq!(env_file("A=1"), vec![pair("A", "1")]);
-    }
-
-    fn run_args(args: &[&str], env: &[(&str, &str)]) -> Result<Invocation, ConfigError> {
-        let env = env
-            .iter()
-            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
-        parse(args.iter().map(OsString::from), env)
     }
 
     #[test]
