@@ -260,28 +260,8 @@ fn connection_rate_floor(n: usize) -> (f64, f64) {
         }
         threads
     });
-    let next = AtomicUsize::new(0);
     let start = Instant::now();
-    let sockets: Vec<TcpStream> = thread::scope(|scope| {
-        let openers: Vec<_> = (0..OPENERS)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    while next.fetch_add(1, Ordering::Relaxed) < n {
-                        match open_one(addr, &[]) {
-                            Ok((socket, _)) => mine.push(socket),
-                            Err(e) => panic!("connection rate floor: {e}"),
-                        }
-                    }
-                    mine
-                })
-            })
-            .collect();
-        openers
-            .into_iter()
-            .flat_map(|t| t.join().expect("an opener thread panicked"))
-            .collect()
-    });
+    let sockets: Vec<TcpStream> = open_plain(addr, n, |e| panic!("connection rate floor: {e}"));
     let secs = start.elapsed().as_secs_f64();
     let opened = sockets.len();
     drop(sockets);
@@ -738,26 +718,8 @@ fn storm(o: &Options) -> Vec<Row> {
     drop(conn);
     let server = Server::start_with(o.connections, &[("BZPUSH_CATCHUP_DATABASE_URL", db.url())]);
     let addr = server.addr;
-    let next = AtomicUsize::new(0);
-    let mut sockets: Vec<TcpStream> = thread::scope(|scope| {
-        let openers: Vec<_> = (0..OPENERS)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    while next.fetch_add(1, Ordering::Relaxed) < o.connections {
-                        match open_one(addr, &[]) {
-                            Ok((socket, _)) => mine.push(socket),
-                            Err(e) => eprintln!("storm: cannot open a connection: {e}"),
-                        }
-                    }
-                    mine
-                })
-            })
-            .collect();
-        openers
-            .into_iter()
-            .flat_map(|t| t.join().expect("an opener thread panicked"))
-            .collect()
+    let mut sockets: Vec<TcpStream> = open_plain(addr, o.connections, |e| {
+        eprintln!("storm: cannot open a connection: {e}");
     });
     let n = sockets.len();
     eprintln!("storm: {n} connections open");
@@ -1595,6 +1557,33 @@ impl Drop for Fleet {
             let _ = reader.join();
         }
     }
+}
+
+/// Opens `n` WebSocket connections to `addr` with [`OPENERS`] threads,
+/// sending nothing after the handshake; `failed` hears of each one that
+/// could not be opened.
+fn open_plain(addr: SocketAddr, n: usize, failed: impl Fn(io::Error) + Sync) -> Vec<TcpStream> {
+    let next = AtomicUsize::new(0);
+    thread::scope(|scope| {
+        let openers: Vec<_> = (0..OPENERS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    while next.fetch_add(1, Ordering::Relaxed) < n {
+                        match open_one(addr, &[]) {
+                            Ok((socket, _)) => mine.push(socket),
+                            Err(e) => failed(e),
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        openers
+            .into_iter()
+            .flat_map(|t| t.join().expect("an opener thread panicked"))
+            .collect()
+    })
 }
 
 /// Connects, upgrades to WebSocket and subscribes; returns the socket
