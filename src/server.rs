@@ -42,6 +42,11 @@ use crate::systemd;
 /// stack of a debug build and aborted the whole process. Only pages
 /// touched cost memory: an idle connection touches a few KiB.
 const CONNECTION_STACK: usize = 512 * 1024;
+/// The handshake thread's stack: smaller than [`CONNECTION_STACK`] so that
+/// glibc, which hands an ended thread's stack to the next thread asking for
+/// no more than its size, never gives a connection thread a stack whose
+/// pages a handshake touched.
+const HANDSHAKE_STACK: usize = 256 * 1024;
 /// Sockets may wait in the handshake beyond the connection limit by this
 /// many before new ones are refused at once.
 const HANDSHAKE_SLACK: usize = 256;
@@ -458,7 +463,7 @@ impl<'scope> Acceptor<'_> {
         };
         let thread = thread::Builder::new()
             .name(format!("http-{id}"))
-            .stack_size(CONNECTION_STACK)
+            .stack_size(HANDSHAKE_STACK)
             .spawn_scoped(scope, move || {
                 match contain(id, || {
                     accepted.shared.handshake.answer(id, &accepted.socket)
