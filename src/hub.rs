@@ -28,6 +28,9 @@ use crate::notification::{BugId, ChangeTime, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
 use crate::poller::Sink;
 use crate::protocol::{self, Command, ProtocolError, Since};
+use index::BugIndex;
+
+mod index;
 
 /// A connection, numbered by the server in accept order.
 pub type ConnId = u64;
@@ -239,70 +242,8 @@ impl Subscriber {
     }
 }
 
-/// A bug's subscribers on one feed. Most bugs have one subscriber or a
-/// few, and the map holds a slot for every bug anyone follows (twice as
-/// many slots as bugs, just after it grows): a `HashSet` per bug cost
-/// about 240 bytes per subscription (10,000 connections × 100 bugs of
-/// their own: 27 KiB of heap per connection, measured). One id is held
-/// inline; the rest behind a thin pointer, so that every slot stays 16
-/// bytes (a boxed slice is a fat pointer: 24).
-#[allow(clippy::box_collection)]
-enum Subscribers {
-    One(ConnId),
-    /// Up to [`FEW_SUBSCRIBERS`], in the order they came: searched faster
-    /// than hashed.
-    Few(Box<Vec<ConnId>>),
-    Many(Box<HashSet<ConnId>>),
-}
-
-/// Past this many subscribers a bug's list becomes a set: removing a
-/// connection stays O(1) for a bug that thousands follow.
-const FEW_SUBSCRIBERS: usize = 16;
-
-impl Subscribers {
-    fn insert(&mut self, conn: ConnId) {
-        match self {
-            Subscribers::One(one) if *one == conn => {}
-            Subscribers::One(one) => *self = Subscribers::Few(Box::new(vec![*one, conn])),
-            Subscribers::Few(few) if few.contains(&conn) => {}
-            Subscribers::Few(few) if few.len() < FEW_SUBSCRIBERS => few.push(conn),
-            Subscribers::Few(few) => {
-                let mut many: HashSet<ConnId> = few.iter().copied().collect();
-                many.insert(conn);
-                *self = Subscribers::Many(Box::new(many));
-            }
-            Subscribers::Many(many) => {
-                many.insert(conn);
-            }
-        }
-    }
-
-    /// Removes `conn`; `true` if no subscriber is left.
-    fn remove(&mut self, conn: ConnId) -> bool {
-        match self {
-            Subscribers::One(one) => *one == conn,
-            Subscribers::Few(few) => {
-                few.retain(|c| *c != conn);
-                few.is_empty()
-            }
-            Subscribers::Many(many) => {
-                many.remove(&conn);
-                many.is_empty()
-            }
-        }
-    }
-
-    fn for_each(&self, mut f: impl FnMut(ConnId)) {
-        match self {
-            Subscribers::One(one) => f(*one),
-            Subscribers::Few(few) => few.iter().copied().for_each(f),
-            Subscribers::Many(many) => many.iter().copied().for_each(f),
-        }
-    }
-}
-
 struct Feed {
-    subscribers: HashMap<BugId, Subscribers>,
+    subscribers: BugIndex,
     cache: Cache,
 }
 
@@ -342,7 +283,7 @@ impl Hub {
         Hub {
             feeds: (0..config.feeds)
                 .map(|_| Feed {
-                    subscribers: HashMap::new(),
+                    subscribers: BugIndex::default(),
                     cache: Cache::new(config.cache_size, clock),
                 })
                 .collect(),
@@ -485,10 +426,7 @@ impl Hub {
                 }
                 let feed = &mut self.feeds[c.feed];
                 for bug in &new {
-                    feed.subscribers
-                        .entry(*bug)
-                        .and_modify(|s| s.insert(conn))
-                        .or_insert(Subscribers::One(conn));
+                    feed.subscribers.insert(*bug, conn);
                 }
                 self.metrics
                     .subscriptions
@@ -595,11 +533,7 @@ impl Hub {
     fn unsubscribe(&mut self, conn: ConnId, feed: FeedId, bugs: &BTreeSet<BugId>) {
         let subscribers = &mut self.feeds[feed].subscribers;
         for bug in bugs {
-            if let Some(conns) = subscribers.get_mut(bug)
-                && conns.remove(conn)
-            {
-                subscribers.remove(bug);
-            }
+            subscribers.remove(*bug, conn);
         }
         self.metrics
             .subscriptions
@@ -620,15 +554,14 @@ impl Hub {
             );
             return;
         }
-        let Some(conns) = f.subscribers.get(&notification.bug) else {
-            return;
-        };
-        let frame = text_frame(protocol::update(notification));
+        // Encoded once, and only for a bug someone follows.
+        let mut frame: Option<Bytes> = None;
         let mut sent = 0;
         let (subscribers, limit) = (&mut self.subscribers, self.outbound_queue);
-        conns.for_each(|conn| {
+        f.subscribers.for_each(notification.bug, |conn| {
+            let frame = frame.get_or_insert_with(|| text_frame(protocol::update(notification)));
             if let Some(c) = subscribers.get_mut(&conn)
-                && c.update(notification, Arc::clone(&frame), limit)
+                && c.update(notification, Arc::clone(frame), limit)
             {
                 sent += 1;
             }
@@ -690,30 +623,6 @@ mod tests {
     use super::*;
     use crate::notification::n;
 
-    #[test]
-    fn subscribers_keep_each_connection_once_through_every_representation() {
-        let mut subs = Subscribers::One(0);
-        let n = 3 * FEW_SUBSCRIBERS as u64;
-        for conn in (0..n).chain(0..n) {
-            subs.insert(conn);
-            let mut seen = Vec::new();
-            subs.for_each(|c| seen.push(c));
-            seen.sort_unstable();
-            let expected: Vec<ConnId> = (0..=conn.max(seen.len() as u64 - 1)).collect();
-            assert_eq!(seen, expected);
-        }
-        assert!(matches!(subs, Subscribers::Many(_)));
-        assert_eq!(std::mem::size_of::<Subscribers>(), 16);
-        for conn in 0..n - 1 {
-            assert!(!subs.remove(conn), "{conn} was not the last");
-        }
-        assert!(subs.remove(n - 1));
-        let mut few = Subscribers::One(7);
-        assert!(!few.remove(8));
-        few.insert(8);
-        assert!(!few.remove(7));
-        assert!(few.remove(8));
-    }
     use crate::outbox::Writers;
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
