@@ -4,6 +4,7 @@
 //! connection limit), and the answer to one that does not, or that asks
 //! for a plain HTTP page. Serving the WebSocket afterwards is not its job.
 
+use std::io::Write;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -122,7 +123,13 @@ impl Handshake {
             let _ = http::respond_text(socket, "503 Service Unavailable", "too many connections");
             return None;
         }
-        if tungstenite::handshake::server::write_response(&mut socket, &response).is_err() {
+        // Written whole, in one write: tungstenite writes the answer a
+        // piece at a time, and on a socket without Nagle's delay each
+        // piece is a TCP segment of its own (about 20).
+        let mut head = Vec::with_capacity(256);
+        if tungstenite::handshake::server::write_response(&mut head, &response).is_err()
+            || socket.write_all(&head).is_err()
+        {
             connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }

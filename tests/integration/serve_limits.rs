@@ -3,6 +3,7 @@
 //! 10,000 subscriptions on one connection, 1,000 concurrent connections,
 //! the connection limit. Each test has its own exchange, queue and server.
 
+use std::io::{Read, Write};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -355,4 +356,32 @@ fn the_connection_limit_refuses_handshakes_with_503() {
         third.request(json!({"command": "subscriptions"})),
         ok("subscriptions", &[])
     );
+}
+
+/// The 101 answer leaves in one write, so one TCP segment: written a piece
+/// at a time on a socket without Nagle's delay, it took about 20, and a
+/// client's first read saw only its first lines.
+#[test]
+fn the_upgrade_answer_arrives_whole_in_the_first_read() {
+    let broker = TestBroker::new();
+    let server = healthy_server(&broker, &[]);
+    let addr = server.listen_addr();
+    for i in 0..50 {
+        let mut socket = std::net::TcpStream::connect(&addr).expect("connect");
+        socket.set_read_timeout(Some(WAIT)).expect("timeout");
+        socket
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: bzpush\r\nUpgrade: websocket\r\n\
+                  Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                  Sec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .expect("write the request");
+        let mut first = [0u8; 1024];
+        let n = socket.read(&mut first).expect("read the answer");
+        let head = String::from_utf8_lossy(&first[..n]);
+        assert!(
+            head.starts_with("HTTP/1.1 101") && head.ends_with("\r\n\r\n"),
+            "connection {i}: the first read gave {head:?}"
+        );
+    }
 }
