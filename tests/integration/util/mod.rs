@@ -148,13 +148,22 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Waits until `check` is true or `timeout` passes; `false` on timeout.
-pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, check: impl FnMut() -> bool) -> bool {
+    wait_until_every(timeout, Duration::from_millis(20), check)
+}
+
+/// [`wait_until`], checking every `period`.
+pub fn wait_until_every(
+    timeout: Duration,
+    period: Duration,
+    mut check: impl FnMut() -> bool,
+) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if check() {
             return true;
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(period);
     }
     check()
 }
