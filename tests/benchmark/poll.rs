@@ -21,7 +21,7 @@ use crate::common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Rng, TestBroker, TestDb};
 use crate::{Row, quantile};
 
 const BACKLOG: u32 = 100_000;
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 const BATCH_SIZES: &[usize] = &[1000, 5000];
 /// The drain's target, as a share of the broker floor measured in the
 /// same run: the broker, not the poller, is this machine's limit.
