@@ -40,9 +40,9 @@
 //! threads (poller, broker consumers, hub, writers, catch-up worker) through
 //! [`shutdown::spawn_essential`], so that one that dies stops the process;
 //! the watchdog ([`systemd`]); and the connections' threads, in one
-//! `std::thread::scope` around the accept loop: a thread per accepted
-//! socket for its request, which hands a WebSocket on to a fresh thread of
-//! its own. Two exceptions, each with its own start and join: the signal
+//! `std::thread::scope` around the accept loop: handshake threads, each
+//! answering one request at a time and kept a while for the next, which
+//! hand each WebSocket on to a fresh thread of its own. Two exceptions, each with its own start and join: the signal
 //! watcher ([`signals`], started by `main`), and `demo`'s simulated
 //! Bugzilla ([`demo`]).
 //!

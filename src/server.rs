@@ -6,7 +6,8 @@
 //! [`crate::handshake`]'s), and starting
 //! and joining every other thread: the hub, the writer pool, what feeds the
 //! hub (one broker consumer per feed for `serve`, the poller for `run`),
-//! the catch-up worker, and the connections' threads, all in one scope. Shutdown stops
+//! the catch-up worker, and the connections' threads (handshake, then
+//! WebSocket), all in one scope. Shutdown stops
 //! accepting, closes every connection with 1001, joins every thread.
 //! Nothing here touches a subscription: that is the hub's.
 
@@ -19,9 +20,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle, Scope};
 use std::time::Duration;
 
-use log::{info, warn};
-
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use log::{info, warn};
 
 use crate::catchup;
 use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig};
