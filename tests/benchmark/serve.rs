@@ -88,8 +88,9 @@ const PING_INTERVAL: &str = "10m";
 /// Threads writing the fan-out floor: as many as the server's writer pool
 /// (`WRITER_THREADS` in src/outbox.rs).
 const FLOOR_WRITERS: usize = 4;
-/// Writes to each socket of the fan-out floor per round.
-const FLOOR_PASSES: usize = 4;
+/// Descriptors the fan-out floor leaves free for everything else the load
+/// generator holds besides its fleet (listeners, epoll, the broker).
+const FLOOR_SPARE_FDS: usize = 100;
 /// The fan-out target, as a ratio of p99 to the floor's p99.
 const TARGET_FANOUT_P99_RATIO: f64 = 1.3;
 
@@ -199,21 +200,39 @@ fn idle(o: &Options) -> Vec<Row> {
     // Both ends in this process: half as many keep it under its 20,000
     // file descriptors.
     let floor_connections = o.connections / 2;
-    let (floor_rate, floor_secs) = connection_rate_floor(floor_connections);
-    eprintln!("connection rate floor: {floor_rate:.0}/s ({floor_secs:.2} s)");
-    let mut rows = vec![Row {
-        scenario: "connection rate floor: a bare responder, a thread per connection, \
-                   answering the same upgrade request with a fixed 101"
-            .into(),
-        setting: format!(
-            "{} connections, the same {OPENERS} load-generator threads",
-            crate::thousands(floor_connections as f64)
-        ),
-        center: format!("{}/s", crate::thousands(floor_rate)),
-        spread: format!("{floor_secs:.2} s for all"),
-        target: "–".into(),
-        met: None,
-    }];
+    let bare = connection_rate_floor(floor_connections);
+    eprintln!(
+        "connection rate floor: {:.0}/s ({:.2} s); {:.1} KiB per connection ({})",
+        bare.rate, bare.secs, bare.kib, bare.memory
+    );
+    let floor_rate = bare.rate;
+    let mut rows = vec![
+        Row {
+            scenario: "connection rate floor: a bare responder, a thread per connection, \
+                       answering the same upgrade request with a fixed 101"
+                .into(),
+            setting: format!(
+                "{} connections, the same {OPENERS} load-generator threads",
+                crate::thousands(floor_connections as f64)
+            ),
+            center: format!("{}/s", crate::thousands(floor_rate)),
+            spread: format!("{:.2} s for all", bare.secs),
+            target: "–".into(),
+            met: None,
+        },
+        Row {
+            scenario: "memory floor: the same bare responder's threads, each blocked in `read`"
+                .into(),
+            setting: format!(
+                "{} connections (both ends in the load generator)",
+                crate::thousands(floor_connections as f64)
+            ),
+            center: format!("{:.1} KiB RSS per connection", bare.kib),
+            spread: bare.memory,
+            target: "–".into(),
+            met: None,
+        },
+    ];
     let mut floor: Option<f64> = None;
     for k in IDLE_BUGS {
         rows.extend(idle_with(o, k, &mut floor, floor_rate));
@@ -225,8 +244,9 @@ fn idle(o: &Options) -> Vec<Row> {
 /// generator's own opener threads against a responder in this process
 /// that does only what any thread-per-connection server must (accept,
 /// start a thread, read the request head, write a fixed 101 answer, then
-/// wait in `read`). Connections per second, and the seconds taken.
-fn connection_rate_floor(n: usize) -> (f64, f64) {
+/// wait in `read`). Its threads, blocked in `read`, are the floor under
+/// an idle connection's memory too.
+fn connection_rate_floor(n: usize) -> BareFloor {
     const ANSWER: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
         Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
@@ -260,10 +280,13 @@ fn connection_rate_floor(n: usize) -> (f64, f64) {
         }
         threads
     });
+    let before = Proc::of(std::process::id());
     let start = Instant::now();
     let sockets: Vec<TcpStream> = open_plain(addr, n, |e| panic!("connection rate floor: {e}"));
     let secs = start.elapsed().as_secs_f64();
     let opened = sockets.len();
+    thread::sleep(Duration::from_secs(1));
+    let after = Proc::of(std::process::id());
     drop(sockets);
     for thread in acceptor.join().expect("the floor's acceptor panicked") {
         let _ = thread.join();
@@ -271,7 +294,24 @@ fn connection_rate_floor(n: usize) -> (f64, f64) {
     // The client side closed first here: a moment for its ports' TIME_WAIT
     // to matter less to the next scenario's connects.
     thread::sleep(Duration::from_secs(1));
-    (opened as f64 / secs, secs)
+    BareFloor {
+        rate: opened as f64 / secs,
+        secs,
+        kib: (after.rss_kib as f64 - before.rss_kib as f64) / opened.max(1) as f64,
+        memory: after.memory.per_connection(&before.memory, opened),
+    }
+}
+
+/// What [`connection_rate_floor`] measured.
+struct BareFloor {
+    /// Connections opened per second.
+    rate: f64,
+    /// Seconds to open them all.
+    secs: f64,
+    /// RSS per connection held open, KiB.
+    kib: f64,
+    /// The same by kind of mapping.
+    memory: String,
 }
 
 /// One idle scenario: every connection subscribed to `k` bugs of its own
@@ -449,7 +489,8 @@ fn fanout(o: &Options) -> Vec<Row> {
     let mut rounds = Vec::new();
     // A floor round, then the server's, and so on: the machine is shared,
     // and its load changes from one second to the next.
-    let (floor, floor_rounds) = fanout_floor(n as usize, o.repeats, |round| {
+    let pairs = floor_pairs(n as usize);
+    let (floor, floor_rounds) = fanout_floor(n as usize, pairs, o.repeats, |round| {
         let round = round as u64;
         let own_before = Proc::of(std::process::id()).cpu_seconds();
         server.exchange.publish(FANOUT_BUG, &when(phase, round));
@@ -498,8 +539,9 @@ fn fanout(o: &Options) -> Vec<Row> {
                 crate::thousands(n as f64)
             ),
             setting: format!(
-                "{} sockets × {FLOOR_PASSES}, {} rounds, each before a server round",
-                crate::thousands(n.div_ceil(FLOOR_PASSES as u64) as f64),
+                "{} distinct sockets ({:.1} writes each), {} rounds, each before a server round",
+                crate::thousands(pairs as f64),
+                n as f64 / pairs as f64,
                 o.repeats
             ),
             center: format!("p50 {}", ms(floor_p50)),
@@ -1055,25 +1097,44 @@ impl Memory {
     }
 }
 
+/// How many socket pairs the fan-out floor may open for `writes` writes:
+/// one per write if the descriptor limit allows, else as many as it does
+/// beside the fleet already open. Fewer sockets, each written several
+/// times, make a faster floor than the server's distinct ones (its kernel
+/// lookups stay in cache): 5,000 subscribers, p99 1.66× and 1.11× a floor
+/// of 1,250 sockets written 4 times, 0.91× and 0.77× one of 5,000 written
+/// once (2026-12-01, alternating runs).
+fn floor_pairs(writes: usize) -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+    let free = limit.saturating_sub(open + FLOOR_SPARE_FDS);
+    writes.min(free / 2).max(1)
+}
+
 /// The fan-out floor, measured as the server's fan-out is: `writes`
-/// 60-byte frames written to distinct loopback sockets by [`FLOOR_WRITERS`]
-/// threads (as many as the server's writer pool), read by [`READERS`] epoll
-/// threads (as the load generator reads the server), no server, no broker.
-/// Each arrival's time since its round started goes into the histogram, so
-/// its p50 and p99 compare with the fan-out's. `rounds` rounds; the second
-/// value is each round's last arrival, µs.
+/// 60-byte frames written to `pairs` loopback sockets ([`floor_pairs`]) by
+/// [`FLOOR_WRITERS`] threads (as many as the server's writer pool), read by
+/// [`READERS`] epoll threads (as the load generator reads the server), no
+/// server, no broker. Each arrival's time since its round started goes
+/// into the histogram, so its p50 and p99 compare with the fan-out's.
+/// `rounds` rounds; the second value is each round's last arrival, µs.
 ///
 /// `between(round)` runs after each floor round: the server's round, so
 /// that both see the same load on this shared machine.
 fn fanout_floor(
     writes: usize,
+    pairs: usize,
     rounds: usize,
     mut between: impl FnMut(usize),
 ) -> (Histogram, Vec<u64>) {
-    // [`FLOOR_PASSES`] writes to each socket, one pass after the other as
-    // further changes would: fewer sockets keep the process under its
-    // 20,000 file descriptors beside the fleet's 10,000.
-    let pairs = writes.div_ceil(FLOOR_PASSES);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
     let addr = listener.local_addr().expect("listener address");
     let mut servers = Vec::with_capacity(pairs);
