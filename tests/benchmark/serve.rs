@@ -534,7 +534,7 @@ fn fanout(o: &Options) -> Vec<Row> {
     let rows = vec![
         Row {
             scenario: format!(
-                "fanout floor: {} bare 60-byte loopback writes, {FLOOR_WRITERS} writer threads, \
+                "fanout floor: {} update frames written bare to loopback sockets, {FLOOR_WRITERS} writer threads, \
                  {READERS} epoll readers, no server",
                 crate::thousands(n as f64)
             ),
@@ -1120,7 +1120,7 @@ fn floor_pairs(writes: usize) -> usize {
 }
 
 /// The fan-out floor, measured as the server's fan-out is: `writes`
-/// 60-byte frames written to `pairs` loopback sockets ([`floor_pairs`]) by
+/// update frames, as the server sends them, written to `pairs` loopback sockets ([`floor_pairs`]) by
 /// [`FLOOR_WRITERS`] threads (as many as the server's writer pool), read by
 /// [`READERS`] epoll threads (as the load generator reads the server), no
 /// server, no broker. Each arrival's time since its round started goes
@@ -1159,7 +1159,7 @@ fn fanout_floor(
         let readers: Vec<_> = clients
             .into_iter()
             .map(|mut mine| {
-                let (start, arrived, stop) = (&start, &arrived, &stop);
+                let (arrived, stop) = (&arrived, &stop);
                 scope.spawn(move || {
                     let mut histogram = Histogram::new();
                     let mut poll = Poll::new().expect("create an epoll instance");
@@ -1170,6 +1170,7 @@ fn fanout_floor(
                     }
                     let mut events = Events::with_capacity(1024);
                     let mut buffer = [0u8; 4096];
+                    let mut pending: Vec<Vec<u8>> = vec![Vec::new(); mine.len()];
                     while !stop.load(Ordering::Relaxed) {
                         if poll
                             .poll(&mut events, Some(Duration::from_millis(50)))
@@ -1178,19 +1179,28 @@ fn fanout_floor(
                             continue;
                         }
                         for event in &events {
-                            let c = &mut mine[event.token().0];
-                            while let Ok(n) = c.read(&mut buffer) {
+                            let i = event.token().0;
+                            while let Ok(n) = mine[i].read(&mut buffer) {
                                 if n == 0 {
                                     break;
                                 }
                                 let at = Instant::now();
-                                let since = at.saturating_duration_since(
-                                    *start.lock().unwrap_or_else(|e| e.into_inner()),
-                                );
-                                for _ in 0..n / 60 {
-                                    histogram.record(since.as_micros() as u64);
+                                // What the fleet's readers do with each
+                                // update: unframe it, read its `when`.
+                                let pending = &mut pending[i];
+                                pending.extend_from_slice(&buffer[..n]);
+                                let mut used = 0;
+                                let mut frames = 0;
+                                while let Some((_, payload, len)) = server_frame(&pending[used..]) {
+                                    used += len;
+                                    if let Some((_, _, _, sent)) = parse_update(payload) {
+                                        let us = nanos_since_base(at).saturating_sub(sent) / 1000;
+                                        histogram.record(us);
+                                        frames += 1;
+                                    }
                                 }
-                                arrived.fetch_add(n / 60, Ordering::Relaxed);
+                                pending.drain(..used);
+                                arrived.fetch_add(frames, Ordering::Relaxed);
                             }
                         }
                     }
@@ -1202,12 +1212,14 @@ fn fanout_floor(
             .map(|w| {
                 let (servers, go, done, stop) = (&servers, &go, &done, &stop);
                 scope.spawn(move || {
-                    let frame = [b'x'; 60];
                     loop {
                         go.wait();
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
+                        // The update frame the server sends, stamped with
+                        // this round's start, as the broker message is.
+                        let frame = update_frame(FANOUT_BUG, &when(0, 1));
                         let mine = servers.iter().skip(w).step_by(FLOOR_WRITERS);
                         for mut server in mine.cycle().take(writes / FLOOR_WRITERS) {
                             server.write_all(&frame).expect("write to a socket pair");
@@ -1701,6 +1713,15 @@ fn open_one(addr: SocketAddr, subscribe: &[u8]) -> io::Result<(TcpStream, Vec<u8
         }
         buffer.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// A server-to-client text frame of the update of `bug` at `when`, as the
+/// server sends it.
+fn update_frame(bug: u64, when: &str) -> Vec<u8> {
+    let payload = format!(r#"{{"command":"update","bug":{bug},"when":"{when}"}}"#);
+    let mut frame = vec![0x81, u8::try_from(payload.len()).expect("under 126 bytes")];
+    frame.extend_from_slice(payload.as_bytes());
+    frame
 }
 
 /// `(bug, phase, seq, publish ns)` of an update this benchmark published.
