@@ -983,12 +983,20 @@ fn sigterm_closes_clients_with_1001_and_exits_0() {
     let mut idle = Client::connect(&server.ws_url("/"));
     assert_eq!(idle.request(json!({"command": "version"})), version());
     server.sigterm();
+    let stopping = Instant::now();
     assert_eq!(subscribed.close_code(WAIT), Some(1001));
     assert_eq!(idle.close_code(WAIT), Some(1001));
     let status = server
         .wait_exit(WAIT)
         .unwrap_or_else(|| panic!("still running after SIGTERM:\n{}", server.log()));
     assert_eq!(status.code(), Some(0), "{}", server.log());
+    // A handshake thread waits 10 s for its next socket; one that kept
+    // waiting after the accept loop ended would hold the exit that long.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "exited {:?} after SIGTERM",
+        stopping.elapsed()
+    );
 }
 
 /// Issue 8 item 2 on `serve`: a database clock an hour ahead of this host
