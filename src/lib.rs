@@ -42,9 +42,9 @@
 //! the watchdog ([`systemd`]); and the connections' threads, in one
 //! `std::thread::scope` around the accept loop: handshake threads, each
 //! answering one request at a time and kept a while for the next, which
-//! hand each WebSocket on to a fresh thread of its own. Two exceptions, each with its own start and join: the signal
-//! watcher ([`signals`], started by `main`), and `demo`'s simulated
-//! Bugzilla ([`demo`]).
+//! hand each WebSocket on to a fresh thread of its own. Two exceptions,
+//! each with its own start and join: the signal watcher ([`signals`],
+//! started by `main`), and `demo`'s simulated Bugzilla ([`demo`]).
 //!
 //! Around it:
 //!
