@@ -1372,3 +1372,73 @@ fn source_bugs_without_state_a_standby_taking_over_reads_one_overlap_back() {
         "and no history: {received:?}"
     );
 }
+
+/// QA's replay: after a 20,000-row backlog every drained bug falls due for
+/// its check at once. A change the extension then loses for a bug changed
+/// after the backlog is still found at one of its first checks (1, 2, 4 s
+/// after its row's delete): with one batch of checks a poll, made in the
+/// watch map's order and each missed slot made up for, it came 23 s to over
+/// 90 s after the edit (`--batch-size 500`; at 100, as here, a round of
+/// checks took 200 s).
+#[test]
+fn a_change_lost_after_a_large_backlog_is_found_within_its_window() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    db.push_notify_backlog(1000..21_000, "2026-01-01 00:00:05");
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &[
+            ("BZPUSH_BATCH_SIZE", "100".into()),
+            ("BZPUSH_POLL_INTERVAL", "1s".into()),
+        ],
+    );
+    assert!(
+        util::wait_until(Duration::from_secs(60), || db.push_notify_rows() == 0),
+        "the backlog drains\n{}",
+        poller.log()
+    );
+    // A change of bug 4 as Bugzilla writes it, published; its row deleted.
+    let (t1_sql, t1) = util::datetime(10);
+    let (t2_sql, t2) = util::datetime(20);
+    let mut bugzilla = db.conn();
+    let mut tx = bugzilla
+        .start_transaction(mysql::TxOpts::default())
+        .expect("begin");
+    tx.exec_drop(
+        "INSERT INTO bugs (bug_id, delta_ts) VALUES (4, ?)",
+        (&t1_sql,),
+    )
+    .expect("stamp bug 4");
+    tx.exec_drop(
+        "INSERT INTO push_notify (bug_id, delta_ts) VALUES (4, ?)",
+        (&t1_sql,),
+    )
+    .expect("insert its row");
+    tx.commit().expect("commit the change");
+    let mut received = Pairs::new();
+    let first = (4, t1);
+    assert!(
+        broker.receive_until(&mut received, WAIT, |r| r.last() == Some(&first)),
+        "the change arrives after the backlog"
+    );
+    assert_eq!(
+        received.len(),
+        20_001,
+        "the backlog and the change, once each"
+    );
+    assert!(util::wait_until(WAIT, || db.push_notify_rows() == 0));
+    // The extension loses the next change: bugs.delta_ts moves, no row.
+    bugzilla
+        .exec_drop("UPDATE bugs SET delta_ts = ? WHERE bug_id = 4", (&t2_sql,))
+        .expect("stamp bug 4 again");
+    let lost = (4, t2);
+    let mut later = Pairs::new();
+    assert!(
+        broker.receive_until(&mut later, Duration::from_secs(10), |r| r.contains(&lost)),
+        "the lost change arrives by the checks 1, 2 and 4 s after the delete; got {later:?}\n{}",
+        poller.log()
+    );
+}
