@@ -1045,6 +1045,26 @@ fn source_bugs_with_a_corrupt_state_file_warns_once_and_starts_one_overlap_back(
     );
 }
 
+/// A bug's first change as Bugzilla writes it: its `bugs` row stamped
+/// `delta_ts` and its `push_notify` row, in one transaction.
+fn first_bugzilla_change(db: &TestDb, bug: u32, delta_ts: &str) {
+    let mut conn = db.conn();
+    let mut tx = conn
+        .start_transaction(mysql::TxOpts::default())
+        .expect("begin");
+    tx.exec_drop(
+        "INSERT INTO bugs (bug_id, delta_ts) VALUES (?, ?)",
+        (bug, delta_ts),
+    )
+    .expect("stamp the bug");
+    tx.exec_drop(
+        "INSERT INTO push_notify (bug_id, delta_ts) VALUES (?, ?)",
+        (bug, delta_ts),
+    )
+    .expect("insert its row");
+    tx.commit().expect("commit the change");
+}
+
 #[test]
 fn a_change_the_push_notify_extension_loses_to_a_delete_still_arrives_from_bugs() {
     let db = TestDb::new();
@@ -1063,24 +1083,10 @@ fn a_change_the_push_notify_extension_loses_to_a_delete_still_arrives_from_bugs(
     );
     slow.set_delay(Duration::from_millis(300));
 
-    // Change 1, as Bugzilla writes it: bugs.delta_ts and the row, together.
+    // Change 1, as Bugzilla writes it.
     let (t1_sql, t1) = util::datetime(10);
     let (t2_sql, t2) = util::datetime(20);
-    let mut bugzilla = db.conn();
-    let mut tx = bugzilla
-        .start_transaction(mysql::TxOpts::default())
-        .expect("begin");
-    tx.exec_drop(
-        "INSERT INTO bugs (bug_id, delta_ts) VALUES (80, ?)",
-        (&t1_sql,),
-    )
-    .expect("stamp bug 80");
-    tx.exec_drop(
-        "INSERT INTO push_notify (bug_id, delta_ts) VALUES (80, ?)",
-        (&t1_sql,),
-    )
-    .expect("insert its row");
-    tx.commit().expect("commit change 1");
+    first_bugzilla_change(&db, 80, &t1_sql);
 
     // Change 2, with the extension's own statements: it reads the row id...
     let mut extension = db.conn();
@@ -1403,21 +1409,7 @@ fn a_change_lost_after_a_large_backlog_is_found_within_its_window() {
     // A change of bug 4 as Bugzilla writes it, published; its row deleted.
     let (t1_sql, t1) = util::datetime(10);
     let (t2_sql, t2) = util::datetime(20);
-    let mut bugzilla = db.conn();
-    let mut tx = bugzilla
-        .start_transaction(mysql::TxOpts::default())
-        .expect("begin");
-    tx.exec_drop(
-        "INSERT INTO bugs (bug_id, delta_ts) VALUES (4, ?)",
-        (&t1_sql,),
-    )
-    .expect("stamp bug 4");
-    tx.exec_drop(
-        "INSERT INTO push_notify (bug_id, delta_ts) VALUES (4, ?)",
-        (&t1_sql,),
-    )
-    .expect("insert its row");
-    tx.commit().expect("commit the change");
+    first_bugzilla_change(&db, 4, &t1_sql);
     let mut received = Pairs::new();
     let first = (4, t1);
     assert!(
@@ -1431,7 +1423,7 @@ fn a_change_lost_after_a_large_backlog_is_found_within_its_window() {
     );
     assert!(util::wait_until(WAIT, || db.push_notify_rows() == 0));
     // The extension loses the next change: bugs.delta_ts moves, no row.
-    bugzilla
+    db.conn()
         .exec_drop("UPDATE bugs SET delta_ts = ? WHERE bug_id = 4", (&t2_sql,))
         .expect("stamp bug 4 again");
     let lost = (4, t2);
