@@ -71,6 +71,9 @@ fn main() -> ExitCode {
         print!("{}", usage());
         return ExitCode::SUCCESS;
     };
+    if name == serve::FLOOR_PROCESS {
+        return serve::floor_process();
+    }
     let Some(group) = GROUPS.iter().find(|g| g.name == name) else {
         eprint!("unknown group {name:?}\n\n{}", usage());
         return ExitCode::from(2);

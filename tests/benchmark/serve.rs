@@ -11,10 +11,11 @@
 //! - fanout: as many connections, all subscribed to one bug (their RSS is
 //!   reported too); one change at a time, `--repeats` (20) times; the
 //!   latency of every delivery. Beside it, the floor this machine puts
-//!   under any server's fan-out, measured the same way: as many bare
-//!   60-byte loopback writes, from as many writer threads as the server's
-//!   pool, read by the same number of epoll readers; p50 and p99 as
-//!   ratios to the floor's.
+//!   under any server's fan-out, measured the same way: the same update
+//!   frame written bare to as many distinct loopback sockets, from as many
+//!   writer threads as the server's pool, read by the same epoll readers,
+//!   in a child process of the benchmark's (the fleet takes the
+//!   descriptors of this one); p50 and p99 as ratios to the floor's.
 //! - throughput: `--tp-connections` (1,000) connections each subscribed to
 //!   the same `--tp-bugs` (100) bugs, so each change fans out to every
 //!   connection; changes published round-robin over the bugs at each of
@@ -67,7 +68,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::Row;
 use crate::common::frames::{MASK, client_frame, server_frame};
-use crate::common::{AMQP_ADDR, Bzpush, amqp_url_at, unique, wait_until};
+use crate::common::{AMQP_ADDR, Bzpush, amqp_url_at, unique, wait_until, wait_until_every};
 
 /// Threads opening connections (blocking handshakes).
 const OPENERS: usize = 4;
@@ -88,9 +89,9 @@ const PING_INTERVAL: &str = "10m";
 /// Threads writing the fan-out floor: as many as the server's writer pool
 /// (`WRITER_THREADS` in src/outbox.rs).
 const FLOOR_WRITERS: usize = 4;
-/// Descriptors the fan-out floor leaves free for everything else the load
-/// generator holds besides its fleet (listeners, epoll, the broker).
-const FLOOR_SPARE_FDS: usize = 100;
+/// Descriptors the fan-out floor's process leaves free for what it holds
+/// besides its socket pairs (stdio, a listener, epoll instances).
+const FLOOR_SPARE_FDS: usize = 16;
 /// The fan-out target, as a ratio of p99 to the floor's p99.
 const TARGET_FANOUT_P99_RATIO: f64 = 1.3;
 
@@ -336,9 +337,10 @@ fn idle_with(o: &Options, k: u64, floor: &mut Option<f64>, rate_floor: f64) -> V
     let after = Proc::of(server.pid());
     let headline = k == IDLE_HEADLINE_BUGS;
     let cpu = headline.then(|| {
+        let cpu_after = cpu_seconds(server.pid());
         let from = Instant::now();
         thread::sleep(Duration::from_secs(o.idle_seconds));
-        let cpu = Proc::of(server.pid()).cpu_seconds() - after.cpu_seconds();
+        let cpu = cpu_seconds(server.pid()) - cpu_after;
         (cpu, 100.0 * cpu / from.elapsed().as_secs_f64())
     });
     let still_open = fleet.alive();
@@ -482,17 +484,18 @@ fn fanout(o: &Options) -> Vec<Row> {
     );
     let phase = 1;
     fleet.reset(phase);
-    let cpu_before = Proc::of(server.pid());
-    // The load generator's own CPU in the server's rounds only: the floor's
-    // rounds run in this process too.
+    let cpu_before = cpu_seconds(server.pid());
+    let (server_threads, own_threads) =
+        (thread_ticks(server.pid()), thread_ticks(std::process::id()));
+    // The load generator's own CPU in the server's rounds only, not while
+    // it waits for the floor's.
     let mut own_cpu = 0.0;
     let mut rounds = Vec::new();
     // A floor round, then the server's, and so on: the machine is shared,
     // and its load changes from one second to the next.
-    let pairs = floor_pairs(n as usize);
-    let (floor, floor_rounds) = fanout_floor(n as usize, pairs, o.repeats, |round| {
+    let (floor, floor_rounds, pairs) = fanout_floor(n as usize, o.repeats, |round| {
         let round = round as u64;
-        let own_before = Proc::of(std::process::id()).cpu_seconds();
+        let own_before = cpu_seconds(std::process::id());
         server.exchange.publish(FANOUT_BUG, &when(phase, round));
         let complete = wait_until(ROUND_DEADLINE, || fleet.received() >= n * round);
         let (first, last) = fleet.take_extremes();
@@ -503,7 +506,7 @@ fn fanout(o: &Options) -> Vec<Row> {
             last as f64 / 1000.0,
             if complete { "" } else { " (INCOMPLETE)" }
         );
-        own_cpu += Proc::of(std::process::id()).cpu_seconds() - own_before;
+        own_cpu += cpu_seconds(std::process::id()) - own_before;
         rounds.push(last);
         thread::sleep(Duration::from_millis(200));
     });
@@ -514,8 +517,22 @@ fn fanout(o: &Options) -> Vec<Row> {
         ms(floor_p99),
         floor_rounds
     );
-    let cpu = Proc::of(server.pid()).cpu_seconds() - cpu_before.cpu_seconds();
+    let cpu = cpu_seconds(server.pid()) - cpu_before;
     let stats = fleet.collect();
+    let shape = |h: &Histogram| -> String {
+        [0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]
+            .iter()
+            .map(|&q| format!("p{} {}", q * 100.0, ms(h.quantile(q))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    eprintln!(
+        "fanout: CPU by thread, s: server {}; load generator {}",
+        thread_ticks_delta(&server_threads, &thread_ticks(server.pid())),
+        thread_ticks_delta(&own_threads, &thread_ticks(std::process::id()))
+    );
+    eprintln!("fanout arrivals, floor: {}", shape(&floor));
+    eprintln!("fanout arrivals, server: {}", shape(&stats.latency));
     let expected = n * o.repeats as u64;
     let lost = expected.saturating_sub(stats.count);
     rounds.sort_unstable();
@@ -535,7 +552,7 @@ fn fanout(o: &Options) -> Vec<Row> {
         Row {
             scenario: format!(
                 "fanout floor: {} update frames written bare to loopback sockets, {FLOOR_WRITERS} writer threads, \
-                 {READERS} epoll readers, no server",
+                 the fleet's {READERS} epoll readers, no server",
                 crate::thousands(n as f64)
             ),
             setting: format!(
@@ -616,9 +633,9 @@ fn throughput(o: &Options) -> Vec<Row> {
         fleet.reset(phase);
         let closed_before = fleet.size - fleet.alive();
         let subscribers = fleet.alive() as u64;
-        let server_before = Proc::of(server.pid());
+        let server_before = cpu_seconds(server.pid());
         let threads_before = thread_ticks(server.pid());
-        let own_before = Proc::of(std::process::id());
+        let own_before = cpu_seconds(std::process::id());
         let start = Instant::now();
         let total = rate * o.seconds;
         for j in 0..total {
@@ -646,8 +663,8 @@ fn throughput(o: &Options) -> Vec<Row> {
             }
         }
         let stats = fleet.collect();
-        let server_cpu = Proc::of(server.pid()).cpu_seconds() - server_before.cpu_seconds();
-        let own_cpu = Proc::of(std::process::id()).cpu_seconds() - own_before.cpu_seconds();
+        let server_cpu = cpu_seconds(server.pid()) - server_before;
+        let own_cpu = cpu_seconds(std::process::id()) - own_before;
         let span = stats
             .last_arrival
             .map_or(published_in, |t| t.saturating_duration_since(start))
@@ -1009,8 +1026,6 @@ struct Proc {
     memory: Memory,
     threads: u64,
     fds: usize,
-    /// utime + stime, in clock ticks.
-    cpu_ticks: u64,
 }
 
 impl Proc {
@@ -1024,19 +1039,21 @@ impl Proc {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         Proc {
             rss_kib: field("VmRSS:"),
             memory: Memory::of(pid),
             threads: field("Threads:"),
             fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count),
-            cpu_ticks: stat_cpu_ticks(&stat),
         }
     }
+}
 
-    fn cpu_seconds(&self) -> f64 {
-        self.cpu_ticks as f64 / clock_ticks()
-    }
+/// A process's CPU time so far (user and system), seconds: `/proc/…/stat`
+/// alone, cheap enough to read right beside a measurement ([`Proc::of`]
+/// reads `smaps`, tens of milliseconds of a core for a big process).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_ticks(&stat) as f64 / clock_ticks()
 }
 
 /// A process's RSS by kind of mapping, KiB: where per-connection memory
@@ -1097,13 +1114,14 @@ impl Memory {
     }
 }
 
-/// How many socket pairs the fan-out floor may open for `writes` writes:
-/// one per write if the descriptor limit allows, else as many as it does
-/// beside the fleet already open. Fewer sockets, each written several
-/// times, make a faster floor than the server's distinct ones (its kernel
-/// lookups stay in cache): 5,000 subscribers, p99 1.66× and 1.11× a floor
-/// of 1,250 sockets written 4 times, 0.91× and 0.77× one of 5,000 written
-/// once (2026-12-01, alternating runs).
+/// How many socket pairs the fan-out floor's process may open for
+/// `writes` writes: one per write if its descriptor limit allows, else as
+/// many as it does. Fewer sockets, each written several times, make a
+/// faster floor than the server's distinct ones (its kernel lookups stay in
+/// cache): 5,000 subscribers, p99 1.66× and 1.11× a floor of 1,250 sockets
+/// written 4 times, 0.91× and 0.77× one of 5,000 written once (2026-12-01,
+/// alternating runs). That is why the floor has a process of its own: the
+/// load generator's descriptors go to the fleet.
 fn floor_pairs(writes: usize) -> usize {
     let limit = std::fs::read_to_string("/proc/self/limits")
         .ok()
@@ -1119,99 +1137,124 @@ fn floor_pairs(writes: usize) -> usize {
     writes.min(free / 2).max(1)
 }
 
+/// The argument that makes the benchmark binary the fan-out floor's
+/// process ([`floor_process`]) instead of running a group.
+pub const FLOOR_PROCESS: &str = "fanout-floor";
+
 /// The fan-out floor, measured as the server's fan-out is: `writes`
-/// update frames, as the server sends them, written to `pairs` loopback sockets ([`floor_pairs`]) by
-/// [`FLOOR_WRITERS`] threads (as many as the server's writer pool), read by
-/// [`READERS`] epoll threads (as the load generator reads the server), no
-/// server, no broker. Each arrival's time since its round started goes
-/// into the histogram, so its p50 and p99 compare with the fan-out's.
-/// `rounds` rounds; the second value is each round's last arrival, µs.
+/// update frames, as the server sends them, written to distinct loopback
+/// sockets (as many as [`floor_pairs`] allows) by [`FLOOR_WRITERS`]
+/// threads (as many as the server's writer pool), read by the fleet's own
+/// [`READERS`] epoll threads ([`Fleet::watch`]), no server, no broker. It
+/// runs in a child process ([`floor_process`]) with descriptors of its
+/// own, as the server has. Each arrival's time since its round started
+/// goes into the histogram, so its p50 and p99 compare with the fan-out's. Returns the histogram of `rounds` rounds, each
+/// round's last arrival (µs), and the number of sockets written.
 ///
 /// `between(round)` runs after each floor round: the server's round, so
 /// that both see the same load on this shared machine.
 fn fanout_floor(
     writes: usize,
-    pairs: usize,
     rounds: usize,
     mut between: impl FnMut(usize),
-) -> (Histogram, Vec<u64>) {
+) -> (Histogram, Vec<u64>, usize) {
+    let exe = std::env::current_exe().expect("the benchmark's own path");
+    let child = Command::new(exe)
+        .arg(FLOOR_PROCESS)
+        .arg(writes.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the fan-out floor's process");
+    let mut floor = FloorProcess(child);
+    let mut to_floor = floor.0.stdin.take().expect("the floor's stdin");
+    let mut from_floor = io::BufReader::new(floor.0.stdout.take().expect("the floor's stdout"));
+    let mut answer = || {
+        let mut line = String::new();
+        io::BufRead::read_line(&mut from_floor, &mut line).expect("read the floor's answer");
+        assert!(!line.is_empty(), "the fan-out floor's process ended early");
+        line
+    };
+    let pairs: usize = answer().trim().parse().expect("the floor's socket count");
+    let cpu_before = cpu_seconds(floor.0.id());
+    let threads_before = thread_ticks(floor.0.id());
+    let mut lasts = Vec::new();
+    for round in 1..=rounds {
+        writeln!(to_floor, "round").expect("start a floor round");
+        lasts.push(
+            answer()
+                .trim()
+                .parse()
+                .expect("the floor round's last arrival"),
+        );
+        thread::sleep(Duration::from_millis(200));
+        between(round);
+    }
+    eprintln!(
+        "fanout floor: CPU per write (writer and reader) {:.1} µs; by thread, s: {}",
+        (cpu_seconds(floor.0.id()) - cpu_before) * 1e6 / (writes * rounds) as f64,
+        thread_ticks_delta(&threads_before, &thread_ticks(floor.0.id()))
+    );
+    writeln!(to_floor, "end").expect("end the floor");
+    let mut histogram = Histogram::new();
+    for (bucket, n) in answer().split_whitespace().enumerate() {
+        let n: u64 = n.parse().expect("a floor histogram bucket");
+        histogram.buckets[bucket] = n;
+        histogram.count += n;
+    }
+    (histogram, lasts, pairs)
+}
+
+/// The floor's process, killed if the benchmark ends early.
+struct FloorProcess(std::process::Child);
+
+impl Drop for FloorProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The fan-out floor's process: `bench fanout-floor WRITES`. Opens its
+/// socket pairs and prints how many; then, for each `round` line on stdin,
+/// writes one round and prints its last arrival (µs after the stamp its
+/// writers put in the frame); on `end`, prints the histogram's buckets and
+/// exits.
+pub fn floor_process() -> std::process::ExitCode {
+    let writes: usize = std::env::args()
+        .skip_while(|a| a != FLOOR_PROCESS)
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .expect("usage: bench fanout-floor WRITES");
+    let pairs = floor_pairs(writes);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
     let addr = listener.local_addr().expect("listener address");
     let mut servers = Vec::with_capacity(pairs);
-    let mut clients: Vec<Vec<mio::net::TcpStream>> = (0..READERS).map(|_| Vec::new()).collect();
-    for i in 0..pairs {
+    let mut clients = Vec::with_capacity(pairs);
+    for _ in 0..pairs {
         let client = TcpStream::connect(addr).expect("connect a socket pair");
         let (server, _) = listener.accept().expect("accept a socket pair");
         server.set_nodelay(true).expect("TCP_NODELAY");
-        client
-            .set_nonblocking(true)
-            .expect("make a socket non-blocking");
         servers.push(server);
-        clients[i % READERS].push(mio::net::TcpStream::from_std(client));
+        clients.push((client, Vec::new()));
     }
-    let start: Mutex<Instant> = Mutex::new(Instant::now());
-    let arrived = AtomicUsize::new(0);
+    drop(listener);
+    // The readers are the fleet's own, so both sides pay the same for
+    // reading.
+    let readers = Fleet::watch(clients, 0, 1, FANOUT_BUG, "floor-reader");
+    let phase = 1;
+    readers.reset(phase);
+    println!("{pairs}");
+    let round = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let go = std::sync::Barrier::new(FLOOR_WRITERS + 1);
     let done = std::sync::Barrier::new(FLOOR_WRITERS + 1);
-    let mut lasts = Vec::new();
-    let histogram = thread::scope(|scope| {
-        let readers: Vec<_> = clients
-            .into_iter()
-            .map(|mut mine| {
-                let (arrived, stop) = (&arrived, &stop);
-                scope.spawn(move || {
-                    let mut histogram = Histogram::new();
-                    let mut poll = Poll::new().expect("create an epoll instance");
-                    for (i, c) in mine.iter_mut().enumerate() {
-                        poll.registry()
-                            .register(c, Token(i), Interest::READABLE)
-                            .expect("register a socket");
-                    }
-                    let mut events = Events::with_capacity(1024);
-                    let mut buffer = [0u8; 4096];
-                    let mut pending: Vec<Vec<u8>> = vec![Vec::new(); mine.len()];
-                    while !stop.load(Ordering::Relaxed) {
-                        if poll
-                            .poll(&mut events, Some(Duration::from_millis(50)))
-                            .is_err()
-                        {
-                            continue;
-                        }
-                        for event in &events {
-                            let i = event.token().0;
-                            while let Ok(n) = mine[i].read(&mut buffer) {
-                                if n == 0 {
-                                    break;
-                                }
-                                let at = Instant::now();
-                                // What the fleet's readers do with each
-                                // update: unframe it, read its `when`.
-                                let pending = &mut pending[i];
-                                pending.extend_from_slice(&buffer[..n]);
-                                let mut used = 0;
-                                let mut frames = 0;
-                                while let Some((_, payload, len)) = server_frame(&pending[used..]) {
-                                    used += len;
-                                    if let Some((_, _, _, sent)) = parse_update(payload) {
-                                        let us = nanos_since_base(at).saturating_sub(sent) / 1000;
-                                        histogram.record(us);
-                                        frames += 1;
-                                    }
-                                }
-                                pending.drain(..used);
-                                arrived.fetch_add(frames, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                    histogram
-                })
-            })
-            .collect();
+    thread::scope(|scope| {
         let writers: Vec<_> = (0..FLOOR_WRITERS)
             .map(|w| {
-                let (servers, go, done, stop) = (&servers, &go, &done, &stop);
-                scope.spawn(move || {
+                let (servers, go, done, stop, round) = (&servers, &go, &done, &stop, &round);
+                let writer = thread::Builder::new().name(format!("floor-writer-{w}"));
+                let writer = writer.spawn_scoped(scope, move || {
                     loop {
                         go.wait();
                         if stop.load(Ordering::Relaxed) {
@@ -1219,43 +1262,48 @@ fn fanout_floor(
                         }
                         // The update frame the server sends, stamped with
                         // this round's start, as the broker message is.
-                        let frame = update_frame(FANOUT_BUG, &when(0, 1));
+                        let frame =
+                            update_frame(FANOUT_BUG, &when(phase, round.load(Ordering::Relaxed)));
+                        // Writer `w` takes every FLOOR_WRITERS-th socket
+                        // from the `w`-th, and every FLOOR_WRITERS-th write.
+                        let count =
+                            writes / FLOOR_WRITERS + usize::from(w < writes % FLOOR_WRITERS);
                         let mine = servers.iter().skip(w).step_by(FLOOR_WRITERS);
-                        for mut server in mine.cycle().take(writes / FLOOR_WRITERS) {
+                        for mut server in mine.cycle().take(count) {
                             server.write_all(&frame).expect("write to a socket pair");
                         }
                         done.wait();
                     }
-                })
+                });
+                writer.expect("start a floor writer")
             })
             .collect();
-        let per_round = (writes / FLOOR_WRITERS) * FLOOR_WRITERS;
-        for round in 1..=rounds {
-            *start.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let per_round = writes as u64;
+        for line in io::stdin().lines() {
+            if line.expect("read the benchmark's command") != "round" {
+                break;
+            }
+            let round = round.fetch_add(1, Ordering::Relaxed) + 1;
             go.wait();
             done.wait();
-            wait_until(ROUND_DEADLINE, || {
-                arrived.load(Ordering::Relaxed) >= per_round * round
+            wait_until_every(ROUND_DEADLINE, Duration::from_millis(1), || {
+                readers.received() >= per_round * round
             });
-            let round_start = *start.lock().unwrap_or_else(|e| e.into_inner());
-            lasts.push(round_start.elapsed().as_micros() as u64);
-            thread::sleep(Duration::from_millis(200));
-            between(round);
+            println!("{}", readers.take_extremes().1);
         }
         stop.store(true, Ordering::Relaxed);
         go.wait();
         for w in writers {
             w.join().expect("a floor writer panicked");
         }
-        let mut histogram = Histogram::new();
-        for r in readers {
-            histogram.merge(&r.join().expect("a floor reader panicked"));
-        }
-        histogram
     });
+    let histogram = readers.collect().latency;
+    let buckets: Vec<String> = histogram.buckets.iter().map(u64::to_string).collect();
+    println!("{}", buckets.join(" "));
     // The accepted side closes first: no client port is left in TIME_WAIT.
     drop(servers);
-    (histogram, lasts)
+    drop(readers);
+    std::process::ExitCode::SUCCESS
 }
 
 /// utime + stime from a `/proc/…/stat` line (fields 14 and 15; the name in
@@ -1536,8 +1584,31 @@ impl Fleet {
                 .flat_map(|t| t.join().expect("an opener thread panicked"))
                 .collect()
         });
+        assert!(
+            !opened.is_empty(),
+            "no connection could be opened to {addr}"
+        );
+        Fleet::watch(
+            opened,
+            failed.into_inner(),
+            bugs.len(),
+            first_bug,
+            "lg-reader",
+        )
+    }
+
+    /// Starts [`READERS`] threads named `name-N` watching `opened`
+    /// (sockets, with whatever was read past the last whole frame), whose
+    /// updates of bug `first_bug + i` are checked for order for `i` below
+    /// `bugs`.
+    fn watch(
+        opened: Vec<(TcpStream, Vec<u8>)>,
+        failed: usize,
+        bugs: usize,
+        first_bug: u64,
+        name: &str,
+    ) -> Fleet {
         let size = opened.len();
-        assert!(size > 0, "no connection could be opened to {addr}");
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             phase: AtomicU64::new(0),
@@ -1553,7 +1624,7 @@ impl Fleet {
             groups[i % READERS].push(Conn {
                 stream: mio::net::TcpStream::from_std(socket),
                 pending,
-                last_seq: vec![0; bugs.len()],
+                last_seq: vec![0; bugs],
                 first_bug,
                 open: true,
             });
@@ -1564,7 +1635,7 @@ impl Fleet {
             .map(|(me, conns)| {
                 let shared = Arc::clone(&shared);
                 thread::Builder::new()
-                    .name(format!("lg-reader-{me}"))
+                    .name(format!("{name}-{me}"))
                     .spawn(move || read_loop(me, conns, &shared))
                     .expect("spawn a reader")
             })
@@ -1573,7 +1644,7 @@ impl Fleet {
             shared,
             readers,
             size,
-            failed: failed.into_inner(),
+            failed,
         }
     }
 
