@@ -71,8 +71,51 @@ fn encode(frame: Frame) -> Bytes {
     bytes.into()
 }
 
+/// A queue of frames whose first sits inline: a fan-out queues one frame
+/// per outbox, and the hub and then a writer find it in the same cache
+/// lines as the lock, instead of in a buffer of its own (two cache misses
+/// per delivery, the most of the writers' own time in profiles).
+#[derive(Default)]
+struct Frames {
+    /// The oldest frame, if it is not in `rest`: everything in `rest` is
+    /// newer than it.
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Frames {
+    fn push_back(&mut self, frame: Bytes) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(frame);
+        } else {
+            self.rest.push_back(frame);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn front(&self) -> Option<&Bytes> {
+        self.first.as_ref().or_else(|| self.rest.front())
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        self.rest.clear();
+    }
+}
+
 struct State {
-    frames: VecDeque<Bytes>,
+    frames: Frames,
     /// The bytes in `frames`.
     bytes: usize,
     /// In the writers' queue, or being written: not to be queued again.
@@ -106,7 +149,7 @@ impl Outbox {
     ) -> Arc<Outbox> {
         Arc::new(Outbox {
             state: Mutex::new(State {
-                frames: VecDeque::new(),
+                frames: Frames::default(),
                 bytes: 0,
                 scheduled: false,
                 writing: false,
@@ -445,6 +488,26 @@ mod tests {
 
     fn too_slow_frame() -> Bytes {
         close_frame(CloseCode::Policy, "too slow: outbound queue full")
+    }
+
+    #[test]
+    fn the_inline_first_frame_stays_in_order_with_the_rest() {
+        let mut frames = Frames::default();
+        frames.push_back(text("a"));
+        frames.push_back(text("b"));
+        assert_eq!(frames.pop_front(), Some(text("a")));
+        // The inline slot is free while "b" waits: "c" must queue behind
+        // "b", not take the slot ahead of it.
+        frames.push_back(text("c"));
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames.front(), Some(&text("b")));
+        assert_eq!(frames.pop_front(), Some(text("b")));
+        assert_eq!(frames.pop_front(), Some(text("c")));
+        assert!(frames.is_empty());
+        assert_eq!(frames.pop_front(), None);
+        frames.push_back(text("d"));
+        frames.clear();
+        assert_eq!((frames.len(), frames.pop_front()), (0, None));
     }
 
     #[test]
