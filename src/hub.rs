@@ -28,8 +28,10 @@ use crate::notification::{BugId, ChangeTime, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
 use crate::poller::Sink;
 use crate::protocol::{self, Command, ProtocolError, Since};
+use connections::{Connections, Slot};
 use index::BugIndex;
 
+mod connections;
 mod index;
 
 /// A connection, numbered by the server in accept order.
@@ -250,7 +252,7 @@ struct Feed {
 /// The hub's state; [`Hub::run`] is its thread.
 pub struct Hub {
     feeds: Vec<Feed>,
-    subscribers: HashMap<ConnId, Subscriber>,
+    subscribers: Connections<Subscriber>,
     max_subscriptions: usize,
     outbound_queue: usize,
     /// Where to send catch-ups the cache cannot answer, if anywhere.
@@ -287,7 +289,7 @@ impl Hub {
                     cache: Cache::new(config.cache_size, clock),
                 })
                 .collect(),
-            subscribers: HashMap::new(),
+            subscribers: Connections::default(),
             max_subscriptions: config.max_subscriptions,
             outbound_queue: config.outbound_queue,
             catchup: config.catchup,
@@ -332,18 +334,18 @@ impl Hub {
                             "connection {conn}: parsing its command panicked: {}",
                             crate::shutdown::panic_message(payload.as_ref())
                         );
-                        if let Some(c) = self.subscribers.get(&conn) {
+                        if let Some(c) = self.subscribers.get(conn) {
                             c.outbox.close(CloseCode::Error, "internal error");
                         }
                     }
                 }
             }
             Event::Disconnect { conn } => {
-                if let Some(c) = self.subscribers.remove(&conn) {
+                if let Some((slot, c)) = self.subscribers.remove(conn) {
                     if !c.held.is_empty() {
                         self.unsent.retain(|job| job.conn != conn);
                     }
-                    self.unsubscribe(conn, c.feed, &c.bugs);
+                    self.unsubscribe(slot, c.feed, &c.bugs);
                 }
             }
             Event::Notify { feed, notification } => self.notify(feed, &notification),
@@ -371,13 +373,13 @@ impl Hub {
     }
 
     fn reply(&mut self, conn: ConnId, text: String) {
-        if let Some(c) = self.subscribers.get_mut(&conn) {
+        if let Some(c) = self.subscribers.get_mut(conn) {
             c.reply(text_frame(text));
         }
     }
 
     fn command(&mut self, conn: ConnId, command: Command) {
-        let Some(c) = self.subscribers.get_mut(&conn) else {
+        let Some((slot, c)) = self.subscribers.find_mut(conn) else {
             return;
         };
         // Its answer would go nowhere: a client that was closed for asking
@@ -401,7 +403,7 @@ impl Hub {
                     c.answered.remove(bug);
                 }
                 let text = protocol::subscriptions_reply("unsubscribe", c.bugs.iter().copied());
-                self.unsubscribe(conn, feed, &gone);
+                self.unsubscribe(slot, feed, &gone);
                 self.reply(conn, text);
             }
             Command::Subscribe { bugs, since } => {
@@ -426,7 +428,7 @@ impl Hub {
                 }
                 let feed = &mut self.feeds[c.feed];
                 for bug in &new {
-                    feed.subscribers.insert(*bug, conn);
+                    feed.subscribers.insert(*bug, slot);
                 }
                 self.metrics
                     .subscriptions
@@ -504,7 +506,7 @@ impl Hub {
     fn caught_up(&mut self, conn: ConnId, updates: Option<Vec<Notification>>) {
         // The worker took jobs from its queue: there is room for more.
         self.hand_over();
-        let Some(c) = self.subscribers.get_mut(&conn) else {
+        let Some(c) = self.subscribers.get_mut(conn) else {
             return;
         };
         let Some(held) = c.held.pop_front() else {
@@ -530,10 +532,10 @@ impl Hub {
         c.held = later;
     }
 
-    fn unsubscribe(&mut self, conn: ConnId, feed: FeedId, bugs: &BTreeSet<BugId>) {
+    fn unsubscribe(&mut self, slot: Slot, feed: FeedId, bugs: &BTreeSet<BugId>) {
         let subscribers = &mut self.feeds[feed].subscribers;
         for bug in bugs {
-            subscribers.remove(*bug, conn);
+            subscribers.remove(*bug, slot);
         }
         self.metrics
             .subscriptions
@@ -558,9 +560,9 @@ impl Hub {
         let mut frame: Option<Bytes> = None;
         let mut sent = 0;
         let (subscribers, limit) = (&mut self.subscribers, self.outbound_queue);
-        f.subscribers.for_each(notification.bug, |conn| {
+        f.subscribers.for_each(notification.bug, |slot| {
             let frame = frame.get_or_insert_with(|| text_frame(protocol::update(notification)));
-            if let Some(c) = subscribers.get_mut(&conn)
+            if let Some(c) = subscribers.at_mut(slot)
                 && c.update(notification, Arc::clone(frame), limit)
             {
                 sent += 1;

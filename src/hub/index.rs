@@ -1,35 +1,35 @@
 //! Who follows which bug on one feed: the hub's index for fan-out.
 //!
-//! Owned by the hub's thread alone (no lock); it holds connection ids,
-//! never connections, so it must never be the only place a connection is
-//! remembered: [`super::Hub`] keeps each connection's own bug set, from
-//! which every entry here is removed when the connection leaves.
+//! Owned by the hub's thread alone (no lock); it holds connections' slots
+//! ([`super::connections`]), never connections, so it must never be the
+//! only place a connection is remembered: [`super::Hub`] keeps each
+//! connection's own bug set, from which every entry here is removed when
+//! the connection leaves, before its slot can be reused.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
-use super::ConnId;
+use super::connections::Slot;
 use crate::notification::BugId;
 
-/// Bug → connections, for one feed.
+/// Bug → connections' slots, for one feed.
 ///
-/// The map holds a slot for every bug anyone follows, up to twice as many
-/// slots as bugs just after it grows, so a slot's size is most of what a
-/// subscription costs when every connection follows bugs of its own. Most
-/// bugs have a single follower: they sit in `alone`, whose slot (a bug and
-/// a connection id) takes 16 bytes, where one map for every case needs 24
-/// (10,000 connections × 100 bugs of their own: 5.1 KiB of heap per
-/// connection, measured, against 3.5). A bug is in `alone` exactly when it
-/// has one follower, in `shared` exactly when it has more.
+/// The map holds an entry for every bug anyone follows, up to twice as
+/// many entries as bugs just after it grows, so an entry's size is most of
+/// what a subscription costs when every connection follows bugs of its own.
+/// Most bugs have a single follower: they sit in `alone`, whose entry (a
+/// bug and a slot) takes 8 bytes, where one map for every case needs 16 or
+/// more. A bug is in `alone` exactly when it has one follower, in `shared`
+/// exactly when it has more.
 #[derive(Default)]
 pub struct BugIndex {
-    alone: HashMap<BugId, ConnId>,
+    alone: HashMap<BugId, Slot>,
     shared: HashMap<BugId, Box<Subscribers>>,
 }
 
 impl BugIndex {
     /// `conn` follows `bug` (again: no change).
-    pub fn insert(&mut self, bug: BugId, conn: ConnId) {
+    pub fn insert(&mut self, bug: BugId, conn: Slot) {
         if let Some(subscribers) = self.shared.get_mut(&bug) {
             subscribers.insert(conn);
             return;
@@ -48,7 +48,7 @@ impl BugIndex {
     }
 
     /// `conn` no longer follows `bug` (if it did).
-    pub fn remove(&mut self, bug: BugId, conn: ConnId) {
+    pub fn remove(&mut self, bug: BugId, conn: Slot) {
         if let Entry::Occupied(slot) = self.alone.entry(bug) {
             if *slot.get() == conn {
                 slot.remove();
@@ -63,8 +63,9 @@ impl BugIndex {
         }
     }
 
-    /// Calls `f` with each connection that follows `bug`.
-    pub fn for_each(&self, bug: BugId, mut f: impl FnMut(ConnId)) {
+    /// Calls `f` with each connection that follows `bug`; past
+    /// [`FEW_SUBSCRIBERS`], in ascending slot order.
+    pub fn for_each(&self, bug: BugId, mut f: impl FnMut(Slot)) {
         if let Some(conn) = self.alone.get(&bug) {
             f(*conn);
         } else if let Some(subscribers) = self.shared.get(&bug) {
@@ -74,25 +75,26 @@ impl BugIndex {
 }
 
 /// The followers of a bug that has two or more, boxed in `shared` so that
-/// its slot stays 16 bytes too.
+/// its entry stays 16 bytes.
 enum Subscribers {
     /// Up to [`FEW_SUBSCRIBERS`], in the order they came: searched faster
-    /// than hashed.
-    Few(Vec<ConnId>),
-    Many(HashSet<ConnId>),
+    /// than a tree.
+    Few(Vec<Slot>),
+    /// In slot order, which is the order of the hub's table of connections.
+    Many(BTreeSet<Slot>),
 }
 
 /// Past this many subscribers a bug's list becomes a set: removing a
-/// connection stays O(1) for a bug that thousands follow.
+/// connection stays O(log n) for a bug that thousands follow.
 const FEW_SUBSCRIBERS: usize = 16;
 
 impl Subscribers {
-    fn insert(&mut self, conn: ConnId) {
+    fn insert(&mut self, conn: Slot) {
         match self {
             Subscribers::Few(few) if few.contains(&conn) => {}
             Subscribers::Few(few) if few.len() < FEW_SUBSCRIBERS => few.push(conn),
             Subscribers::Few(few) => {
-                let mut many: HashSet<ConnId> = few.iter().copied().collect();
+                let mut many: BTreeSet<Slot> = few.iter().copied().collect();
                 many.insert(conn);
                 *self = Subscribers::Many(many);
             }
@@ -103,7 +105,7 @@ impl Subscribers {
     }
 
     /// Removes `conn`; the one follower left, if only one is.
-    fn remove(&mut self, conn: ConnId) -> Option<ConnId> {
+    fn remove(&mut self, conn: Slot) -> Option<Slot> {
         match self {
             Subscribers::Few(few) => {
                 few.retain(|c| *c != conn);
@@ -122,7 +124,7 @@ impl Subscribers {
         }
     }
 
-    fn for_each(&self, f: impl FnMut(ConnId)) {
+    fn for_each(&self, f: impl FnMut(Slot)) {
         match self {
             Subscribers::Few(few) => few.iter().copied().for_each(f),
             Subscribers::Many(many) => many.iter().copied().for_each(f),
@@ -134,7 +136,7 @@ impl Subscribers {
 mod tests {
     use super::*;
 
-    fn followers(index: &BugIndex, bug: BugId) -> Vec<ConnId> {
+    fn followers(index: &BugIndex, bug: BugId) -> Vec<Slot> {
         let mut seen = Vec::new();
         index.for_each(bug, |c| seen.push(c));
         seen.sort_unstable();
@@ -155,11 +157,11 @@ mod tests {
         let (bug, other) = (BugId::new(5).expect("bug"), BugId::new(6).expect("bug"));
         let mut index = BugIndex::default();
         index.insert(other, 1000);
-        let n = 3 * FEW_SUBSCRIBERS as u64;
+        let n = 3 * FEW_SUBSCRIBERS as Slot;
         for conn in (0..n).chain(0..n) {
             index.insert(bug, conn);
             let seen = followers(&index, bug);
-            let expected: Vec<ConnId> = (0..=conn.max(seen.len() as u64 - 1)).collect();
+            let expected: Vec<Slot> = (0..=conn.max(seen.len() as Slot - 1)).collect();
             assert_eq!(seen, expected);
             assert!(placed(&index, bug, seen.len()));
         }
@@ -176,7 +178,7 @@ mod tests {
         // Someone else's bug and a connection that never followed: no change.
         index.remove(other, 7);
         assert_eq!(followers(&index, other), vec![1000]);
-        assert_eq!(std::mem::size_of::<(BugId, ConnId)>(), 16);
+        assert_eq!(std::mem::size_of::<(BugId, Slot)>(), 8);
         assert_eq!(std::mem::size_of::<(BugId, Box<Subscribers>)>(), 16);
     }
 
