@@ -633,12 +633,6 @@ mod tests {
     /// A hub with one connection whose frames arrive on the returned
     /// socket, and the catch-up jobs it sends.
     fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<CatchUpJob>) {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
-        let (server, _) = listener.accept().expect("accept");
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
         let metrics = Arc::new(Metrics::new("database", 1));
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(4);
         let mut hub = Hub::new(
@@ -649,15 +643,34 @@ mod tests {
                 outbound_queue: 100,
                 catchup: Some(jobs_tx),
             },
-            Arc::clone(&metrics),
+            metrics,
         );
-        let outbox = Outbox::new(Arc::new(server), 100, writers, metrics);
+        let client = connect(&mut hub, writers, 1);
+        (hub, client, jobs_rx)
+    }
+
+    /// Connects `conn` to `hub`; its frames arrive on the returned socket.
+    fn connect(hub: &mut Hub, writers: &Writers, conn: ConnId) -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let outbox = Outbox::new(Arc::new(server), 100, writers, Arc::clone(&hub.metrics));
         hub.handle(Event::Connect {
-            conn: 1,
+            conn,
             feed: 0,
             outbox,
         });
-        (hub, client, jobs_rx)
+        client
+    }
+
+    fn command(hub: &mut Hub, conn: ConnId, text: &str) {
+        hub.handle(Event::Command {
+            conn,
+            text: text.into(),
+        });
     }
 
     /// Sends connection 1's subscribe command to `hub`.
@@ -886,5 +899,34 @@ mod tests {
         // The repeats of :09 and of :05 (in another spelling) were
         // already delivered on the feed: dropped.
         assert_eq!(frames[3]["command"], "version");
+    }
+
+    #[test]
+    fn a_connection_in_the_slot_of_one_that_left_gets_none_of_its_bugs() {
+        let writers = Writers::start(&crate::shutdown::channel().1).expect("writers");
+        let (mut hub, _first, _jobs) = hub_with_client(&writers);
+        let mut third = connect(&mut hub, &writers, 3);
+        // Bug 5 has one follower, bug 6 two: both kinds of index entry.
+        command(&mut hub, 1, r#"{"command":"subscribe","bugs":[5,6]}"#);
+        command(&mut hub, 3, r#"{"command":"subscribe","bugs":[6]}"#);
+        hub.handle(Event::Disconnect { conn: 1 });
+        // Connection 2 takes the slot connection 1 left.
+        let mut second = connect(&mut hub, &writers, 2);
+        command(&mut hub, 2, r#"{"command":"subscribe","bugs":[7]}"#);
+        for bug in [5, 6, 7] {
+            hub.handle(Event::Notify {
+                feed: 0,
+                notification: n(bug, "2026-01-01T00:00:05"),
+            });
+        }
+        command(&mut hub, 2, r#"{"command":"version"}"#);
+        command(&mut hub, 3, r#"{"command":"version"}"#);
+        let frames = read_texts(&mut second, 3);
+        assert_eq!(frames[0]["bugs"], serde_json::json!([7]));
+        assert_eq!(frames[1]["bug"], 7);
+        assert_eq!(frames[2]["command"], "version");
+        let frames = read_texts(&mut third, 3);
+        assert_eq!(frames[1]["bug"], 6);
+        assert_eq!(frames[2]["command"], "version");
     }
 }
