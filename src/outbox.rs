@@ -72,9 +72,9 @@ fn encode(frame: Frame) -> Bytes {
 }
 
 /// A queue of frames whose first sits inline: a fan-out queues one frame
-/// per outbox, and the hub and then a writer find it in the same cache
-/// lines as the lock, instead of in a buffer of its own (two cache misses
-/// per delivery, the most of the writers' own time in profiles).
+/// per outbox, and the hub and then a writer find it beside the lock,
+/// instead of in a buffer of its own (a cache miss for each of them per
+/// delivery: half of a writer's own time in profiles).
 #[derive(Default)]
 struct Frames {
     /// The oldest frame, if it is not in `rest`: everything in `rest` is

@@ -63,11 +63,13 @@ impl<T> Connections<T> {
         Some((slot, value))
     }
 
+    /// `conn`'s value, if it is here.
     pub fn get(&self, conn: ConnId) -> Option<&T> {
         let slot = *self.slots.get(&conn)?;
         self.entries.get(slot as usize)?.as_ref().map(|(_, v)| v)
     }
 
+    /// `conn`'s value, if it is here.
     pub fn get_mut(&mut self, conn: ConnId) -> Option<&mut T> {
         self.find_mut(conn).map(|(_, value)| value)
     }
@@ -88,6 +90,7 @@ impl<T> Connections<T> {
         Some((slot, value))
     }
 
+    /// Every connection's value, in slot order.
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.entries.iter().flatten().map(|(_, v)| v)
     }
