@@ -9,7 +9,7 @@
 //!   opener threads open connections to a bare thread-per-connection
 //!   responder in this process.
 //! - fanout: as many connections, all subscribed to one bug (their RSS is
-//!   reported too); one change at a time, `--repeats` (40) times; the
+//!   reported too); one change at a time, `--repeats` (100) times; the
 //!   latency of every delivery. Beside it, the floor this machine puts
 //!   under any server's fan-out, measured the same way: the same update
 //!   frame written bare to as many distinct loopback sockets, from as many
@@ -120,7 +120,7 @@ impl Options {
     fn from_args() -> Options {
         let mut o = Options {
             connections: 10_000,
-            repeats: 40,
+            repeats: 100,
             idle_seconds: 10,
             tp_connections: 1000,
             tp_bugs: 100,
