@@ -19,7 +19,7 @@ pub type Slot = u32;
 
 /// Connection id → slot → `T`.
 pub struct Connections<T> {
-    entries: Vec<Option<(ConnId, T)>>,
+    entries: Vec<Option<T>>,
     /// Slots of removed connections, to be reused first.
     free: Vec<Slot>,
     slots: HashMap<ConnId, Slot>,
@@ -44,11 +44,11 @@ impl<T> Connections<T> {
         }
         let slot = match self.free.pop() {
             Some(slot) => {
-                self.entries[slot as usize] = Some((conn, value));
+                self.entries[slot as usize] = Some(value);
                 slot
             }
             None => {
-                self.entries.push(Some((conn, value)));
+                self.entries.push(Some(value));
                 Slot::try_from(self.entries.len() - 1)
                     .expect("fewer than 2^32 connections at a time")
             }
@@ -59,14 +59,14 @@ impl<T> Connections<T> {
     /// `conn`'s slot and value.
     pub fn find_mut(&mut self, conn: ConnId) -> Option<(Slot, &mut T)> {
         let slot = *self.slots.get(&conn)?;
-        let (_, value) = self.entries.get_mut(slot as usize)?.as_mut()?;
+        let value = self.entries.get_mut(slot as usize)?.as_mut()?;
         Some((slot, value))
     }
 
     /// `conn`'s value, if it is here.
     pub fn get(&self, conn: ConnId) -> Option<&T> {
         let slot = *self.slots.get(&conn)?;
-        self.entries.get(slot as usize)?.as_ref().map(|(_, v)| v)
+        self.entries.get(slot as usize)?.as_ref()
     }
 
     /// `conn`'s value, if it is here.
@@ -76,23 +76,20 @@ impl<T> Connections<T> {
 
     /// The connection in `slot`, if any.
     pub fn at_mut(&mut self, slot: Slot) -> Option<&mut T> {
-        self.entries
-            .get_mut(slot as usize)?
-            .as_mut()
-            .map(|(_, v)| v)
+        self.entries.get_mut(slot as usize)?.as_mut()
     }
 
     /// Removes `conn`; its slot (free from now on) and value.
     pub fn remove(&mut self, conn: ConnId) -> Option<(Slot, T)> {
         let slot = self.slots.remove(&conn)?;
-        let (_, value) = self.entries.get_mut(slot as usize)?.take()?;
+        let value = self.entries.get_mut(slot as usize)?.take()?;
         self.free.push(slot);
         Some((slot, value))
     }
 
     /// Every connection's value, in slot order.
     pub fn values(&self) -> impl Iterator<Item = &T> {
-        self.entries.iter().flatten().map(|(_, v)| v)
+        self.entries.iter().flatten()
     }
 }
 
