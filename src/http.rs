@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use tungstenite::handshake::server::Request;
 use tungstenite::http::{self, Method, Version};
 
-use crate::metrics::{Metrics, PollerRole, PollerState};
+use crate::metrics::Metrics;
+use crate::poller;
 
 /// A request head larger than this is refused (431).
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -234,10 +235,10 @@ pub fn serve_plain(
 /// The poller's part of `/health`: its role (`active`, `standby` with the
 /// lock's holder, or `none` while unconnected), and a database that refuses
 /// it as `"database": "refused"` with the reason and the fix.
-fn add_poller(json: &mut serde_json::Value, state: &PollerState) {
-    json["poller"] = match &state.role {
-        Some(PollerRole::Active) => "active".into(),
-        Some(PollerRole::Standby(holder)) => {
+fn add_poller(json: &mut serde_json::Value, state: &poller::State) {
+    json["poller"] = match state.role() {
+        Some(poller::Role::Active) => "active".into(),
+        Some(poller::Role::Standby(holder)) => {
             json["lock_holder"] = serde_json::json!({
                 "connection": holder.connection,
                 "host": holder.host.as_deref().unwrap_or("unknown"),
@@ -246,9 +247,9 @@ fn add_poller(json: &mut serde_json::Value, state: &PollerState) {
         }
         None => "none".into(),
     };
-    if let Some(reason) = &state.refused {
+    if let Some(reason) = state.refused() {
         json["database"] = "refused".into();
-        json["reason"] = reason.as_str().into();
+        json["reason"] = reason.into();
     }
 }
 

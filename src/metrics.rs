@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::poller;
+
 #[derive(Default)]
 pub struct Metrics {
     pub connections: AtomicU64,
@@ -36,47 +38,9 @@ pub struct Metrics {
     pub started: Option<Instant>,
     /// The wall-clock time of `started`, for `process_start_time_seconds`.
     started_at: Option<SystemTime>,
-    /// The database poller's role and state (poll, run); see
+    /// What the database poller is doing (poll, run); see
     /// [`Metrics::poller`].
-    poller_state: Mutex<PollerState>,
-}
-
-/// What the poller last said about itself: written by the poller thread
-/// when it changes, read by `/health` and `/metrics`. Not on a hot path.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PollerState {
-    /// `None` while the poller has no database connection.
-    pub role: Option<PollerRole>,
-    /// The database answers but refuses the poller: what, and the fix.
-    pub refused: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PollerRole {
-    /// Holds the lock and polls.
-    Active,
-    /// Waits for the lock, which this connection holds.
-    Standby(LockHolder),
-}
-
-/// The database connection holding the poller lock.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LockHolder {
-    pub connection: u64,
-    /// Where it connects from, as the server sees it (`host:port`); `None`
-    /// when this user may not see it (no PROCESS privilege).
-    pub host: Option<String>,
-}
-
-impl std::fmt::Display for LockHolder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "database connection {} from {}",
-            self.connection,
-            self.host.as_deref().unwrap_or("an unknown host")
-        )
-    }
+    poller_state: Mutex<poller::State>,
 }
 
 impl Metrics {
@@ -114,9 +78,9 @@ impl Metrics {
         self.started.map_or(Duration::ZERO, |s| s.elapsed())
     }
 
-    /// The poller's state, to read or to change. A panic while it was held
-    /// left a whole value behind: take it.
-    pub fn poller(&self) -> MutexGuard<'_, PollerState> {
+    /// What the poller is doing, to read or to change. A panic while it
+    /// was held left a whole value behind: take it.
+    pub fn poller(&self) -> MutexGuard<'_, poller::State> {
         self.poller_state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -215,7 +179,7 @@ impl Metrics {
                 "poller_active",
                 "gauge",
                 "1 while this poller holds the lock and polls; 0 as a standby or unconnected.",
-                u64::from(self.poller().role == Some(PollerRole::Active)).to_string(),
+                u64::from(self.poller().role() == Some(poller::Role::Active)).to_string(),
             ),
             (
                 poller,

@@ -6,7 +6,7 @@
 //! `(bug, delta_ts)` pairs it already published within that window. The
 //! overlap catches transactions that commit after the second they stamped.
 //!
-//! The watermark survives a restart in a [`StateFile`], saved after each
+//! The watermark survives a restart in a [`WatermarkFile`], saved after each
 //! confirmed poll: a start or a takeover replays from it, at most the
 //! replay limit back (and says what a cap skipped). With no state it starts
 //! one overlap before the database's current time, so a takeover within the
@@ -18,8 +18,8 @@ use log::{info, warn};
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
-use super::state::{StateFile, is_datetime};
-use super::{Batch, Source};
+use super::pipeline::{Batch, Source};
+use super::watermark::{WatermarkFile, is_datetime};
 use crate::config::PollerConfig;
 use crate::database::{bug_id, change_time};
 use crate::notification::{ChangeTime, Notification};
@@ -32,7 +32,7 @@ pub struct Bugs {
     /// What was published (confirmed) within the current window.
     published: HashSet<Notification>,
     /// Where the watermark is kept across restarts, if anywhere.
-    state: Option<StateFile>,
+    state: Option<WatermarkFile>,
     replay_limit_secs: u64,
     /// A saved watermark to resume from, checked against the replay limit
     /// on the next read (which has the database at hand).
@@ -58,7 +58,7 @@ impl Bugs {
             state: config
                 .state_directory
                 .as_deref()
-                .map(|dir| StateFile::new(dir, &config.lock_name)),
+                .map(|dir| WatermarkFile::new(dir, &config.lock_name)),
             replay_limit_secs: config.replay_limit.as_secs().max(1),
             resume: None,
         }
@@ -115,7 +115,8 @@ impl Bugs {
     }
 }
 
-impl Source<Conn> for Bugs {
+impl Source for Bugs {
+    type Connection = Conn;
     type Receipt = Window;
 
     fn activated(&mut self, now: &ChangeTime, took_over: bool) {
@@ -129,7 +130,7 @@ impl Source<Conn> for Bugs {
         // state directory saved.
         if took_over || self.watermark.is_none() {
             self.watermark = Some(now.clone());
-            self.resume = self.state.as_ref().and_then(StateFile::load);
+            self.resume = self.state.as_ref().and_then(WatermarkFile::load);
         }
     }
 

@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Batch, Database, Session, Source};
-use crate::metrics::LockHolder;
+use super::database::{Database, LockAttempt, Session};
+use super::pipeline::{Batch, Source};
+use super::state::LockHolder;
 use crate::notification::{BugId, ChangeTime, Notification};
 use crate::pulse::rfc3339_utc;
 
@@ -126,11 +127,7 @@ impl Drop for Connection {
 }
 
 impl Session for Connection {
-    fn try_lock(
-        &mut self,
-        _name: &str,
-        wait_secs: u32,
-    ) -> Result<(Option<i64>, String, Option<u64>), mysql::Error> {
+    fn try_lock(&mut self, _name: &str, wait_secs: u32) -> Result<LockAttempt, mysql::Error> {
         // Like GET_LOCK, a lock held by another waits a while before the
         // answer, so that a standby does not spin.
         let mut waited = false;
@@ -138,8 +135,11 @@ impl Session for Connection {
             let holder = *self.table.lock().lock.get_or_insert(self.id);
             if holder == self.id || waited {
                 let now = rfc3339_utc(SystemTime::now());
-                let now = now.get(..19).unwrap_or(&now).to_string();
-                return Ok((Some(i64::from(holder == self.id)), now, Some(holder)));
+                return Ok(LockAttempt {
+                    taken: holder == self.id,
+                    now: ChangeTime::new(now.get(..19).unwrap_or(&now)),
+                    holder: Some(holder),
+                });
             }
             thread::sleep(Duration::from_secs(wait_secs.into()));
             waited = true;
@@ -187,7 +187,8 @@ impl PushNotify {
     }
 }
 
-impl Source<Connection> for PushNotify {
+impl Source for PushNotify {
+    type Connection = Connection;
     type Receipt = Rows;
 
     fn activated(&mut self, _now: &ChangeTime, _took_over: bool) {
@@ -318,11 +319,11 @@ mod tests {
         let connect = || memory.connect().unwrap_or_else(|e| panic!("{e}"));
         let (mut first, mut second) = (connect(), connect());
         let lock = |c: &mut Connection| c.try_lock("l", 0).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(lock(&mut first).0, Some(1));
-        let (got, now, holder) = lock(&mut second);
-        assert_eq!((got, holder), (Some(0), Some(first.id)));
-        assert_eq!(now.len(), 19, "{now}");
+        assert!(lock(&mut first).taken);
+        let attempt = lock(&mut second);
+        assert_eq!((attempt.taken, attempt.holder), (false, Some(first.id)));
+        assert_eq!(attempt.now.as_str().len(), 19, "{attempt:?}");
         drop(first);
-        assert_eq!(lock(&mut second).0, Some(1));
+        assert!(lock(&mut second).taken);
     }
 }

@@ -22,8 +22,8 @@ use log::warn;
 use mysql::prelude::Queryable;
 use mysql::{Conn, Value};
 
+use super::pipeline::{Batch, Source};
 use super::recheck::Recheck;
-use super::{Batch, Source};
 use crate::config::PollerConfig;
 use crate::database::{bug_id, change_time};
 use crate::notification::{BugId, ChangeTime, Notification};
@@ -173,7 +173,8 @@ impl PushNotify {
     }
 }
 
-impl Source<Conn> for PushNotify {
+impl Source for PushNotify {
+    type Connection = Conn;
     type Receipt = Rows;
 
     fn activated(&mut self, _now: &ChangeTime, _took_over: bool) {

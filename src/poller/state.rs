@@ -1,182 +1,213 @@
-//! The state file of source `bugs`: the watermark, kept across restarts.
-//!
-//! Owns one small file in the state directory (systemd's `StateDirectory=`)
-//! holding the database time of the last poll whose changes were all
-//! confirmed, `YYYY-MM-DDTHH:MM:SS` and a newline. It is replaced
-//! atomically (write a temporary file, fsync, rename, fsync the folder), so
-//! a crash leaves the old watermark or the new one, never half of one. A
-//! missing, unreadable or corrupt file is never fatal: the poller falls
-//! back to starting one overlap before the database's current time, and
-//! says so once. Nothing here talks to the database.
+//! What the poller is doing, as one value: connecting, down, refused,
+//! standby or active. The poll loop changes it only through [`Reporter`],
+//! which logs a change once (an outage is one line when it starts and one
+//! when it ends, however many retries lie between), tells systemd in
+//! `STATUS=`, and keeps it in [`Metrics`] for `/health` and `/metrics`.
+//! Nothing here talks to the database or decides what the poller does
+//! next.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::fmt;
 
-use log::{debug, info, warn};
+use log::info;
 
-use crate::notification::ChangeTime;
+use crate::database;
+use crate::metrics::Metrics;
+use crate::retry::Link;
+use crate::systemd;
 
-pub struct StateFile {
-    path: PathBuf,
-    /// The watermark last written, so an unchanged one is not written again
-    /// (the database clock has one-second steps; polls may come faster).
-    saved: Option<ChangeTime>,
-    /// The last save failed: said once, until a save works again.
-    failing: bool,
+/// What the poller is doing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum State {
+    /// Connecting to the database: at start, or again after the
+    /// connection dropped.
+    #[default]
+    Connecting,
+    /// The database does not answer; retried with capped backoff.
+    Down,
+    /// The database answers but refuses what the poller asks (a missing
+    /// table or privilege): `reason` says what and the fix; retried every
+    /// [`crate::retry::REFUSED_RETRY`]. A refusal met while polling
+    /// (`at_work`) stands while the poller reconnects and waits for the
+    /// lock (`role`): only a whole poll shows it is over.
+    Refused {
+        reason: String,
+        at_work: bool,
+        role: Option<Role>,
+    },
+    /// Connected; another connection holds the lock.
+    Standby(LockHolder),
+    /// Holding the lock and polling.
+    Active,
 }
 
-impl StateFile {
-    /// The state file for the pollers that share `lock_name` (one name per
-    /// Bugzilla database), in `directory`.
-    pub fn new(directory: &Path, lock_name: &str) -> StateFile {
-        let name: String = lock_name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        StateFile {
-            path: directory.join(format!("{name}.watermark")),
-            saved: None,
-            failing: false,
-        }
-    }
+/// Whether the poller holds the lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Holds the lock and polls.
+    Active,
+    /// Waits for the lock, which this connection holds.
+    Standby(LockHolder),
+}
 
-    #[cfg(test)]
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
+/// The database connection holding the poller lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockHolder {
+    pub connection: u64,
+    /// Where it connects from, as the server sees it (`host:port`); `None`
+    /// when this user may not see it (no PROCESS privilege).
+    pub host: Option<String>,
+}
 
-    /// The saved watermark; `None` (after one warning, unless there simply
-    /// is no file yet) when there is none to trust.
-    pub fn load(&self) -> Option<ChangeTime> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                debug!("no state file {} yet", self.path.display());
-                return None;
-            }
-            Err(e) => {
-                warn!(
-                    "cannot read the state file {}: {e}; starting one overlap before the \
-                     database's current time, so changes made while no poller ran are not \
-                     replayed. Check the file's owner and mode (or remove it)",
-                    self.path.display()
-                );
-                return None;
-            }
-        };
-        let watermark = text.trim_end_matches('\n');
-        if is_datetime(watermark) {
-            Some(ChangeTime::new(watermark))
-        } else {
-            warn!(
-                "the state file {} holds no watermark (expected YYYY-MM-DDTHH:MM:SS, found \
-                 {:?}); starting one overlap before the database's current time, so changes \
-                 made while no poller ran are not replayed. The next confirmed poll rewrites it",
-                self.path.display(),
-                text.chars().take(40).collect::<String>()
-            );
-            None
-        }
-    }
-
-    /// Replaces the saved watermark. A failure is logged (once, until a
-    /// save works again) and otherwise ignored: notifications must not wait
-    /// for a disk.
-    pub fn save(&mut self, watermark: &ChangeTime) {
-        if self.saved.as_ref() == Some(watermark) {
-            return;
-        }
-        match self.write(watermark) {
-            Ok(()) => {
-                if self.failing {
-                    info!("state file {}: saved again", self.path.display());
-                    self.failing = false;
-                }
-                self.saved = Some(watermark.clone());
-            }
-            Err(e) => {
-                if !self.failing {
-                    warn!(
-                        "cannot save the watermark to {}: {e}; a restarted poller would not \
-                         replay what changed while it was down. Make the folder writable \
-                         (systemd: StateDirectory=bzpush) or set BZPUSH_STATE_DIRECTORY=off",
-                        self.path.display()
-                    );
-                    self.failing = true;
-                }
-            }
-        }
-    }
-
-    fn write(&self, watermark: &ChangeTime) -> io::Result<()> {
-        let directory = self.path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(directory)?;
-        let temporary = self.path.with_extension("watermark.tmp");
-        let mut file = File::create(&temporary)?;
-        file.write_all(format!("{watermark}\n").as_bytes())?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temporary, &self.path)?;
-        // The rename is durable only once the folder is: without this a
-        // power cut can bring back the old file, or none.
-        File::open(directory)?.sync_all()
+impl fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "database connection {} from {}",
+            self.connection,
+            self.host.as_deref().unwrap_or("an unknown host")
+        )
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS`, digits where digits belong. Times in this form
-/// compare as text in time order.
-pub fn is_datetime(s: &str) -> bool {
-    s.len() == 19
-        && s.bytes().enumerate().all(|(i, b)| match i {
-            4 | 7 => b == b'-',
-            10 => b == b'T',
-            13 | 16 => b == b':',
-            _ => b.is_ascii_digit(),
-        })
+impl State {
+    /// Whether the poller holds the lock, waits for it, or neither.
+    pub fn role(&self) -> Option<Role> {
+        match self {
+            State::Active => Some(Role::Active),
+            State::Standby(holder) => Some(Role::Standby(holder.clone())),
+            State::Refused { role, .. } => role.clone(),
+            State::Connecting | State::Down => None,
+        }
+    }
+
+    /// Why the database refuses the poller, if it does.
+    pub fn refused(&self) -> Option<&str> {
+        match self {
+            State::Refused { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Changes the poller's [`State`] and says so: the log (a role or a
+/// database link that changed), systemd's `STATUS=`, and [`Metrics`].
+pub struct Reporter<'a> {
+    lock_name: &'a str,
+    metrics: &'a Metrics,
+    /// The database's state as last logged.
+    database: Link<'a>,
+    /// The role last logged: a reconnect that takes the same role again
+    /// says nothing.
+    logged_role: Option<Role>,
+}
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("bzpush-state-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
-    #[test]
-    fn a_saved_watermark_loads_back_and_a_corrupt_one_is_none() {
-        let dir = scratch("roundtrip");
-        let mut state = StateFile::new(&dir, "bzpush.poller/bugs");
-        assert_eq!(state.load(), None, "no file yet");
-        let watermark = ChangeTime::new("2026-11-30T10:00:00");
-        state.save(&watermark);
-        assert_eq!(state.load(), Some(watermark));
-        assert!(state.path().ends_with("bzpush.poller_bugs.watermark"));
-        for corrupt in ["", "garbage", "2026-11-30 10:00:00", "\u{0}\u{0}"] {
-            fs::write(state.path(), corrupt).expect("write");
-            assert_eq!(state.load(), None, "{corrupt:?}");
+impl<'a> Reporter<'a> {
+    /// A reporter for the poller of lock `lock_name` on `database`
+    /// (a description without a password).
+    pub fn new(lock_name: &'a str, database: String, metrics: &'a Metrics) -> Reporter<'a> {
+        let mut link = Link::new("database", database);
+        if let Some(flag) = metrics.upstream_links.first() {
+            link = link.reporting(flag);
         }
-        let _ = fs::remove_dir_all(&dir);
+        Reporter {
+            lock_name,
+            metrics,
+            database: link,
+            logged_role: None,
+        }
     }
 
-    #[test]
-    fn datetimes() {
-        assert!(is_datetime("2026-01-01T00:00:00"));
-        for bad in [
-            "2026-01-01 00:00:00",
-            "2026-1-01T00:00:00",
-            "2026-01-01T00:00:0x",
-        ] {
-            assert!(!is_datetime(bad), "{bad}");
+    /// The state in force.
+    pub fn state(&self) -> State {
+        self.metrics.poller().clone()
+    }
+
+    /// The database does not answer.
+    pub fn down(&mut self, error: &mysql::Error) {
+        if self.state().refused().is_some() {
+            // The last STATUS= was the refusal.
+            systemd::notify("STATUS=database down; retrying with backoff");
+        }
+        self.database.down(&database::Sentence(error));
+        self.set(State::Down);
+    }
+
+    /// The database refuses the poller for `reason` (which says the fix),
+    /// met while polling (`at_work`) or while connecting; the connection
+    /// is gone.
+    pub fn refused(&mut self, reason: &str, at_work: bool) {
+        if self.database.refused(reason) {
+            systemd::notify(&format!("STATUS=database refused: {reason}"));
+        }
+        self.set(State::Refused {
+            reason: reason.to_string(),
+            at_work,
+            role: None,
+        });
+    }
+
+    /// The lock attempt found `role`. A refusal met while polling stands
+    /// (waiting for the lock proves nothing about it); otherwise the
+    /// database answers, and is up.
+    pub fn lock_attempt(&mut self, role: Role) {
+        match (self.state(), role) {
+            (
+                State::Refused {
+                    reason,
+                    at_work: true,
+                    ..
+                },
+                role,
+            ) => self.set(State::Refused {
+                reason,
+                at_work: true,
+                role: Some(role),
+            }),
+            // For an active poller, only a whole poll shows the database
+            // works ([`Reporter::polled`]).
+            (_, Role::Active) => self.set(State::Active),
+            (_, Role::Standby(holder)) => {
+                self.database.up();
+                self.set(State::Standby(holder));
+            }
+        }
+    }
+
+    /// A whole poll worked, its confirm included: the database is up, and
+    /// whatever refusal stood is over.
+    pub fn polled(&mut self) {
+        self.database.up();
+        if self.state() != State::Active {
+            self.set(State::Active);
+        }
+    }
+
+    fn set(&mut self, state: State) {
+        let role = state.role();
+        let was_refused = self.metrics.poller().refused().is_some();
+        *self.metrics.poller() = state.clone();
+        match role {
+            Some(role) if self.logged_role.as_ref() != Some(&role) => {
+                let line = self.role_line(&role);
+                info!("{line}");
+                systemd::notify(&format!("STATUS={line}"));
+                self.logged_role = Some(role);
+            }
+            Some(role) if was_refused && state.refused().is_none() => {
+                // The last STATUS= was the refusal.
+                systemd::notify(&format!("STATUS={}", self.role_line(&role)));
+            }
+            _ => {}
+        }
+    }
+
+    fn role_line(&self, role: &Role) -> String {
+        let name = self.lock_name;
+        match role {
+            Role::Standby(holder) => {
+                format!("standby: database lock {name:?} is held by {holder}; waiting to take over")
+            }
+            Role::Active => format!("active: holding database lock {name:?}"),
         }
     }
 }
