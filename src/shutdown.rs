@@ -14,7 +14,7 @@
 use std::any::Any;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -141,7 +141,7 @@ pub fn spawn_essential(
     let shutdown = shutdown.clone();
     builder.name(name.clone()).spawn(move || {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-            if std::env::var(TEST_PANIC_VAR).is_ok_and(|t| !t.is_empty() && name.starts_with(&t)) {
+            if test_panic().is_some_and(|t| name.starts_with(t)) {
                 panic!("{TEST_PANIC_VAR} is set to {name:?}: panicking as asked");
             }
             work()
@@ -158,6 +158,15 @@ pub fn spawn_essential(
         error!("{reason}; stopping everything so that the service manager restarts bzpush");
         shutdown.record(reason, panicked);
     })
+}
+
+/// [`TEST_PANIC_VAR`]'s value, read from the environment once, by the
+/// first essential thread to start.
+fn test_panic() -> Option<&'static str> {
+    static VALUE: OnceLock<Option<String>> = OnceLock::new();
+    VALUE
+        .get_or_init(|| std::env::var(TEST_PANIC_VAR).ok().filter(|t| !t.is_empty()))
+        .as_deref()
 }
 
 /// Joins `thread`, logging it if it panicked: no join result is thrown
