@@ -1,7 +1,12 @@
 //! Log lines on stderr, one per event, and their priority in the journal.
 //!
-//! Owns the process's logger. Lines carry no timestamp (journald adds its
-//! own). When stderr is the journal's stream (systemd sets `JOURNAL_STREAM`
+//! Owns the process's logger and the one thread that writes to stderr.
+//! Logging never blocks the thread that logs: a line goes into a bounded
+//! queue, and when stderr stalls (journald stuck, a pipe nobody reads) the
+//! queue fills and later lines are dropped and counted ([`dropped`]); the
+//! count is said once stderr moves again. Lines that peers or clients can
+//! cause go through a [`Throttle`] of their kind. Lines carry no timestamp
+//! (journald adds its own). When stderr is the journal's stream (systemd sets `JOURNAL_STREAM`
 //! to its device and inode), each line starts with an sd-daemon `<N>`
 //! priority, so `journalctl -p warning` finds warnings; anywhere else the
 //! lines have no prefix. Dependencies (lapin, rustls, mysql) log their own
@@ -9,22 +14,176 @@
 //! messages are demoted, to debug at most. Never logs a
 //! setting's value: callers pass only redacted text.
 
+use std::fmt;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-/// Starts logging at `level` to stderr. Once per process: a second call
-/// changes nothing.
+/// Lines waiting for stderr at most. A pipe holds 64 KiB, so a stalled
+/// reader is noticed here after about 64 KiB more of lines; a burst of
+/// lines a healthy journald would take is far smaller.
+const QUEUE: usize = 1024;
+
+/// Lines dropped since start because stderr did not take them.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// The writer thread's queue, once logging started.
+static QUEUED: OnceLock<Sender<Line>> = OnceLock::new();
+
+/// What the writer thread is given.
+enum Line {
+    Text(String),
+    /// Everything queued before this is written: say so, and stop.
+    Finish(Sender<()>),
+}
+
+/// Starts logging at `level` to stderr, and the thread that writes it.
+/// Once per process: a second call changes nothing.
 pub fn init(level: LevelFilter) {
+    let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+    if QUEUED.set(tx.clone()).is_err() {
+        return;
+    }
+    let journal = stderr_is_journal();
+    let writer = thread::Builder::new()
+        .name("log".into())
+        .spawn(move || write_lines(&rx, journal));
+    if let Err(e) = writer {
+        // Nowhere else to say it, and nothing may block on it.
+        let _ = writeln!(io::stderr(), "bzpush: cannot start the log thread: {e}");
+        return;
+    }
     let logger = Logger {
         level,
-        journal: stderr_is_journal(),
+        journal,
+        lines: tx,
     };
     // Leaked: the logger lives as long as the process, as `log` requires.
     if log::set_logger(Box::leak(Box::new(logger))).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+/// Waits at most `timeout` for the lines queued so far to reach stderr,
+/// then ends the writer thread: the last thing a process does, so that its
+/// last lines (why it stops) are not lost, and a stalled stderr cannot
+/// hold its exit.
+pub fn finish(timeout: Duration) {
+    let Some(lines) = QUEUED.get() else { return };
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    if lines.send_timeout(Line::Finish(done_tx), timeout).is_ok() {
+        let _ = done_rx.recv_timeout(timeout);
+    }
+}
+
+/// Lines dropped since start because stderr did not take them in time.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// The writer thread: writes each line whole, until [`finish`]. After
+/// lines were dropped, the next write says how many.
+fn write_lines(lines: &Receiver<Line>, journal: bool) {
+    let mut said = 0;
+    for line in lines {
+        let text = match line {
+            Line::Text(text) => text,
+            Line::Finish(done) => {
+                let _ = done.send(());
+                return;
+            }
+        };
+        let dropped = dropped();
+        let mut stderr = io::stderr().lock();
+        if dropped > said {
+            let prefix = if journal { priority(Level::Warn) } else { "" };
+            let _ = writeln!(
+                stderr,
+                "{prefix}[WARN] {} log lines were dropped: stderr did not take them \
+                 (is journald stuck?)",
+                dropped - said
+            );
+            said = dropped;
+        }
+        // A closed stderr leaves nowhere to say so.
+        let _ = stderr.write_all(text.as_bytes());
+    }
+}
+
+/// One kind of log line that peers or clients can cause (a malformed Pulse
+/// message, a refused origin, a connection that hit a limit): at most
+/// [`Throttle::PER_MINUTE`] a minute get through; the rest are counted,
+/// and the next line let through says how many were held back.
+pub struct Throttle {
+    window: Mutex<Window>,
+}
+
+struct Window {
+    start: Option<Instant>,
+    passed: u32,
+    held: u64,
+}
+
+impl Throttle {
+    /// Lines of one kind let through per minute.
+    pub const PER_MINUTE: u32 = 10;
+
+    pub const fn new() -> Throttle {
+        Throttle {
+            window: Mutex::new(Window {
+                start: None,
+                passed: 0,
+                held: 0,
+            }),
+        }
+    }
+
+    /// `Some` if a line may be logged now, with how many of its kind were
+    /// held back since the last one (to append to the line); `None` to
+    /// hold this one back.
+    pub fn allow(&self) -> Option<HeldBack> {
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if window
+            .start
+            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(60))
+        {
+            window.start = Some(now);
+            window.passed = 0;
+        }
+        if window.passed >= Self::PER_MINUTE {
+            window.held += 1;
+            return None;
+        }
+        window.passed += 1;
+        Some(HeldBack(std::mem::take(&mut window.held)))
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Throttle {
+        Throttle::new()
+    }
+}
+
+/// How many lines of a kind a [`Throttle`] held back before this one:
+/// shown as ` (N more like it were not logged)`, or as nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HeldBack(pub u64);
+
+impl fmt::Display for HeldBack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            n => write!(f, " ({n} more like it were not logged)"),
+        }
     }
 }
 
@@ -48,6 +207,7 @@ pub fn stdout_is_journal() -> bool {
 struct Logger {
     level: LevelFilter,
     journal: bool,
+    lines: Sender<Line>,
 }
 
 impl Log for Logger {
@@ -72,14 +232,14 @@ impl Log for Logger {
         for line in message.split('\n') {
             text.push_str(&format!("{prefix}[{level}] {line}\n"));
         }
-        // One write per message: lines of different threads never mix. A
-        // closed stderr leaves nowhere to say so.
-        let _ = io::stderr().lock().write_all(text.as_bytes());
+        // One write per message, by the writer thread: lines of different
+        // threads never mix, and none waits for stderr.
+        if self.lines.try_send(Line::Text(text)).is_err() {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    fn flush(&self) {
-        let _ = io::stderr().flush();
-    }
+    fn flush(&self) {}
 }
 
 fn is_own(target: &str) -> bool {
@@ -148,6 +308,23 @@ mod tests {
             Level::Trace
         );
         assert_eq!(effective_level("bzpushy", Level::Info), Level::Debug);
+    }
+
+    #[test]
+    fn a_throttle_lets_a_few_through_and_counts_the_rest() {
+        let throttle = Throttle::new();
+        for _ in 0..Throttle::PER_MINUTE {
+            assert_eq!(throttle.allow(), Some(HeldBack(0)));
+        }
+        assert_eq!(throttle.allow(), None);
+        assert_eq!(throttle.allow(), None);
+        // A new minute: the next line says what was held back.
+        throttle.window.lock().expect("lock").start =
+            Instant::now().checked_sub(Duration::from_secs(61));
+        let held = throttle.allow().expect("a new minute");
+        assert_eq!(held, HeldBack(2));
+        assert_eq!(held.to_string(), " (2 more like it were not logged)");
+        assert_eq!(HeldBack(0).to_string(), "");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::net::TcpListener;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use bzpush::config::{self, Invocation, Mode};
 use bzpush::{check, demo, logging, server, shutdown, signals};
@@ -39,13 +40,17 @@ fn main() -> ExitCode {
         }
         Invocation::Start(mode) => {
             logging::init(mode.log());
-            match start(mode) {
+            let status = match start(mode) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e}");
                     ExitCode::from(1)
                 }
-            }
+            };
+            // The last lines say why it stops; a stalled stderr does not
+            // hold the exit for longer than this.
+            logging::finish(Duration::from_secs(2));
+            status
         }
     }
 }

@@ -117,7 +117,7 @@ impl Metrics {
             .started_at
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .unwrap_or_default();
-        let metrics: [(bool, &str, &str, &str, String); 13] = [
+        let metrics: [(bool, &str, &str, &str, String); 14] = [
             (
                 true,
                 "connections",
@@ -194,6 +194,13 @@ impl Metrics {
                 "gauge",
                 "1 when every upstream link (broker or database) is up.",
                 u64::from(self.upstream_up()).to_string(),
+            ),
+            (
+                true,
+                "log_lines_dropped_total",
+                "counter",
+                "Log lines dropped because stderr did not take them (journald stuck).",
+                crate::logging::dropped().to_string(),
             ),
             (
                 true,

@@ -1,14 +1,19 @@
-//! SIGTERM and SIGINT, turned into the shutdown trigger.
+//! SIGTERM and SIGINT, turned into the shutdown trigger; SIGHUP, logged
+//! and ignored.
 //!
 //! A named thread waits for the signals and fires the [`Trigger`]; it does
 //! nothing else, so every other thread learns of shutdown through
-//! [`crate::shutdown::Shutdown`] alone.
+//! [`crate::shutdown::Shutdown`] alone. SIGHUP (a sysadmin's `kill -HUP`,
+//! a closing terminal) would otherwise end the process without a close
+//! frame to any client, and systemd counts that exit as clean, so
+//! `Restart=on-failure` would leave the unit down: there is nothing to
+//! reload, so it is said and ignored.
 
 use std::io;
 use std::thread::{self, JoinHandle};
 
-use log::info;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use log::{info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
 use crate::shutdown::Trigger;
@@ -19,18 +24,25 @@ pub struct SignalThread {
     thread: JoinHandle<()>,
 }
 
-/// Starts watching for SIGTERM and SIGINT; the first one fires `trigger`.
+/// Starts watching for SIGTERM and SIGINT, the first of which fires
+/// `trigger`, and SIGHUP, which is logged and ignored.
 pub fn spawn(mut trigger: Trigger) -> io::Result<SignalThread> {
-    let mut signals = Signals::new([SIGTERM, SIGINT])?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let handle = signals.handle();
     let thread = thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for signal in signals.forever() {
-                let name = if signal == SIGTERM {
-                    "SIGTERM"
-                } else {
-                    "SIGINT"
+                let name = match signal {
+                    SIGHUP => {
+                        warn!(
+                            "SIGHUP: ignored; bzpush has nothing to reload (restart it to \
+                             change settings)"
+                        );
+                        continue;
+                    }
+                    SIGTERM => "SIGTERM",
+                    _ => "SIGINT",
                 };
                 info!("{name}: finishing the work in hand, then stopping");
                 trigger.fire();
