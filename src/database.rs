@@ -63,13 +63,43 @@ pub fn connect(url: &DatabaseUrl, io_timeout: Duration) -> Result<mysql::Conn, m
         }
         Route::Tcp => opts,
     };
-    mysql::Conn::new(opts).map_err(|error| match (access_denied_hint(&error), error) {
-        (Some(hint), mysql::Error::MySqlError(mut e)) => {
-            e.message = format!("{} ({hint})", e.message);
-            mysql::Error::MySqlError(e)
-        }
-        (_, error) => error,
-    })
+    let mut conn =
+        mysql::Conn::new(opts).map_err(|error| match (access_denied_hint(&error), error) {
+            (Some(hint), mysql::Error::MySqlError(mut e)) => {
+                e.message = format!("{} ({hint})", e.message);
+                mysql::Error::MySqlError(e)
+            }
+            (_, error) => error,
+        })?;
+    bound_lock_waits(&mut conn)?;
+    Ok(conn)
+}
+
+/// Makes every statement on `conn` give up at once, or within a second,
+/// when another session holds a lock it needs, instead of waiting for the
+/// server's defaults (50 s for a row, a day for a table's metadata, as
+/// when `checksetup.pl` alters a table or an open transaction holds a
+/// row): the caller retries at its next poll, and everything else keeps
+/// flowing meanwhile. The wait then fails with [`LOCK_WAIT`]. MariaDB
+/// takes 0 (fail at once) for metadata locks, MySQL 1 s at least; row
+/// locks wait 1 s, as a 0 there made MariaDB 10.11 refuse the next
+/// COMMIT.
+fn bound_lock_waits(conn: &mut mysql::Conn) -> Result<(), mysql::Error> {
+    use mysql::prelude::Queryable;
+    conn.query_drop("SET SESSION innodb_lock_wait_timeout = 1")?;
+    conn.query_drop("SET SESSION lock_wait_timeout = 0")
+        .or_else(|_| conn.query_drop("SET SESSION lock_wait_timeout = 1"))
+}
+
+/// ER_LOCK_WAIT_TIMEOUT: another session holds a lock the statement
+/// needed, past the bound [`connect`] sets. Nothing is wrong with the
+/// connection; the statement is retried later.
+pub const LOCK_WAIT: u16 = 1205;
+
+/// Whether `error` is a statement that gave up waiting for another
+/// session's lock ([`LOCK_WAIT`], or MySQL's ER_LOCK_NOWAIT).
+pub fn is_lock_wait(error: &mysql::Error) -> bool {
+    matches!(error, mysql::Error::MySqlError(e) if e.code == LOCK_WAIT || e.code == 3572)
 }
 
 /// How [`connect`] reaches the database.

@@ -247,6 +247,10 @@ fn add_poller(json: &mut serde_json::Value, state: &poller::State) {
         }
         None => "none".into(),
     };
+    if let poller::State::LockWait(what) = state {
+        json["database"] = "lock wait".into();
+        json["reason"] = what.as_str().into();
+    }
     if let Some(reason) = state.refused() {
         json["database"] = "refused".into();
         json["reason"] = reason.into();

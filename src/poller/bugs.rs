@@ -189,7 +189,11 @@ impl Source for Bugs {
         })
     }
 
-    fn confirmed(&mut self, _db: &mut Conn, window: Window) -> Result<(), mysql::Error> {
+    fn confirmed(
+        &mut self,
+        _db: &mut Conn,
+        window: Window,
+    ) -> Result<Vec<Notification>, mysql::Error> {
         self.published.extend(window.published);
         if let Some(now) = window.complete_at {
             // A pair that fell out of this window never comes back into a
@@ -200,6 +204,7 @@ impl Source for Bugs {
             }
             self.watermark = Some(now);
         }
-        Ok(())
+        // Only read, never locked: nothing stays.
+        Ok(Vec::new())
     }
 }

@@ -228,7 +228,11 @@ impl Source for PushNotify {
         })
     }
 
-    fn confirmed(&mut self, db: &mut Connection, Rows(rows): Rows) -> Result<(), mysql::Error> {
+    fn confirmed(
+        &mut self,
+        db: &mut Connection,
+        Rows(rows): Rows,
+    ) -> Result<Vec<Notification>, mysql::Error> {
         let mut tables = db.table.lock();
         let mut changed = false;
         for (id, delta_ts) in rows {
@@ -248,7 +252,8 @@ impl Source for PushNotify {
             // read from the start again rather than skip it.
             self.after = None;
         }
-        Ok(())
+        // One mutex, held only for a step: no row is ever held.
+        Ok(Vec::new())
     }
 
     fn reset(&mut self) {

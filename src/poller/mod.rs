@@ -358,7 +358,10 @@ where
                 Ok(full) => {
                     // Only a whole poll, its confirm included, shows that
                     // a refusal is over.
-                    self.state.polled();
+                    match self.pipeline.lock_wait() {
+                        Some(what) => self.state.lock_wait(what),
+                        None => self.state.polled(),
+                    }
                     db_backoff.reset();
                     if full {
                         Instant::now()
@@ -371,6 +374,13 @@ where
                         return Ok(());
                     }
                     Instant::now()
+                }
+                // Another session's lock: the connection and the poller
+                // lock are fine; the statement is tried at the next poll.
+                Err(Failure::Database(e)) if crate::database::is_lock_wait(&e) => {
+                    self.pipeline.database_failed();
+                    self.state.lock_wait(crate::database::sentence(&e));
+                    started + self.settings.poll_interval
                 }
                 Err(Failure::Database(e)) => {
                     self.pipeline.database_failed();

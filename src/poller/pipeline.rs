@@ -63,12 +63,14 @@ pub trait Source {
 
     fn read(&mut self, db: &mut Self::Connection) -> Result<Batch<Self::Receipt>, mysql::Error>;
 
-    /// Every notification of the batch is now the sink's.
+    /// Every notification of the batch is now the sink's: forget them.
+    /// Answers the changes whose rows stay because another session holds
+    /// them locked (they are tried again at the next poll).
     fn confirmed(
         &mut self,
         db: &mut Self::Connection,
         receipt: Self::Receipt,
-    ) -> Result<(), mysql::Error>;
+    ) -> Result<Vec<Notification>, mysql::Error>;
 
     /// The batches in flight were not delivered: read them again.
     fn reset(&mut self);
@@ -111,6 +113,9 @@ pub struct Pipeline<'a, S: Source, K: Sink> {
     /// Changes the sink took whose rows the source has not forgotten yet
     /// (the confirm failed): read again, they are not handed over again.
     handed_over: HashSet<Notification>,
+    /// The first change whose row another session held locked at the
+    /// last confirm, and how many were: the sink has them, the rows stay.
+    locked: Option<(Notification, usize)>,
     /// The sink's state, logged when it changes.
     sink_link: Link<'static>,
     sink_backoff: Backoff,
@@ -126,6 +131,7 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
             metrics,
             in_flight: VecDeque::new(),
             handed_over: HashSet::new(),
+            locked: None,
             sink_link: Link::new(kind, target),
             sink_backoff: Backoff::default(),
         }
@@ -188,6 +194,21 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
             }
             Err(Failure::Database(e)) => Err(e),
         }
+    }
+
+    /// Rows the last confirm left because another session holds them
+    /// locked, as a sentence for the log and `/health`; `None` if none.
+    pub fn lock_wait(&self) -> Option<String> {
+        let (first, count) = self.locked.as_ref()?;
+        let others = match count {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
+        Some(format!(
+            "the source row of bug {} (changed {}){others} is locked by another database \
+             session; its change went out, and the row is forgotten once the session lets go",
+            first.bug, first.when
+        ))
     }
 
     fn remember_handed_over(&mut self, notifications: Vec<Notification>) {
@@ -289,15 +310,22 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
             self.sink_up();
             self.metrics.poll_batches.fetch_add(1, Ordering::Relaxed);
         }
-        if let Err(e) = self.source.confirmed(db, receipt) {
-            self.remember_handed_over(notifications);
-            return Err(e.into());
-        }
+        let locked = match self.source.confirmed(db, receipt) {
+            Ok(locked) => locked,
+            Err(e) => {
+                self.remember_handed_over(notifications);
+                return Err(e.into());
+            }
+        };
         if !self.handed_over.is_empty() {
             for n in &notifications {
                 self.handed_over.remove(n);
             }
         }
+        // Their rows stay until the other session lets go: read again
+        // meanwhile, they are not sent again.
+        self.locked = locked.first().map(|n| (n.clone(), locked.len()));
+        self.remember_handed_over(locked);
         Ok(())
     }
 }
@@ -384,7 +412,7 @@ mod tests {
             &mut self,
             db: &mut memory::Connection,
             receipt: memory::Rows,
-        ) -> Result<(), mysql::Error> {
+        ) -> Result<Vec<Notification>, mysql::Error> {
             self.calls += 1;
             if self.fail.contains(&self.calls) {
                 return Err(mysql::Error::IoError(

@@ -15,10 +15,10 @@
 //! SELECT on `bugs (bug_id, delta_ts)`. This source needs SELECT and DELETE
 //! on `push_notify` and must never write anything else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use log::warn;
+use log::{debug, warn};
 use mysql::prelude::Queryable;
 use mysql::{Conn, Value};
 
@@ -26,7 +26,11 @@ use super::pipeline::{Batch, Source};
 use super::recheck::Recheck;
 use crate::config::PollerConfig;
 use crate::database::{bug_id, change_time};
+use crate::logging::Throttle;
 use crate::notification::{BugId, ChangeTime, Notification};
+
+/// Rows that hold no change: whoever writes them can fill the log.
+static INVALID_ROWS: Throttle = Throttle::new();
 
 /// Rows per DELETE statement: three placeholders each, well under the
 /// protocol's 65,535.
@@ -62,7 +66,10 @@ pub struct PushNotify {
     /// The last `id` of a full batch: in a backlog the next batch is read
     /// past it while that batch's confirms and DELETE are still pending.
     /// `None`: read from the start of the table.
-    after: Option<Value>,
+    after: Option<i64>,
+    /// The server takes `FOR UPDATE SKIP LOCKED` (MariaDB 10.6, MySQL 8.0
+    /// on): a row another session holds is left, not waited for.
+    skip_locked: bool,
     /// Bugs whose row was deleted lately, checked against `bugs.delta_ts`.
     recheck: Recheck,
     /// The checks failed for want of a privilege (or of the table): off
@@ -74,10 +81,18 @@ pub struct PushNotify {
 
 /// What a batch needs once it is confirmed.
 pub struct Rows {
-    /// The rows it came from, as read: `(id, delta_ts)`.
-    rows: Vec<(Value, Value)>,
+    /// The rows it came from, as read.
+    rows: Vec<Row>,
     /// Everything it published, from rows and from checks.
     published: Vec<Notification>,
+}
+
+/// One `push_notify` row as read.
+struct Row {
+    id: i64,
+    delta_ts: Value,
+    /// Its change; `None` for a row that holds none (it is deleted).
+    change: Option<Notification>,
 }
 
 /// MariaDB's answers for a table or column the user may not read, or that
@@ -102,6 +117,7 @@ impl PushNotify {
         PushNotify {
             batch_size: config.batch_size,
             after: None,
+            skip_locked: true,
             recheck: Recheck::new(config.overlap),
             recheck_refused: false,
             recheck_warned: false,
@@ -198,37 +214,53 @@ impl Source for PushNotify {
         let mut notifications = self.rechecked(db)?;
         const COLUMNS: &str = "SELECT id, bug_id, delta_ts, TIMESTAMPDIFF(SECOND, delta_ts, NOW()) \
              FROM push_notify";
-        let rows: Vec<(Value, Value, Value, Option<i64>)> = match &self.after {
+        let rows: Vec<(Value, Value, Value, Option<i64>)> = match self.after {
             Some(after) => db.exec(
                 format!("{COLUMNS} WHERE id > ? ORDER BY id LIMIT ?"),
-                (after.clone(), self.batch_size),
+                (after, self.batch_size),
             )?,
             None => db.exec(format!("{COLUMNS} ORDER BY id LIMIT ?"), (self.batch_size,))?,
         };
         let full = rows.len() == self.batch_size;
-        // Reading ahead skips a row whose id came from AUTO_INCREMENT before
-        // a lower one committed, and a row updated after it was read; both
-        // are read when the backlog ends and the next read starts over.
-        self.after = if full {
-            rows.last().map(|(id, ..)| id.clone())
-        } else {
-            None
-        };
         notifications.reserve(rows.len());
         let mut receipt = Vec::with_capacity(rows.len());
         let mut lag_secs = 0;
         for (id, bug, delta_ts, lag) in rows {
+            // The primary key is an INT: anything else is no table of the
+            // extension's, and `check` says so.
+            let Ok(id) = mysql::from_value_opt::<i64>(id) else {
+                continue;
+            };
             lag_secs = lag_secs.max(lag.unwrap_or(0).max(0).unsigned_abs());
-            match (bug_id(&bug), change_time(&delta_ts)) {
-                (Some(bug), Some(when)) => notifications.push(Notification { bug, when }),
+            let change = match (bug_id(&bug), change_time(&delta_ts)) {
+                (Some(bug), Some(when)) => Some(Notification { bug, when }),
                 // Deleted below without being published: it can never be,
                 // and leaving it would keep it at the head of every batch.
-                _ => warn!(
-                    "push_notify row id {id:?} has no valid bug_id/delta_ts ({bug:?}, {delta_ts:?}); deleting it"
-                ),
-            }
-            receipt.push((id, delta_ts));
+                _ => {
+                    if let Some(held) = INVALID_ROWS.allow() {
+                        warn!(
+                            "push_notify row id {id} has no valid bug_id/delta_ts ({bug:?}, \
+                             {delta_ts:?}); deleting it{held}"
+                        );
+                    }
+                    None
+                }
+            };
+            notifications.extend(change.clone());
+            receipt.push(Row {
+                id,
+                delta_ts,
+                change,
+            });
         }
+        // Reading ahead skips a row whose id came from AUTO_INCREMENT before
+        // a lower one committed, and a row updated after it was read; both
+        // are read when the backlog ends and the next read starts over.
+        self.after = if full {
+            receipt.last().map(|row| row.id)
+        } else {
+            None
+        };
         Ok(Batch {
             receipt: Rows {
                 rows: receipt,
@@ -249,25 +281,18 @@ impl Source for PushNotify {
         &mut self,
         db: &mut Conn,
         Rows { rows, published }: Rows,
-    ) -> Result<(), mysql::Error> {
+    ) -> Result<Vec<Notification>, mysql::Error> {
         let mut deleted = 0;
+        let mut held = Vec::new();
         for chunk in rows.chunks(DELETE_CHUNK) {
-            let params: Vec<Value> = chunk
-                .iter()
-                .map(|(id, _)| id.clone())
-                .chain(
-                    chunk
-                        .iter()
-                        .flat_map(|(id, delta_ts)| [id.clone(), delta_ts.clone()]),
-                )
-                .collect();
-            db.exec_drop(delete_statement(chunk.len()), params)?;
-            deleted += db.affected_rows();
+            let (gone, locked) = self.forget(db, chunk)?;
+            deleted += gone;
+            held.extend(locked.into_iter().filter_map(|row| row.change.clone()));
         }
         if deleted < rows.len() as u64 {
             // A row changed since it was read, and stays for its new
-            // change: read from the start again rather than skip it until
-            // the backlog ends.
+            // change, or another session holds it: read from the start
+            // again rather than skip it until the backlog ends.
             self.after = None;
         }
         if !self.recheck_refused {
@@ -276,6 +301,67 @@ impl Source for PushNotify {
                 self.recheck.watch(bug, when, now);
             }
         }
-        Ok(())
+        Ok(held)
+    }
+}
+
+impl PushNotify {
+    /// Deletes the rows of `chunk` that are unchanged and that no other
+    /// session holds locked: how many it deleted, and the rows it left
+    /// because another session holds them. Such a row (an extension's
+    /// transaction updating it, left open) is not waited for: every other
+    /// row goes meanwhile, and it is tried again at the next poll.
+    fn forget<'r>(
+        &mut self,
+        db: &mut Conn,
+        chunk: &'r [Row],
+    ) -> Result<(u64, Vec<&'r Row>), mysql::Error> {
+        let ids: Vec<Value> = chunk.iter().map(|row| row.id.into()).collect();
+        let pairs = |rows: &[&Row]| -> Vec<Value> {
+            rows.iter()
+                .map(|row| row.id.into())
+                .chain(
+                    rows.iter()
+                        .flat_map(|row| [row.id.into(), row.delta_ts.clone()]),
+                )
+                .collect()
+        };
+        if !self.skip_locked {
+            db.exec_drop(
+                delete_statement(chunk.len()),
+                pairs(&chunk.iter().collect::<Vec<_>>()),
+            )?;
+            return Ok((db.affected_rows(), Vec::new()));
+        }
+        let mut tx = db.start_transaction(mysql::TxOpts::default())?;
+        let placeholders = vec!["?"; chunk.len()].join(", ");
+        let free: Result<Vec<i64>, _> = tx.exec(
+            format!(
+                "SELECT id FROM push_notify WHERE id IN ({placeholders}) FOR UPDATE SKIP LOCKED"
+            ),
+            ids,
+        );
+        let free: HashSet<i64> = match free {
+            Ok(free) => free.into_iter().collect(),
+            // ER_PARSE_ERROR, ER_NOT_SUPPORTED_YET: a server older than
+            // SKIP LOCKED; its row locks are waited for, at most the bound
+            // `database::connect` sets.
+            Err(mysql::Error::MySqlError(e)) if e.code == 1064 || e.code == 1235 => {
+                drop(tx);
+                debug!("the database has no SKIP LOCKED ({e}); deleting without it");
+                self.skip_locked = false;
+                return self.forget(db, chunk);
+            }
+            Err(e) => return Err(e),
+        };
+        let (mine, locked): (Vec<&Row>, Vec<&Row>) =
+            chunk.iter().partition(|row| free.contains(&row.id));
+        let mut deleted = 0;
+        if !mine.is_empty() {
+            tx.exec_drop(delete_statement(mine.len()), pairs(&mine))?;
+            deleted = tx.affected_rows();
+        }
+        tx.commit()?;
+        Ok((deleted, locked))
     }
 }

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use log::info;
+use log::{info, warn};
 
 use crate::database;
 use crate::metrics::Metrics;
@@ -38,6 +38,10 @@ pub enum State {
     Standby(LockHolder),
     /// Holding the lock and polling.
     Active,
+    /// Holding the lock and polling, but another database session holds
+    /// a lock that a statement needed (what, as a sentence): everything
+    /// else flows, and that statement is tried again at the next poll.
+    LockWait(String),
 }
 
 /// Whether the poller holds the lock.
@@ -73,7 +77,7 @@ impl State {
     /// Whether the poller holds the lock, waits for it, or neither.
     pub fn role(&self) -> Option<Role> {
         match self {
-            State::Active => Some(Role::Active),
+            State::Active | State::LockWait(_) => Some(Role::Active),
             State::Standby(holder) => Some(Role::Standby(holder.clone())),
             State::Refused { role, .. } => role.clone(),
             State::Connecting | State::Down => None,
@@ -174,12 +178,28 @@ impl<'a> Reporter<'a> {
     }
 
     /// A whole poll worked, its confirm included: the database is up, and
-    /// whatever refusal stood is over.
+    /// whatever refusal or lock wait stood is over.
     pub fn polled(&mut self) {
         self.database.up();
-        if self.state() != State::Active {
-            self.set(State::Active);
+        match self.state() {
+            State::Active => {}
+            State::LockWait(_) => {
+                info!("database: the lock wait is over");
+                self.set(State::Active);
+            }
+            _ => self.set(State::Active),
         }
+    }
+
+    /// A poll met another session's lock (`what`): said when a lock wait
+    /// starts, not at each poll while it lasts.
+    pub fn lock_wait(&mut self, what: String) {
+        self.database.up();
+        if !matches!(self.state(), State::LockWait(_)) {
+            warn!("database: lock wait: {what}");
+            systemd::notify(&format!("STATUS=active, lock wait: {what}"));
+        }
+        self.set(State::LockWait(what));
     }
 
     fn set(&mut self, state: State) {

@@ -11,6 +11,7 @@ mod demo;
 mod docs;
 mod hostile;
 mod install;
+mod lock_waits;
 mod messages;
 mod metrics;
 mod package;
