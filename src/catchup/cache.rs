@@ -1,11 +1,9 @@
 //! The catch-up cache of one feed: its last updates, which pairs it already
 //! delivered, and the proof of what it holds.
 //!
-//! A client that subscribes with `since` is owed every update of its bugs
-//! with `when >= since`, or `"partial": true`. The cache answers only when
-//! it can prove it holds all of them; otherwise the hub asks the catch-up
-//! database, or answers `partial`. It must never claim more than it can
-//! prove: a wrong claim is a silent loss.
+//! The cache answers `since` only when it can prove it holds every update
+//! since then; it must never claim more than it can prove: a wrong claim
+//! is a silent loss.
 //!
 //! # The proof
 //!
@@ -82,17 +80,13 @@ use crate::protocol::Since;
 pub const CLOCK_MARGIN_SECS: i64 = 2;
 
 /// Where the cache's upstream started receiving from a point known to be
-/// complete, on which clock.
+/// complete, on which clock (see the proof).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resumed {
-    /// On the stamping clock itself: the database's time at which this
-    /// process's poller took the poller lock (`run`, the demo). `None`:
-    /// the database did not say its time; nothing is vouched for until
-    /// the next resume.
+    /// The database's time when this process's poller took the lock
+    /// (`run`, the demo); `None`: unknown, nothing is vouched for.
     Database(Option<Moment>),
-    /// On this host's clock: a broker consumer started consuming
-    /// (`serve`). How far the database's clock is from this host's is
-    /// [`DatabaseClock`].
+    /// This host's time when a broker consumer started consuming (`serve`).
     Host(Moment),
 }
 
@@ -100,14 +94,12 @@ pub enum Resumed {
 /// [`Resumed::Host`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatabaseClock {
-    /// No database to ask (`serve` without a catch-up database): the
-    /// database is assumed to stamp in UTC, as `bzpush check` verifies.
+    /// No catch-up database to ask: assumed to stamp in UTC.
     AssumedUtc,
-    /// A catch-up database will be asked, and has not answered yet:
-    /// nothing is vouched for meanwhile (the database answers instead).
+    /// The catch-up database has not answered yet: nothing is vouched for.
     Awaited,
-    /// The database's clock runs at most this many seconds ahead of this
-    /// host's (negative: behind), as measured on the catch-up database.
+    /// At most this many seconds ahead of this host's (negative: behind),
+    /// as measured on the catch-up database.
     Ahead(i64),
 }
 
