@@ -68,7 +68,7 @@
 //! bug's last time. Memory stays bounded: only the cache's own entries are
 //! remembered.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use crate::notification::{BugId, Moment, Notification};
 use crate::protocol::Since;
@@ -107,8 +107,8 @@ pub enum DatabaseClock {
 pub struct Cache {
     entries: VecDeque<Notification>,
     capacity: usize,
-    /// How many entries hold each pair: the pairs already delivered.
-    pairs: HashMap<Notification, usize>,
+    /// The pairs in `entries`, each there once: the pairs already delivered.
+    pairs: HashSet<Notification>,
     /// When this process last started receiving from a point known to be
     /// complete; `None` before it ever did.
     resumed: Option<Resumed>,
@@ -127,7 +127,7 @@ impl Cache {
         Cache {
             entries: VecDeque::new(),
             capacity,
-            pairs: HashMap::new(),
+            pairs: HashSet::new(),
             resumed: None,
             clock,
             seen_ahead: None,
@@ -157,40 +157,25 @@ impl Cache {
     /// Takes in an update that arrived at `now` (this host's clock);
     /// `false` if the same pair was already delivered on this feed.
     pub fn add(&mut self, notification: &Notification, now: Moment) -> bool {
-        if self.pairs.contains_key(notification) {
+        if !self.pairs.insert(notification.clone()) {
             return false;
         }
         if let Some(at) = notification.when.at() {
             let ahead = at.secs() - now.secs();
             self.seen_ahead = Some(self.seen_ahead.map_or(ahead, |seen| seen.max(ahead)));
         }
-        if self.capacity == 0 {
-            // Kept nowhere: evicted as soon as it came.
-            self.evicted_time(notification);
-            return true;
-        }
-        if self.entries.len() == self.capacity
+        self.entries.push_back(notification.clone());
+        if self.entries.len() > self.capacity
             && let Some(evicted) = self.entries.pop_front()
         {
-            self.evicted_time(&evicted);
-            if let Some(count) = self.pairs.get_mut(&evicted) {
-                *count -= 1;
-                if *count == 0 {
-                    self.pairs.remove(&evicted);
-                }
+            self.pairs.remove(&evicted);
+            // A time that names no moment is answered to every `since`
+            // (see `Since::covers`); there is none to raise the bound to.
+            if let Some(at) = evicted.when.at() {
+                self.evicted = Some(self.evicted.map_or(at, |e| e.max(at)));
             }
         }
-        *self.pairs.entry(notification.clone()).or_insert(0) += 1;
-        self.entries.push_back(notification.clone());
         true
-    }
-
-    fn evicted_time(&mut self, notification: &Notification) {
-        // A time that names no moment is answered to every `since` (see
-        // `Since::covers`); there is none to raise the bound to.
-        if let Some(at) = notification.when.at() {
-            self.evicted = Some(self.evicted.map_or(at, |e| e.max(at)));
-        }
     }
 
     /// Whether every update at or after `since` is here (see the module's
