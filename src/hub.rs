@@ -12,7 +12,6 @@
 //! block on a client: [`Outbox::push`] doesn't.
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::panic;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -83,18 +82,9 @@ pub struct HubSink {
     pub metrics: Arc<Metrics>,
 }
 
-/// The hub has stopped: only during shutdown.
-#[derive(Debug)]
-pub struct HubGone;
-
-impl fmt::Display for HubGone {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the hub has stopped")
-    }
-}
-
 impl Sink for HubSink {
-    type Error = HubGone;
+    /// The hub has stopped: only during shutdown.
+    type Error = &'static str;
     /// The hub holds a batch as soon as it is sent.
     type Pending = ();
 
@@ -102,7 +92,7 @@ impl Sink for HubSink {
         ("hub", "in-process".to_string())
     }
 
-    fn settle(&mut self, (): ()) -> Result<(), HubGone> {
+    fn settle(&mut self, (): ()) -> Result<(), Self::Error> {
         Ok(())
     }
 
@@ -121,13 +111,13 @@ impl Sink for HubSink {
         self.activated(None);
     }
 
-    fn send(&mut self, batch: &[Notification]) -> Result<(), HubGone> {
+    fn send(&mut self, batch: &[Notification]) -> Result<(), Self::Error> {
         for notification in batch {
             let message = Event::Notify {
                 feed: self.feed,
                 notification: notification.clone(),
             };
-            self.hub.send(message).map_err(|_| HubGone)?;
+            self.hub.send(message).map_err(|_| "the hub has stopped")?;
             self.metrics
                 .notifications_in
                 .fetch_add(1, Ordering::Relaxed);
@@ -207,7 +197,7 @@ impl Hub {
                             "connection {conn}: parsing its command panicked: {}",
                             crate::shutdown::panic_message(payload.as_ref())
                         );
-                        if let Some(c) = self.subscribers.get(conn) {
+                        if let Some(c) = self.subscribers.get_mut(conn) {
                             c.client.outbox().close(CloseCode::Error, "internal error");
                         }
                     }
