@@ -27,8 +27,8 @@ pub use cache::{CLOCK_MARGIN_SECS, Resumed};
 pub use client::Client;
 pub use database::Job;
 
-mod cache;
-mod client;
+pub mod cache;
+pub mod client;
 pub mod database;
 
 /// Catch-ups one connection may have on their way to the database; one
