@@ -1,33 +1,31 @@
 //! The hub: who is subscribed to what, and fan-out.
 //!
 //! One thread owns the subscription index of every feed (bug → connections,
-//! connection → bugs) and the catch-up cache; connection threads and broker
-//! consumers talk to it only by [`Event`], never by lock. It parses the
-//! clients' commands too, so that parsing leaves nothing on the many
-//! connection threads. Each update is
-//! encoded to its WebSocket frame once and the same bytes are queued to every
-//! subscriber's [`Outbox`]. Replies to a connection's commands are queued
-//! here too, so a connection sees its answers, catch-up and live updates in
-//! the order the hub handled them. The hub must never block on a client:
-//! [`Outbox::push`] doesn't.
+//! connection → bugs) and the catch-up room ([`CatchUp`]), which alone
+//! answers `since`; connection threads and broker consumers talk to it only
+//! by [`Event`], never by lock. It parses the clients' commands too, so
+//! that parsing leaves nothing on the many connection threads. Each update
+//! is encoded to its WebSocket frame once and the same bytes are queued to
+//! every subscriber. Replies are queued here too, all through the
+//! connection's [`Client`], so a connection sees its answers, catch-up and
+//! live updates in the order the hub handled them. The hub must never
+//! block on a client: [`Outbox::push`] doesn't.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::fmt;
+use std::collections::BTreeSet;
 use std::panic;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use log::{debug, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::cache::{Cache, DatabaseClock, Resumed};
+use crate::catchup::{self, CatchUp, Client, Resumed};
 use crate::metrics::Metrics;
-use crate::notification::{BugId, ChangeTime, Moment, Notification};
+use crate::notification::{BugId, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
 use crate::poller::Sink;
-use crate::protocol::{self, Command, ProtocolError, Since};
+use crate::protocol::{self, Command, ProtocolError};
 use connections::{Connections, Slot};
 use index::BugIndex;
 
@@ -38,11 +36,6 @@ mod index;
 pub type ConnId = u64;
 /// A feed, by its index in the configured feed list.
 pub type FeedId = usize;
-
-/// Catch-ups one connection may have on their way to the database; one
-/// more is answered from the cache alone. A client asks once per
-/// (re)connection; this bounds what one client can make the hub queue.
-pub const CATCH_UPS_PER_CONNECTION: usize = 4;
 
 /// Messages queued for the hub before senders wait: deep enough to absorb a
 /// burst from the broker, small enough to bound memory.
@@ -70,18 +63,8 @@ pub enum Event {
         feed: FeedId,
         notification: Notification,
     },
-    /// The feed's upstream (a broker consumer, the in-process poller) just
-    /// started receiving from a point known to be complete: everything
-    /// published from `at` on reaches the hub.
-    Resumed { feed: FeedId, at: Resumed },
-    /// The catch-up database's clock runs at most `ahead` seconds ahead of
-    /// this host's (negative: behind), measured when it connected.
-    DatabaseClock { ahead: i64 },
-    /// The database's answer to a catch-up; `None` if it failed.
-    CaughtUp {
-        conn: ConnId,
-        updates: Option<Vec<Notification>>,
-    },
+    /// For the catch-up room.
+    CatchUp(catchup::Event),
     /// The watchdog asks whether the hub still handles messages.
     Heartbeat,
     /// Shutdown: close every connection with 1001 (going away).
@@ -91,15 +74,6 @@ pub enum Event {
 /// Sends messages to the hub.
 pub type HubSender = Sender<Event>;
 
-/// One subscription's catch-up request, which the hub sends to the
-/// catch-up worker (`catchup`) when its cache cannot vouch for
-/// `since`; the answer comes back as an [`Event`].
-pub struct CatchUpJob {
-    pub conn: ConnId,
-    pub bugs: Vec<BugId>,
-    pub since: Since,
-}
-
 /// The hub as the poller's [`Sink`] (`bzpush run`): a notification is
 /// handed over once it is in the hub's queue.
 pub struct HubSink {
@@ -108,18 +82,9 @@ pub struct HubSink {
     pub metrics: Arc<Metrics>,
 }
 
-/// The hub has stopped: only during shutdown.
-#[derive(Debug)]
-pub struct HubGone;
-
-impl fmt::Display for HubGone {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the hub has stopped")
-    }
-}
-
 impl Sink for HubSink {
-    type Error = HubGone;
+    /// The hub has stopped: only during shutdown.
+    type Error = &'static str;
     /// The hub holds a batch as soon as it is sent.
     type Pending = ();
 
@@ -127,38 +92,32 @@ impl Sink for HubSink {
         ("hub", "in-process".to_string())
     }
 
-    fn settle(&mut self, (): ()) -> Result<(), HubGone> {
+    fn settle(&mut self, (): ()) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// Another poller may have taken changes while this one had no lock:
-    /// the cache vouches only for what is stamped after `database_now`,
-    /// on the database's clock, whatever this host's says.
+    /// the cache vouches only for what is stamped after `database_now`.
     fn activated(&mut self, database_now: Option<Moment>) {
+        let (feed, at) = (self.feed, Resumed::Database(database_now));
+        let resumed = catchup::Event::Resumed { feed, at };
         // Only fails during shutdown, when nobody asks the cache any more.
-        let _ = self.hub.send(Event::Resumed {
-            feed: self.feed,
-            at: Resumed::Database(database_now),
-        });
+        let _ = self.hub.send(Event::CatchUp(resumed));
     }
 
     /// Changes may now reach another process's hub and never this one:
-    /// the cache vouches for nothing until this poller takes the lock
-    /// again.
+    /// the cache vouches for nothing until this poller takes the lock again.
     fn deactivated(&mut self) {
-        let _ = self.hub.send(Event::Resumed {
-            feed: self.feed,
-            at: Resumed::Database(None),
-        });
+        self.activated(None);
     }
 
-    fn send(&mut self, batch: &[Notification]) -> Result<(), HubGone> {
+    fn send(&mut self, batch: &[Notification]) -> Result<(), Self::Error> {
         for notification in batch {
             let message = Event::Notify {
                 feed: self.feed,
                 notification: notification.clone(),
             };
-            self.hub.send(message).map_err(|_| HubGone)?;
+            self.hub.send(message).map_err(|_| "the hub has stopped")?;
             self.metrics
                 .notifications_in
                 .fetch_add(1, Ordering::Relaxed);
@@ -169,131 +128,38 @@ impl Sink for HubSink {
 
 struct Subscriber {
     feed: FeedId,
-    outbox: Arc<Outbox>,
     bugs: BTreeSet<BugId>,
-    /// Database catch-ups on their way, oldest first: everything for this
-    /// connection waits in the last one, so the client still sees answer,
-    /// catch-up, then live, in the order it asked. At most
-    /// [`CATCH_UPS_PER_CONNECTION`].
-    held: VecDeque<Held>,
-    /// The pair a database catch-up answer gave each bug. The database is
-    /// ahead of the live stream: the same pair may still be on its way (not
-    /// yet polled, or in the broker's queue), and is not sent twice. Any
-    /// other pair of the bug, earlier or later, is new and is sent. Bounded
-    /// by the connection's subscriptions.
-    answered: HashMap<BugId, ChangeTime>,
-}
-
-/// What waits for a database catch-up.
-struct Held {
-    /// The subscribe answer's list, as it was when the command came.
-    subscribed: Vec<BugId>,
-    /// What to answer from the cache if the database cannot.
-    asked: HashSet<BugId>,
-    since: Since,
-    /// What came meanwhile, in order.
-    waiting: Vec<Waiting>,
-}
-
-/// A frame held for a catch-up.
-enum Waiting {
-    Reply(Bytes),
-    /// A live update, kept with its notification so that the very pair
-    /// the catch-up answer gave is not sent again.
-    Update(Notification, Bytes),
-}
-
-impl Subscriber {
-    /// Queues a reply or catch-up frame (never refused for being many).
-    fn reply(&mut self, frame: Bytes) {
-        match self.held.back_mut() {
-            Some(held) => held.waiting.push(Waiting::Reply(frame)),
-            None => self.outbox.push_reply(frame),
-        }
-    }
-
-    /// Queues a live update; `false` if the client is too slow for it, or
-    /// a catch-up answer already gave it this very pair.
-    fn update(&mut self, notification: &Notification, frame: Bytes, limit: usize) -> bool {
-        if self.held.is_empty() && self.already_answered(notification) {
-            return false;
-        }
-        match self.held.back_mut() {
-            Some(held) if held.waiting.len() >= limit => {
-                self.outbox
-                    .close(CloseCode::Policy, "too slow: outbound queue full");
-                false
-            }
-            Some(held) => {
-                held.waiting
-                    .push(Waiting::Update(notification.clone(), frame));
-                true
-            }
-            None => self.outbox.push(frame),
-        }
-    }
-
-    /// Whether a catch-up answer gave this very pair; forgets it then, as
-    /// its live copy comes only once.
-    fn already_answered(&mut self, notification: &Notification) -> bool {
-        if self.answered.get(&notification.bug) == Some(&notification.when) {
-            self.answered.remove(&notification.bug);
-            return true;
-        }
-        false
-    }
-}
-
-struct Feed {
-    subscribers: BugIndex,
-    cache: Cache,
+    /// Where its frames go: to its outbox, or behind its catch-ups.
+    client: Client,
 }
 
 /// The hub's state; [`Hub::run`] is its thread.
 pub struct Hub {
-    feeds: Vec<Feed>,
+    /// Each feed's followers, by [`FeedId`].
+    feeds: Vec<BugIndex>,
     subscribers: Connections<Subscriber>,
+    catchup: CatchUp,
     max_subscriptions: usize,
     outbound_queue: usize,
-    /// Where to send catch-ups the cache cannot answer, if anywhere.
-    catchup: Option<Sender<CatchUpJob>>,
-    /// Catch-up jobs the worker had no room for yet, oldest first: at most
-    /// [`CATCH_UPS_PER_CONNECTION`] per connection, so bounded by the
-    /// connection limit.
-    unsent: VecDeque<CatchUpJob>,
     metrics: Arc<Metrics>,
 }
 
 /// How the hub is set up.
 pub struct HubConfig {
     pub feeds: usize,
-    pub cache_size: usize,
     pub max_subscriptions: usize,
     pub outbound_queue: usize,
-    pub catchup: Option<Sender<CatchUpJob>>,
+    pub catchup: CatchUp,
 }
 
 impl Hub {
     pub fn new(config: HubConfig, metrics: Arc<Metrics>) -> Hub {
-        // With a catch-up database, its clock is measured when it connects
-        // (`catchup`); without one, it is assumed to be on UTC.
-        let clock = if config.catchup.is_some() {
-            DatabaseClock::Awaited
-        } else {
-            DatabaseClock::AssumedUtc
-        };
         Hub {
-            feeds: (0..config.feeds)
-                .map(|_| Feed {
-                    subscribers: BugIndex::default(),
-                    cache: Cache::new(config.cache_size, clock),
-                })
-                .collect(),
+            feeds: (0..config.feeds).map(|_| BugIndex::default()).collect(),
             subscribers: Connections::default(),
+            catchup: config.catchup,
             max_subscriptions: config.max_subscriptions,
             outbound_queue: config.outbound_queue,
-            catchup: config.catchup,
-            unsent: VecDeque::new(),
             metrics,
         }
     }
@@ -311,16 +177,9 @@ impl Hub {
         match message {
             Event::Heartbeat => {}
             Event::Connect { conn, feed, outbox } => {
-                self.subscribers.insert(
-                    conn,
-                    Subscriber {
-                        feed,
-                        outbox,
-                        bugs: BTreeSet::new(),
-                        held: VecDeque::new(),
-                        answered: HashMap::new(),
-                    },
-                );
+                let (bugs, client) = (BTreeSet::new(), Client::new(outbox));
+                self.subscribers
+                    .insert(conn, Subscriber { feed, bugs, client });
             }
             Event::Command { conn, text } => {
                 // A bug in the parser that one client's input reaches must
@@ -328,53 +187,43 @@ impl Hub {
                 // connection's own thread before, where it was contained.
                 match panic::catch_unwind(|| protocol::parse(&text)) {
                     Ok(Ok(command)) => self.command(conn, command),
-                    Ok(Err(error)) => self.reply(conn, protocol::error_reply(&error)),
+                    Ok(Err(error)) => {
+                        if let Some(c) = self.subscribers.get_mut(conn) {
+                            c.client.reply(text_frame(protocol::error_reply(&error)));
+                        }
+                    }
                     Err(payload) => {
                         warn!(
                             "connection {conn}: parsing its command panicked: {}",
                             crate::shutdown::panic_message(payload.as_ref())
                         );
-                        if let Some(c) = self.subscribers.get(conn) {
-                            c.outbox.close(CloseCode::Error, "internal error");
+                        if let Some(c) = self.subscribers.get_mut(conn) {
+                            c.client.outbox().close(CloseCode::Error, "internal error");
                         }
                     }
                 }
             }
             Event::Disconnect { conn } => {
                 if let Some((slot, c)) = self.subscribers.remove(conn) {
-                    if !c.held.is_empty() {
-                        self.unsent.retain(|job| job.conn != conn);
-                    }
+                    self.catchup.left(conn, &c.client);
                     self.unsubscribe(slot, c.feed, &c.bugs);
                 }
             }
             Event::Notify { feed, notification } => self.notify(feed, &notification),
-            Event::CaughtUp { conn, updates } => self.caught_up(conn, updates),
-            Event::Resumed { feed, at } => {
-                if let Some(f) = self.feeds.get_mut(feed) {
-                    f.cache.resume(at);
-                }
-            }
-            Event::DatabaseClock { ahead } => {
-                for f in &mut self.feeds {
-                    f.cache.database_clock(ahead);
-                }
+            Event::CatchUp(event) => {
+                let subscribers = &mut self.subscribers;
+                self.catchup.handle(event, |conn| {
+                    subscribers.get_mut(conn).map(|c| (c.feed, &mut c.client))
+                });
             }
             Event::CloseAll => {
-                // The catch-up worker holds a sender to the hub: let it
-                // end, so that the hub can.
-                self.catchup = None;
-                self.unsent.clear();
+                self.catchup.stop();
                 for c in self.subscribers.values() {
-                    c.outbox.close(CloseCode::Away, "server shutting down");
+                    c.client
+                        .outbox()
+                        .close(CloseCode::Away, "server shutting down");
                 }
             }
-        }
-    }
-
-    fn reply(&mut self, conn: ConnId, text: String) {
-        if let Some(c) = self.subscribers.get_mut(conn) {
-            c.reply(text_frame(text));
         }
     }
 
@@ -384,27 +233,22 @@ impl Hub {
         };
         // Its answer would go nowhere: a client that was closed for asking
         // faster than it reads must not keep the hub encoding answers.
-        if c.outbox.is_closing() {
+        if c.client.outbox().is_closing() {
             return;
         }
         match command {
-            Command::Version => {
-                let text = protocol::version_reply();
-                self.reply(conn, text);
-            }
+            Command::Version => c.client.reply(text_frame(protocol::version_reply())),
             Command::Subscriptions => {
                 let text = protocol::subscriptions_reply("subscriptions", c.bugs.iter().copied());
-                self.reply(conn, text);
+                c.client.reply(text_frame(text));
             }
             Command::Unsubscribe { bugs } => {
-                let feed = c.feed;
                 let gone: BTreeSet<BugId> = bugs.into_iter().filter(|b| c.bugs.remove(b)).collect();
-                for bug in &gone {
-                    c.answered.remove(bug);
-                }
+                gone.iter().for_each(|bug| c.client.unsubscribed(*bug));
                 let text = protocol::subscriptions_reply("unsubscribe", c.bugs.iter().copied());
+                c.client.reply(text_frame(text));
+                let feed = c.feed;
                 self.unsubscribe(slot, feed, &gone);
-                self.reply(conn, text);
             }
             Command::Subscribe { bugs, since } => {
                 let new: BTreeSet<BugId> = bugs
@@ -415,7 +259,7 @@ impl Hub {
                 if c.bugs.len() + new.len() > self.max_subscriptions {
                     let error =
                         ProtocolError::too_many_subscriptions("subscribe", self.max_subscriptions);
-                    self.reply(conn, protocol::error_reply(&error));
+                    c.client.reply(text_frame(protocol::error_reply(&error)));
                     return;
                 }
                 if c.bugs.is_empty() {
@@ -426,114 +270,20 @@ impl Hub {
                 } else {
                     c.bugs.extend(new.iter().copied());
                 }
-                let feed = &mut self.feeds[c.feed];
                 for bug in &new {
-                    feed.subscribers.insert(*bug, slot);
+                    self.feeds[c.feed].insert(*bug, slot);
                 }
                 self.metrics
                     .subscriptions
                     .fetch_add(new.len() as u64, Ordering::Relaxed);
-                let Some(since) = since else {
-                    c.reply(text_frame(protocol::subscribe_reply(
-                        c.bugs.iter().copied(),
-                        false,
-                    )));
-                    return;
-                };
-                let asked: HashSet<BugId> = bugs.into_iter().collect();
-                if feed
-                    .cache
-                    .complete_since(&since, Moment::from_system(SystemTime::now()))
-                {
-                    c.reply(text_frame(protocol::subscribe_reply(
-                        c.bugs.iter().copied(),
-                        false,
-                    )));
-                    for update in feed.cache.since(&asked, &since) {
-                        c.reply(text_frame(protocol::update(update)));
-                    }
-                    return;
-                }
-                let job = CatchUpJob {
-                    conn,
-                    bugs: asked.iter().copied().collect(),
-                    since: since.clone(),
-                };
-                let held = Held {
-                    subscribed: c.bugs.iter().copied().collect(),
-                    asked,
-                    since,
-                    waiting: Vec::new(),
-                };
-                match &self.catchup {
-                    // Jobs the worker has no room for wait here, in order:
-                    // a storm of reconnecting clients is answered late,
-                    // never `partial` for being many.
-                    Some(_) if c.held.len() < CATCH_UPS_PER_CONNECTION => {
-                        c.held.push_back(held);
-                        self.unsent.push_back(job);
-                        self.hand_over();
-                    }
-                    _ => answer_from_cache(c, &feed.cache, held),
-                }
+                self.catchup
+                    .subscribe(conn, &mut c.client, c.feed, &c.bugs, bugs, since);
             }
         }
-    }
-
-    /// Hands waiting catch-up jobs to the worker while it has room.
-    fn hand_over(&mut self) {
-        let Some(catchup) = &self.catchup else {
-            return;
-        };
-        while let Some(job) = self.unsent.pop_front() {
-            match catchup.try_send(job) {
-                Ok(()) => {}
-                // Room comes back as the worker answers (`CaughtUp`).
-                Err(TrySendError::Full(job)) => {
-                    self.unsent.push_front(job);
-                    return;
-                }
-                // The worker ended: only at shutdown.
-                Err(TrySendError::Disconnected(_)) => {
-                    self.unsent.clear();
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The database answered a catch-up: release what was held.
-    fn caught_up(&mut self, conn: ConnId, updates: Option<Vec<Notification>>) {
-        // The worker took jobs from its queue: there is room for more.
-        self.hand_over();
-        let Some(c) = self.subscribers.get_mut(conn) else {
-            return;
-        };
-        let Some(held) = c.held.pop_front() else {
-            return;
-        };
-        // The oldest catch-up: everything before it is out, so its answer
-        // and what it held go straight to the client, not behind the
-        // catch-ups still on their way.
-        let later = std::mem::take(&mut c.held);
-        match updates {
-            Some(updates) => {
-                c.reply(text_frame(protocol::subscribe_reply(
-                    held.subscribed.iter().copied(),
-                    false,
-                )));
-                for update in &updates {
-                    c.reply(text_frame(protocol::update(update)));
-                }
-                release(c, held.waiting, updates.iter());
-            }
-            None => answer_from_cache(c, &self.feeds[c.feed].cache, held),
-        }
-        c.held = later;
     }
 
     fn unsubscribe(&mut self, slot: Slot, feed: FeedId, bugs: &BTreeSet<BugId>) {
-        let subscribers = &mut self.feeds[feed].subscribers;
+        let subscribers = &mut self.feeds[feed];
         for bug in bugs {
             subscribers.remove(*bug, slot);
         }
@@ -543,27 +293,17 @@ impl Hub {
     }
 
     fn notify(&mut self, feed: FeedId, notification: &Notification) {
-        let Some(f) = self.feeds.get_mut(feed) else {
-            return;
-        };
-        if !f
-            .cache
-            .add(notification, Moment::from_system(SystemTime::now()))
-        {
-            debug!(
-                "dropping a duplicate: bug {} at {} was already delivered",
-                notification.bug, notification.when
-            );
+        if !self.catchup.arrived(feed, notification) {
             return;
         }
         // Encoded once, and only for a bug someone follows.
         let mut frame: Option<Bytes> = None;
         let mut sent = 0;
         let (subscribers, limit) = (&mut self.subscribers, self.outbound_queue);
-        f.subscribers.for_each(notification.bug, |slot| {
+        self.feeds[feed].for_each(notification.bug, |slot| {
             let frame = frame.get_or_insert_with(|| text_frame(protocol::update(notification)));
             if let Some(c) = subscribers.at_mut(slot)
-                && c.update(notification, Arc::clone(frame), limit)
+                && c.client.update(notification, Arc::clone(frame), limit)
             {
                 sent += 1;
             }
@@ -574,56 +314,11 @@ impl Hub {
     }
 }
 
-/// Answers a `since` from the cache alone: `partial` unless the cache can
-/// vouch for it. Then releases whatever was held.
-fn answer_from_cache(c: &mut Subscriber, cache: &Cache, held: Held) {
-    let partial = !cache.complete_since(&held.since, Moment::from_system(SystemTime::now()));
-    c.reply(text_frame(protocol::subscribe_reply(
-        held.subscribed.iter().copied(),
-        partial,
-    )));
-    let answer = cache.since(&held.asked, &held.since);
-    for update in &answer {
-        c.reply(text_frame(protocol::update(update)));
-    }
-    release(c, held.waiting, answer.into_iter());
-}
-
-/// Queues what was held, in its order, except live copies of pairs the
-/// catch-up `answer` already gave. The answer's latest pair per bug stays
-/// with the connection for a live copy still on its way.
-fn release<'a>(
-    c: &mut Subscriber,
-    waiting: Vec<Waiting>,
-    answer: impl Iterator<Item = &'a Notification>,
-) {
-    let mut given = HashSet::new();
-    for n in answer {
-        given.insert(n);
-        match c.answered.get_mut(&n.bug) {
-            Some(time) if n.when > *time => *time = n.when.clone(),
-            Some(_) => {}
-            None => {
-                c.answered.insert(n.bug, n.when.clone());
-            }
-        }
-    }
-    for item in waiting {
-        match item {
-            Waiting::Reply(frame) => c.outbox.push_reply(frame),
-            Waiting::Update(n, frame) => {
-                if !given.contains(&n) {
-                    c.outbox.push(frame);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::notification::n;
+    use crate::protocol::Since;
 
     use crate::outbox::Writers;
     use std::io::Read;
@@ -632,16 +327,15 @@ mod tests {
 
     /// A hub with one connection whose frames arrive on the returned
     /// socket, and the catch-up jobs it sends.
-    fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<CatchUpJob>) {
+    fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<catchup::Job>) {
         let metrics = Arc::new(Metrics::new("database", 1));
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(4);
         let mut hub = Hub::new(
             HubConfig {
                 feeds: 1,
-                cache_size: 100,
                 max_subscriptions: 100,
                 outbound_queue: 100,
-                catchup: Some(jobs_tx),
+                catchup: CatchUp::new(1, 100, Some(jobs_tx)),
             },
             metrics,
         );
@@ -730,13 +424,13 @@ mod tests {
             conn: 1,
             text: r#"{"command":"version"}"#.into(),
         });
-        hub.handle(Event::CaughtUp {
+        hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
             updates: Some(vec![
                 n(6, "2026-01-01T00:00:03"),
                 n(5, "2026-01-01T00:00:07"),
             ]),
-        });
+        }));
         let frames = read_texts(&mut client, 6);
         assert_eq!(
             frames[0],
@@ -767,10 +461,10 @@ mod tests {
         assert!(jobs.try_recv().is_ok());
         // The database is ahead of the live stream: it answers :07 while
         // :05 and :07 are still in the broker's queue.
-        hub.handle(Event::CaughtUp {
+        hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
             updates: Some(vec![n(5, "2026-01-01T00:00:07")]),
-        });
+        }));
         for when in [
             "2026-01-01T00:00:05",
             "2026-01-01T00:00:07",
@@ -814,14 +508,14 @@ mod tests {
             feed: 0,
             notification: n(6, "2026-01-01T00:00:08"),
         });
-        hub.handle(Event::CaughtUp {
+        hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
             updates: Some(vec![n(5, "2026-01-01T00:00:07")]),
-        });
-        hub.handle(Event::CaughtUp {
+        }));
+        hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
             updates: Some(vec![n(6, "2026-01-01T00:00:03")]),
-        });
+        }));
         let frames = read_texts(&mut client, 6);
         assert_eq!(
             frames[0],
@@ -855,10 +549,10 @@ mod tests {
             feed: 0,
             notification: n(5, "2026-01-01T00:00:05"),
         });
-        hub.handle(Event::CaughtUp {
+        hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
             updates: None,
-        });
+        }));
         let frames = read_texts(&mut client, 3);
         assert_eq!(frames[0]["partial"], true);
         assert_eq!(frames[1]["when"], "2026-01-01T00:00:04");

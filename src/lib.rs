@@ -14,12 +14,10 @@
 //! - [`pulse`]: the Pulse (AMQP) wire format; [`pulse::publisher`], the
 //!   confirmed publisher; [`pulse::consumer`], the consumer that feeds the
 //!   hub (ack after hand-off).
-//! - [`hub`]: the subscription index and fan-out of pre-encoded frames; it
-//!   owns each feed's cache and sends [`hub::CatchUpJob`]s.
-//! - [`cache`]: the catch-up cache of a feed and the proof of what it
-//!   holds; which pairs were already delivered.
-//! - [`catchup`]: answers `since` from Bugzilla's `bugs` table when the
-//!   cache cannot vouch for it.
+//! - [`hub`]: the subscription index, commands, and fan-out of pre-encoded
+//!   frames; it owns the catch-up room and routes its events.
+//! - [`catchup`]: the room that answers `since`: each feed's cache and the
+//!   proof of what it holds, what waits for a catch-up, the database worker.
 //! - [`outbox`]: each connection's bounded send queue and the writer pool
 //!   that drains them; slow clients are closed, never waited for.
 //! - [`handshake`]: what a request must pass to become a WebSocket (head,
@@ -67,7 +65,6 @@
 //! - [`systemd`]: readiness and watchdog notifications.
 #![forbid(unsafe_code)]
 
-pub mod cache;
 pub mod catchup;
 pub mod check;
 pub mod config;

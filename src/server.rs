@@ -23,7 +23,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use log::{info, warn};
 
-use crate::catchup;
+use crate::catchup::{self, CatchUp};
 use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig};
 use crate::connection::{self, Limits};
 use crate::handshake::{HEAD_TIMEOUT, Handshake, Upgraded};
@@ -214,13 +214,13 @@ impl Server<'_> {
         let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
         let (catchup_tx, catchup_thread) = match self.catchup {
             Some(url) => {
-                let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(catchup::JOB_QUEUE);
+                let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(catchup::database::JOB_QUEUE);
                 let (url, hub) = (url.clone(), hub_tx.clone());
                 let thread = shutdown::spawn_essential(
                     "catchup".into(),
                     thread::Builder::new(),
                     shutdown,
-                    move || catchup::run(&url, jobs_rx, hub),
+                    move || catchup::database::run(&url, jobs_rx, hub),
                 )?;
                 (Some(jobs_tx), Some(thread))
             }
@@ -229,10 +229,9 @@ impl Server<'_> {
         let hub = Hub::new(
             HubConfig {
                 feeds: self.feeds.len(),
-                cache_size: self.config.cache_size,
                 max_subscriptions: self.config.max_subscriptions,
                 outbound_queue: self.config.outbound_queue,
-                catchup: catchup_tx,
+                catchup: CatchUp::new(self.feeds.len(), self.config.cache_size, catchup_tx),
             },
             Arc::clone(&metrics),
         );

@@ -64,12 +64,6 @@ impl<T> Connections<T> {
     }
 
     /// `conn`'s value, if it is here.
-    pub fn get(&self, conn: ConnId) -> Option<&T> {
-        let slot = *self.slots.get(&conn)?;
-        self.entries.get(slot as usize)?.as_ref()
-    }
-
-    /// `conn`'s value, if it is here.
     pub fn get_mut(&mut self, conn: ConnId) -> Option<&mut T> {
         self.find_mut(conn).map(|(_, value)| value)
     }
@@ -105,7 +99,7 @@ mod tests {
         c.insert(12, "c");
         assert_eq!(c.find_mut(11).map(|(s, v)| (s, *v)), Some((1, "b")));
         assert_eq!(c.remove(11), Some((1, "b")));
-        assert_eq!(c.get(11), None);
+        assert_eq!(c.get_mut(11), None);
         assert_eq!(c.at_mut(1), None);
         // The freed slot is reused, under the new connection's own id.
         c.insert(13, "d");

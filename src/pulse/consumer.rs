@@ -19,7 +19,7 @@ use super::{
     ACK_TIMEOUT, BrokerError, Cause, NOT_FOUND, PRECONDITION_FAILED, declare_exchange, decode,
     wait, wait_at_most,
 };
-use crate::cache::Resumed;
+use crate::catchup::{self, Resumed};
 use crate::config::AmqpUrl;
 use crate::hub::{Event, FeedId, HubSender};
 use crate::metrics::Metrics;
@@ -238,16 +238,10 @@ fn consume_once(
     // Everything published from now on reaches this queue; what was
     // consumed before (by a predecessor, or before the queue existed) may
     // not: the cache vouches only for later changes.
-    // This host's clock: the hub shifts it by the database's measured
-    // offset, if it can measure one.
-    let resumed = Resumed::Host(Moment::from_system(SystemTime::now()));
-    if hub
-        .send(Event::Resumed {
-            feed: setup.feed,
-            at: resumed,
-        })
-        .is_err()
-    {
+    let at = Resumed::Host(Moment::from_system(SystemTime::now()));
+    let feed = setup.feed;
+    let resumed = catchup::Event::Resumed { feed, at };
+    if hub.send(Event::CatchUp(resumed)).is_err() {
         return Ok(());
     }
     let mut acks = Acks::default();

@@ -328,7 +328,7 @@ impl Stamps {
     /// Times from a little after now on; take them once the server is
     /// healthy (its consumer has started).
     pub fn after_start() -> Stamps {
-        let margin = u64::try_from(bzpush::cache::CLOCK_MARGIN_SECS).expect("a positive margin");
+        let margin = u64::try_from(bzpush::catchup::CLOCK_MARGIN_SECS).expect("a positive margin");
         Stamps {
             base: now_secs() + margin + 2,
         }

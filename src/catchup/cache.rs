@@ -1,11 +1,9 @@
 //! The catch-up cache of one feed: its last updates, which pairs it already
 //! delivered, and the proof of what it holds.
 //!
-//! A client that subscribes with `since` is owed every update of its bugs
-//! with `when >= since`, or `"partial": true`. The cache answers only when
-//! it can prove it holds all of them; otherwise the hub asks the catch-up
-//! database, or answers `partial`. It must never claim more than it can
-//! prove: a wrong claim is a silent loss.
+//! The cache answers `since` only when it can prove it holds every update
+//! since then; it must never claim more than it can prove: a wrong claim
+//! is a silent loss.
 //!
 //! # The proof
 //!
@@ -70,7 +68,7 @@
 //! bug's last time. Memory stays bounded: only the cache's own entries are
 //! remembered.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use crate::notification::{BugId, Moment, Notification};
 use crate::protocol::Since;
@@ -82,17 +80,13 @@ use crate::protocol::Since;
 pub const CLOCK_MARGIN_SECS: i64 = 2;
 
 /// Where the cache's upstream started receiving from a point known to be
-/// complete, on which clock.
+/// complete, on which clock (see the proof).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resumed {
-    /// On the stamping clock itself: the database's time at which this
-    /// process's poller took the poller lock (`run`, the demo). `None`:
-    /// the database did not say its time; nothing is vouched for until
-    /// the next resume.
+    /// The database's time when this process's poller took the lock
+    /// (`run`, the demo); `None`: unknown, nothing is vouched for.
     Database(Option<Moment>),
-    /// On this host's clock: a broker consumer started consuming
-    /// (`serve`). How far the database's clock is from this host's is
-    /// [`DatabaseClock`].
+    /// This host's time when a broker consumer started consuming (`serve`).
     Host(Moment),
 }
 
@@ -100,14 +94,12 @@ pub enum Resumed {
 /// [`Resumed::Host`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DatabaseClock {
-    /// No database to ask (`serve` without a catch-up database): the
-    /// database is assumed to stamp in UTC, as `bzpush check` verifies.
+    /// No catch-up database to ask: assumed to stamp in UTC.
     AssumedUtc,
-    /// A catch-up database will be asked, and has not answered yet:
-    /// nothing is vouched for meanwhile (the database answers instead).
+    /// The catch-up database has not answered yet: nothing is vouched for.
     Awaited,
-    /// The database's clock runs at most this many seconds ahead of this
-    /// host's (negative: behind), as measured on the catch-up database.
+    /// At most this many seconds ahead of this host's (negative: behind),
+    /// as measured on the catch-up database.
     Ahead(i64),
 }
 
@@ -115,8 +107,8 @@ pub enum DatabaseClock {
 pub struct Cache {
     entries: VecDeque<Notification>,
     capacity: usize,
-    /// How many entries hold each pair: the pairs already delivered.
-    pairs: HashMap<Notification, usize>,
+    /// The pairs in `entries`, each there once: the pairs already delivered.
+    pairs: HashSet<Notification>,
     /// When this process last started receiving from a point known to be
     /// complete; `None` before it ever did.
     resumed: Option<Resumed>,
@@ -135,7 +127,7 @@ impl Cache {
         Cache {
             entries: VecDeque::new(),
             capacity,
-            pairs: HashMap::new(),
+            pairs: HashSet::new(),
             resumed: None,
             clock,
             seen_ahead: None,
@@ -165,40 +157,25 @@ impl Cache {
     /// Takes in an update that arrived at `now` (this host's clock);
     /// `false` if the same pair was already delivered on this feed.
     pub fn add(&mut self, notification: &Notification, now: Moment) -> bool {
-        if self.pairs.contains_key(notification) {
+        if !self.pairs.insert(notification.clone()) {
             return false;
         }
         if let Some(at) = notification.when.at() {
             let ahead = at.secs() - now.secs();
             self.seen_ahead = Some(self.seen_ahead.map_or(ahead, |seen| seen.max(ahead)));
         }
-        if self.capacity == 0 {
-            // Kept nowhere: evicted as soon as it came.
-            self.evicted_time(notification);
-            return true;
-        }
-        if self.entries.len() == self.capacity
+        self.entries.push_back(notification.clone());
+        if self.entries.len() > self.capacity
             && let Some(evicted) = self.entries.pop_front()
         {
-            self.evicted_time(&evicted);
-            if let Some(count) = self.pairs.get_mut(&evicted) {
-                *count -= 1;
-                if *count == 0 {
-                    self.pairs.remove(&evicted);
-                }
+            self.pairs.remove(&evicted);
+            // A time that names no moment is answered to every `since`
+            // (see `Since::covers`); there is none to raise the bound to.
+            if let Some(at) = evicted.when.at() {
+                self.evicted = Some(self.evicted.map_or(at, |e| e.max(at)));
             }
         }
-        *self.pairs.entry(notification.clone()).or_insert(0) += 1;
-        self.entries.push_back(notification.clone());
         true
-    }
-
-    fn evicted_time(&mut self, notification: &Notification) {
-        // A time that names no moment is answered to every `since` (see
-        // `Since::covers`); there is none to raise the bound to.
-        if let Some(at) = notification.when.at() {
-            self.evicted = Some(self.evicted.map_or(at, |e| e.max(at)));
-        }
     }
 
     /// Whether every update at or after `since` is here (see the module's

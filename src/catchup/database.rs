@@ -1,19 +1,12 @@
-//! Catch-up from the source of truth: Bugzilla's `bugs` table.
-//!
-//! When a client subscribes with `since` and the hub's cache cannot prove it
-//! holds every change since then (the server restarted, or the cache moved
-//! past that time), the hub asks this worker instead. One thread with its own
-//! read-only database connection answers each [`CatchUpJob`] with every asked bug's
-//! latest change at or after `since` (`bugs.delta_ts`), and sends the answer
-//! back to the hub as a message. It must never write to the database, and
-//! never block the hub: the hub only queues jobs.
-//!
-//! Each time it connects, it also measures how far the database's clock is
-//! from this host's and tells the hub ([`Event::DatabaseClock`]): `serve`'s
-//! cache resumes on this host's clock, and needs the offset to compare that
-//! with the database's stamps (see `cache`). Bugzilla stamps with the
-//! database's `NOW()`, in the server's default time zone, which is also
-//! this connection's.
+//! The catch-up worker: one thread, with its own read-only connection to
+//! Bugzilla's database, answers each [`Job`] with every asked bug's latest
+//! change at or after `since` (`bugs.delta_ts`, the source of truth), as
+//! [`Event::Answered`]. Each time it connects, it measures the database's
+//! clock against this host's ([`Event::DatabaseClock`], for
+//! [`super::cache`]): Bugzilla stamps with the database's `NOW()`, in the
+//! server's default time zone, which is also this connection's. It must
+//! never write to the database, and never block the hub: the room only
+//! offers it jobs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
@@ -22,15 +15,17 @@ use crossbeam_channel::Receiver;
 use log::debug;
 use mysql::prelude::Queryable;
 
+use super::Event;
 use crate::config::DatabaseUrl;
 use crate::database::{self, bug_id, change_time};
-use crate::hub::{CatchUpJob, Event, HubSender};
+use crate::hub::{self, ConnId, HubSender};
 use crate::notification::{BugId, ChangeTime, Moment, Notification};
+use crate::protocol::Since;
 use crate::retry::Link;
 
-/// Jobs handed to the worker at once. More wait in the hub (at most one per
-/// connection), so a storm of reconnecting clients queues instead of being
-/// answered `partial`; the worker takes all that wait into one query.
+/// Jobs handed to the worker at once. More wait in the room, so a storm of
+/// reconnecting clients queues instead of being answered `partial`; the
+/// worker takes all that wait into one query.
 pub const JOB_QUEUE: usize = 1024;
 /// Bug ids one merged query may ask for: jobs are taken until their ids
 /// reach this, which bounds the worker's memory whatever waits.
@@ -40,21 +35,24 @@ const IDS_PER_QUERY: usize = 1000;
 /// A catch-up query slower than this fails over to `partial`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Answers jobs until the hub drops its end of `jobs`. Every job waiting
+/// One subscription's catch-up, for when the cache cannot vouch for `since`.
+pub struct Job {
+    pub conn: ConnId,
+    pub bugs: Vec<BugId>,
+    pub since: Since,
+}
+
+/// Answers jobs until the room drops its end of `jobs`. Every job waiting
 /// when the worker is free is answered by one merged query: the union of
 /// their bugs since the earliest `since`, then each job gets its own bugs
 /// and times from the rows.
-pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
+pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
     let mut link = Link::new("catch-up database", database.to_string());
     // Connected at once, so that the clock is known before the first
     // catch-up; if the database is down, the first job connects and says so.
-    let mut db = match connect(database, &hub) {
-        Ok(db) => Some(db),
-        Err(e) => {
-            debug!("catch-up database: {e}; connecting again at the first catch-up");
-            None
-        }
-    };
+    let mut db = connect(database, &hub)
+        .inspect_err(|e| debug!("catch-up database: {e}; connecting again at the first catch-up"))
+        .ok();
     while let Ok(first) = jobs.recv() {
         let mut ids = first.bugs.len();
         let mut batch = vec![first];
@@ -64,31 +62,20 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
             ids += job.bugs.len();
             batch.push(job);
         }
-        let rows = match latest_changes(database, &mut db, &batch, &hub) {
-            Ok(rows) => {
-                link.up();
-                Some(rows)
-            }
-            Err(e) => {
-                // Reconnect on the next batch; this one is answered
-                // `partial`.
-                link.down(&database::Sentence(&e));
+        let rows = latest_changes(database, &mut db, &batch, &hub)
+            .inspect(|_| link.up())
+            .inspect_err(|e| {
+                // Reconnect on the next batch; this one is answered `partial`.
+                link.down(&database::Sentence(e));
                 db = None;
-                None
-            }
-        };
-        debug!(
-            "catch-up for {} connections: {:?} rows",
-            batch.len(),
-            rows.as_ref().map(HashMap::len)
-        );
+            })
+            .ok();
+        let (asking, found) = (batch.len(), rows.as_ref().map(HashMap::len));
+        debug!("catch-up for {asking} connections: {found:?} rows");
         for job in batch {
-            let updates = rows.as_ref().map(|rows| answer(rows, &job));
-            let message = Event::CaughtUp {
-                conn: job.conn,
-                updates,
-            };
-            if hub.send(message).is_err() {
+            let (conn, updates) = (job.conn, rows.as_ref().map(|rows| answer(rows, &job)));
+            let answered = Event::Answered { conn, updates };
+            if hub.send(hub::Event::CatchUp(answered)).is_err() {
                 return;
             }
         }
@@ -97,7 +84,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<CatchUpJob>, hub: HubSender) {
 
 /// One job's answer from the merged rows: its bugs changed at or after its
 /// `since`, oldest first.
-fn answer(rows: &HashMap<BugId, ChangeTime>, job: &CatchUpJob) -> Vec<Notification> {
+fn answer(rows: &HashMap<BugId, ChangeTime>, job: &Job) -> Vec<Notification> {
     let mut updates: Vec<Notification> = job
         .bugs
         .iter()
@@ -121,7 +108,7 @@ fn answer(rows: &HashMap<BugId, ChangeTime>, job: &CatchUpJob) -> Vec<Notificati
 fn latest_changes(
     url: &DatabaseUrl,
     db: &mut Option<mysql::Conn>,
-    batch: &[CatchUpJob],
+    batch: &[Job],
     hub: &HubSender,
 ) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
     if let Some(open) = db.as_mut() {
@@ -137,13 +124,13 @@ fn latest_changes(
     query(fresh, batch)
 }
 
-/// A new connection, once the hub knows the database's clock by it.
+/// A new connection, once the room knows the database's clock by it.
 fn connect(url: &DatabaseUrl, hub: &HubSender) -> Result<mysql::Conn, mysql::Error> {
     let mut db = database::connect(url, QUERY_TIMEOUT)?;
     let ahead = clock_ahead(&mut db)?;
     debug!("catch-up database: its clock is at most {ahead} s ahead of this host's");
     // Fails only when the hub has stopped, which ends this worker anyway.
-    let _ = hub.send(Event::DatabaseClock { ahead });
+    let _ = hub.send(hub::Event::CatchUp(Event::DatabaseClock { ahead }));
     Ok(db)
 }
 
@@ -161,10 +148,7 @@ fn clock_ahead(db: &mut mysql::Conn) -> Result<i64, mysql::Error> {
     Ok(now.secs() + 1 - before.secs())
 }
 
-fn query(
-    db: &mut mysql::Conn,
-    batch: &[CatchUpJob],
-) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
+fn query(db: &mut mysql::Conn, batch: &[Job]) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
     let ids: BTreeSet<BugId> = batch.iter().flat_map(|j| j.bugs.iter().copied()).collect();
     let Some(since) = batch.iter().map(|j| &j.since).min_by_key(|s| s.at()) else {
         return Ok(HashMap::new());
