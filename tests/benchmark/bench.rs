@@ -13,10 +13,29 @@
 //! printed with the table.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-#[path = "../integration/util/mod.rs"]
-mod common;
+// The part of the tests' harness (`tests/integration/util`) the benchmarks
+// share with the tests, file by file, at this crate's root, where those
+// files find each other as `super::`. Each of them is used whole by both.
+#[path = "../integration/util/basics.rs"]
+mod basics;
+#[path = "../integration/util/frames.rs"]
+mod frames;
+#[path = "../integration/util/mariadb.rs"]
+mod mariadb;
+#[path = "../integration/util/process.rs"]
+mod process;
+#[path = "../integration/util/rabbitmq.rs"]
+mod rabbitmq;
+#[path = "../integration/util/watchdog.rs"]
+mod watchdog;
+
 mod poll;
 mod serve;
+
+use basics::{Rng, unique, wait_until, wait_until_every};
+use mariadb::{MYSQL_ADDR, TestDb};
+use process::Bzpush;
+use rabbitmq::{AMQP_ADDR, Broker, amqp_url_at};
 
 use std::process::ExitCode;
 

@@ -9,11 +9,9 @@ use lapin::{Connection, ConnectionProperties};
 use mysql::prelude::Queryable;
 
 use super::{
-    AMQP_ADDR, BROKER_TIMEOUT, Bzpush, TestDb, admin_conn, amqp_url_at, delete_exchange, unique,
-    within,
+    AMQP_ADDR, BROKER_TIMEOUT, Bzpush, STARTUP, TestDb, admin_conn, amqp_url_at, delete_exchange,
+    unique, within,
 };
-
-const STARTUP: Duration = Duration::from_secs(20);
 
 impl Bzpush {
     /// `bzpush run` against `db` on a free port, polling every 100 ms, with
