@@ -74,8 +74,8 @@ const GROUPS: &[Group] = &[
 fn usage() -> String {
     let mut text = String::from(
         "Usage: cargo bench --bench bench -- <GROUP>\n\n\
-         Needs MariaDB at 127.0.0.1:3306 (root, no password) and RabbitMQ at \
-         127.0.0.1:5672 (guest/guest).\n\nGroups:\n",
+         Needs what the tests need: MariaDB at 127.0.0.1:3306 with the tests' \
+         account and RabbitMQ at 127.0.0.1:5672; `./test` sets both up.\n\nGroups:\n",
     );
     for g in GROUPS {
         text.push_str(&format!("  {:<8} {}\n", g.name, g.about));

@@ -12,9 +12,22 @@ use super::unique;
 
 pub const MYSQL_ADDR: &str = "127.0.0.1:3306";
 
-const START_MARIADB: &str = "MariaDB must answer at 127.0.0.1:3306 as root with an empty \
-    password. Start it with `start-stop-daemon --start --oknodo --background --exec \
-    /usr/sbin/mariadbd`, or run `bash .ci/run`, which installs and starts it";
+/// The account the tests log in with, for hosts `127.0.0.1` (TCP) and
+/// `localhost` (the Unix socket), with every privilege: tests create and
+/// drop databases and users, grant, and kill connections. `./test` creates
+/// it with these same values; the password is no secret, the account takes
+/// local logins only.
+pub const TEST_USER: &str = "bzpush_test";
+pub const TEST_PASSWORD: &str = "bzpush-test-only";
+
+const START_MARIADB: &str = "MariaDB must answer at 127.0.0.1:3306 and let the test \
+    account bzpush_test in: run `./test` once, which installs and starts MariaDB and \
+    RabbitMQ and creates the account (after that, `cargo test` alone works)";
+
+/// The URL of `database` (may be empty) at `addr`, as the test account.
+pub fn test_account_url(addr: &str, database: &str) -> String {
+    format!("mysql://{TEST_USER}:{TEST_PASSWORD}@{addr}/{database}")
+}
 
 /// Bugzilla's `push_notify`, and a minimal `bugs` table.
 pub const BUGZILLA_TABLES: &str = "CREATE TABLE push_notify (
@@ -50,7 +63,7 @@ impl TestDb {
 
     /// The URL bzpush uses to reach this database at `addr`.
     pub fn url_at(&self, addr: &str) -> String {
-        format!("mysql://root@{addr}/{}", self.name)
+        test_account_url(addr, &self.name)
     }
 
     pub fn url(&self) -> String {
@@ -149,18 +162,19 @@ impl Drop for TestDb {
     }
 }
 
-/// A connection as root, with no database; an error if MariaDB does not
-/// answer or refuses.
+/// A connection as the test account, with no database; an error if
+/// MariaDB does not answer or refuses the account.
 pub fn try_admin_conn() -> Result<mysql::Conn, mysql::Error> {
     let opts = mysql::OptsBuilder::new()
         .ip_or_hostname(Some("127.0.0.1"))
         .tcp_port(3306)
-        .user(Some("root"))
+        .user(Some(TEST_USER))
+        .pass(Some(TEST_PASSWORD))
         .tcp_connect_timeout(Some(Duration::from_secs(5)));
     mysql::Conn::new(opts)
 }
 
-/// [`try_admin_conn`]; fails the test, saying how to start MariaDB, if it
+/// [`try_admin_conn`]; fails the test, saying to run `./test`, if it
 /// cannot log in.
 pub fn admin_conn() -> mysql::Conn {
     try_admin_conn().unwrap_or_else(|e| panic!("{START_MARIADB}: {e}"))

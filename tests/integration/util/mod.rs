@@ -5,11 +5,12 @@
 //! other's data. Faults are real: [`Proxy`] severs TCP connections, and
 //! [`Bzpush::kill9`] sends SIGKILL. Each child gets a systemd notify socket
 //! the harness owns: where it listens comes from its `STATUS=` line there,
-//! as `systemctl status` shows it, not from its log. A service that is
-//! down fails the test with how to start it; nothing is skipped. Every wait
-//! has a deadline, so a hung test fails instead of hanging CI, and a
-//! [`watchdog`] ends a test binary that runs far too long, printing where
-//! it hung.
+//! as `systemctl status` shows it, not from its log. The tests log in to
+//! MariaDB with an account of their own, which `./test` creates; a service
+//! that is down or an account missing fails the test saying to run
+//! `./test`; nothing is skipped. Every wait has a deadline, so a hung test
+//! fails instead of hanging CI, and a [`watchdog`] ends a test binary that
+//! runs far too long, printing where it hung.
 //!
 //! The benchmarks (`tests/benchmark`) include the part of the harness they
 //! share with the tests, file by file: `basics.rs`, `mariadb.rs`,

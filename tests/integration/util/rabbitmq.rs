@@ -23,9 +23,9 @@ use super::unique;
 
 pub const AMQP_ADDR: &str = "127.0.0.1:5672";
 
-const START_RABBITMQ: &str = "RabbitMQ must answer at 127.0.0.1:5672 as guest/guest. Start \
-    it with `rabbitmq-server -detached && rabbitmqctl await_startup`, or run `bash .ci/run`, \
-    which installs and starts it";
+const START_RABBITMQ: &str = "RabbitMQ must answer at 127.0.0.1:5672 as guest/guest: run \
+    `./test` once, which installs and starts it (or start it yourself: \
+    `rabbitmq-server -detached && rabbitmqctl await_startup`)";
 
 /// How long one broker operation may take before the test fails: lapin can
 /// leave an operation pending forever on a connection that died under it
