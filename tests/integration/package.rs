@@ -89,6 +89,7 @@ fn the_package_holds_the_binary_units_man_page_and_a_private_conffile() {
         ),
         ("-rw-------", "./etc/bzpush/bzpush.env"),
         ("-rw-r--r--", "./usr/share/doc/bzpush/README.md"),
+        ("-rw-r--r--", "./usr/share/doc/bzpush/doc/protocol.md"),
         (
             "-rw-r--r--",
             "./usr/share/doc/bzpush/contrib/bzpush-rules.yml",
