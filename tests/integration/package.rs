@@ -112,13 +112,7 @@ fn the_package_holds_the_binary_units_man_page_and_a_private_conffile() {
     );
 
     let control = tempdir("control");
-    let status = Command::new("dpkg-deb")
-        .arg("-e")
-        .arg(&deb)
-        .arg(&control)
-        .status()
-        .expect("dpkg-deb -e");
-    assert!(status.success(), "dpkg-deb -e {}", deb.display());
+    dpkg_deb_unpack("-e", &deb, &control);
     let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap_or_default();
     assert_eq!(conffiles.trim(), "/etc/bzpush/bzpush.env");
     let info = dpkg_deb(&["-I"], &deb);
@@ -135,7 +129,7 @@ fn the_package_holds_the_binary_units_man_page_and_a_private_conffile() {
 
     // The binary is stripped: no debug sections.
     let root = tempdir("root");
-    dpkg_deb_extract(&deb, &root);
+    dpkg_deb_unpack("-x", &deb, &root);
     let sections = Command::new("readelf")
         .args(["--section-headers", "--wide"])
         .arg(root.join("usr/bin/bzpush"))
@@ -165,7 +159,7 @@ fn the_packaged_units_verify_against_the_packaged_binary() {
         status.success(),
         "copy /lib/systemd/system: apt-get install systemd"
     );
-    dpkg_deb_extract(&deb, &root);
+    dpkg_deb_unpack("-x", &deb, &root);
     for unit in [
         "bzpush-run.service",
         "bzpush-poll.service",
@@ -209,13 +203,7 @@ fn the_maintainer_scripts_reload_stop_and_purge_but_never_enable_or_start() {
     let deb = deb();
     let dir = tempdir("scripts");
     let (control, root, shims) = (dir.join("control"), dir.join("root"), dir.join("shims"));
-    let status = Command::new("dpkg-deb")
-        .arg("-e")
-        .arg(&deb)
-        .arg(&control)
-        .status()
-        .expect("dpkg-deb -e");
-    assert!(status.success(), "dpkg-deb -e {}", deb.display());
+    dpkg_deb_unpack("-e", &deb, &control);
     let wants = root.join("etc/systemd/system/multi-user.target.wants");
     for made in [
         root.join("run/systemd/system"),
@@ -360,12 +348,14 @@ fn tempdir(what: &str) -> PathBuf {
     dir
 }
 
-fn dpkg_deb_extract(deb: &Path, root: &Path) {
+/// Unpacks `deb` into `dir`: its files with `-x`, its control files
+/// (maintainer scripts, conffiles) with `-e`.
+fn dpkg_deb_unpack(flag: &str, deb: &Path, dir: &Path) {
     let status = Command::new("dpkg-deb")
-        .arg("-x")
+        .arg(flag)
         .arg(deb)
-        .arg(root)
+        .arg(dir)
         .status()
-        .expect("dpkg-deb -x");
-    assert!(status.success(), "dpkg-deb -x {}", deb.display());
+        .expect("run dpkg-deb");
+    assert!(status.success(), "dpkg-deb {flag} {}", deb.display());
 }
