@@ -289,13 +289,15 @@ fn the_maintainer_scripts_reload_stop_and_purge_but_never_enable_or_start() {
         "install restarts nothing:\n{install}"
     );
 
-    let upgrade = run("postinst", &["configure", "0.0.1"]);
-    never_enables_or_starts(&upgrade, "upgrade");
-    for unit in [
+    // Every unit, and every instance of the template.
+    let units = [
         "bzpush-run.service",
         "bzpush-poll.service",
         "bzpush-serve@*.service",
-    ] {
+    ];
+    let upgrade = run("postinst", &["configure", "0.0.1"]);
+    never_enables_or_starts(&upgrade, "upgrade");
+    for unit in units {
         assert!(
             upgrade.contains(&format!("try-restart {unit}")),
             "an upgrade restarts {unit} if it runs:\n{upgrade}"
@@ -308,11 +310,7 @@ fn the_maintainer_scripts_reload_stop_and_purge_but_never_enable_or_start() {
     );
 
     let remove = run("prerm", &["remove"]);
-    for unit in [
-        "bzpush-run.service",
-        "bzpush-poll.service",
-        "bzpush-serve@*.service",
-    ] {
+    for unit in units {
         assert!(
             remove.contains(&format!("stop {unit}")),
             "removal stops {unit}:\n{remove}"
