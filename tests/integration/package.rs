@@ -157,7 +157,7 @@ fn the_packaged_units_verify_against_the_packaged_binary() {
         .expect("cp");
     assert!(
         status.success(),
-        "copy /lib/systemd/system: apt-get install systemd"
+        "copy /lib/systemd/system: run ./test, which installs systemd"
     );
     dpkg_deb_unpack("-x", &deb, &root);
     for unit in [
@@ -176,7 +176,7 @@ fn the_packaged_units_verify_against_the_packaged_binary() {
             .arg(format!("--root={}", root.display()))
             .arg(dir.join(&instance))
             .output()
-            .unwrap_or_else(|e| panic!("systemd-analyze ({e}): apt-get install systemd"));
+            .unwrap_or_else(|e| panic!("systemd-analyze ({e}): run ./test, which installs it"));
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),

@@ -162,7 +162,7 @@ pub struct ZonedServer {
 impl ZonedServer {
     pub fn start(zone: &str) -> ZonedServer {
         const INSTALL: &str = "mariadb-install-db and mariadbd must be installed \
-                               (apt-get install mariadb-server)";
+                               (run ./test, which installs them)";
         let dir = std::env::temp_dir().join(unique("bzpush-zoned"));
         let data = dir.join("data");
         let installed = std::process::Command::new("mariadb-install-db")
