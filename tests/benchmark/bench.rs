@@ -13,10 +13,29 @@
 //! printed with the table.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-#[path = "../integration/util/mod.rs"]
-mod common;
+// The part of the tests' harness (`tests/integration/util`) the benchmarks
+// share with the tests, file by file, at this crate's root, where those
+// files find each other as `super::`. Each of them is used whole by both.
+#[path = "../integration/util/basics.rs"]
+mod basics;
+#[path = "../integration/util/frames.rs"]
+mod frames;
+#[path = "../integration/util/mariadb.rs"]
+mod mariadb;
+#[path = "../integration/util/process.rs"]
+mod process;
+#[path = "../integration/util/rabbitmq.rs"]
+mod rabbitmq;
+#[path = "../integration/util/watchdog.rs"]
+mod watchdog;
+
 mod poll;
 mod serve;
+
+use basics::{Rng, unique, wait_until, wait_until_every};
+use mariadb::{MYSQL_ADDR, TestDb};
+use process::Bzpush;
+use rabbitmq::{AMQP_ADDR, Broker, amqp_url_at};
 
 use std::process::ExitCode;
 
@@ -55,8 +74,8 @@ const GROUPS: &[Group] = &[
 fn usage() -> String {
     let mut text = String::from(
         "Usage: cargo bench --bench bench -- <GROUP>\n\n\
-         Needs MariaDB at 127.0.0.1:3306 (root, no password) and RabbitMQ at \
-         127.0.0.1:5672 (guest/guest).\n\nGroups:\n",
+         Needs what the tests need: MariaDB at 127.0.0.1:3306 with the tests' \
+         account and RabbitMQ at 127.0.0.1:5672; `./test` sets both up.\n\nGroups:\n",
     );
     for g in GROUPS {
         text.push_str(&format!("  {:<8} {}\n", g.name, g.about));

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bzpush::config::AmqpUrl;
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::pulse::Publisher;
+use lapin::message::Delivery;
 
-use crate::common::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Rng, TestBroker, TestDb};
+use crate::{AMQP_ADDR, Broker, Bzpush, MYSQL_ADDR, Rng, TestDb};
 use crate::{Row, quantile};
 
 const BACKLOG: u32 = 100_000;
@@ -52,6 +53,26 @@ pub fn run() -> Vec<Row> {
     );
     rows.push(lag());
     rows
+}
+
+/// A run's exchange, and what this process's consumer received, if it has
+/// one.
+type TestBroker = Broker<Arrival>;
+
+/// A message as this process's consumer received it.
+struct Arrival {
+    /// When the consumer got it from the broker.
+    at: Instant,
+    routing_key: String,
+}
+
+impl Arrival {
+    fn of(delivery: Delivery) -> Arrival {
+        Arrival {
+            at: Instant::now(),
+            routing_key: delivery.routing_key.to_string(),
+        }
+    }
 }
 
 /// Who takes the messages off the broker while the backlog drains.
@@ -150,10 +171,16 @@ fn drain_backlog(batch_size: usize, consumer: Consumer) -> f64 {
         .expect("set the backlog aside");
     conn.query_drop("CREATE TABLE push_notify LIKE backlog")
         .expect("an empty push_notify");
-    let broker = match consumer {
-        Consumer::None => TestBroker::holding(),
-        Consumer::SameCores => TestBroker::new(),
+    // A queue nobody consumes holds the messages, and costs the broker no
+    // deliveries; or this process consumes them.
+    let (broker, queue) = match consumer {
+        Consumer::None => {
+            let (broker, _, queue) = TestBroker::with_queue();
+            (broker, Some(queue))
+        }
+        Consumer::SameCores => (TestBroker::consuming(Arrival::of), None),
     };
+    let queued = || broker.ready_in(queue.as_deref().expect("a queue nobody consumes"));
     let poller = poller(
         &db,
         &broker,
@@ -183,10 +210,10 @@ fn drain_backlog(batch_size: usize, consumer: Consumer) -> f64 {
     let deadline = start + DRAIN_DEADLINE;
     let messages = match consumer {
         Consumer::None => {
-            let all = crate::common::wait_until_every(
+            let all = crate::wait_until_every(
                 deadline.saturating_duration_since(Instant::now()),
                 Duration::from_millis(5),
-                || broker.queued() >= BACKLOG,
+                || queued() >= BACKLOG,
             );
             assert!(all, "the broker lacks messages after {DRAIN_DEADLINE:?}");
             None
@@ -195,7 +222,7 @@ fn drain_backlog(batch_size: usize, consumer: Consumer) -> f64 {
     };
     let elapsed = start.elapsed();
     let cpu = (rabbit.seconds(), maria.seconds(), bzpush.seconds());
-    let emptied = crate::common::wait_until(ARRIVAL_DEADLINE, || {
+    let emptied = crate::wait_until(ARRIVAL_DEADLINE, || {
         let left: Option<u64> = conn
             .query_first("SELECT COUNT(*) FROM push_notify")
             .expect("count");
@@ -207,7 +234,7 @@ fn drain_backlog(batch_size: usize, consumer: Consumer) -> f64 {
     );
     // Every row is deleted only after its confirm, so the queue holds them
     // all now; more if some went out twice.
-    let messages = messages.unwrap_or_else(|| u64::from(broker.queued()));
+    let messages = messages.unwrap_or_else(|| u64::from(queued()));
     assert!(
         messages >= u64::from(BACKLOG),
         "only {messages} messages reached the broker"
@@ -246,8 +273,8 @@ fn broker_floor() -> Row {
 
 /// One run of the broker floor, messages/s.
 fn floor_once(run: usize) -> f64 {
-    let broker = TestBroker::holding();
-    let url = AmqpUrl::parse(&crate::common::amqp_url_at(AMQP_ADDR)).expect("a URL");
+    let (broker, _, queue) = TestBroker::with_queue();
+    let url = AmqpUrl::parse(&crate::amqp_url_at(AMQP_ADDR)).expect("a URL");
     let publisher =
         Publisher::connect(&url, &broker.exchange, "bench").expect("connect to publish");
     let all: Vec<Notification> = (1..=BACKLOG)
@@ -266,7 +293,7 @@ fn floor_once(run: usize) -> f64 {
         rabbit.seconds()
     );
     assert_eq!(
-        broker.queued(),
+        broker.ready_in(&queue),
         BACKLOG,
         "the queue should hold every message"
     );
@@ -369,7 +396,7 @@ fn receive_every_bug(broker: &TestBroker, deadline: Instant) -> u64 {
 /// before the writer's COMMIT returns. Such a lag counts as zero.
 fn lag() -> Row {
     let db = TestDb::new();
-    let broker = TestBroker::new();
+    let broker = TestBroker::consuming(Arrival::of);
     let _poller = poller(&db, &broker, &[]);
     let mut conn = db.conn();
 

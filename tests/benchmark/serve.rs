@@ -67,8 +67,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use mio::{Events, Interest, Poll, Token};
 
 use crate::Row;
-use crate::common::frames::{MASK, client_frame, server_frame};
-use crate::common::{AMQP_ADDR, Bzpush, amqp_url_at, unique, wait_until, wait_until_every};
+use crate::frames::{MASK, client_frame, server_frame};
+use crate::{AMQP_ADDR, Bzpush, amqp_url_at, unique, wait_until, wait_until_every};
 
 /// Threads opening connections (blocking handshakes).
 const OPENERS: usize = 4;
@@ -757,7 +757,7 @@ const STORM_BUGS: u64 = 3000;
 const STORM_THREADS: usize = 4;
 
 fn storm(o: &Options) -> Vec<Row> {
-    let db = crate::common::TestDb::new();
+    let db = crate::TestDb::new();
     let mut conn = db.conn();
     // Every bug changed at 01:00:00 + its id seconds; the clients ask
     // since midnight, so each gets three updates.

@@ -11,7 +11,7 @@ use crate::util::demo::{
 };
 use crate::util::run::TestUser;
 use crate::util::serve::{Client, http_get};
-use crate::util::{Bzpush, MYSQL_ADDR, admin_conn, wait_until};
+use crate::util::{Bzpush, MYSQL_ADDR, admin_conn, test_account_url, wait_until};
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
 
@@ -131,7 +131,7 @@ fn demo_in_memory_polls_a_simulated_database_with_since_and_partial() {
 
 #[test]
 fn demo_with_a_database_polls_its_scratch_database_and_drops_it() {
-    let url = format!("mysql://root@{MYSQL_ADDR}/");
+    let url = test_account_url(MYSQL_ADDR, "");
     let demo = Demo::start(
         &["--database-url", &url, "--poll-interval", "200ms"],
         &[("BZPUSH_LISTEN", "127.0.0.1:0".to_string())],

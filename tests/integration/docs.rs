@@ -1,5 +1,6 @@
 //! The settings table is written once, in `src/config.rs`: the README must
-//! agree with it, row for row, and `--help` is generated from it.
+//! agree with it, row for row, and `--help` is generated from it. And
+//! `./test` creates the MariaDB account the harness logs in with.
 
 use bzpush::config::SETTINGS;
 
@@ -34,5 +35,18 @@ fn help_lists_every_setting() {
             "{}",
             setting.name
         );
+    }
+}
+
+/// The harness's account and `./test`'s are one: a test that cannot log
+/// in says to run `./test`, which must then create exactly that account.
+#[test]
+fn the_test_script_creates_the_account_the_harness_logs_in_with() {
+    let script = include_str!("../../test");
+    for line in [
+        format!("TEST_USER={}\n", crate::util::TEST_USER),
+        format!("TEST_PASSWORD={}\n", crate::util::TEST_PASSWORD),
+    ] {
+        assert!(script.contains(&line), "./test sets {line}");
     }
 }

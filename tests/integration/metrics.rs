@@ -151,7 +151,7 @@ fn promtool_accepts_the_alert_rules() {
         .arg(&path)
         .output()
         .unwrap_or_else(|e| {
-            panic!("promtool checks the rules ({e}): apt-get install prometheus, or run .ci/run")
+            panic!("promtool checks the rules ({e}): run ./test, which installs it")
         });
     assert!(
         output.status.success(),

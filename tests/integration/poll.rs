@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::util::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb};
+use crate::util::{AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TEST_USER, TestBroker, TestDb};
 use mysql::prelude::Queryable;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -718,7 +718,7 @@ fn bad_settings_exit_2_naming_the_setting_and_never_print_a_password() {
     env.retain(|(k, _)| *k != "BZPUSH_DATABASE_URL");
     env.push((
         "BZPUSH_DATABASE_URL",
-        format!("mysql://root:hunter2@{MYSQL_ADDR}/{}", db.name),
+        format!("mysql://{TEST_USER}:hunter2@{MYSQL_ADDR}/{}", db.name),
     ));
     let poller = Bzpush::start(&["poll"], &env);
     // A wrong password is a refusal, said once with its fix, not an outage.
@@ -729,7 +729,7 @@ fn bad_settings_exit_2_naming_the_setting_and_never_print_a_password() {
     );
     let log = poller.log();
     assert!(
-        log.contains("root:***@"),
+        log.contains(&format!("{TEST_USER}:***@")),
         "the URL is shown redacted:\n{log}"
     );
     assert!(!log.contains("hunter2"), "no password:\n{log}");

@@ -24,7 +24,9 @@ fn analyze(args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap_or_else(|e| {
-            panic!("systemd-analyze is needed to check the units ({e}): apt-get install systemd")
+            panic!(
+                "systemd-analyze is needed to check the units ({e}): run ./test, which installs it"
+            )
         });
     let text = format!(
         "{}{}",

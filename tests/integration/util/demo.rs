@@ -178,7 +178,7 @@ impl Nginx {
             .unwrap_or_else(|e| {
                 panic!(
                     "cannot run nginx ({e}): the proxy test needs Debian's nginx: \
-                     apt-get install -y nginx (.ci/run installs it)"
+                     run ./test, which installs it"
                 )
             });
         let mut nginx = Nginx {
@@ -261,7 +261,7 @@ impl Browser {
             .unwrap_or_else(|e| {
                 panic!(
                     "cannot run chromium ({e}): the browser test needs Debian's chromium: \
-                     apt-get install -y chromium (.ci/run installs it)"
+                     run ./test, which installs it"
                 )
             });
         let stderr = child.stderr.take().expect("piped stderr");

@@ -9,11 +9,9 @@ use lapin::{Connection, ConnectionProperties};
 use mysql::prelude::Queryable;
 
 use super::{
-    AMQP_ADDR, BROKER_TIMEOUT, Bzpush, TestDb, admin_conn, amqp_url_at, delete_exchange, unique,
-    within,
+    AMQP_ADDR, BROKER_TIMEOUT, Bzpush, STARTUP, TestDb, admin_conn, amqp_url_at, delete_exchange,
+    unique, within,
 };
-
-const STARTUP: Duration = Duration::from_secs(20);
 
 impl Bzpush {
     /// `bzpush run` against `db` on a free port, polling every 100 ms, with
@@ -164,7 +162,7 @@ pub struct ZonedServer {
 impl ZonedServer {
     pub fn start(zone: &str) -> ZonedServer {
         const INSTALL: &str = "mariadb-install-db and mariadbd must be installed \
-                               (apt-get install mariadb-server)";
+                               (run ./test, which installs them)";
         let dir = std::env::temp_dir().join(unique("bzpush-zoned"));
         let data = dir.join("data");
         let installed = std::process::Command::new("mariadb-install-db")

@@ -1,7 +1,7 @@
-//! Harness for `bzpush serve`: the server as a child process on a free
-//! port, a Pulse-format publisher, and a real WebSocket client over TCP.
+//! Harness for `bzpush serve`: the server on a test's exchange (started
+//! by `process.rs`, which the benchmarks share), a Pulse-format publisher,
+//! and a real WebSocket client over TCP.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -14,12 +14,12 @@ use serde_json::Value;
 use tungstenite::handshake::HandshakeError;
 use tungstenite::{Message, WebSocket};
 
-use super::{
-    AMQP_ADDR, BROKER_TIMEOUT, Bzpush, TestBroker, amqp_connect, amqp_url_at, broker, unique,
-    within,
-};
+/// Tests import it from here, beside the rest of what talks to a server.
+pub use super::http_get;
 
-const STARTUP: Duration = Duration::from_secs(20);
+use super::{
+    AMQP_ADDR, BROKER_TIMEOUT, Bzpush, TestBroker, amqp_connect, amqp_url_at, broker, within,
+};
 
 impl Bzpush {
     /// `bzpush serve` on a free port, one feed `/` on `broker`'s exchange,
@@ -28,63 +28,9 @@ impl Bzpush {
         Bzpush::serve_at(AMQP_ADDR, &format!("/={}", broker.exchange), extra)
     }
 
-    /// `bzpush serve` with the broker at `amqp_addr` and `feeds`.
-    pub fn serve_at(amqp_addr: &str, feeds: &str, extra: &[(&str, String)]) -> Bzpush {
-        let mut env = vec![
-            ("BZPUSH_AMQP_URL", amqp_url_at(amqp_addr)),
-            ("BZPUSH_FEEDS", feeds.to_string()),
-            (
-                "BZPUSH_QUEUE",
-                format!("queue/guest/{}", unique("bzpush-test")),
-            ),
-            ("BZPUSH_QUEUE_EXPIRES", "2m".to_string()),
-            ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
-            ("BZPUSH_LOG", "debug".to_string()),
-        ];
-        env.extend(extra.iter().cloned());
-        let server = Bzpush::start(&["serve"], &env);
-        assert!(
-            server.wait_listening(STARTUP),
-            "bzpush serve did not start:\n{}",
-            server.log()
-        );
-        server
-    }
-
     pub fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{path}", self.listen_addr())
     }
-
-    /// Waits until the broker consumers are up (`/health` says 200).
-    pub fn wait_healthy(&self) {
-        let addr = self.listen_addr();
-        assert!(
-            super::wait_until(STARTUP, || http_get(&addr, "/health").0 == 200),
-            "the server never became healthy:\n{}",
-            self.log()
-        );
-    }
-}
-
-/// A plain HTTP GET: `(status, body)`.
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut socket = TcpStream::connect(addr).expect("connect for HTTP");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(socket, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send request");
-    let mut response = String::new();
-    let _ = socket.read_to_string(&mut response);
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// The body the poller publishes for `bug` changed at `when`.
@@ -125,11 +71,10 @@ impl TestBroker {
     /// the test's own queue, whose consumer would halve the rate a flood
     /// can be published at. [`TestBroker::recv`] is not for this one.
     pub fn without_queue() -> TestBroker {
-        let (exchange, connection, _) = TestBroker::declare_exchange();
+        let (exchange, connection, _) = super::declare_exchange();
         TestBroker {
             exchange,
             connection,
-            queue: None,
             received: crossbeam_channel::never(),
         }
     }
