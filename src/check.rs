@@ -16,7 +16,7 @@ use log::Level;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
-use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, ServeConfig, Source};
+use crate::config::{AmqpUrl, Config, DatabaseUrl, PollerConfig, ServeConfig, Source};
 use crate::pulse::{ConsumerSetup, QueueState};
 use crate::{database, logging, poller, pulse};
 
@@ -30,28 +30,28 @@ const DATABASE_DENIED: u16 = 1044;
 /// A check query slower than this fails.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs every check of `mode`, printing one line each to `out`. `true` if
-/// all passed.
-pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
+/// Runs every check of `config`, printing one line each to `out`. `true`
+/// if all passed.
+pub fn run(config: &Config, out: &mut dyn Write) -> bool {
     let mut report = Report {
         out,
         ok: true,
         journal: logging::stdout_is_journal(),
     };
     report.line(Ok("configuration: valid".to_string()));
-    match mode {
-        Mode::Poll(c) => {
+    match config {
+        Config::Poll(c) => {
             check_poller(&mut report, &c.poller, false);
             check_broker(&mut report, &c.amqp, std::slice::from_ref(&c.exchange));
         }
-        Mode::Run(c) => {
+        Config::Run(c) => {
             check_listen(&mut report, c.server.listen);
             report_origins(&mut report, &c.server.allowed_origins);
             check_poller(&mut report, &c.poller, true);
         }
         // `bzpush check demo` is refused while parsing: a demo needs nothing.
-        Mode::Demo(_) => {}
-        Mode::Serve(c) => {
+        Config::Demo(_) => {}
+        Config::Serve(c) => {
             check_listen(&mut report, c.server.listen);
             report_origins(&mut report, &c.server.allowed_origins);
             let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();

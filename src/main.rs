@@ -5,7 +5,7 @@
 use std::net::TcpListener;
 use std::process::ExitCode;
 
-use bzpush::config::{self, Invocation, Mode};
+use bzpush::config::{self, Config, Invocation};
 use bzpush::{check, demo, logging, server, shutdown, signals};
 use log::{Level, error, info};
 
@@ -30,16 +30,16 @@ fn main() -> ExitCode {
             println!("bzpush {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Invocation::Check(mode) => {
-            if check::run(&mode, &mut std::io::stdout()) {
+        Invocation::Check(config) => {
+            if check::run(&config, &mut std::io::stdout()) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             }
         }
-        Invocation::Start(mode) => {
-            logging::init(mode.log());
-            match start(mode) {
+        Invocation::Start(config) => {
+            logging::init(config.log());
+            match start(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e}");
@@ -50,28 +50,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `mode` until SIGTERM or SIGINT, or until a thread the pipeline
+/// Runs `config`'s mode until SIGTERM or SIGINT, or until a thread the pipeline
 /// needs ends ([`shutdown::spawn_essential`]): that is an error, status 1.
-fn start(mode: Mode) -> Result<(), String> {
-    info!("bzpush {} {}", env!("CARGO_PKG_VERSION"), describe(&mode));
+fn start(config: Config) -> Result<(), String> {
+    info!("bzpush {} {}", env!("CARGO_PKG_VERSION"), describe(&config));
     // Bound before any thread starts: a taken port is a start-up failure.
-    let listener = match &mode {
-        Mode::Poll(_) => None,
-        Mode::Serve(config) => Some(bind(config.server.listen)?),
-        Mode::Run(config) => Some(bind(config.server.listen)?),
-        Mode::Demo(config) => Some(demo::bind(config.server.listen, config.listen_given)?),
+    let listener = match &config {
+        Config::Poll(_) => None,
+        Config::Serve(config) => Some(bind(config.server.listen)?),
+        Config::Run(config) => Some(bind(config.server.listen)?),
+        Config::Demo(config) => Some(demo::bind(config.server.listen, config.listen_given)?),
     };
     let (trigger, shutdown) = shutdown::channel();
     let signals = signals::spawn(trigger).map_err(|e| format!("cannot watch signals: {e}"))?;
-    let result = match (mode, listener) {
-        (Mode::Serve(config), Some(listener)) => {
+    let result = match (config, listener) {
+        (Config::Serve(config), Some(listener)) => {
             server::serve(&config, listener, &shutdown).map_err(|e| format!("serve: {e}"))
         }
-        (Mode::Run(config), Some(listener)) => {
+        (Config::Run(config), Some(listener)) => {
             server::run(&config, listener, &shutdown).map_err(|e| format!("run: {e}"))
         }
-        (Mode::Demo(config), Some(listener)) => demo::run(&config, listener, &shutdown),
-        (Mode::Poll(config), _) => {
+        (Config::Demo(config), Some(listener)) => demo::run(&config, listener, &shutdown),
+        (Config::Poll(config), _) => {
             server::poll(&config, &shutdown).map_err(|e| format!("poll: {e}"))
         }
         _ => Err("no listener".to_string()),
@@ -88,13 +88,13 @@ fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, String> {
 }
 
 /// One line for the log saying what runs against what.
-fn describe(mode: &Mode) -> String {
-    match mode {
-        Mode::Poll(c) => format!(
+fn describe(config: &Config) -> String {
+    match config {
+        Config::Poll(c) => format!(
             "poll: source {:?}, database {}, broker {}, exchange {:?}",
             c.poller.source, c.poller.database, c.amqp, c.exchange
         ),
-        Mode::Serve(c) => format!(
+        Config::Serve(c) => format!(
             "serve: broker {}, feeds {}",
             c.amqp,
             c.feeds
@@ -103,11 +103,11 @@ fn describe(mode: &Mode) -> String {
                 .collect::<Vec<_>>()
                 .join(",")
         ),
-        Mode::Run(c) => format!(
+        Config::Run(c) => format!(
             "run: source {:?}, database {}, listening on {}",
             c.poller.source, c.poller.database, c.server.listen
         ),
-        Mode::Demo(c) => match &c.database {
+        Config::Demo(c) => match &c.database {
             Some(server) => format!("demo: a scratch database on {server}"),
             None => "demo: in memory".to_string(),
         },

@@ -6,7 +6,7 @@
 //! fails when the file and [`render`] disagree (`BZPUSH_WRITE_MAN=1 cargo
 //! test --test integration package::the_man` rewrites it). Nothing here does I/O.
 
-use crate::config::{SETTINGS, Setting, settings_of};
+use crate::config::{SETTINGS, Setting};
 
 /// The page in roff (man macros).
 pub fn render() -> String {
@@ -106,10 +106,7 @@ curl \-s 127.0.0.1:8844/health
 
 /// One setting as a tagged paragraph: names, default, range, commands.
 fn entry(setting: &Setting) -> String {
-    let read_by: Vec<&str> = ["run", "poll", "serve"]
-        .into_iter()
-        .filter(|mode| settings_of(mode).iter().any(|s| s.name == setting.name))
-        .collect();
+    let read_by: Vec<&str> = setting.modes.iter().map(|mode| mode.name()).collect();
     let mut text = format!(
         ".TP\n.BR {} \", \" \\-\\-{}\n{}.\n.br\nDefault: {}.",
         escape(&setting.env_var()),

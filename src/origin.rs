@@ -116,14 +116,6 @@ impl Refusals {
     }
 }
 
-/// Whether `s` is a URL scheme (RFC 3986): a letter, then letters,
-/// digits, `+`, `-` or `.`.
-pub(crate) fn is_scheme(s: &str) -> bool {
-    s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -820,7 +820,7 @@ mod tests {
     use std::ffi::OsString;
 
     use super::*;
-    use crate::config::{Invocation, Mode};
+    use crate::config::{Config, Invocation};
     use crate::notification::BugId;
 
     fn config(source: &str) -> PollerConfig {
@@ -830,7 +830,7 @@ mod tests {
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
         match crate::config::parse([OsString::from("run")], env) {
-            Ok(Invocation::Start(Mode::Run(c))) => c.poller,
+            Ok(Invocation::Start(Config::Run(c))) => c.poller,
             other => panic!("expected run, got {other:?}"),
         }
     }
