@@ -2,10 +2,11 @@
 //! an exit status (0 clean stop, 1 runtime failure, 2 bad configuration).
 #![forbid(unsafe_code)]
 
-use std::net::TcpListener;
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 
-use bzpush::config::{self, Config, Invocation};
+use bzpush::config::{self, Config, Invocation, Mode};
 use bzpush::{check, demo, logging, server, shutdown, signals};
 use log::{Level, error, info};
 
@@ -50,41 +51,66 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `config`'s mode until SIGTERM or SIGINT, or until a thread the pipeline
-/// needs ends ([`shutdown::spawn_essential`]): that is an error, status 1.
-fn start(config: Config) -> Result<(), String> {
+/// Why a started mode ended with status 1; printed once, as one line.
+#[derive(Debug)]
+enum StartError {
+    /// What the mode needs before it runs (the listen address, the
+    /// signal watcher) could not be had: what was tried, and why.
+    Setup(String),
+    /// The mode's run failed.
+    Failed(Mode, String),
+    /// A thread the pipeline needs ended ([`shutdown::spawn_essential`]).
+    Stopped(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Setup(why) => f.write_str(why),
+            StartError::Failed(mode, why) => write!(f, "{mode}: {why}"),
+            StartError::Stopped(reason) => write!(f, "stopped with status 1: {reason}"),
+        }
+    }
+}
+
+/// Runs `config`'s mode until SIGTERM or SIGINT, or until a thread the
+/// pipeline needs ends ([`shutdown::spawn_essential`]): that is an error.
+fn start(config: Config) -> Result<(), StartError> {
     info!("bzpush {} {}", env!("CARGO_PKG_VERSION"), describe(&config));
+    let mode = config.mode();
     // Bound before any thread starts: a taken port is a start-up failure.
     let listener = match &config {
         Config::Poll(_) => None,
-        Config::Serve(config) => Some(bind(config.server.listen)?),
-        Config::Run(config) => Some(bind(config.server.listen)?),
-        Config::Demo(config) => Some(demo::bind(config.server.listen, config.listen_given)?),
+        Config::Serve(c) => Some(bind(c.server.listen)?),
+        Config::Run(c) => Some(bind(c.server.listen)?),
+        Config::Demo(c) => {
+            Some(demo::bind(c.server.listen, c.listen_given).map_err(StartError::Setup)?)
+        }
     };
     let (trigger, shutdown) = shutdown::channel();
-    let signals = signals::spawn(trigger).map_err(|e| format!("cannot watch signals: {e}"))?;
+    let signals = signals::spawn(trigger)
+        .map_err(|e| StartError::Setup(format!("cannot watch signals: {e}")))?;
     let result = match (config, listener) {
-        (Config::Serve(config), Some(listener)) => {
-            server::serve(&config, listener, &shutdown).map_err(|e| format!("serve: {e}"))
+        (Config::Serve(c), Some(listener)) => {
+            server::serve(&c, listener, &shutdown).map_err(|e| e.to_string())
         }
-        (Config::Run(config), Some(listener)) => {
-            server::run(&config, listener, &shutdown).map_err(|e| format!("run: {e}"))
+        (Config::Run(c), Some(listener)) => {
+            server::run(&c, listener, &shutdown).map_err(|e| e.to_string())
         }
-        (Config::Demo(config), Some(listener)) => demo::run(&config, listener, &shutdown),
-        (Config::Poll(config), _) => {
-            server::poll(&config, &shutdown).map_err(|e| format!("poll: {e}"))
-        }
+        (Config::Demo(c), Some(listener)) => demo::run(&c, listener, &shutdown),
+        (Config::Poll(c), _) => server::poll(&c, &shutdown).map_err(|e| e.to_string()),
         _ => Err("no listener".to_string()),
     };
     signals.stop();
     match shutdown.failure() {
-        Some(reason) => Err(format!("stopped with status 1: {reason}")),
-        None => result,
+        Some(reason) => Err(StartError::Stopped(reason)),
+        None => result.map_err(|why| StartError::Failed(mode, why)),
     }
 }
 
-fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (BZPUSH_LISTEN): {e}"))
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .map_err(|e| StartError::Setup(format!("cannot listen on {addr} (BZPUSH_LISTEN): {e}")))
 }
 
 /// One line for the log saying what runs against what.
