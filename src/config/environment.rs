@@ -2,7 +2,8 @@
 //! environment — gathered into one value per setting ([`Values`]), and what
 //! resolution needs from the machine ([`Host`]).
 //!
-//! A `BZPUSH_` name that is no setting (`BZPUSH_POLL_INTERVL`) is refused,
+//! A name that looks like a setting but is none (`BZPUSH_POLL_INTERVL`,
+//! `bzpush_log`, or `DATABASE_URL` in an environment file) is refused,
 //! naming the nearest setting: ignored, it would leave its setting at the
 //! default without a word. Other names are not ours and are ignored. No
 //! value is checked here; that is [`super::resolve`]'s.
@@ -37,13 +38,17 @@ impl Read for Values {
 }
 
 /// The values of `args` (flags, `--env-file`s) over `env`: a flag wins over
-/// an env file, which wins over the environment.
+/// an env file, which wins over the environment. `unit`: `env` is a systemd
+/// unit's, so a setting's name without its prefix there came from the
+/// unit's `EnvironmentFile=` or `Environment=`, and is refused as in an
+/// env file.
 pub(super) fn gather(
     mode: Mode,
     args: Vec<String>,
     env: &[(OsString, OsString)],
+    unit: bool,
 ) -> Result<Values, ConfigError> {
-    let mut values = from_env(env)?;
+    let mut values = from_env(env, unit)?;
     let mut flags = BTreeMap::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -111,21 +116,29 @@ pub(super) fn host(env: &[(OsString, OsString)]) -> Host {
 }
 
 /// The settings the environment sets, by name.
-fn from_env(env: &[(OsString, OsString)]) -> Result<BTreeMap<&'static str, String>, ConfigError> {
+fn from_env(
+    env: &[(OsString, OsString)],
+    unit: bool,
+) -> Result<BTreeMap<&'static str, String>, ConfigError> {
+    let in_unit = |e| match unit {
+        true => ConfigError(format!(
+            "the unit's environment (EnvironmentFile= or Environment=): {e}"
+        )),
+        false => e,
+    };
     let mut values = BTreeMap::new();
     // The test-only fault injection is no setting (see its doc).
     for (key, value) in env
         .iter()
         .filter(|(k, _)| k != crate::shutdown::TEST_PANIC_VAR)
     {
-        let Some(key) = key.to_str().filter(|key| key.starts_with("BZPUSH_")) else {
-            continue;
-        };
-        let setting = env_setting(key)?;
-        let value = value
-            .to_str()
-            .ok_or_else(|| ConfigError(format!("{key}: value is not valid UTF-8")))?;
-        values.insert(setting.name, value.to_string());
+        let Some(key) = key.to_str() else { continue };
+        if let Some(setting) = setting_of(key, unit).map_err(in_unit)? {
+            let value = value
+                .to_str()
+                .ok_or_else(|| ConfigError(format!("{key}: value is not valid UTF-8")))?;
+            values.insert(setting.name, value.to_string());
+        }
     }
     Ok(values)
 }
@@ -140,28 +153,43 @@ fn read_env_file(path: &Path) -> Result<BTreeMap<&'static str, String>, ConfigEr
     })?;
     let mut values = BTreeMap::new();
     for (line, key, value) in parse_env_file(&text) {
-        if !key.starts_with("BZPUSH_") {
-            // The unit would export it too, and bzpush would ignore it.
-            continue;
-        }
-        let setting = env_setting(&key)
+        let setting = setting_of(&key, true)
             .map_err(|e| ConfigError(format!("--env-file {} line {line}: {e}", path.display())))?;
-        values.insert(setting.name, value);
+        if let Some(setting) = setting {
+            values.insert(setting.name, value);
+        }
     }
     Ok(values)
 }
 
-/// The setting a `BZPUSH_*` variable names; the error suggests the nearest
-/// one.
-fn env_setting(key: &str) -> Result<&'static Setting, ConfigError> {
-    SETTINGS.iter().find(|s| s.env_var() == key).ok_or_else(|| {
-        ConfigError(format!(
+/// The setting variable `key` sets; `None` for a variable that is none of
+/// bzpush's. A `BZPUSH_` name in any case must be a setting's. `strict`
+/// (an environment file, a unit's environment): so must a setting's name
+/// without the prefix (`DATABASE_URL`), except systemd's own
+/// `STATE_DIRECTORY`, which bzpush reads as the default of its setting.
+fn setting_of(key: &str, strict: bool) -> Result<Option<&'static Setting>, ConfigError> {
+    let upper = key.to_ascii_uppercase();
+    let meant = if upper.starts_with("BZPUSH_") {
+        upper
+    } else if strict
+        && upper != "STATE_DIRECTORY"
+        && SETTINGS
+            .iter()
+            .any(|s| s.env_var()["BZPUSH_".len()..] == upper)
+    {
+        format!("BZPUSH_{upper}")
+    } else {
+        return Ok(None);
+    };
+    match SETTINGS.iter().find(|s| s.env_var() == key) {
+        Some(setting) => Ok(Some(setting)),
+        None => Err(ConfigError(format!(
             "{key} is not a bzpush setting{}; `bzpush --help` lists them",
-            suggest(key, SETTINGS.iter().map(Setting::env_var))
+            suggest(&meant, SETTINGS.iter().map(Setting::env_var))
                 .map(|s| format!(" (did you mean {s}?)"))
                 .unwrap_or_default()
-        ))
-    })
+        ))),
+    }
 }
 
 /// The candidate nearest to `name` by edit distance, if near enough to be
@@ -178,7 +206,19 @@ fn suggest(name: &str, candidates: impl Iterator<Item = String>) -> Option<Strin
 mod tests {
     use std::time::Duration;
 
+    use super::*;
     use crate::config::tests::poll;
+
+    /// `key=value` in an environment file, read for `poll`.
+    fn file_line(line: &str) -> Result<(), ConfigError> {
+        let path =
+            std::env::temp_dir().join(format!("bzpush-env-{}-{}", std::process::id(), line.len()));
+        std::fs::write(&path, format!("{line}\n")).expect("write a temp file");
+        let file = path.to_str().expect("utf-8").to_string();
+        let result = poll(&["--env-file", &file], &[]).map(|_| ());
+        let _ = std::fs::remove_file(&path);
+        result
+    }
 
     #[test]
     fn a_flag_wins_over_an_env_file_which_wins_over_the_environment() {
@@ -219,5 +259,49 @@ mod tests {
         // Nothing near: no guess.
         let err = poll(&[], &[("BZPUSH_SOMETHING_ELSE_ENTIRELY", "1")]).unwrap_err();
         assert!(!err.to_string().contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn a_setting_without_its_prefix_or_in_lower_case_is_refused_in_an_env_file() {
+        for (line, meant) in [
+            (
+                "DATABASE_URL=mysql://bzpush:pw@db/bugs",
+                "BZPUSH_DATABASE_URL",
+            ),
+            ("bzpush_log=debug", "BZPUSH_LOG"),
+            ("Bzpush_Poll_Interval=2s", "BZPUSH_POLL_INTERVAL"),
+            ("poll_interval=2s", "BZPUSH_POLL_INTERVAL"),
+        ] {
+            let err = file_line(line).expect_err(line).to_string();
+            assert!(err.contains("line 1"), "{err}");
+            assert!(err.contains(&format!("did you mean {meant}?")), "{err}");
+            assert!(!err.contains("pw@"), "{err}");
+        }
+        // systemd exports other variables, and sets STATE_DIRECTORY itself.
+        for line in [
+            "PATH=/usr/bin",
+            "LANG=C.UTF-8",
+            "STATE_DIRECTORY=/var/lib/x",
+        ] {
+            file_line(line).expect(line);
+        }
+    }
+
+    #[test]
+    fn a_lower_case_setting_in_the_environment_is_refused() {
+        let err = poll(&[], &[("bzpush_log", "debug")]).unwrap_err();
+        assert!(
+            err.to_string().contains("did you mean BZPUSH_LOG?"),
+            "{err}"
+        );
+        // Outside a unit, a shell's DATABASE_URL is someone else's.
+        let env = |key: &str| [(OsString::from(key), OsString::from("mysql://u@h/db"))];
+        assert!(gather(Mode::Poll, Vec::new(), &env("DATABASE_URL"), false).is_ok());
+        let Err(err) = gather(Mode::Poll, Vec::new(), &env("DATABASE_URL"), true) else {
+            panic!("a unit's DATABASE_URL was ignored");
+        };
+        assert!(err.to_string().contains("EnvironmentFile="), "{err}");
+        assert!(err.to_string().contains("BZPUSH_DATABASE_URL?"), "{err}");
+        assert!(gather(Mode::Poll, Vec::new(), &env("STATE_DIRECTORY"), true).is_ok());
     }
 }

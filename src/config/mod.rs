@@ -291,7 +291,7 @@ pub fn parse(
         return Ok(Invocation::ModeHelp(mode));
     }
     let env: Vec<(OsString, OsString)> = env.into_iter().collect();
-    let values = environment::gather(mode, args, &env)?;
+    let values = environment::gather(mode, args, &env, crate::logging::stderr_is_journal())?;
     let config = resolve::resolve(mode, &values, &environment::host(&env))?;
     Ok(if check {
         Invocation::Check(config)
