@@ -31,8 +31,8 @@ fn main() -> ExitCode {
             println!("bzpush {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Invocation::Check(config) => {
-            if check::run(&config, &mut std::io::stdout()) {
+        Invocation::Check(config, given) => {
+            if check::run(&config, &given, &mut std::io::stdout()) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

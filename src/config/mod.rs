@@ -34,6 +34,8 @@ pub use settings::{Range, SETTINGS, Setting, key};
 pub use url::{AmqpUrl, DatabaseUrl, SecretUrl, redact_url};
 pub use values::{feed_path, format_duration, parse_duration};
 
+use resolve::Read;
+
 /// A command that runs: what `bzpush MODE` starts and `bzpush check MODE`
 /// checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,8 +86,8 @@ pub enum Invocation {
     /// Run a mode.
     Start(Config),
     /// `bzpush check <mode>`: check a mode's configuration and
-    /// dependencies without starting it.
-    Check(Config),
+    /// dependencies without starting it; which settings were given.
+    Check(Config, Given),
 }
 
 /// A mode with its configuration.
@@ -118,6 +120,10 @@ impl Config {
         }
     }
 }
+
+/// The settings the user gave (environment, env file or flag), in table
+/// order; every other setting has its default.
+pub type Given = Vec<&'static Setting>;
 
 /// A bad or missing setting: printed as one line, exit status 2.
 #[derive(Debug, PartialEq, Eq)]
@@ -294,7 +300,10 @@ pub fn parse(
     let values = environment::gather(mode, args, &env, crate::logging::stderr_is_journal())?;
     let config = resolve::resolve(mode, &values, &environment::host(&env))?;
     Ok(if check {
-        Invocation::Check(config)
+        Invocation::Check(
+            config,
+            SETTINGS.iter().filter(|s| values.given(s)).collect(),
+        )
     } else {
         Invocation::Start(config)
     })
@@ -390,7 +399,7 @@ mod tests {
             );
             let checked = run_args(&["check", mode.name()], &[]);
             assert_eq!(
-                matches!(checked, Ok(Invocation::Check(c)) if c.mode() == mode),
+                matches!(checked, Ok(Invocation::Check(c, _)) if c.mode() == mode),
                 mode.checkable(),
                 "check {mode}"
             );
@@ -399,6 +408,17 @@ mod tests {
             let err = run_args(&[unknown], &[]).unwrap_err().to_string();
             assert!(err.contains("bzpush --help"), "{unknown}: {err}");
         }
+    }
+
+    #[test]
+    fn check_knows_which_settings_were_given() {
+        let env = [("BZPUSH_AMQP_URL", "amqp://u:p@h/v")];
+        let Ok(Invocation::Check(_, given)) = run_args(&["check", "run", "--log", "debug"], &env)
+        else {
+            panic!("expected check run");
+        };
+        let names: Vec<&str> = given.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["amqp-url", "log"]);
     }
 
     #[test]
