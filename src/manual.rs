@@ -19,7 +19,7 @@ pub fn render() -> String {
 bzpush \- Bugzilla push notifications over WebSocket and Pulse
 .SH SYNOPSIS
 .B bzpush
-.RB { run | poll | serve }
+.RB { run | poll | serve | demo }
 .RB [ \-\-env\-file
 .IR PATH ]...
 .RB [ \-\- \fISETTING\fR
@@ -52,6 +52,13 @@ poller is active at a time; others wait as hot standbys.
 .TP
 .B serve
 Serve WebSocket clients from Pulse; run as many as needed.
+.TP
+.B demo
+Like run, fed by a simulated Bugzilla, to try bzpush and its live page: in
+memory, or in a scratch database that it creates and drops on the MySQL
+or MariaDB server that
+.B \-\-database\-url
+names. It needs no Bugzilla and no broker.
 .TP
 .B check
 Check the settings of a command and every dependency they name, one line
