@@ -4,12 +4,12 @@
 //!
 //! Every setting is an environment variable `BZPUSH_NAME` and a flag
 //! `--name`; a flag wins. One job per file, as ripgrep's flags: the table
-//! describes ([`settings`]: each row names the modes that read it, so help,
+//! describes (`settings`: each row names the modes that read it, so help,
 //! the man page and `check` come from it), and two stages build. Stage one,
-//! [`environment`], gathers what the user wrote (flags, [`env_file`]s, the
+//! `environment`, gathers what the user wrote (flags, `env_file`s, the
 //! environment) into values and reads what the machine says, once; stage
-//! two, [`resolve`], is pure: one resolver per mode validates those values
-//! ([`values`], [`url`]) into that mode's configuration. Nothing here opens a
+//! two, `resolve`, is pure: one resolver per mode validates those values
+//! (`values`, `url`) into that mode's configuration. Nothing here opens a
 //! connection or starts a thread, and no password appears in anything it
 //! prints ([`redact_url`]).
 

@@ -172,8 +172,8 @@ pub(super) fn invalid_value(value: &str) -> String {
 }
 
 /// `scheme://user:secret@host/…` → `scheme://user:***@host/…`, for a URL
-/// that bzpush accepted (every accepted URL is [`unambiguous`]); for
-/// anything else, what [`shown`] shows.
+/// that bzpush accepted (every accepted URL is unambiguous); for anything
+/// else, what `shown` shows.
 pub fn redact_url(url: &str) -> String {
     shown(url).unwrap_or_else(|| NOT_SHOWN.to_string())
 }
