@@ -16,7 +16,9 @@ use log::Level;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
-use crate::config::{AmqpUrl, DatabaseUrl, Mode, PollerConfig, ServeConfig, Source};
+use crate::config::{
+    AmqpUrl, Config, DatabaseUrl, Given, Mode, PollerConfig, ServeConfig, Setting, Source, key,
+};
 use crate::pulse::{ConsumerSetup, QueueState};
 use crate::{database, logging, poller, pulse};
 
@@ -30,35 +32,40 @@ const DATABASE_DENIED: u16 = 1044;
 /// A check query slower than this fails.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs every check of `mode`, printing one line each to `out`. `true` if
-/// all passed.
-pub fn run(mode: &Mode, out: &mut dyn Write) -> bool {
+/// Runs every check of `config`, printing one line each to `out`. `given`:
+/// the settings the user gave; a failing default says it is one, and given
+/// settings the mode does not read are listed. `true` if all passed.
+pub fn run(config: &Config, given: &Given, out: &mut dyn Write) -> bool {
     let mut report = Report {
         out,
         ok: true,
         journal: logging::stdout_is_journal(),
+        given,
     };
     report.line(Ok("configuration: valid".to_string()));
-    match mode {
-        Mode::Poll(c) => {
+    if let Some(unread) = not_read_by(config.mode(), given) {
+        report.line(Ok(unread));
+    }
+    match config {
+        Config::Poll(c) => {
             check_poller(&mut report, &c.poller, false);
             check_broker(&mut report, &c.amqp, std::slice::from_ref(&c.exchange));
         }
-        Mode::Run(c) => {
+        Config::Run(c) => {
             check_listen(&mut report, c.server.listen);
             report_origins(&mut report, &c.server.allowed_origins);
             check_poller(&mut report, &c.poller, true);
         }
         // `bzpush check demo` is refused while parsing: a demo needs nothing.
-        Mode::Demo(_) => {}
-        Mode::Serve(c) => {
+        Config::Demo(_) => {}
+        Config::Serve(c) => {
             check_listen(&mut report, c.server.listen);
             report_origins(&mut report, &c.server.allowed_origins);
             let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
             check_broker(&mut report, &c.amqp, &exchanges);
             check_queues(&mut report, c);
             if let Some(url) = &c.catchup_database
-                && let Some(mut db) = check_database(&mut report, url)
+                && let Some(mut db) = check_database(&mut report, url, &key::CATCHUP_DATABASE_URL)
             {
                 check_bugs_table(&mut report, &mut db, "catch-up", true);
             }
@@ -73,6 +80,7 @@ struct Report<'a> {
     /// `out` is the journal: each line starts with its priority, so a
     /// failed check at boot shows in `journalctl -p warning`.
     journal: bool,
+    given: &'a Given,
 }
 
 impl Report<'_> {
@@ -91,6 +99,16 @@ impl Report<'_> {
         self.print(Level::Warn, &format!("warn  {what}"));
     }
 
+    /// `url`, saying so if it is `setting`'s default: a failing default is
+    /// most likely a setting never made.
+    fn url(&self, url: &dyn std::fmt::Display, setting: &Setting) -> String {
+        if self.given.iter().any(|s| s.name == setting.name) {
+            url.to_string()
+        } else {
+            format!("{url} (the default; set {})", setting.env_var())
+        }
+    }
+
     fn print(&mut self, level: Level, line: &str) {
         let prefix = if self.journal {
             logging::priority(level)
@@ -101,8 +119,24 @@ impl Report<'_> {
     }
 }
 
+/// The settings `given` that `mode` does not read, as `not read by run:
+/// BZPUSH_AMQP_URL (poll, serve)`; `None` if it reads them all. One
+/// environment file may serve every unit, so this is no failure, but a
+/// setting meant for this mode and misfiled shows here.
+fn not_read_by(mode: Mode, given: &Given) -> Option<String> {
+    let unread: Vec<String> = given
+        .iter()
+        .filter(|s| !s.read_by(mode))
+        .map(|s| {
+            let modes: Vec<&str> = s.modes.iter().map(|m| m.name()).collect();
+            format!("{} ({})", s.env_var(), modes.join(", "))
+        })
+        .collect();
+    (!unread.is_empty()).then(|| format!("not read by {mode}: {}", unread.join(", ")))
+}
+
 fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
-    let Some(mut db) = check_database(report, &config.database) else {
+    let Some(mut db) = check_database(report, &config.database, &key::DATABASE_URL) else {
         return;
     };
     check_lock(report, &mut db, &config.lock_name);
@@ -227,7 +261,8 @@ fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required:
     }
 }
 
-fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
+/// Connects to `url`, the value of `setting`.
+fn check_database(report: &mut Report, url: &DatabaseUrl, setting: &Setting) -> Option<Conn> {
     match database::connect(url, TIMEOUT) {
         Ok(mut db) => {
             let version: Option<String> = db.query_first("SELECT VERSION()").ok().flatten();
@@ -240,9 +275,11 @@ fn check_database(report: &mut Report, url: &DatabaseUrl) -> Option<Conn> {
             Some(db)
         }
         Err(e) => {
+            let todo = format!("check {}", setting.env_var());
             report.line(Err(format!(
-                "database {url}: {}",
-                advice(&e, "check BZPUSH_DATABASE_URL")
+                "database {}: {}",
+                report.url(url, setting),
+                advice(&e, &todo)
             )));
             None
         }
@@ -369,6 +406,7 @@ fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
             } else {
                 " — is RabbitMQ running and reachable at that host and port?"
             };
+            let url = report.url(url, &key::AMQP_URL);
             report.line(Err(format!("broker {url}: {e}{todo}")));
             return;
         }
@@ -430,6 +468,37 @@ fn check_queues(report: &mut Report, config: &ServeConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_settings_the_mode_does_not_read_are_listed_with_their_modes() {
+        let given: Given = vec![&key::AMQP_URL, &key::LISTEN, &key::FEEDS];
+        assert_eq!(
+            not_read_by(Mode::Run, &given).as_deref(),
+            Some("not read by run: BZPUSH_AMQP_URL (poll, serve), BZPUSH_FEEDS (serve)")
+        );
+        assert_eq!(not_read_by(Mode::Serve, &given), None);
+    }
+
+    #[test]
+    fn a_failing_default_url_says_it_is_the_default() {
+        let given: Given = vec![&key::AMQP_URL];
+        let mut out = Vec::new();
+        let report = Report {
+            out: &mut out,
+            ok: true,
+            journal: false,
+            given: &given,
+        };
+        let url = "mysql://bugs@localhost:3306/bugs";
+        assert_eq!(
+            report.url(&url, &key::DATABASE_URL),
+            "mysql://bugs@localhost:3306/bugs (the default; set BZPUSH_DATABASE_URL)"
+        );
+        assert_eq!(
+            report.url(&"amqp://u:***@h", &key::AMQP_URL),
+            "amqp://u:***@h"
+        );
+    }
 
     #[test]
     fn a_time_zone_other_than_utc_is_named() {

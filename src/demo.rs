@@ -147,7 +147,7 @@ fn run_in_memory(
             shutdown,
             move || simulate_in_memory(&table, &stop, &stopped),
         )
-        .map_err(|e| format!("demo: cannot start the simulated Bugzilla: {e}"))?
+        .map_err(|e| format!("cannot start the simulated Bugzilla: {e}"))?
     };
     let poll_interval = config.poll_interval;
     let result = server::run_fed(
@@ -178,7 +178,7 @@ fn run_in_memory(
             )
         },
     )
-    .map_err(|e| format!("demo: {e}"));
+    .map_err(|e| e.to_string());
     stop.fire();
     join(simulator);
     result
@@ -225,7 +225,7 @@ impl Scratch {
             .query_drop(format!("CREATE DATABASE `{}`", scratch.name))
             .map_err(|e| {
                 format!(
-                    "demo: cannot create a scratch database on {}: {}; \
+                    "cannot create a scratch database on {}: {}; \
                      the account needs CREATE and DROP (or run the demo without --database-url)",
                     scratch.server,
                     database::Sentence(&e)
@@ -253,7 +253,7 @@ impl Scratch {
         if let Err(e) = admin.query_drop(tables) {
             scratch.drop_database();
             return Err(format!(
-                "demo: cannot create the scratch tables: {}",
+                "cannot create the scratch tables: {}",
                 database::Sentence(&e)
             ));
         }
@@ -271,7 +271,7 @@ impl Scratch {
             .into();
         database::connect(&server, DB_TIMEOUT).map_err(|e| {
             format!(
-                "demo: cannot connect to {}: {}",
+                "cannot connect to {}: {}",
                 self.server,
                 database::Sentence(&e)
             )
@@ -333,10 +333,10 @@ fn run_on_database(
             &shutdown,
             move || simulate_in_database(&url, &stop, &stopped),
         )
-        .map_err(|e| format!("demo: cannot start the simulated Bugzilla: {e}"))?
+        .map_err(|e| format!("cannot start the simulated Bugzilla: {e}"))?
     };
     print_address(listener.local_addr().map_err(|e| e.to_string())?);
-    let result = server::run(&run_config, listener, shutdown).map_err(|e| format!("demo: {e}"));
+    let result = server::run(&run_config, listener, shutdown).map_err(|e| e.to_string());
     stop.fire();
     join(writer);
     result

@@ -48,8 +48,11 @@
 //!
 //! - [`notification`]: [`notification::Notification`], the `(bug, when)`
 //!   pair every stage passes on.
-//! - [`config`]: the settings table; environment and flags in, a checked
-//!   configuration out.
+//! - [`config`]: the settings table, each row naming the modes that read
+//!   it; flags, environment and env files in, one [`config::Mode`]'s checked
+//!   configuration out. A room per job: the table, gathering the values,
+//!   the `EnvironmentFile=` syntax, URLs and redaction, validators, a
+//!   resolver per mode, help.
 //! - [`database`]: connections to Bugzilla's database, and its values read
 //!   without panics.
 //! - [`check`]: `bzpush check`: each setting and dependency, one line each.

@@ -267,7 +267,8 @@ pub fn priority(level: Level) -> &'static str {
     }
 }
 
-fn stderr_is_journal() -> bool {
+/// Whether stderr is the journal's stream: bzpush runs as a systemd unit.
+pub(crate) fn stderr_is_journal() -> bool {
     is_journal(io::stderr().as_fd())
 }
 

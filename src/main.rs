@@ -2,11 +2,12 @@
 //! an exit status (0 clean stop, 1 runtime failure, 2 bad configuration).
 #![forbid(unsafe_code)]
 
-use std::net::TcpListener;
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bzpush::config::{self, Invocation, Mode};
+use bzpush::config::{self, Config, Invocation, Mode};
 use bzpush::{check, demo, logging, server, shutdown, signals};
 use log::{Level, error, info};
 
@@ -31,16 +32,16 @@ fn main() -> ExitCode {
             println!("bzpush {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Invocation::Check(mode) => {
-            if check::run(&mode, &mut std::io::stdout()) {
+        Invocation::Check(config, given) => {
+            if check::run(&config, &given, &mut std::io::stdout()) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             }
         }
-        Invocation::Start(mode) => {
-            logging::init(mode.log());
-            let status = match start(mode) {
+        Invocation::Start(config) => {
+            logging::init(config.log());
+            let status = match start(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e}");
@@ -55,51 +56,76 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `mode` until SIGTERM or SIGINT, or until a thread the pipeline
-/// needs ends ([`shutdown::spawn_essential`]): that is an error, status 1.
-fn start(mode: Mode) -> Result<(), String> {
-    info!("bzpush {} {}", env!("CARGO_PKG_VERSION"), describe(&mode));
+/// Why a started mode ended with status 1; printed once, as one line.
+#[derive(Debug)]
+enum StartError {
+    /// What the mode needs before it runs (the listen address, the
+    /// signal watcher) could not be had: what was tried, and why.
+    Setup(String),
+    /// The mode's run failed.
+    Failed(Mode, String),
+    /// A thread the pipeline needs ended ([`shutdown::spawn_essential`]).
+    Stopped(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Setup(why) => f.write_str(why),
+            StartError::Failed(mode, why) => write!(f, "{mode}: {why}"),
+            StartError::Stopped(reason) => write!(f, "stopped with status 1: {reason}"),
+        }
+    }
+}
+
+/// Runs `config`'s mode until SIGTERM or SIGINT, or until a thread the
+/// pipeline needs ends ([`shutdown::spawn_essential`]): that is an error.
+fn start(config: Config) -> Result<(), StartError> {
+    info!("bzpush {} {}", env!("CARGO_PKG_VERSION"), describe(&config));
+    let mode = config.mode();
     // Bound before any thread starts: a taken port is a start-up failure.
-    let listener = match &mode {
-        Mode::Poll(_) => None,
-        Mode::Serve(config) => Some(bind(config.server.listen)?),
-        Mode::Run(config) => Some(bind(config.server.listen)?),
-        Mode::Demo(config) => Some(demo::bind(config.server.listen, config.listen_given)?),
+    let listener = match &config {
+        Config::Poll(_) => None,
+        Config::Serve(c) => Some(bind(c.server.listen)?),
+        Config::Run(c) => Some(bind(c.server.listen)?),
+        Config::Demo(c) => {
+            Some(demo::bind(c.server.listen, c.listen_given).map_err(StartError::Setup)?)
+        }
     };
     let (trigger, shutdown) = shutdown::channel();
-    let signals = signals::spawn(trigger).map_err(|e| format!("cannot watch signals: {e}"))?;
-    let result = match (mode, listener) {
-        (Mode::Serve(config), Some(listener)) => {
-            server::serve(&config, listener, &shutdown).map_err(|e| format!("serve: {e}"))
+    let signals = signals::spawn(trigger)
+        .map_err(|e| StartError::Setup(format!("cannot watch signals: {e}")))?;
+    let result = match (config, listener) {
+        (Config::Serve(c), Some(listener)) => {
+            server::serve(&c, listener, &shutdown).map_err(|e| e.to_string())
         }
-        (Mode::Run(config), Some(listener)) => {
-            server::run(&config, listener, &shutdown).map_err(|e| format!("run: {e}"))
+        (Config::Run(c), Some(listener)) => {
+            server::run(&c, listener, &shutdown).map_err(|e| e.to_string())
         }
-        (Mode::Demo(config), Some(listener)) => demo::run(&config, listener, &shutdown),
-        (Mode::Poll(config), _) => {
-            server::poll(&config, &shutdown).map_err(|e| format!("poll: {e}"))
-        }
+        (Config::Demo(c), Some(listener)) => demo::run(&c, listener, &shutdown),
+        (Config::Poll(c), _) => server::poll(&c, &shutdown).map_err(|e| e.to_string()),
         _ => Err("no listener".to_string()),
     };
     signals.stop();
     match shutdown.failure() {
-        Some(reason) => Err(format!("stopped with status 1: {reason}")),
-        None => result,
+        Some(reason) => Err(StartError::Stopped(reason)),
+        None => result.map_err(|why| StartError::Failed(mode, why)),
     }
 }
 
-fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} (BZPUSH_LISTEN): {e}"))
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .map_err(|e| StartError::Setup(format!("cannot listen on {addr} (BZPUSH_LISTEN): {e}")))
 }
 
 /// One line for the log saying what runs against what.
-fn describe(mode: &Mode) -> String {
-    match mode {
-        Mode::Poll(c) => format!(
+fn describe(config: &Config) -> String {
+    match config {
+        Config::Poll(c) => format!(
             "poll: source {:?}, database {}, broker {}, exchange {:?}",
             c.poller.source, c.poller.database, c.amqp, c.exchange
         ),
-        Mode::Serve(c) => format!(
+        Config::Serve(c) => format!(
             "serve: broker {}, feeds {}",
             c.amqp,
             c.feeds
@@ -108,11 +134,11 @@ fn describe(mode: &Mode) -> String {
                 .collect::<Vec<_>>()
                 .join(",")
         ),
-        Mode::Run(c) => format!(
+        Config::Run(c) => format!(
             "run: source {:?}, database {}, listening on {}",
             c.poller.source, c.poller.database, c.server.listen
         ),
-        Mode::Demo(c) => match &c.database {
+        Config::Demo(c) => match &c.database {
             Some(server) => format!("demo: a scratch database on {server}"),
             None => "demo: in memory".to_string(),
         },

@@ -6,7 +6,7 @@
 //! fails when the file and [`render`] disagree (`BZPUSH_WRITE_MAN=1 cargo
 //! test --test integration package::the_man` rewrites it). Nothing here does I/O.
 
-use crate::config::{SETTINGS, Setting, settings_of};
+use crate::config::{SETTINGS, Setting};
 
 /// The page in roff (man macros).
 pub fn render() -> String {
@@ -19,7 +19,7 @@ pub fn render() -> String {
 bzpush \- Bugzilla push notifications over WebSocket and Pulse
 .SH SYNOPSIS
 .B bzpush
-.RB { run | poll | serve }
+.RB { run | poll | serve | demo }
 .RB [ \-\-env\-file
 .IR PATH ]...
 .RB [ \-\- \fISETTING\fR
@@ -52,6 +52,13 @@ poller is active at a time; others wait as hot standbys.
 .TP
 .B serve
 Serve WebSocket clients from Pulse; run as many as needed.
+.TP
+.B demo
+Like run, fed by a simulated Bugzilla, to try bzpush and its live page: in
+memory, or in a scratch database that it creates and drops on the MySQL
+or MariaDB server that
+.B \-\-database\-url
+names. It needs no Bugzilla and no broker.
 .TP
 .B check
 Check the settings of a command and every dependency they name, one line
@@ -106,10 +113,7 @@ curl \-s 127.0.0.1:8844/health
 
 /// One setting as a tagged paragraph: names, default, range, commands.
 fn entry(setting: &Setting) -> String {
-    let read_by: Vec<&str> = ["run", "poll", "serve"]
-        .into_iter()
-        .filter(|mode| settings_of(mode).iter().any(|s| s.name == setting.name))
-        .collect();
+    let read_by: Vec<&str> = setting.modes.iter().map(|mode| mode.name()).collect();
     let mut text = format!(
         ".TP\n.BR {} \", \" \\-\\-{}\n{}.\n.br\nDefault: {}.",
         escape(&setting.env_var()),

@@ -7,6 +7,10 @@
 
 use std::fmt;
 
+use time::macros::format_description;
+use time::parsing::Parsed;
+use time::{PrimitiveDateTime, UtcOffset};
+
 /// A Bugzilla bug id: a positive integer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BugId(u32);
@@ -64,22 +68,6 @@ pub struct Moment {
 }
 
 impl Moment {
-    /// A time of day on a date, both already checked to exist.
-    pub fn from_civil(
-        year: u32,
-        month: u32,
-        day: u32,
-        hour: u32,
-        minute: u32,
-        second: u32,
-    ) -> Moment {
-        let days = days_from_civil(i64::from(year), i64::from(month), i64::from(day));
-        Moment {
-            secs: days * 86_400 + i64::from(hour * 3600 + minute * 60 + second),
-            nanos: 0,
-        }
-    }
-
     /// `time` on this clock; the epoch for a clock set before 1970.
     pub fn from_system(time: std::time::SystemTime) -> Moment {
         let since_epoch = time
@@ -108,88 +96,38 @@ impl Moment {
     /// of a second (up to nine digits), optional `Z` or `±HH:MM`. `None`
     /// for anything else, including dates that do not exist.
     pub fn parse(s: &str) -> Option<Moment> {
-        let b = s.as_bytes();
-        if b.len() < 19
-            || b[4] != b'-'
-            || b[7] != b'-'
-            || !(b[10] == b'T' || b[10] == b' ')
-            || b[13] != b':'
-            || b[16] != b':'
+        let format = format_description!(
+            version = 2,
+            "[year]-[month]-[day][first [T][ ]][hour]:[minute]:[second]\
+             [optional [.[subsecond]]][optional [[first [Z][z][[offset_hour sign:mandatory]:[offset_minute]]]]]"
+        );
+        // The time crate also takes a sign before the year, more than nine
+        // digits of fraction (ignoring the rest) and offsets up to 25 hours.
+        let fraction = s.split_once('.').map_or("", |(_, f)| f);
+        if !s.starts_with(|c: char| c.is_ascii_digit())
+            || fraction.bytes().take_while(u8::is_ascii_digit).count() > 9
         {
             return None;
         }
-        let year = digits(&b[0..4])?;
-        let month = digits(&b[5..7])?;
-        let day = digits(&b[8..10])?;
-        let hour = digits(&b[11..13])?;
-        let minute = digits(&b[14..16])?;
-        let second = digits(&b[17..19])?;
-        let valid = (1..=12).contains(&month)
-            && (1..=days_in_month(year, month)).contains(&day)
-            && hour < 24
-            && minute < 60
-            && second < 60;
-        if !valid {
+        let mut parsed = Parsed::new();
+        if !parsed.parse_items(s.as_bytes(), format).ok()?.is_empty() {
             return None;
         }
-        let mut moment = Moment::from_civil(year, month, day, hour, minute, second);
-        let mut rest = &b[19..];
-        if let Some((b'.', fraction)) = rest.split_first() {
-            let len = fraction.iter().take_while(|c| c.is_ascii_digit()).count();
-            if len == 0 || len > 9 {
-                return None;
-            }
-            moment.nanos = digits(&fraction[..len])? * 10u32.pow(9 - len as u32);
-            rest = &fraction[len..];
+        let offset = match parsed.offset_hour() {
+            Some(_) => UtcOffset::try_from(parsed).ok()?,
+            None => UtcOffset::UTC,
+        };
+        if offset.whole_hours().abs() > 23 {
+            return None;
         }
-        match rest {
-            [] | [b'Z' | b'z'] => Some(moment),
-            [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
-                let hours = digits(&[*h1, *h2])?;
-                let minutes = digits(&[*m1, *m2])?;
-                if hours > 23 || minutes > 59 {
-                    return None;
-                }
-                let offset = i64::from(hours * 3600 + minutes * 60);
-                // Local time minus its offset is UTC.
-                Some(moment.plus_secs(if *sign == b'+' { -offset } else { offset }))
-            }
-            _ => None,
-        }
+        let at = PrimitiveDateTime::try_from(parsed)
+            .ok()?
+            .assume_offset(offset);
+        Some(Moment {
+            secs: at.unix_timestamp(),
+            nanos: at.nanosecond(),
+        })
     }
-}
-
-/// The value of a run of ASCII decimal digits; `None` if any byte is not one.
-fn digits(bytes: &[u8]) -> Option<u32> {
-    if bytes.len() > 9 {
-        return None;
-    }
-    bytes.iter().try_fold(0u32, |n, &b| {
-        b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
-    })
-}
-
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
-            29
-        }
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// When a bug changed, exactly as its source wrote it.
@@ -350,6 +288,11 @@ mod tests {
             "2026-11-30T10:00:00+1:00",
             "2026-11-30T10:00:00 ",
             "2026-11-30T10:00:00ZZ",
+            "+2026-11-30T10:00:00",
+            "2026-11-30T10:00:60",
+            "2026-11-30T10:00:00+24:00",
+            "2026-11-30T10:00:00+01:60",
+            "2023-02-29T00:00:00",
         ] {
             assert_eq!(Moment::parse(bad), None, "{bad}");
         }
@@ -362,6 +305,10 @@ mod tests {
         assert_eq!(
             Moment::parse("2026-11-30T10:00:00").map(Moment::secs),
             Some(1_796_032_800)
+        );
+        assert_eq!(
+            Moment::parse("2026-11-30T10:00:00.000000001+23:59").map(|m| (m.secs, m.nanos)),
+            Some((1_796_032_800 - 86_340, 1))
         );
     }
 }

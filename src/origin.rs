@@ -16,6 +16,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::warn;
+use url::Url;
 
 /// The origin sandboxed frames and `file:` pages send.
 pub const NULL: &str = "null";
@@ -31,58 +32,34 @@ const MAX_SHOWN: usize = 200;
 /// and host in lower case, the scheme's default port dropped, a trailing
 /// `/` dropped. `null` stays `null`. The error says what is wrong.
 pub fn normalize(value: &str) -> Result<String, String> {
+    const SHAPE: &str = "an origin is SCHEME://HOST[:PORT], e.g. https://bugzilla.example.org";
     if value == NULL {
         return Ok(NULL.to_string());
     }
-    let Some((scheme, rest)) = value.split_once("://") else {
-        return Err("an origin is SCHEME://HOST[:PORT], e.g. https://bugzilla.example.org".into());
-    };
-    let scheme = scheme.to_ascii_lowercase();
-    if !is_scheme(&scheme) {
-        return Err(format!("{scheme:?} is not a URL scheme"));
+    // The url crate would also take `https:host` and an IDN, which no
+    // browser sends.
+    if !value.contains("://") {
+        return Err(SHAPE.into());
     }
-    let hostport = rest.strip_suffix('/').unwrap_or(rest);
-    if hostport.contains(['/', '?', '#']) {
-        return Err("an origin has no path, query or fragment: SCHEME://HOST[:PORT] only".into());
-    }
-    if hostport.contains('@') {
-        return Err("an origin has no user or password: SCHEME://HOST[:PORT] only".into());
-    }
-    if !hostport.is_ascii() {
+    if !value.is_ascii() {
         return Err("write the host in its ASCII (xn--) form, as browsers send it".into());
     }
-    let (host, port) = match hostport.rfind(':') {
-        // The colons of an IPv6 address are inside its brackets.
-        Some(colon) if !hostport[colon..].contains(']') => {
-            (&hostport[..colon], Some(&hostport[colon + 1..]))
-        }
-        _ => (hostport, None),
-    };
-    if host.is_empty() {
+    let url = Url::parse(value).map_err(|e| format!("{e}: {SHAPE}"))?;
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err("an origin has no path, query or fragment: SCHEME://HOST[:PORT] only".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("an origin has no user or password: SCHEME://HOST[:PORT] only".into());
+    }
+    let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
         return Err("the origin names no host".into());
-    }
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._~[]:%".contains(&b))
-    {
-        return Err(format!("{host:?} is not a host name"));
-    }
-    let port = match port {
-        None | Some("") => None,
-        Some(port) => Some(
-            port.parse::<u16>()
-                .map_err(|_| format!("{port:?} is not a port"))?,
-        ),
     };
-    let default_port = match scheme.as_str() {
-        "http" | "ws" => Some(80),
-        "https" | "wss" => Some(443),
-        _ => None,
-    };
+    // The url crate leaves the host of a scheme it does not know (an
+    // extension's) as written, and drops the default port of those it does.
     let host = host.to_ascii_lowercase();
-    Ok(match port {
-        Some(port) if Some(port) != default_port => format!("{scheme}://{host}:{port}"),
-        _ => format!("{scheme}://{host}"),
+    Ok(match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
     })
 }
 
@@ -137,14 +114,6 @@ impl Refusals {
         );
         state.logged.insert(shown, now);
     }
-}
-
-/// Whether `s` is a URL scheme (RFC 3986): a letter, then letters,
-/// digits, `+`, `-` or `.`.
-pub(crate) fn is_scheme(s: &str) -> bool {
-    s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
 }
 
 #[cfg(test)]

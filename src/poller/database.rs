@@ -161,7 +161,7 @@ mod tests {
     use std::ffi::OsString;
 
     use super::*;
-    use crate::config::{Invocation, Mode};
+    use crate::config::{Config, Invocation};
 
     fn config(source: &str) -> PollerConfig {
         let env = [
@@ -170,7 +170,7 @@ mod tests {
         ]
         .map(|(k, v)| (OsString::from(k), OsString::from(v)));
         match crate::config::parse([OsString::from("run")], env) {
-            Ok(Invocation::Start(Mode::Run(c))) => c.poller,
+            Ok(Invocation::Start(Config::Run(c))) => c.poller,
             other => panic!("expected run, got {other:?}"),
         }
     }
