@@ -152,6 +152,7 @@ fn run_in_memory(
     let poll_interval = config.poll_interval;
     let result = server::run_fed(
         &server_config,
+        config.stale_after,
         "database",
         listener,
         shutdown,
@@ -320,6 +321,7 @@ fn run_on_database(
             replay_limit: Duration::ZERO,
         },
         server: server_config,
+        stale_after: config.stale_after,
         log: config.log,
     };
     // Stops the writer if the server ends on its own (a failure).

@@ -182,28 +182,19 @@ pub fn serve_plain(
     metrics: &Metrics,
     page: &Page,
 ) -> io::Result<()> {
-    let health;
+    let health_text;
     let rendered;
     let html;
     let (status, content_type, body) = match request.uri().path() {
         "/health" => {
-            let up = metrics.upstream_up();
-            let mut json = serde_json::json!({
-                "status": if up { "ok" } else { "unavailable" },
-                metrics.upstream: if up { "up" } else { "down" },
-                "connections": metrics.connections.load(Ordering::Relaxed),
-                "uptime_seconds": metrics.uptime_secs(),
-            });
-            if metrics.upstream == "database" {
-                add_poller(&mut json, &metrics.poller());
-            }
-            health = json.to_string();
-            let status = if up {
+            let (ok, json) = health(metrics);
+            health_text = json.to_string();
+            let status = if ok {
                 "200 OK"
             } else {
                 "503 Service Unavailable"
             };
-            (status, "application/json", health.as_str())
+            (status, "application/json", health_text.as_str())
         }
         "/metrics" => {
             rendered = metrics.render();
@@ -230,6 +221,37 @@ pub fn serve_plain(
         head_only: request.method() == Method::HEAD,
     }
     .write(socket)
+}
+
+/// `/health`'s answer: whether all is well, and the JSON saying so. Not
+/// well: an upstream link is down or refuses, or a change owed downstream
+/// has waited past `BZPUSH_STALE_AFTER` (`"status": "stale"`, and why),
+/// whatever part caused it.
+fn health(metrics: &Metrics) -> (bool, serde_json::Value) {
+    let up = metrics.upstream_up();
+    let lag = metrics.freshness.lag();
+    let stale = lag.as_ref().is_some_and(|lag| lag.stale);
+    let status = match (stale, up) {
+        (true, _) => "stale",
+        (false, true) => "ok",
+        (false, false) => "unavailable",
+    };
+    let mut json = serde_json::json!({
+        "status": status,
+        metrics.upstream: if up { "up" } else { "down" },
+        "connections": metrics.connections.load(Ordering::Relaxed),
+        "uptime_seconds": metrics.uptime_secs(),
+    });
+    if let Some(lag) = &lag {
+        json["freshness_lag_seconds"] = (lag.age.as_millis() as f64 / 1000.0).into();
+        if lag.stale {
+            json["stale"] = lag.sentence().into();
+        }
+    }
+    if metrics.upstream == "database" {
+        add_poller(&mut json, &metrics.poller());
+    }
+    (up && !stale, json)
 }
 
 /// The poller's part of `/health`: its role (`active`, `standby` with the

@@ -65,8 +65,6 @@ pub enum Event {
     },
     /// For the catch-up room.
     CatchUp(catchup::Event),
-    /// The watchdog asks whether the hub still handles messages.
-    Heartbeat,
     /// Shutdown: close every connection with 1001 (going away).
     CloseAll,
 }
@@ -87,6 +85,10 @@ impl Sink for HubSink {
     type Error = &'static str;
     /// The hub holds a batch as soon as it is sent.
     type Pending = ();
+
+    fn local(&self) -> bool {
+        true
+    }
 
     fn describe(&self) -> (&'static str, String) {
         ("hub", "in-process".to_string())
@@ -166,16 +168,16 @@ impl Hub {
 
     /// Handles messages until every sender is gone.
     pub fn run(mut self, messages: Receiver<Event>) {
+        let task = self.metrics.tasks.register("hub");
         for message in messages {
+            let _working = task.working();
             self.handle(message);
         }
         debug!("hub stopped");
     }
 
     fn handle(&mut self, message: Event) {
-        self.metrics.beat(&self.metrics.hub_beat);
         match message {
-            Event::Heartbeat => {}
             Event::Connect { conn, feed, outbox } => {
                 let (bugs, client) = (BTreeSet::new(), Client::new(outbox));
                 self.subscribers
@@ -246,9 +248,13 @@ impl Hub {
                 let gone: BTreeSet<BugId> = bugs.into_iter().filter(|b| c.bugs.remove(b)).collect();
                 gone.iter().for_each(|bug| c.client.unsubscribed(*bug));
                 let text = protocol::subscriptions_reply("unsubscribe", c.bugs.iter().copied());
-                c.client.reply(text_frame(text));
                 let feed = c.feed;
+                // Counted out before the answer leaves: a client that reads
+                // its answer and then /metrics sees the count it caused.
                 self.unsubscribe(slot, feed, &gone);
+                if let Some(c) = self.subscribers.at_mut(slot) {
+                    c.client.reply(text_frame(text));
+                }
             }
             Command::Subscribe { bugs, since } => {
                 let new: BTreeSet<BugId> = bugs
@@ -328,7 +334,7 @@ mod tests {
     /// A hub with one connection whose frames arrive on the returned
     /// socket, and the catch-up jobs it sends.
     fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<catchup::Job>) {
-        let metrics = Arc::new(Metrics::new("database", 1));
+        let metrics = Arc::new(Metrics::new("database", 1, Default::default()));
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(4);
         let mut hub = Hub::new(
             HubConfig {

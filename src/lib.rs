@@ -74,6 +74,7 @@ pub mod config;
 pub mod connection;
 pub mod database;
 pub mod demo;
+pub mod freshness;
 pub mod handshake;
 pub mod http;
 pub mod hub;

@@ -6,10 +6,14 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::freshness::Freshness;
 use crate::poller;
+
+/// The poller's slot in [`Metrics::freshness`] (poll, run, demo).
+pub const POLLER: usize = 0;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -21,20 +25,20 @@ pub struct Metrics {
     pub broker_reconnects: AtomicU64,
     pub poison_messages: AtomicU64,
     pub poll_batches: AtomicU64,
-    /// When, in milliseconds since start, the oldest change the poller
-    /// has not yet handed on was made; with none, when the poller last
-    /// found itself caught up. `/metrics` shows the age of that moment, so
-    /// the lag keeps growing while the poller cannot poll.
-    poll_lag_from: AtomicU64,
+    /// Changes the audit of source `push_notify` published because no row
+    /// carried them, by [`MissedBy`].
+    pub missed: [AtomicU64; MissedBy::ALL.len()],
+    /// How long the oldest change owed downstream has waited; for a
+    /// process with a poller, slot [`POLLER`] is the poller's.
+    pub freshness: Freshness,
     /// What the server's updates come from: `broker` (serve) or
     /// `database` (run).
     pub upstream: &'static str,
     /// Whether each upstream link (one per feed for serve) is up.
     pub upstream_links: Vec<AtomicBool>,
-    /// When the poller and the hub last showed they were alive, in
-    /// milliseconds since start: the systemd watchdog reads them.
-    pub poller_beat: AtomicU64,
-    pub hub_beat: AtomicU64,
+    /// The pipeline threads, and how long each has been at the work in
+    /// hand: the systemd watchdog reads them.
+    pub tasks: Tasks,
     pub started: Option<Instant>,
     /// The wall-clock time of `started`, for `process_start_time_seconds`.
     started_at: Option<SystemTime>,
@@ -43,14 +47,104 @@ pub struct Metrics {
     poller_state: Mutex<poller::State>,
 }
 
+/// Why a change of `bugs` had no `push_notify` row (the audit's guess).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissedBy {
+    /// The extension has written no row since the poller started.
+    NoRows,
+    /// The poller deleted the bug's row under the extension's update.
+    Race,
+    /// Written by plain SQL (Bugzilla's admin pages).
+    PlainSql,
+}
+
+impl MissedBy {
+    pub const ALL: [MissedBy; 3] = [MissedBy::NoRows, MissedBy::Race, MissedBy::PlainSql];
+
+    /// Its `cause` label in `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            MissedBy::NoRows => "no_rows",
+            MissedBy::Race => "race",
+            MissedBy::PlainSql => "plain_sql",
+        }
+    }
+}
+
+/// The pipeline threads the watchdog watches, each with the moment it
+/// began the work in hand (milliseconds since start, plus one), or 0 while
+/// it waits for work: a thread that waits has nothing to be late with,
+/// one stuck in its work does.
+#[derive(Default)]
+pub struct Tasks {
+    threads: Mutex<Vec<(String, Arc<AtomicU64>)>>,
+    started: Option<Instant>,
+}
+
+/// One pipeline thread's entry in [`Tasks`].
+#[derive(Clone)]
+pub struct Task {
+    since: Arc<AtomicU64>,
+    started: Instant,
+}
+
+/// A task at work; it waits again when this is dropped.
+pub struct Working<'a>(&'a Task);
+
+impl Tasks {
+    /// Watches a thread called `name` from now on, waiting for work.
+    pub fn register(&self, name: &str) -> Task {
+        let since = Arc::new(AtomicU64::new(0));
+        let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        threads.push((name.to_string(), Arc::clone(&since)));
+        Task {
+            since,
+            started: self.started.unwrap_or_else(Instant::now),
+        }
+    }
+
+    /// A thread that has been at one piece of work for `longer` than
+    /// this, if any: by name, with how long.
+    pub fn stuck(&self, longer: Duration) -> Option<(String, Duration)> {
+        let now = self.started.map_or(Duration::ZERO, |s| s.elapsed());
+        let threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+        threads.iter().find_map(|(name, since)| {
+            let since = since.load(Ordering::Relaxed);
+            let busy = now.saturating_sub(Duration::from_millis(since.checked_sub(1)?));
+            (busy > longer).then(|| (name.clone(), busy))
+        })
+    }
+}
+
+impl Task {
+    /// The thread begins a piece of work, until the guard is dropped.
+    pub fn working(&self) -> Working<'_> {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.since.store(ms + 1, Ordering::Relaxed);
+        Working(self)
+    }
+}
+
+impl Drop for Working<'_> {
+    fn drop(&mut self) {
+        self.0.since.store(0, Ordering::Relaxed);
+    }
+}
+
 impl Metrics {
     /// Metrics for a process whose updates come over `links` links of kind
-    /// `upstream`.
-    pub fn new(upstream: &'static str, links: usize) -> Metrics {
+    /// `upstream`, owing changes downstream as `freshness` measures.
+    pub fn new(upstream: &'static str, links: usize, freshness: Freshness) -> Metrics {
+        let started = Instant::now();
         Metrics {
             upstream,
             upstream_links: (0..links).map(|_| AtomicBool::new(false)).collect(),
-            started: Some(Instant::now()),
+            freshness,
+            tasks: Tasks {
+                threads: Mutex::default(),
+                started: Some(started),
+            },
+            started: Some(started),
             started_at: Some(SystemTime::now()),
             ..Metrics::default()
         }
@@ -61,17 +155,6 @@ impl Metrics {
         self.upstream_links
             .iter()
             .all(|l| l.load(Ordering::Relaxed))
-    }
-
-    /// Records that the thread behind `beat` is alive now.
-    pub fn beat(&self, beat: &AtomicU64) {
-        beat.store(self.uptime().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// How long since `beat` was last recorded.
-    pub fn since(&self, beat: &AtomicU64) -> Duration {
-        self.uptime()
-            .saturating_sub(Duration::from_millis(beat.load(Ordering::Relaxed)))
     }
 
     fn uptime(&self) -> Duration {
@@ -93,16 +176,12 @@ impl Metrics {
     /// The poller's lag counts from `at`: the moment of the oldest change
     /// it has not handed on, or of the poll that found it caught up.
     pub fn poll_lag_from(&self, at: Instant) {
-        let at = self
-            .started
-            .map_or(Duration::ZERO, |s| at.saturating_duration_since(s));
-        self.poll_lag_from
-            .store(at.as_millis() as u64, Ordering::Relaxed);
+        self.freshness.handed_on_until(POLLER, at);
     }
 
     /// The poller's lag now.
     pub fn poll_lag(&self) -> Duration {
-        self.since(&self.poll_lag_from)
+        self.freshness.age(POLLER)
     }
 
     /// The Prometheus text exposition of the metrics that apply: a server
@@ -117,7 +196,8 @@ impl Metrics {
             .started_at
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .unwrap_or_default();
-        let metrics: [(bool, &str, &str, &str, String); 14] = [
+        let lag = self.freshness.lag();
+        let metrics: [(bool, &str, &str, &str, String); 16] = [
             (
                 true,
                 "connections",
@@ -196,6 +276,20 @@ impl Metrics {
                 u64::from(self.upstream_up()).to_string(),
             ),
             (
+                lag.is_some(),
+                "freshness_lag_seconds",
+                "gauge",
+                "Age of the oldest change this process owes downstream and has not handed on, measured from the source of truth (bugs.delta_ts, the broker's queues); it grows while anything on the way is down, refused or stuck.",
+                format!("{:.3}", lag.as_ref().map_or(0.0, |l| l.age.as_secs_f64())),
+            ),
+            (
+                lag.is_some(),
+                "stale",
+                "gauge",
+                "1 while the freshness lag is past BZPUSH_STALE_AFTER (/health answers 503).",
+                u64::from(lag.as_ref().is_some_and(|l| l.stale)).to_string(),
+            ),
+            (
                 true,
                 "log_lines_dropped_total",
                 "counter",
@@ -218,6 +312,20 @@ impl Metrics {
             ),
         ];
         let mut out = String::new();
+        if poller {
+            out.push_str(
+                "# HELP bzpush_missed_changes_total Changes of bugs.delta_ts that no push_notify row carried, published from the audit, by likely cause.\n\
+                 # TYPE bzpush_missed_changes_total counter\n",
+            );
+            for cause in MissedBy::ALL {
+                let _ = writeln!(
+                    out,
+                    "bzpush_missed_changes_total{{cause=\"{}\"}} {}",
+                    cause.label(),
+                    get(&self.missed[cause as usize])
+                );
+            }
+        }
         for (applies, name, kind, help, value) in metrics {
             if !applies {
                 continue;

@@ -424,7 +424,7 @@ mod tests {
             sender,
             threads: Vec::new(),
         };
-        let metrics = Arc::new(Metrics::new("database", 1));
+        let metrics = Arc::new(Metrics::new("database", 1, Default::default()));
         let outbox = Outbox::new(Arc::new(server), limit, &writers, Arc::clone(&metrics));
         Rig {
             outbox,
@@ -692,7 +692,7 @@ mod tests {
         let (server, _) = listener.accept().expect("the accepted connection");
         let (mut trigger, shutdown) = shutdown::channel();
         let writers = Writers::start(&shutdown).expect("writer threads");
-        let metrics = Arc::new(Metrics::new("database", 1));
+        let metrics = Arc::new(Metrics::new("database", 1, Default::default()));
         let outbox = Outbox::new(Arc::new(server), 8, &writers, metrics);
         assert!(outbox.push(text("hello")));
         let mut got = vec![0u8; text("hello").len()];

@@ -21,11 +21,12 @@ use std::thread::{self, JoinHandle, Scope};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use log::{info, warn};
+use log::{error, info, warn};
 
 use crate::catchup::{self, CatchUp};
 use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig};
 use crate::connection::{self, Limits};
+use crate::freshness::Freshness;
 use crate::handshake::{HEAD_TIMEOUT, Handshake, Upgraded};
 use crate::http;
 use crate::hub::{ConnId, Event, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink};
@@ -74,13 +75,13 @@ struct Shared {
 /// `bzpush serve`: the server fed by one Pulse consumer per feed, until
 /// `shutdown`.
 pub fn serve(config: &ServeConfig, listener: TcpListener, shutdown: &Shutdown) -> io::Result<()> {
-    let metrics = Arc::new(Metrics::new("broker", config.feeds.len()));
+    let freshness = Freshness::new(&[], config.stale_after);
+    let metrics = Arc::new(Metrics::new("broker", config.feeds.len(), freshness));
     let server = Server {
         config: &config.server,
         feeds: &config.feeds,
         catchup: config.catchup_database.as_ref(),
         metrics,
-        has_poller: false,
     };
     server.run(listener, shutdown, |hub, metrics| {
         start_consumers(config, hub, metrics, shutdown)
@@ -91,7 +92,7 @@ pub fn serve(config: &ServeConfig, listener: TcpListener, shutdown: &Shutdown) -
 /// one feed at `/`, until `shutdown`. Catch-up beyond the cache reads the
 /// poller's database.
 pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io::Result<()> {
-    let metrics = Arc::new(Metrics::new("database", 1));
+    let metrics = poller_metrics("database", config.stale_after);
     let feeds = [Feed {
         path: "/".into(),
         exchange: "in-process".into(),
@@ -101,7 +102,6 @@ pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io
         feeds: &feeds,
         catchup: Some(&config.poller.database),
         metrics,
-        has_poller: true,
     };
     server.run(listener, shutdown, |hub, metrics| {
         let sink = HubSink {
@@ -126,7 +126,7 @@ pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io
 /// `shutdown`: the caller reports it).
 pub fn poll(config: &PollConfig, shutdown: &Shutdown) -> io::Result<()> {
     let sink = PulseSink::new(config.amqp.clone(), config.exchange.clone());
-    let metrics = Arc::new(Metrics::new("database", 1));
+    let metrics = poller_metrics("database", config.stale_after);
     let poller = {
         let (poller_config, metrics, stop) = (
             config.poller.clone(),
@@ -141,10 +141,8 @@ pub fn poll(config: &PollConfig, shutdown: &Shutdown) -> io::Result<()> {
         )
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start the poller thread: {e}")))?
     };
-    let watchdog = systemd::spawn_watchdog(shutdown, move |interval| {
-        metrics.since(&metrics.poller_beat) < interval
-    })
-    .map_err(|e| io::Error::new(e.kind(), format!("cannot start the watchdog thread: {e}")))?;
+    let watchdog = systemd::spawn_watchdog(shutdown, move |interval| alive(&metrics, interval))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start the watchdog thread: {e}")))?;
     systemd::notify("READY=1");
     // Returns on shutdown, which also ends the watchdog, or when the
     // poller died, which fails the shutdown.
@@ -163,6 +161,7 @@ pub fn poll(config: &PollConfig, shutdown: &Shutdown) -> io::Result<()> {
 /// in `upstream_links[0]`.
 pub fn run_fed(
     config: &ServerConfig,
+    stale_after: Duration,
     upstream: &'static str,
     listener: TcpListener,
     shutdown: &Shutdown,
@@ -176,8 +175,7 @@ pub fn run_fed(
         config,
         feeds: &feeds,
         catchup: None,
-        metrics: Arc::new(Metrics::new(upstream, 1)),
-        has_poller: true,
+        metrics: poller_metrics(upstream, stale_after),
     };
     server.run(listener, shutdown, |hub, metrics| {
         let sink = HubSink {
@@ -189,14 +187,34 @@ pub fn run_fed(
     })
 }
 
+/// Metrics for a process with a poller fed from `upstream`: the poller
+/// owes changes downstream.
+fn poller_metrics(upstream: &'static str, stale_after: Duration) -> Arc<Metrics> {
+    let freshness = Freshness::new(&["poller".to_string()], stale_after);
+    Arc::new(Metrics::new(upstream, 1, freshness))
+}
+
+/// The watchdog's check: no pipeline thread has been at one piece of work
+/// for a whole watchdog `interval` (a thread waiting for work is fine).
+fn alive(metrics: &Metrics, interval: Duration) -> bool {
+    match metrics.tasks.stuck(interval) {
+        None => true,
+        Some((thread, busy)) => {
+            error!(
+                "the {thread} thread has been stuck in one piece of work for {} s",
+                busy.as_secs()
+            );
+            false
+        }
+    }
+}
+
 /// What `serve` and `run` share: everything but where updates come from.
 struct Server<'a> {
     config: &'a ServerConfig,
     feeds: &'a [Feed],
     catchup: Option<&'a DatabaseUrl>,
     metrics: Arc<Metrics>,
-    /// The poller runs in this process (`run`): the watchdog watches it too.
-    has_poller: bool,
 }
 
 impl Server<'_> {
@@ -248,14 +266,8 @@ impl Server<'_> {
         info!("serving WebSocket and HTTP on {addr}");
         systemd::notify(&format!("STATUS=serving WebSocket and HTTP on {addr}"));
         let watchdog = systemd::spawn_watchdog(shutdown, {
-            let (hub, metrics) = (hub_tx.clone(), Arc::clone(&metrics));
-            let poller = self.has_poller;
-            move |interval| {
-                // Answered by the hub before the next check if it is alive.
-                let _ = hub.try_send(Event::Heartbeat);
-                metrics.since(&metrics.hub_beat) < interval
-                    && (!poller || metrics.since(&metrics.poller_beat) < interval)
-            }
+            let metrics = Arc::clone(&metrics);
+            move |interval| alive(&metrics, interval)
         })?;
         systemd::notify("READY=1");
 

@@ -186,6 +186,9 @@ pub struct PollConfig {
     pub poller: PollerConfig,
     pub amqp: AmqpUrl,
     pub exchange: String,
+    /// `/health` answers 503 once a change owed downstream has waited
+    /// this long (`BZPUSH_STALE_AFTER`).
+    pub stale_after: Duration,
     pub log: LevelFilter,
 }
 
@@ -207,6 +210,9 @@ pub struct ServeConfig {
     /// Read-only access to Bugzilla's database for catch-up, if set.
     pub catchup_database: Option<DatabaseUrl>,
     pub server: ServerConfig,
+    /// `/health` answers 503 once a change owed downstream has waited
+    /// this long (`BZPUSH_STALE_AFTER`).
+    pub stale_after: Duration,
     pub log: LevelFilter,
 }
 
@@ -215,6 +221,9 @@ pub struct ServeConfig {
 pub struct RunConfig {
     pub poller: PollerConfig,
     pub server: ServerConfig,
+    /// `/health` answers 503 once a change owed downstream has waited
+    /// this long (`BZPUSH_STALE_AFTER`).
+    pub stale_after: Duration,
     pub log: LevelFilter,
 }
 
@@ -230,6 +239,9 @@ pub struct DemoConfig {
     /// `--listen` was given: a busy port is then an error, not a reason to
     /// pick another.
     pub listen_given: bool,
+    /// `/health` answers 503 once a change owed downstream has waited
+    /// this long (`BZPUSH_STALE_AFTER`).
+    pub stale_after: Duration,
     pub log: LevelFilter,
 }
 

@@ -49,6 +49,7 @@ fn run(v: &dyn Read, host: &Host) -> Result<RunConfig, ConfigError> {
     Ok(RunConfig {
         poller: poller(v, host)?,
         server: server(v)?,
+        stale_after: duration(v.get(&key::STALE_AFTER))?,
         log: log_level(v.get(&key::LOG))?,
     })
 }
@@ -58,6 +59,7 @@ fn poll(v: &dyn Read, host: &Host) -> Result<PollConfig, ConfigError> {
         poller: poller(v, host)?,
         amqp: amqp_url(v.get(&key::AMQP_URL))?.with_heartbeat(heartbeat(v.get(&key::HEARTBEAT))?),
         exchange: text(v.get(&key::EXCHANGE), MAX_EXCHANGE_NAME)?,
+        stale_after: duration(v.get(&key::STALE_AFTER))?,
         log: log_level(v.get(&key::LOG))?,
     })
 }
@@ -76,6 +78,7 @@ fn serve(v: &dyn Read, host: &Host) -> Result<ServeConfig, ConfigError> {
         },
         server: server(v)?,
         amqp,
+        stale_after: duration(v.get(&key::STALE_AFTER))?,
         log: log_level(v.get(&key::LOG))?,
     })
 }
@@ -91,6 +94,7 @@ fn demo(v: &dyn Read) -> Result<DemoConfig, ConfigError> {
         poll_interval: duration(v.get(&key::POLL_INTERVAL))?,
         server: server(v)?,
         listen_given: v.given(&key::LISTEN),
+        stale_after: duration(v.get(&key::STALE_AFTER))?,
         log: log_level(v.get(&key::LOG))?,
     })
 }

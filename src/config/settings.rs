@@ -174,6 +174,8 @@ table! {
         "serve: Bugzilla's database, read-only, to answer `since` beyond the cache (run uses database-url)";
     BUGZILLA_URL "bugzilla-url" = "off", Range::Text, SERVERS,
         "serve, run, demo: Bugzilla's address, e.g. https://bugzilla.example.org; the live page links bug numbers to it";
+    STALE_AFTER "stale-after" = "30s", Range::Duration(secs(1), secs(24 * 3600)), &Mode::ALL,
+        "a change owed downstream and not handed on for this long makes /health answer 503";
     LOG "log" = "info", Range::Text, &Mode::ALL,
         "error, warn, info, debug or trace";
 }

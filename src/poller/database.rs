@@ -57,6 +57,11 @@ pub trait Session {
 
     /// Ends connection `id`, which took its lock with it.
     fn end_connection(&mut self, id: u64) -> Result<(), mysql::Error>;
+
+    /// The age of the oldest change in `bugs` stamped after `mark` (on the
+    /// database's clock), if there is one: what a standby `run` owes its
+    /// own clients and cannot deliver.
+    fn oldest_change_after(&mut self, mark: &ChangeTime) -> Result<Option<Duration>, mysql::Error>;
 }
 
 /// Bugzilla's database on MariaDB or MySQL, as `config` names it.
@@ -103,6 +108,17 @@ impl Session for Conn {
 
     fn end_connection(&mut self, id: u64) -> Result<(), mysql::Error> {
         self.query_drop(format!("KILL CONNECTION {id}"))
+    }
+
+    fn oldest_change_after(&mut self, mark: &ChangeTime) -> Result<Option<Duration>, mysql::Error> {
+        let age: Option<Option<i64>> = self.exec_first(
+            "SELECT TIMESTAMPDIFF(SECOND, MIN(delta_ts), NOW()) FROM bugs \
+             WHERE delta_ts > STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s')",
+            (mark.as_str(),),
+        )?;
+        Ok(age
+            .flatten()
+            .map(|secs| Duration::from_secs(secs.max(0).unsigned_abs())))
     }
 }
 

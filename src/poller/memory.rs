@@ -158,6 +158,14 @@ impl Session for Connection {
         }
     }
 
+    fn oldest_change_after(
+        &mut self,
+        _mark: &ChangeTime,
+    ) -> Result<Option<Duration>, mysql::Error> {
+        // One process, always active: it never owes as a standby.
+        Ok(None)
+    }
+
     fn end_connection(&mut self, id: u64) -> Result<(), mysql::Error> {
         let mut tables = self.table.lock();
         if tables.lock == Some(id) {

@@ -25,12 +25,12 @@
 //! per change, sent to systemd as `STATUS=`, and kept in [`Metrics`] for
 //! `/health` and `/metrics`.
 
+mod audit;
 mod bugs;
 mod database;
 pub mod memory;
 mod pipeline;
 mod push_notify;
-mod recheck;
 pub mod state;
 mod watermark;
 
@@ -44,8 +44,8 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::config::{PollerConfig, Source as SourceKind};
-use crate::metrics::Metrics;
-use crate::notification::{Moment, Notification};
+use crate::metrics::{Metrics, POLLER, Task};
+use crate::notification::{ChangeTime, Moment, Notification};
 use crate::retry::{Backoff, REFUSED_RETRY};
 use crate::shutdown::Shutdown;
 use database::{Database, MariaDb, Session};
@@ -95,6 +95,13 @@ pub trait Sink {
     /// This poller lost its connection, and the lock with it: another
     /// poller may hand changes elsewhere until this one takes it again.
     fn deactivated(&mut self) {}
+
+    /// Whether this sink's changes reach clients of this process alone
+    /// (the in-process hub): then a standby owes them every change the
+    /// active poller hands elsewhere, and is behind by the oldest one.
+    fn local(&self) -> bool {
+        false
+    }
 }
 
 /// Runs the poller until `shutdown`, handing changes to `sink`. Database
@@ -110,7 +117,7 @@ pub fn run(config: &PollerConfig, sink: impl Sink, metrics: &Metrics, shutdown: 
     match config.source {
         SourceKind::PushNotify => {
             let pipeline = Pipeline::new(
-                push_notify::PushNotify::new(config),
+                push_notify::PushNotify::new(config, metrics),
                 sink,
                 config.batch_size,
                 metrics,
@@ -177,6 +184,8 @@ struct Poller<'a, D: Database, S: Source, K: Sink> {
     session: Option<LockHolder>,
     /// When a dropped connection was last replaced without a word.
     last_quiet_reconnect: Option<Instant>,
+    /// The watchdog's view of this thread.
+    task: Task,
 }
 
 impl<'a, D, S, K> Poller<'a, D, S, K>
@@ -201,16 +210,14 @@ where
             shutdown,
             session: None,
             last_quiet_reconnect: None,
+            task: metrics.tasks.register("poller"),
         }
     }
 
     fn run(mut self) {
         let mut backoff = Backoff::default();
-        loop {
-            self.metrics.beat(&self.metrics.poller_beat);
-            let Err(ended) = self.connect_and_work(&mut backoff) else {
-                break;
-            };
+        // `Ok` only on shutdown.
+        while let Err(ended) = self.connect_and_work(&mut backoff) {
             // The lock went with the connection: whoever reconnects first
             // is the active poller.
             self.pipeline.sink.deactivated();
@@ -259,7 +266,10 @@ where
             worked,
             at_work,
         };
+        let task = self.task.clone();
+        let connecting = task.working();
         let mut db = self.db.connect().map_err(|e| ended(e, false, false))?;
+        drop(connecting);
         match self.take_lock(&mut db, &mut worked) {
             Ok(true) => {}
             Ok(false) => return Ok(()),
@@ -275,8 +285,10 @@ where
         let name = self.settings.lock_name;
         let mut waited = false;
         let mut holder: Option<LockHolder> = None;
+        let mut mark: Option<ChangeTime> = None;
+        let task = self.task.clone();
         loop {
-            self.metrics.beat(&self.metrics.poller_beat);
+            let _working = task.working();
             let attempt = db.try_lock(name, LOCK_WAIT_SECS)?;
             *worked = true;
             if attempt.taken {
@@ -294,9 +306,7 @@ where
                 self.pipeline.activated(&attempt.now, waited, locked);
                 return Ok(true);
             }
-            // A standby owes no changes: its lag stays zero, and the
-            // active poller's shows.
-            self.metrics.poll_lag_from(Instant::now());
+            self.standby_owes(db, &mut mark, &attempt.now)?;
             // `None`: freed since GET_LOCK gave up; the next one takes it.
             if let Some(id) = attempt.holder {
                 // Looked up once per holder, not once a second.
@@ -317,6 +327,29 @@ where
                 return Ok(false);
             }
         }
+    }
+
+    /// What a standby owes: nothing when its sink is shared (another
+    /// poller publishes to the same broker); with the in-process hub, its
+    /// clients are owed every change made since it began waiting (`mark`,
+    /// set at the first attempt to the database's `now`), and it is behind
+    /// by the oldest one.
+    fn standby_owes(
+        &mut self,
+        db: &mut D::Session,
+        mark: &mut Option<ChangeTime>,
+        now: &ChangeTime,
+    ) -> Result<(), mysql::Error> {
+        if !self.pipeline.sink.local() {
+            self.metrics.poll_lag_from(Instant::now());
+            return Ok(());
+        }
+        let mark = mark.get_or_insert_with(|| now.clone());
+        match db.oldest_change_after(mark)? {
+            Some(age) => self.metrics.freshness.behind_by(POLLER, age),
+            None => self.metrics.poll_lag_from(Instant::now()),
+        }
+        Ok(())
     }
 
     /// This poller's previous connection still holds the lock: the server
@@ -343,14 +376,15 @@ where
     /// the connection, and the lock with it.
     fn work(&mut self, db: &mut D::Session, db_backoff: &mut Backoff) -> Result<(), mysql::Error> {
         let mut next_poll = Instant::now();
+        let task = self.task.clone();
         loop {
-            self.metrics.beat(&self.metrics.poller_beat);
             if self
                 .shutdown
                 .sleep(next_poll.saturating_duration_since(Instant::now()))
             {
                 return self.pipeline.finish(db);
             }
+            let _working = task.working();
             let started = Instant::now();
             next_poll = match self.pipeline.step(db) {
                 // Poll at a fixed rate, not after a fixed pause, so the lag

@@ -438,7 +438,7 @@ mod tests {
             let bug = BugId::new(bug).unwrap_or_else(|| panic!("{bug} is a bug id"));
             table.change(bug, ChangeTime::new("2026-01-01T00:00:01"));
         }
-        let metrics = Metrics::new("test", 0);
+        let metrics = Metrics::new("test", 0, Default::default());
         let (_trigger, shutdown) = crate::shutdown::channel();
         let sink = Scripted {
             table: table.clone(),

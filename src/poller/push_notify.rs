@@ -9,25 +9,25 @@
 //! which take no locks; the DELETE locks only the rows it deletes (see
 //! [`delete_statement`]), so a row another session holds never stalls it.
 //!
-//! The extension itself loses a change when a row is deleted between its
-//! read of the row id and its update by that id; for one overlap after a
-//! delete the bug's `bugs.delta_ts` is checked ([`Recheck`]), which needs
-//! SELECT on `bugs (bug_id, delta_ts)`. This source needs SELECT and DELETE
-//! on `push_notify` and must never write anything else.
+//! Not every change gets a row (the extension disabled, admin SQL, the
+//! extension's own race): each poll first audits the table against
+//! `bugs.delta_ts` ([`Audit`]), which needs SELECT on `bugs (bug_id,
+//! delta_ts)`. This source needs SELECT and DELETE on `push_notify` and
+//! must never write anything else.
 
-use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::collections::HashSet;
 
 use log::{debug, warn};
 use mysql::prelude::Queryable;
 use mysql::{Conn, Value};
 
+use super::audit::Audit;
 use super::pipeline::{Batch, Source};
-use super::recheck::Recheck;
 use crate::config::PollerConfig;
 use crate::database::{bug_id, change_time};
 use crate::logging::Throttle;
-use crate::notification::{BugId, ChangeTime, Notification};
+use crate::metrics::Metrics;
+use crate::notification::{ChangeTime, Notification};
 
 /// Rows that hold no change: whoever writes them can fill the log.
 static INVALID_ROWS: Throttle = Throttle::new();
@@ -61,7 +61,7 @@ pub fn delete_statement(rows: usize) -> String {
     )
 }
 
-pub struct PushNotify {
+pub struct PushNotify<'a> {
     batch_size: usize,
     /// The last `id` of a full batch: in a backlog the next batch is read
     /// past it while that batch's confirms and DELETE are still pending.
@@ -70,13 +70,10 @@ pub struct PushNotify {
     /// The server takes `FOR UPDATE SKIP LOCKED` (MariaDB 10.6, MySQL 8.0
     /// on): a row another session holds is left, not waited for.
     skip_locked: bool,
-    /// Bugs whose row was deleted lately, checked against `bugs.delta_ts`.
-    recheck: Recheck,
-    /// The checks failed for want of a privilege (or of the table): off
-    /// until the next activation.
-    recheck_refused: bool,
-    /// That was said once; it is not said again.
-    recheck_warned: bool,
+    /// The table against `bugs.delta_ts`.
+    audit: Audit,
+    /// Where the audit counts what it finds.
+    metrics: &'a Metrics,
 }
 
 /// What a batch needs once it is confirmed.
@@ -95,109 +92,24 @@ struct Row {
     change: Option<Notification>,
 }
 
-/// MariaDB's answers for a table or column the user may not read, or that
-/// does not exist: retrying cannot cure them.
-const REFUSALS: [u16; 4] = [
-    1142, // ER_TABLEACCESS_DENIED_ERROR
-    1143, // ER_COLUMNACCESS_DENIED_ERROR
-    1146, // ER_NO_SUCH_TABLE
-    1054, // ER_BAD_FIELD_ERROR
-];
-
-/// Bugs per check statement, like [`DELETE_CHUNK`].
-const RECHECK_CHUNK: usize = 1000;
-/// Checks made in one poll at most. After a backlog every drained row's
-/// bug falls due within the same second: with a budget of one batch (500
-/// at `--batch-size 500`), a 20,000-row backlog kept a bug changed after it
-/// waiting 48 to over 90 s for its check, past its window.
-const RECHECKS_PER_POLL: usize = 10 * RECHECK_CHUNK;
-
-impl PushNotify {
-    pub fn new(config: &PollerConfig) -> PushNotify {
+impl<'a> PushNotify<'a> {
+    pub fn new(config: &PollerConfig, metrics: &'a Metrics) -> PushNotify<'a> {
         PushNotify {
             batch_size: config.batch_size,
             after: None,
             skip_locked: true,
-            recheck: Recheck::new(config.overlap),
-            recheck_refused: false,
-            recheck_warned: false,
+            audit: Audit::new(config.overlap),
+            metrics,
         }
-    }
-
-    /// The changes the extension lost that `bugs.delta_ts` still shows: for
-    /// each bug due for a check, a later time than the one published, when
-    /// no row is there to carry it. One statement per chunk reads both
-    /// tables in one snapshot, by primary key and unique index: a change
-    /// that did land in `push_notify` committed its row with its
-    /// `delta_ts`, and goes out from the row.
-    ///
-    /// None while a backlog drains (the last read was full): a check is
-    /// another lookup per row on the database that shares the machine with
-    /// the broker, and checks that wait lose nothing, as the rows behind
-    /// the backlog wait too. They run when it ends, at most
-    /// [`RECHECKS_PER_POLL`] a poll, the longest due first (measured on a
-    /// 100,000-row backlog: the drain went from 82 % to 92 % of the broker
-    /// floor, back to back).
-    fn rechecked(&mut self, db: &mut Conn) -> Result<Vec<Notification>, mysql::Error> {
-        if self.recheck_refused || self.after.is_some() {
-            return Ok(Vec::new());
-        }
-        let due = self.recheck.due(Instant::now(), RECHECKS_PER_POLL);
-        let mut found = Vec::new();
-        for chunk in due.chunks(RECHECK_CHUNK) {
-            let ids = vec!["?"; chunk.len()].join(", ");
-            let params: Vec<Value> = chunk.iter().map(|(bug, _)| bug.get().into()).collect();
-            let rows: Vec<(Value, Value)> = match db.exec(
-                format!(
-                    "SELECT b.bug_id, b.delta_ts FROM bugs b WHERE b.bug_id IN ({ids}) \
-                     AND NOT EXISTS (SELECT 1 FROM push_notify p WHERE p.bug_id = b.bug_id)"
-                ),
-                params,
-            ) {
-                Ok(rows) => rows,
-                Err(mysql::Error::MySqlError(e)) if REFUSALS.contains(&e.code) => {
-                    if !self.recheck_warned {
-                        warn!(
-                            "cannot read bugs.bug_id and bugs.delta_ts ({e}); going on without \
-                             the check that catches changes the PushNotify extension loses when \
-                             a row is deleted under it. Fix: GRANT SELECT (bug_id, delta_ts) ON \
-                             bugs TO the poller's user, and restart it"
-                        );
-                        self.recheck_warned = true;
-                    }
-                    self.recheck_refused = true;
-                    self.recheck.clear();
-                    return Ok(Vec::new());
-                }
-                Err(e) => return Err(e),
-            };
-            let published: HashMap<BugId, &ChangeTime> =
-                chunk.iter().map(|(bug, when)| (*bug, when)).collect();
-            for (bug, delta_ts) in rows {
-                let (Some(bug), Some(when)) = (bug_id(&bug), change_time(&delta_ts)) else {
-                    continue;
-                };
-                // Both in the database's fixed-width form: text order is
-                // time order.
-                if published.get(&bug).is_some_and(|last| when > **last) {
-                    self.recheck.found(bug);
-                    found.push(Notification { bug, when });
-                }
-            }
-        }
-        Ok(found)
     }
 }
 
-impl Source for PushNotify {
+impl Source for PushNotify<'_> {
     type Connection = Conn;
     type Receipt = Rows;
 
-    fn activated(&mut self, _now: &ChangeTime, _took_over: bool) {
-        // What a check found and sent before the connection went is looked
-        // for again; a privilege granted since is tried.
-        self.recheck.reset(Instant::now());
-        self.recheck_refused = false;
+    fn activated(&mut self, now: &ChangeTime, _took_over: bool) {
+        self.audit.activated(now);
         // The table is the whole state: whatever a previous poller (or this
         // one, before it lost its connection) left unconfirmed is still
         // there, from the start.
@@ -210,8 +122,16 @@ impl Source for PushNotify {
 
     fn read(&mut self, db: &mut Conn) -> Result<Batch<Rows>, mysql::Error> {
         // Before the rows: a row read below for a bug found here carries a
-        // change made after the one found.
-        let mut notifications = self.rechecked(db)?;
+        // change made after the one found. Not while a backlog drains
+        // (reading ahead): the audit is another read of the database that
+        // shares the machine with the broker, and what waits for it loses
+        // nothing, as the rows behind the backlog wait too (measured on a
+        // 100,000-row backlog with the per-bug checks the audit replaced:
+        // the drain went from 82 % to 92 % of the broker floor).
+        let mut notifications = match self.after {
+            Some(_) => Vec::new(),
+            None => self.audit.missed(db, self.metrics)?,
+        };
         const COLUMNS: &str = "SELECT id, bug_id, delta_ts, TIMESTAMPDIFF(SECOND, delta_ts, NOW()) \
              FROM push_notify";
         let rows: Vec<(Value, Value, Value, Option<i64>)> = match self.after {
@@ -222,6 +142,7 @@ impl Source for PushNotify {
             None => db.exec(format!("{COLUMNS} ORDER BY id LIMIT ?"), (self.batch_size,))?,
         };
         let full = rows.len() == self.batch_size;
+        self.audit.rows_read(rows.len());
         notifications.reserve(rows.len());
         let mut receipt = Vec::with_capacity(rows.len());
         let mut lag_secs = 0;
@@ -274,7 +195,6 @@ impl Source for PushNotify {
 
     fn reset(&mut self) {
         self.after = None;
-        self.recheck.reset(Instant::now());
     }
 
     fn confirmed(
@@ -295,17 +215,17 @@ impl Source for PushNotify {
             // again rather than skip it until the backlog ends.
             self.after = None;
         }
-        if !self.recheck_refused {
-            let now = Instant::now();
-            for Notification { bug, when } in published {
-                self.recheck.watch(bug, when, now);
-            }
-        }
+        let forgotten = rows
+            .iter()
+            .filter_map(|row| row.change.as_ref())
+            .filter(|n| !held.contains(n))
+            .map(|n| n.bug);
+        self.audit.handed_on(published.iter(), forgotten);
         Ok(held)
     }
 }
 
-impl PushNotify {
+impl PushNotify<'_> {
     /// Deletes the rows of `chunk` that are unchanged and that no other
     /// session holds locked: how many it deleted, and the rows it left
     /// because another session holds them. Such a row (an extension's

@@ -11,7 +11,7 @@ use std::fmt;
 use log::{info, warn};
 
 use crate::database;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, POLLER};
 use crate::retry::Link;
 use crate::systemd;
 
@@ -22,8 +22,9 @@ pub enum State {
     /// connection dropped.
     #[default]
     Connecting,
-    /// The database does not answer; retried with capped backoff.
-    Down,
+    /// The database does not answer (why, as a sentence); retried with
+    /// capped backoff.
+    Down(String),
     /// The database answers but refuses what the poller asks (a missing
     /// table or privilege): `reason` says what and the fix; retried every
     /// [`crate::retry::REFUSED_RETRY`]. A refusal met while polling
@@ -80,8 +81,24 @@ impl State {
             State::Active | State::LockWait(_) => Some(Role::Active),
             State::Standby(holder) => Some(Role::Standby(holder.clone())),
             State::Refused { role, .. } => role.clone(),
-            State::Connecting | State::Down => None,
+            State::Connecting | State::Down(_) => None,
         }
+    }
+
+    /// Why a poller in this state may hand nothing on, for `/health`
+    /// when changes wait too long; `None` while it polls.
+    pub fn why_behind(&self) -> Option<String> {
+        Some(match self {
+            State::Active => return None,
+            State::Connecting => "it is connecting to the database".to_string(),
+            State::Down(why) => format!("the database is down ({why})"),
+            State::Refused { reason, .. } => format!("the database refuses it: {reason}"),
+            State::Standby(holder) => format!(
+                "it is a standby: the active poller ({holder}) hands changes to its own clients, \
+                 not this process's"
+            ),
+            State::LockWait(what) => format!("lock wait: {what}"),
+        })
     }
 
     /// Why the database refuses the poller, if it does.
@@ -133,7 +150,7 @@ impl<'a> Reporter<'a> {
             systemd::notify("STATUS=database down; retrying with backoff");
         }
         self.database.down(&database::Sentence(error));
-        self.set(State::Down);
+        self.set(State::Down(database::sentence(error)));
     }
 
     /// The database refuses the poller for `reason` (which says the fix),
@@ -205,6 +222,7 @@ impl<'a> Reporter<'a> {
     fn set(&mut self, state: State) {
         let role = state.role();
         let was_refused = self.metrics.poller().refused().is_some();
+        self.metrics.freshness.explain(POLLER, state.why_behind());
         *self.metrics.poller() = state.clone();
         match role {
             Some(role) if self.logged_role.as_ref() != Some(&role) => {

@@ -146,7 +146,11 @@ fn a_row_the_poller_already_read_locked_by_an_open_transaction_stalls_nothing_el
 /// waiting for the server's day-long default, and delivers once it ends.
 #[test]
 fn a_table_locked_whole_is_a_lock_wait_not_an_outage_and_delivery_resumes() {
-    for (source, table) in [("push_notify", "push_notify"), ("bugs", "bugs")] {
+    for (source, table) in [
+        ("push_notify", "push_notify"),
+        ("push_notify", "bugs"),
+        ("bugs", "bugs"),
+    ] {
         let db = TestDb::new();
         let server = Bzpush::run_on(&db, &[("BZPUSH_SOURCE", source.to_string())]);
         let mut client = subscriber(&server, &[7]);

@@ -45,6 +45,22 @@ impl Bzpush {
 }
 
 impl TestDb {
+    /// The database's `NOW()` moved by `secs`, as a DATETIME literal for
+    /// SQL and as the `delta_ts` Pulse carries: a stamp Bugzilla could
+    /// write now, which the poller's audit of `bugs` reads.
+    pub fn stamp(&self, secs: i64) -> (String, String) {
+        let sql: String = self
+            .conn()
+            .exec_first(
+                "SELECT DATE_FORMAT(NOW() + INTERVAL ? SECOND, '%Y-%m-%d %H:%i:%s')",
+                (secs,),
+            )
+            .expect("ask NOW()")
+            .unwrap_or_default();
+        let wire = sql.replace(' ', "T");
+        (sql, wire)
+    }
+
     /// Sets `bugs.delta_ts` of `bug` (a DATETIME literal), inserting the
     /// bug if it is not there: what Bugzilla does on every change.
     pub fn set_bug(&self, bug: u32, delta_ts: &str) {
