@@ -139,41 +139,39 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
     let Some(mut db) = check_database(report, &config.database, &key::DATABASE_URL) else {
         return;
     };
-    check_lock(report, &mut db, &config.lock_name);
+    let lock_free = check_lock(report, &mut db, &config.lock_name);
+    let read_only = read_only(&mut db);
+    let chosen = if config.source_given {
+        ""
+    } else {
+        " (the default)"
+    };
     match config.source {
         Source::PushNotify => {
-            let read = db.query_drop("SELECT id, bug_id, delta_ts FROM push_notify LIMIT 0");
-            // Only a table that is not there calls for the extension; one
-            // that is there but refused calls for a GRANT.
-            let missing =
-                matches!(&read, Err(mysql::Error::MySqlError(e)) if e.code == NO_SUCH_TABLE);
-            let todo = if missing {
-                "install Bugzilla's PushNotify extension, or set BZPUSH_SOURCE=bugs"
-            } else {
-                "GRANT SELECT, DELETE ON push_notify"
-            };
-            report.line(
-                read.map(|()| "table push_notify: present, SELECT allowed".into())
-                    .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
-            );
-            // No privilege would help a missing table: the line above says
-            // what would.
-            if !missing {
-                // Matches no row (ids start at 1): proves the privilege only.
-                let delete = db.query_drop("DELETE FROM push_notify WHERE id = 0");
-                report.line(
-                    delete
-                        .map(|()| "table push_notify: DELETE allowed".into())
-                        .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
-                );
-            }
-            // `run` checks the same grant for catch-up below.
-            if !catchup {
-                check_bugs_table(report, &mut db, "PushNotify race check", false);
+            report.line(Ok(format!(
+                "source push_notify{chosen}: the PushNotify extension's table, audited \
+                 against bugs.delta_ts"
+            )));
+            check_push_notify(report, &mut db, read_only);
+            check_bugs_table(report, &mut db, "audit of push_notify", false);
+            if lock_free {
+                check_extension_writes(report, &mut db);
             }
         }
         Source::Bugs => {
+            report.line(Ok(format!("source bugs{chosen}: reads bugs.delta_ts")));
             check_bugs_table(report, &mut db, "source bugs", true);
+            if !config.source_given && has_push_notify(&mut db) {
+                report.warn(poller::PUSH_NOTIFY_LEFT_ALONE);
+            }
+            if read_only {
+                report.warn(&format!(
+                    "the database is read-only (@@read_only: a replica?): a change that \
+                     replicates later than BZPUSH_OVERLAP ({}s) after its stamp is missed; \
+                     point BZPUSH_DATABASE_URL at the primary",
+                    config.overlap.as_secs()
+                ));
+            }
             check_state_directory(report, config);
         }
     }
@@ -182,10 +180,93 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
     }
 }
 
+/// Reading and deleting in `push_notify`: a missing table says which
+/// source to use instead, a missing privilege which GRANT, a read-only
+/// database where to point instead.
+fn check_push_notify(report: &mut Report, db: &mut Conn, read_only: bool) {
+    let read = db.query_drop("SELECT id, bug_id, delta_ts FROM push_notify LIMIT 0");
+    if matches!(&read, Err(mysql::Error::MySqlError(e)) if e.code == NO_SUCH_TABLE) {
+        report.line(Err(
+            "table push_notify: doesn't exist — this Bugzilla has no PushNotify extension \
+             (upstream Bugzilla never had it): set BZPUSH_SOURCE=bugs, the default, which \
+             reads bugs.delta_ts and needs only SELECT on bugs (bug_id, delta_ts)"
+                .into(),
+        ));
+        return;
+    }
+    let todo = "GRANT SELECT, DELETE ON push_notify";
+    report.line(
+        read.map(|()| "table push_notify: present, SELECT allowed".into())
+            .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
+    );
+    if read_only {
+        report.line(Err(
+            "the database is read-only (@@read_only: a replica?), and source push_notify \
+             deletes the rows it published — point BZPUSH_DATABASE_URL at the primary"
+                .into(),
+        ));
+        return;
+    }
+    // Matches no row (ids start at 1): proves the privilege only.
+    let delete = db.query_drop("DELETE FROM push_notify WHERE id = 0");
+    report.line(
+        delete
+            .map(|()| "table push_notify: DELETE allowed".into())
+            .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
+    );
+}
+
+/// With no poller emptying it (the lock is free), an empty `push_notify`
+/// beside a bug changed lately means the extension writes nothing: BMO's
+/// ZPushNotify does not until its `enable_simple_push` parameter is on.
+/// The audit publishes such changes from `bugs.delta_ts`, but late by a
+/// poll and counted as missed; a warning, not a failure.
+fn check_extension_writes(report: &mut Report, db: &mut Conn) {
+    let rows: Option<u64> = db
+        .query_first("SELECT COUNT(*) FROM push_notify")
+        .ok()
+        .flatten();
+    // NULL for an empty table: converting that to a bare i64 would panic.
+    let changed: Option<i64> = db
+        .query_first::<Option<i64>, _>(
+            "SELECT TIMESTAMPDIFF(SECOND, MAX(delta_ts), NOW()) FROM bugs",
+        )
+        .ok()
+        .flatten()
+        .flatten();
+    if let (Some(0), Some(ago)) = (rows, changed)
+        && ago < 24 * 3600
+    {
+        report.warn(&format!(
+            "push_notify is empty and no poller runs, yet a bug changed {ago} s ago: the \
+             PushNotify extension writes nothing — is it enabled? (BMO's ZPushNotify writes \
+             nothing until its enable_simple_push parameter is on.) bzpush publishes such \
+             changes from bugs.delta_ts and counts them in bzpush_missed_changes_total; \
+             BZPUSH_SOURCE=bugs needs no extension"
+        ));
+    }
+}
+
+/// Whether the database has a `push_notify` table (that this user may
+/// see or not).
+fn has_push_notify(db: &mut Conn) -> bool {
+    let read = db.query_drop("SELECT 1 FROM push_notify LIMIT 0");
+    !matches!(&read, Err(mysql::Error::MySqlError(e)) if e.code == NO_SUCH_TABLE)
+}
+
+/// `@@read_only`, which any user may read: a replica usually has it on.
+fn read_only(db: &mut Conn) -> bool {
+    db.query_first::<Option<i64>, _>("SELECT @@read_only + 0")
+        .ok()
+        .flatten()
+        .flatten()
+        .is_some_and(|on| on != 0)
+}
+
 /// Who holds the poller lock. Held is no failure (it is how a standby
 /// starts), but it is said, naming the holder: a forgotten poller elsewhere
 /// would make this one a standby that delivers nothing.
-fn check_lock(report: &mut Report, db: &mut Conn, name: &str) {
+fn check_lock(report: &mut Report, db: &mut Conn, name: &str) -> bool {
     // NULL when free: a bare u64 would make the mysql crate panic.
     let holder: Result<Option<Option<u64>>, _> = db.exec_first("SELECT IS_USED_LOCK(?)", (name,));
     match holder.map(Option::flatten) {
@@ -196,14 +277,21 @@ fn check_lock(report: &mut Report, db: &mut Conn, name: &str) {
                  until it is released (if that is no poller of this database, set \
                  BZPUSH_LOCK_NAME)"
             ));
+            false
         }
-        Ok(None) => report.line(Ok(format!(
-            "lock {name:?}: free; this poller will be the active one"
-        ))),
-        Err(e) => report.line(Err(format!(
-            "lock {name:?}: {}",
-            advice(&e, "is the server MariaDB or MySQL?")
-        ))),
+        Ok(None) => {
+            report.line(Ok(format!(
+                "lock {name:?}: free; this poller will be the active one"
+            )));
+            true
+        }
+        Err(e) => {
+            report.line(Err(format!(
+                "lock {name:?}: {}",
+                advice(&e, "is the server MariaDB or MySQL?")
+            )));
+            false
+        }
     }
 }
 
@@ -220,19 +308,58 @@ fn check_state_directory(report: &mut Report, config: &PollerConfig) {
         return;
     };
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => {
-            report.line(Ok(format!("state directory {}: present", dir.display())));
-        }
+        Ok(meta) if meta.is_dir() => report.line(writable(dir).map_or_else(
+            || {
+                Ok(format!(
+                    "state directory {}: present, writable",
+                    dir.display()
+                ))
+            },
+            |e| {
+                Err(format!(
+                    "state directory {}: this user cannot write in it ({e}), so the watermark \
+                     is never saved and changes made while the poller was down are not \
+                     replayed — give the folder to the unit's user (systemd: \
+                     StateDirectory=bzpush does), or set BZPUSH_STATE_DIRECTORY=off",
+                    dir.display()
+                ))
+            },
+        )),
         Ok(_) => report.line(Err(format!(
             "state directory {}: not a folder — set BZPUSH_STATE_DIRECTORY to a folder",
             dir.display()
         ))),
         Err(e) => {
-            report.warn(&format!(
-                "state directory {}: {e} (the poller creates it at its first save)",
-                dir.display()
-            ));
+            // The poller creates it at its first save, in the nearest
+            // folder that is there.
+            let parent = dir.ancestors().skip(1).find(|a| a.is_dir());
+            match parent.and_then(|p| writable(p).map(|e| (p, e))) {
+                Some((parent, denied)) => report.line(Err(format!(
+                    "state directory {}: {e}, and this user cannot create it in {} \
+                     ({denied}) — create it for the unit's user (systemd: \
+                     StateDirectory=bzpush does), or set BZPUSH_STATE_DIRECTORY=off",
+                    dir.display(),
+                    parent.display()
+                ))),
+                None => report.warn(&format!(
+                    "state directory {}: {e} (the poller creates it at its first save)",
+                    dir.display()
+                )),
+            }
         }
+    }
+}
+
+/// Why this user cannot create a file in `dir`, if it cannot: a probe file
+/// is written and removed, as the poller writes its watermark.
+fn writable(dir: &std::path::Path) -> Option<io::Error> {
+    let probe = dir.join(format!(".bzpush-check-{}", std::process::id()));
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(e) => Some(e),
     }
 }
 
@@ -242,18 +369,22 @@ fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required:
     let read = db.query_drop("SELECT bug_id, delta_ts FROM bugs LIMIT 0");
     let result = read
         .map(|()| format!("table bugs ({purpose}): SELECT allowed"))
-        .map_err(|e| {
-            format!(
+        .map_err(|e| match &e {
+            mysql::Error::MySqlError(m) if m.code == NO_SUCH_TABLE => format!(
+                "table bugs ({purpose}): doesn't exist — is the database in the URL \
+                 Bugzilla's?"
+            ),
+            _ => format!(
                 "table bugs ({purpose}): {}",
                 advice(&e, "GRANT SELECT (bug_id, delta_ts) ON bugs")
-            )
+            ),
         });
     match result {
         Err(e) if !required => {
             let until = if purpose == "catch-up" {
                 "`since` may be answered partial"
             } else {
-                "a change the extension loses to a delete is not caught"
+                "a change no push_notify row carries is not caught"
             };
             report.warn(&format!("{e} (until then {until})"));
         }

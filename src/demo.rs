@@ -309,6 +309,7 @@ fn run_on_database(
         poller: PollerConfig {
             database: scratch.url.clone(),
             source: Source::PushNotify,
+            source_given: true,
             poll_interval: config.poll_interval,
             batch_size: BATCH_SIZE,
             overlap: OVERLAP,

@@ -251,6 +251,10 @@ fn health(metrics: &Metrics) -> (bool, serde_json::Value) {
     if metrics.upstream == "database" {
         add_poller(&mut json, &metrics.poller());
     }
+    let warnings = metrics.warnings();
+    if !warnings.is_empty() {
+        json["warnings"] = warnings.into();
+    }
     (up && !stale, json)
 }
 

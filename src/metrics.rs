@@ -4,6 +4,7 @@
 //! Only relaxed atomics: a scrape may see counters a moment apart, never a
 //! torn value. Nothing here may block or allocate on the hot path.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -45,6 +46,10 @@ pub struct Metrics {
     /// What the database poller is doing (poll, run); see
     /// [`Metrics::poller`].
     poller_state: Mutex<poller::State>,
+    /// Things an operator should act on that stop nothing (a missed
+    /// change's likely cause, a watermark that cannot be saved), by kind,
+    /// for `/health`.
+    warnings: Mutex<BTreeMap<&'static str, String>>,
 }
 
 /// Why a change of `bugs` had no `push_notify` row (the audit's guess).
@@ -159,6 +164,21 @@ impl Metrics {
 
     fn uptime(&self) -> Duration {
         self.started.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// Sets (or with `None` clears) the warning of `kind`.
+    pub fn warning(&self, kind: &'static str, text: Option<String>) {
+        let mut warnings = self.warnings.lock().unwrap_or_else(PoisonError::into_inner);
+        match text {
+            Some(text) => warnings.insert(kind, text),
+            None => warnings.remove(kind),
+        };
+    }
+
+    /// The warnings in force, by kind.
+    pub fn warnings(&self) -> Vec<String> {
+        let warnings = self.warnings.lock().unwrap_or_else(PoisonError::into_inner);
+        warnings.values().cloned().collect()
     }
 
     /// What the poller is doing, to read or to change. A panic while it

@@ -169,6 +169,11 @@ pub enum Source {
 pub struct PollerConfig {
     pub database: DatabaseUrl,
     pub source: Source,
+    /// `BZPUSH_SOURCE` was set. Left at its default (`bugs`, since this
+    /// version; `push_notify` before), a PushNotify table in the database
+    /// is said at start and by `check`: an upgraded install is not switched
+    /// without a word.
+    pub source_given: bool,
     pub poll_interval: Duration,
     pub batch_size: usize,
     pub overlap: Duration,
@@ -357,7 +362,7 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let config = poll(&[], &[]).expect("defaults are valid");
-        assert_eq!(config.poller.source, Source::PushNotify);
+        assert_eq!(config.poller.source, Source::Bugs);
         assert_eq!(config.poller.poll_interval, Duration::from_secs(1));
         assert_eq!(config.exchange, "exchange/bugzilla/simple");
         assert_eq!(

@@ -105,6 +105,7 @@ fn poller(v: &dyn Read, host: &Host) -> Result<PollerConfig, ConfigError> {
     Ok(PollerConfig {
         lock_name: lock_name(v.get(&key::LOCK_NAME), db)?,
         source: source(v.get(&key::SOURCE))?,
+        source_given: v.given(&key::SOURCE),
         poll_interval: duration(v.get(&key::POLL_INTERVAL))?,
         batch_size: number(v.get(&key::BATCH_SIZE))?,
         overlap: duration(v.get(&key::OVERLAP))?,

@@ -124,8 +124,8 @@ table! {
     DATABASE_URL "database-url" = "mysql://bugs@localhost:3306/bugs",
         Range::Text, &[Run, Poll, Demo],
         "Bugzilla's database (poll, run)";
-    SOURCE "source" = "push_notify", Range::Text, POLLERS,
-        "push_notify (table of the PushNotify extension) or bugs (stock Bugzilla)";
+    SOURCE "source" = "bugs", Range::Text, POLLERS,
+        "bugs (stock Bugzilla: reads bugs.delta_ts, read-only) or push_notify (the table of Mozilla's PushNotify extension, where installed)";
     POLL_INTERVAL "poll-interval" = "1s",
         Range::Duration(Duration::from_millis(10), secs(3600)), &[Run, Poll, Demo],
         "time between polls, e.g. 250ms or 2s";

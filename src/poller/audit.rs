@@ -128,6 +128,10 @@ impl Audit {
         if self.refused {
             return Ok(Vec::new());
         }
+        if self.rows_seen > 0 && self.said[MissedBy::NoRows as usize] {
+            // The extension writes now: that warning is over.
+            metrics.warning(MissedBy::NoRows.label(), None);
+        }
         let Some(now) =
             db.query_first::<String, _>("SELECT DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s')")?
         else {
@@ -215,6 +219,15 @@ impl Audit {
             cause.label()
         );
         if !std::mem::replace(&mut self.said[cause as usize], true) {
+            metrics.warning(
+                cause.label(),
+                Some(format!(
+                    "changes with no push_notify row are published from bugs.delta_ts \
+                     (bzpush_missed_changes_total{{cause=\"{}\"}}): {}",
+                    cause.label(),
+                    cause.reason()
+                )),
+            );
             warn!(
                 "bug {} changed at {} and no push_notify row carries it: publishing it from \
                  bugs.delta_ts. {} Changes like it are published the same way and counted \

@@ -22,9 +22,10 @@ use super::pipeline::{Batch, Source};
 use super::watermark::{WatermarkFile, is_datetime};
 use crate::config::PollerConfig;
 use crate::database::{bug_id, change_time};
+use crate::metrics::Metrics;
 use crate::notification::{ChangeTime, Notification};
 
-pub struct Bugs {
+pub struct Bugs<'a> {
     batch_size: usize,
     overlap_secs: u64,
     /// Database time of the last poll that published everything it read.
@@ -37,6 +38,11 @@ pub struct Bugs {
     /// A saved watermark to resume from, checked against the replay limit
     /// on the next read (which has the database at hand).
     resume: Option<ChangeTime>,
+    /// The source is the default, not chosen, and nobody looked yet for a
+    /// PushNotify table an upgraded install may still rely on.
+    look_for_push_notify: bool,
+    /// Where `/health`'s warnings go.
+    metrics: &'a Metrics,
 }
 
 /// What a batch needs to be remembered once confirmed.
@@ -48,8 +54,8 @@ pub struct Window {
     complete_at: Option<ChangeTime>,
 }
 
-impl Bugs {
-    pub fn new(config: &PollerConfig) -> Bugs {
+impl<'a> Bugs<'a> {
+    pub fn new(config: &PollerConfig, metrics: &'a Metrics) -> Bugs<'a> {
         Bugs {
             batch_size: config.batch_size,
             overlap_secs: config.overlap.as_secs().max(1),
@@ -61,6 +67,8 @@ impl Bugs {
                 .map(|dir| WatermarkFile::new(dir, &config.lock_name)),
             replay_limit_secs: config.replay_limit.as_secs().max(1),
             resume: None,
+            look_for_push_notify: !config.source_given,
+            metrics,
         }
     }
 
@@ -115,7 +123,26 @@ impl Bugs {
     }
 }
 
-impl Source for Bugs {
+/// Whether the database has the PushNotify extension's table while the
+/// source is `bugs` by default: before this version the default was
+/// `push_notify`, and an install upgraded without `BZPUSH_SOURCE` now reads
+/// `bugs` and no longer empties that table. Nothing is lost either way (the
+/// `bugs` table has every change); it is said, and the operator chooses.
+fn push_notify_left_alone(db: &mut Conn) -> bool {
+    let table: Result<Option<u8>, _> = db.query_first("SELECT 1 FROM push_notify LIMIT 1");
+    // Missing (ER_NO_SUCH_TABLE): a stock Bugzilla, as expected.
+    !matches!(&table, Err(mysql::Error::MySqlError(e)) if e.code == 1146)
+}
+
+/// What `check` and the poller say about a PushNotify table that source
+/// `bugs`, the default, leaves alone.
+pub const PUSH_NOTIFY_LEFT_ALONE: &str = "this database has the PushNotify extension's table \
+    push_notify, and BZPUSH_SOURCE is not set, so bzpush reads the bugs table (the default \
+    since this version; it was push_notify before) and leaves push_notify alone. Set \
+    BZPUSH_SOURCE=push_notify to read it as before, or BZPUSH_SOURCE=bugs to keep this and \
+    say so (the extension can then be removed)";
+
+impl Source for Bugs<'_> {
     type Connection = Conn;
     type Receipt = Window;
 
@@ -144,6 +171,11 @@ impl Source for Bugs {
     }
 
     fn read(&mut self, db: &mut Conn) -> Result<Batch<Window>, mysql::Error> {
+        if std::mem::take(&mut self.look_for_push_notify) && push_notify_left_alone(db) {
+            warn!("{PUSH_NOTIFY_LEFT_ALONE}");
+            self.metrics
+                .warning("source", Some(PUSH_NOTIFY_LEFT_ALONE.to_string()));
+        }
         if let Some(saved) = self.resume.clone() {
             self.resume_from(db, saved)?;
             self.resume = None;
@@ -201,6 +233,7 @@ impl Source for Bugs {
             self.published.retain(|n| window.seen.contains(n));
             if let Some(state) = &mut self.state {
                 state.save(&now);
+                self.metrics.warning("watermark", state.failing());
             }
             self.watermark = Some(now);
         }

@@ -151,6 +151,11 @@ pub fn refusal(error: &mysql::Error, config: &PollerConfig) -> Option<String> {
             .to_string(),
         // ER_BAD_FIELD_ERROR
         (1054, _) => "the table lacks a column bzpush reads: is it Bugzilla's?".to_string(),
+        // ER_OPTION_PREVENTS_STATEMENT (--read-only), ER_READ_ONLY_MODE
+        (1290 | 1836, Source::PushNotify) => "the database is read-only (a replica?), and \
+             source push_notify deletes the rows it published: point BZPUSH_DATABASE_URL at \
+             the primary"
+            .to_string(),
         _ => return None,
     };
     Some(format!("{} — {todo}", database::Sentence(error)))

@@ -34,6 +34,7 @@ mod push_notify;
 pub mod state;
 mod watermark;
 
+pub use bugs::PUSH_NOTIFY_LEFT_ALONE;
 pub use database::lock_holder;
 pub use push_notify::delete_statement;
 pub use state::{LockHolder, Role, State};
@@ -125,7 +126,12 @@ pub fn run(config: &PollerConfig, sink: impl Sink, metrics: &Metrics, shutdown: 
             Poller::new(settings, database, pipeline, metrics, shutdown).run()
         }
         SourceKind::Bugs => {
-            let pipeline = Pipeline::new(bugs::Bugs::new(config), sink, config.batch_size, metrics);
+            let pipeline = Pipeline::new(
+                bugs::Bugs::new(config, metrics),
+                sink,
+                config.batch_size,
+                metrics,
+            );
             Poller::new(settings, database, pipeline, metrics, shutdown).run()
         }
     }

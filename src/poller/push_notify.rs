@@ -225,6 +225,16 @@ impl Source for PushNotify<'_> {
     }
 }
 
+/// `error`, after rolling back the transaction on `db` if the server
+/// answered it (the connection is alive); a dead connection is dropped by
+/// the caller, which ends its transaction.
+fn rolled_back(db: &mut Conn, error: mysql::Error) -> mysql::Error {
+    if matches!(error, mysql::Error::MySqlError(_)) {
+        let _ = db.query_drop("ROLLBACK");
+    }
+    error
+}
+
 impl PushNotify<'_> {
     /// Deletes the rows of `chunk` that are unchanged and that no other
     /// session holds locked: how many it deleted, and the rows it left
@@ -253,35 +263,41 @@ impl PushNotify<'_> {
             )?;
             return Ok((db.affected_rows(), Vec::new()));
         }
-        let mut tx = db.start_transaction(mysql::TxOpts::default())?;
+        // A transaction by hand: on a link that went silent, the mysql
+        // crate's transaction would wait out a second I/O timeout rolling
+        // back as it is dropped. The server rolls back a connection that
+        // ends; one that answered with an error is rolled back here.
+        db.query_drop("START TRANSACTION")?;
         let placeholders = vec!["?"; chunk.len()].join(", ");
-        let free: Result<Vec<i64>, _> = tx.exec(
+        let locking = db.exec(
             format!(
                 "SELECT id FROM push_notify WHERE id IN ({placeholders}) FOR UPDATE SKIP LOCKED"
             ),
             ids,
         );
-        let free: HashSet<i64> = match free {
+        let free: HashSet<i64> = match locking {
             Ok(free) => free.into_iter().collect(),
             // ER_PARSE_ERROR, ER_NOT_SUPPORTED_YET: a server older than
             // SKIP LOCKED; its row locks are waited for, at most the bound
             // `database::connect` sets.
             Err(mysql::Error::MySqlError(e)) if e.code == 1064 || e.code == 1235 => {
-                drop(tx);
+                db.query_drop("ROLLBACK")?;
                 debug!("the database has no SKIP LOCKED ({e}); deleting without it");
                 self.skip_locked = false;
                 return self.forget(db, chunk);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(rolled_back(db, e)),
         };
         let (mine, locked): (Vec<&Row>, Vec<&Row>) =
             chunk.iter().partition(|row| free.contains(&row.id));
         let mut deleted = 0;
         if !mine.is_empty() {
-            tx.exec_drop(delete_statement(mine.len()), pairs(&mine))?;
-            deleted = tx.affected_rows();
+            if let Err(e) = db.exec_drop(delete_statement(mine.len()), pairs(&mine)) {
+                return Err(rolled_back(db, e));
+            }
+            deleted = db.affected_rows();
         }
-        tx.commit()?;
+        db.query_drop("COMMIT")?;
         Ok((deleted, locked))
     }
 }

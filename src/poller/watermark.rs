@@ -52,6 +52,18 @@ impl WatermarkFile {
         &self.path
     }
 
+    /// Why the last save failed, if it did: said in `/health` until a save
+    /// works again.
+    pub fn failing(&self) -> Option<String> {
+        self.failing.then(|| {
+            format!(
+                "cannot save the watermark to {}: a restarted poller would not replay what \
+                 changed while it was down (see the log)",
+                self.path.display()
+            )
+        })
+    }
+
     /// The saved watermark; `None` (after one warning, unless there simply
     /// is no file yet) when there is none to trust.
     pub fn load(&self) -> Option<ChangeTime> {

@@ -505,6 +505,11 @@ fn run_answers_a_reconnect_storm_complete() {
 
 // ---- check ----
 
+/// The source these checks are about, which is not the default.
+fn push_notify() -> (&'static str, String) {
+    ("BZPUSH_SOURCE", "push_notify".to_string())
+}
+
 /// `bzpush check <mode>` with exactly `env`.
 /// Listens on port 0 unless `env` says otherwise: `check` binds the listen
 /// address, and the default port may be taken by whatever else runs here.
@@ -569,11 +574,12 @@ fn fail_line<'a>(fails: &[&'a str], needles: &[&str]) -> &'a str {
 fn check_passes_on_a_good_setup() {
     let db = TestDb::new();
     let exchange = ExchangeName::new();
-    let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url())]);
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url()), push_notify()]);
     assert_passes(
         &finished,
         &[
             "database",
+            "source push_notify",
             "push_notify: present",
             "DELETE allowed",
             "bugs",
@@ -587,6 +593,7 @@ fn check_passes_on_a_good_setup() {
             ("BZPUSH_DATABASE_URL", db.url()),
             ("BZPUSH_AMQP_URL", amqp_url_at(AMQP_ADDR)),
             ("BZPUSH_EXCHANGE", exchange.0.clone()),
+            push_notify(),
         ],
     );
     assert_passes(
@@ -632,7 +639,7 @@ fn check_fails_without_push_notify_and_points_to_source_bugs() {
     db.conn()
         .query_drop("DROP TABLE push_notify")
         .expect("drop push_notify");
-    let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url())]);
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url()), push_notify()]);
     let fails = assert_fails(&finished);
     fail_line(
         &fails,
@@ -661,7 +668,10 @@ fn check_fails_without_the_delete_privilege_and_hides_the_password() {
         format!("SELECT ON `{}`.push_notify", db.name),
         format!("SELECT (bug_id, delta_ts) ON `{}`.bugs", db.name),
     ]);
-    let finished = check("run", &[("BZPUSH_DATABASE_URL", user.url(&db))]);
+    let finished = check(
+        "run",
+        &[("BZPUSH_DATABASE_URL", user.url(&db)), push_notify()],
+    );
     let fails = assert_fails(&finished);
     assert_eq!(fails.len(), 1, "only DELETE should fail: {fails:#?}");
     fail_line(&fails, &["push_notify", "DELETE", "GRANT SELECT, DELETE"]);
@@ -685,7 +695,10 @@ fn check_run_only_warns_without_select_on_bugs() {
     // refuse to start (check is an ExecStartPre=).
     let db = TestDb::new();
     let user = TestUser::new(&[format!("SELECT, DELETE ON `{}`.push_notify", db.name)]);
-    let finished = check("run", &[("BZPUSH_DATABASE_URL", user.url(&db))]);
+    let finished = check(
+        "run",
+        &[("BZPUSH_DATABASE_URL", user.url(&db)), push_notify()],
+    );
     assert_eq!(
         finished.status.code(),
         Some(0),
@@ -707,7 +720,10 @@ fn check_run_only_warns_without_select_on_bugs() {
 fn check_fails_without_the_select_privilege_and_says_to_grant_it() {
     let db = TestDb::new();
     let user = TestUser::new(&[format!("SELECT (bug_id, delta_ts) ON `{}`.bugs", db.name)]);
-    let finished = check("run", &[("BZPUSH_DATABASE_URL", user.url(&db))]);
+    let finished = check(
+        "run",
+        &[("BZPUSH_DATABASE_URL", user.url(&db)), push_notify()],
+    );
     let fails = assert_fails(&finished);
     let line = fail_line(
         &fails,

@@ -154,6 +154,9 @@ impl Bzpush {
     ) -> Bzpush {
         let mut env = vec![
             ("BZPUSH_DATABASE_URL", db.url_at(db_addr)),
+            // What the tests write: the extension's table (`extra` may
+            // choose `bugs`, which is the default).
+            ("BZPUSH_SOURCE", "push_notify".to_string()),
             ("BZPUSH_AMQP_URL", amqp_url_at(amqp_addr)),
             ("BZPUSH_EXCHANGE", exchange.to_string()),
             ("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name)),

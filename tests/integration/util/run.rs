@@ -29,6 +29,9 @@ impl Bzpush {
     pub fn run_url(url: String, extra: &[(&str, String)]) -> Bzpush {
         let mut env = vec![
             ("BZPUSH_DATABASE_URL", url),
+            // What the tests write: the extension's table (`extra` may
+            // choose `bugs`, which is the default).
+            ("BZPUSH_SOURCE", "push_notify".to_string()),
             ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
             ("BZPUSH_POLL_INTERVAL", "100ms".to_string()),
             ("BZPUSH_LOG", "debug".to_string()),
