@@ -14,6 +14,7 @@ mod install;
 mod lock_waits;
 mod messages;
 mod metrics;
+mod outcome;
 mod package;
 mod poll;
 mod poller_role;

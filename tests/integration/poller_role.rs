@@ -343,6 +343,9 @@ fn a_wrong_password_is_refused_with_the_fix_not_an_outage() {
             .is_some_and(|r| r.contains("Access denied") && r.contains("BZPUSH_DATABASE_URL")),
         "{json}"
     );
+    // The log's own thread writes the line: it may come a moment after
+    // /health shows the state.
+    assert!(server.wait_for_log("refused", WAIT), "{}", server.log());
     let log = server.log();
     assert_eq!(log_lines(&log, &["refused"]), 1, "{log}");
     assert_eq!(log_lines(&log, &["retrying with backoff"]), 0, "{log}");

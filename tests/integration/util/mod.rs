@@ -36,6 +36,7 @@ pub use rabbitmq::*;
 
 use std::io::Read;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -254,4 +255,27 @@ fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> 
             String::from_utf8_lossy(&bytes).into_owned()
         })
         .expect("spawn a pipe reader")
+}
+
+impl Bzpush {
+    /// As [`Bzpush::start`], but nobody reads its stderr (as when journald
+    /// is stuck) until [`Bzpush::read_stderr`].
+    pub fn start_unread(args: &[&str], env: &[(&str, String)]) -> Bzpush {
+        let notices = process::Notices::bind();
+        let child = Bzpush::command(args, env)
+            .env("NOTIFY_SOCKET", &notices.name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the bzpush binary");
+        let mut bzpush = Bzpush {
+            held_stderr: None,
+            child,
+            log: Arc::new(Mutex::new(String::new())),
+            notices,
+        };
+        bzpush.held_stderr = bzpush.child.stderr.take();
+        bzpush
+    }
 }

@@ -22,7 +22,10 @@ pub const STARTUP: Duration = Duration::from_secs(20);
 pub struct Bzpush {
     pub(super) child: Child,
     pub(super) log: Arc<Mutex<String>>,
-    notices: Notices,
+    pub(super) notices: Notices,
+    /// Its stderr, held and not read (a journald that is stuck), until
+    /// [`Bzpush::read_stderr`].
+    pub(super) held_stderr: Option<std::process::ChildStderr>,
 }
 
 /// The line `bzpush serve` and `run` send systemd once they listen, the
@@ -33,15 +36,15 @@ const LISTENING: &str = "STATUS=serving WebSocket and HTTP on ";
 /// `NOTIFY_SOCKET`: what the child tells systemd (`READY=1`, `STATUS=...`),
 /// one entry per line, in order. The harness learns a child's address here,
 /// as a sysadmin reads it in `systemctl status`, instead of from its log.
-struct Notices {
+pub(super) struct Notices {
     /// The `NOTIFY_SOCKET` value: an abstract socket, nothing to clean up.
-    name: String,
+    pub(super) name: String,
     lines: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Notices {
-    fn bind() -> Notices {
+    pub(super) fn bind() -> Notices {
         use std::os::linux::net::SocketAddrExt;
         use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
         let name = unique("bzpush-test-notify");
@@ -107,9 +110,22 @@ impl Bzpush {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the bzpush binary");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&log);
+        let mut bzpush = Bzpush {
+            held_stderr: child.stderr.take(),
+            child,
+            log: Arc::new(Mutex::new(String::new())),
+            notices,
+        };
+        bzpush.read_stderr();
+        bzpush
+    }
+
+    /// Reads its stderr into [`Bzpush::log`] from now on.
+    pub fn read_stderr(&mut self) {
+        let Some(stderr) = self.held_stderr.take() else {
+            return;
+        };
+        let sink = Arc::clone(&self.log);
         thread::Builder::new()
             .name("test-stderr".into())
             .spawn(move || {
@@ -122,11 +138,6 @@ impl Bzpush {
                 }
             })
             .expect("spawn the stderr reader");
-        Bzpush {
-            child,
-            log,
-            notices,
-        }
     }
 
     /// `bzpush <args>` with exactly the `BZPUSH_*` variables given.
