@@ -68,6 +68,7 @@ pub fn run(config: &Config, given: &Given, out: &mut dyn Write) -> bool {
                 && let Some(mut db) = check_database(&mut report, url, &key::CATCHUP_DATABASE_URL)
             {
                 check_bugs_table(&mut report, &mut db, "catch-up", true);
+                check_replica(&mut report, &mut db);
             }
         }
     }
@@ -252,6 +253,42 @@ fn check_extension_writes(report: &mut Report, db: &mut Conn) {
 fn has_push_notify(db: &mut Conn) -> bool {
     let read = db.query_drop("SELECT 1 FROM push_notify LIMIT 0");
     !matches!(&read, Err(mysql::Error::MySqlError(e)) if e.code == NO_SUCH_TABLE)
+}
+
+/// Whether the catch-up database is a replica, and how far behind. Bugzilla's
+/// `shadowdb` is one, and a natural choice for a read-only account; it lags,
+/// and an answer from it lacks what it has not applied yet. `serve` then
+/// answers `partial` when the live stream brought a change it lacks; this
+/// says how often that may be.
+fn check_replica(report: &mut Report, db: &mut Conn) {
+    let status: Result<Option<mysql::Row>, _> = db.query_first("SHOW SLAVE STATUS");
+    let read_only = read_only(db);
+    let lag = match status {
+        Ok(Some(row)) => {
+            let field = |name: &str| -> String {
+                match row.get_opt::<Option<u64>, _>(name) {
+                    Some(Ok(Some(secs))) => format!("{secs} s"),
+                    _ => "unknown".to_string(),
+                }
+            };
+            format!(
+                "a replica, {} behind its primary (SQL_Delay {})",
+                field("Seconds_Behind_Master"),
+                field("SQL_Delay")
+            )
+        }
+        Ok(None) if !read_only => return,
+        Ok(None) => "read-only (@@read_only), perhaps a replica".to_string(),
+        Err(_) if !read_only => return,
+        Err(_) => "read-only (@@read_only), perhaps a replica; how far behind it is needs the \
+                   REPLICA MONITOR privilege (SHOW SLAVE STATUS)"
+            .to_string(),
+    };
+    report.warn(&format!(
+        "catch-up database: {lag}. An answer from it lacks what it has not applied yet: \
+         when the live stream brought a change it lacks, `since` is answered partial. Point \
+         BZPUSH_CATCHUP_DATABASE_URL at the primary for complete answers"
+    ));
 }
 
 /// `@@read_only`, which any user may read: a replica usually has it on.

@@ -331,6 +331,15 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
+    /// A catch-up database's answer of `updates`, from a database that
+    /// holds every change the tests send (none is later than 2026).
+    fn primary(updates: Vec<Notification>) -> catchup::Answer {
+        catchup::Answer {
+            updates,
+            newest: Moment::parse("2026-12-31T00:00:00"),
+        }
+    }
+
     /// A hub with one connection whose frames arrive on the returned
     /// socket, and the catch-up jobs it sends.
     fn hub_with_client(writers: &Writers) -> (Hub, TcpStream, Receiver<catchup::Job>) {
@@ -432,10 +441,10 @@ mod tests {
         });
         hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
-            updates: Some(vec![
+            updates: Some(primary(vec![
                 n(6, "2026-01-01T00:00:03"),
                 n(5, "2026-01-01T00:00:07"),
-            ]),
+            ])),
         }));
         let frames = read_texts(&mut client, 6);
         assert_eq!(
@@ -469,7 +478,7 @@ mod tests {
         // :05 and :07 are still in the broker's queue.
         hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
-            updates: Some(vec![n(5, "2026-01-01T00:00:07")]),
+            updates: Some(primary(vec![n(5, "2026-01-01T00:00:07")])),
         }));
         for when in [
             "2026-01-01T00:00:05",
@@ -516,11 +525,11 @@ mod tests {
         });
         hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
-            updates: Some(vec![n(5, "2026-01-01T00:00:07")]),
+            updates: Some(primary(vec![n(5, "2026-01-01T00:00:07")])),
         }));
         hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
-            updates: Some(vec![n(6, "2026-01-01T00:00:03")]),
+            updates: Some(primary(vec![n(6, "2026-01-01T00:00:03")])),
         }));
         let frames = read_texts(&mut client, 6);
         assert_eq!(

@@ -234,11 +234,12 @@ impl Server<'_> {
             Some(url) => {
                 let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(catchup::database::JOB_QUEUE);
                 let (url, hub) = (url.clone(), hub_tx.clone());
+                let task = metrics.tasks.register("catchup");
                 let thread = shutdown::spawn_essential(
                     "catchup".into(),
                     thread::Builder::new(),
                     shutdown,
-                    move || catchup::database::run(&url, jobs_rx, hub),
+                    move || catchup::database::run(&url, jobs_rx, hub, &task),
                 )?;
                 (Some(jobs_tx), Some(thread))
             }

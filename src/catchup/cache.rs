@@ -120,6 +120,9 @@ pub struct Cache {
     seen_ahead: Option<i64>,
     /// The latest time the cache evicted.
     evicted: Option<Moment>,
+    /// The latest time it ever received: what a catch-up database must
+    /// hold to answer completely ([`Cache::seen_by`]).
+    newest: Option<Moment>,
 }
 
 impl Cache {
@@ -132,6 +135,7 @@ impl Cache {
             clock,
             seen_ahead: None,
             evicted: None,
+            newest: None,
         }
     }
 
@@ -163,6 +167,7 @@ impl Cache {
         if let Some(at) = notification.when.at() {
             let ahead = at.secs() - now.secs();
             self.seen_ahead = Some(self.seen_ahead.map_or(ahead, |seen| seen.max(ahead)));
+            self.newest = Some(self.newest.map_or(at, |newest| newest.max(at)));
         }
         self.entries.push_back(notification.clone());
         if self.entries.len() > self.capacity
@@ -176,6 +181,20 @@ impl Cache {
             }
         }
         true
+    }
+
+    /// Whether a database whose newest change is stamped `newest` holds
+    /// every change this feed has received. A replica that lags does not:
+    /// an answer from it would miss what the server already saw (or a
+    /// predecessor consumed), and only the live stream is complete beyond
+    /// its newest change. A database that holds nothing yet holds only
+    /// what came before anything received.
+    pub fn seen_by(&self, newest: Option<Moment>) -> bool {
+        match (self.newest, newest) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(seen), Some(newest)) => newest >= seen,
+        }
     }
 
     /// Whether every update at or after `since` is here (see the module's
@@ -240,6 +259,19 @@ mod tests {
 
     fn bugs(ids: &[u32]) -> HashSet<BugId> {
         ids.iter().filter_map(|&b| BugId::new(b)).collect()
+    }
+
+    #[test]
+    fn a_database_holds_what_was_seen_only_if_its_newest_change_is_no_older() {
+        let mut cache = Cache::new(10, DatabaseClock::AssumedUtc);
+        assert!(cache.seen_by(None), "nothing seen yet");
+        cache.add(&n(1, "2026-11-30T10:00:20"), late());
+        cache.add(&n(2, "2026-11-30T10:00:10"), late());
+        // A replica 60 s behind holds changes up to 09:59:20.
+        assert!(!cache.seen_by(Some(at("2026-11-30T09:59:20"))));
+        assert!(!cache.seen_by(None));
+        assert!(cache.seen_by(Some(at("2026-11-30T10:00:20"))));
+        assert!(cache.seen_by(Some(at("2026-11-30T10:05:00"))));
     }
 
     #[test]

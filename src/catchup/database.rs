@@ -15,10 +15,11 @@ use crossbeam_channel::Receiver;
 use log::debug;
 use mysql::prelude::Queryable;
 
-use super::Event;
+use super::{Answer, Event};
 use crate::config::DatabaseUrl;
 use crate::database::{self, bug_id, change_time};
 use crate::hub::{self, ConnId, HubSender};
+use crate::metrics::Task;
 use crate::notification::{BugId, ChangeTime, Moment, Notification};
 use crate::protocol::Since;
 use crate::retry::Link;
@@ -46,7 +47,8 @@ pub struct Job {
 /// when the worker is free is answered by one merged query: the union of
 /// their bugs since the earliest `since`, then each job gets its own bugs
 /// and times from the rows.
-pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
+/// `task` tells the watchdog when a query is under way.
+pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender, task: &Task) {
     let mut link = Link::new("catch-up database", database.to_string());
     // Connected at once, so that the clock is known before the first
     // catch-up; if the database is down, the first job connects and says so.
@@ -54,6 +56,7 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
         .inspect_err(|e| debug!("catch-up database: {e}; connecting again at the first catch-up"))
         .ok();
     while let Ok(first) = jobs.recv() {
+        let _working = task.working();
         let mut ids = first.bugs.len();
         let mut batch = vec![first];
         while ids < IDS_PER_BATCH
@@ -70,11 +73,17 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender) {
                 db = None;
             })
             .ok();
-        let (asking, found) = (batch.len(), rows.as_ref().map(HashMap::len));
+        let (asking, found) = (batch.len(), rows.as_ref().map(|(rows, _)| rows.len()));
         debug!("catch-up for {asking} connections: {found:?} rows");
         for job in batch {
-            let (conn, updates) = (job.conn, rows.as_ref().map(|rows| answer(rows, &job)));
-            let answered = Event::Answered { conn, updates };
+            let updates = rows.as_ref().map(|(rows, newest)| Answer {
+                updates: answer(rows, &job),
+                newest: *newest,
+            });
+            let answered = Event::Answered {
+                conn: job.conn,
+                updates,
+            };
             if hub.send(hub::Event::CatchUp(answered)).is_err() {
                 return;
             }
@@ -101,7 +110,8 @@ fn answer(rows: &HashMap<BugId, ChangeTime>, job: &Job) -> Vec<Notification> {
 }
 
 /// Each asked bug's `delta_ts`, for the bugs of `batch` changed at or after
-/// the earliest `since` among them. A connection that was idle may have
+/// the earliest `since` among them, and the newest change the database
+/// held before it read them (a replica's lag shows there). A connection that was idle may have
 /// been closed by the server meanwhile (`wait_timeout`, a proxy, a
 /// restart): such a failure is retried once on a new connection before
 /// anyone is told.
@@ -110,7 +120,7 @@ fn latest_changes(
     db: &mut Option<mysql::Conn>,
     batch: &[Job],
     hub: &HubSender,
-) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
+) -> Result<Rows, mysql::Error> {
     if let Some(open) = db.as_mut() {
         match query(open, batch) {
             Ok(rows) => return Ok(rows),
@@ -148,10 +158,17 @@ fn clock_ahead(db: &mut mysql::Conn) -> Result<i64, mysql::Error> {
     Ok(now.secs() + 1 - before.secs())
 }
 
-fn query(db: &mut mysql::Conn, batch: &[Job]) -> Result<HashMap<BugId, ChangeTime>, mysql::Error> {
+/// Each bug's latest change, and the newest change in `bugs`.
+type Rows = (HashMap<BugId, ChangeTime>, Option<Moment>);
+
+fn query(db: &mut mysql::Conn, batch: &[Job]) -> Result<Rows, mysql::Error> {
     let ids: BTreeSet<BugId> = batch.iter().flat_map(|j| j.bugs.iter().copied()).collect();
+    // First: the rows read after it hold at least this much.
+    let newest: Option<Option<String>> =
+        db.query_first("SELECT DATE_FORMAT(MAX(delta_ts), '%Y-%m-%dT%H:%i:%s') FROM bugs")?;
+    let newest = newest.flatten().as_deref().and_then(Moment::parse);
     let Some(since) = batch.iter().map(|j| &j.since).min_by_key(|s| s.at()) else {
-        return Ok(HashMap::new());
+        return Ok((HashMap::new(), newest));
     };
     let ids: Vec<BugId> = ids.into_iter().collect();
     let mut rows = HashMap::new();
@@ -172,5 +189,5 @@ fn query(db: &mut mysql::Conn, batch: &[Job]) -> Result<HashMap<BugId, ChangeTim
                 .filter_map(|(bug, when)| Some((bug_id(bug)?, change_time(when)?))),
         );
     }
-    Ok(rows)
+    Ok((rows, newest))
 }

@@ -47,8 +47,18 @@ pub enum Event {
     /// The database's answer to `conn`'s oldest catch-up; `None`: failed.
     Answered {
         conn: ConnId,
-        updates: Option<Vec<Notification>>,
+        updates: Option<Answer>,
     },
+}
+
+/// What the catch-up database answered to one job.
+pub struct Answer {
+    /// Its bugs changed at or after its `since`, oldest first.
+    pub updates: Vec<Notification>,
+    /// The newest change the database held when it answered (read before
+    /// the rows, so they hold at least that much): a replica that lags
+    /// holds less than the live stream brought.
+    pub newest: Option<Moment>,
 }
 
 /// The room: every feed's cache, and the catch-ups on their way.
@@ -159,10 +169,31 @@ impl CatchUp {
                     // its answer and what it held go straight to the
                     // client, not behind the catch-ups still on their way.
                     let later = std::mem::take(&mut client.held);
+                    let cache = &self.caches[feed];
                     match updates {
-                        // Read from the source of truth: complete.
-                        Some(updates) => client.release(held, false, updates.iter()),
-                        None => answer_from_cache(client, &self.caches[feed], held),
+                        // Read from the source of truth, holding everything
+                        // the feed received: complete.
+                        Some(answer) if cache.seen_by(answer.newest) => {
+                            client.release(held, false, answer.updates.iter());
+                        }
+                        // A replica behind the live stream: what it has and
+                        // what the cache has, and `partial`, as neither can
+                        // vouch for the time between.
+                        Some(answer) => {
+                            debug!(
+                                "the catch-up database's newest change is older than one \
+                                 already received: it lags (a replica?); answering partial"
+                            );
+                            let mut merged = answer.updates;
+                            for n in cache.since(&held.asked, &held.since) {
+                                if !merged.contains(n) {
+                                    merged.push(n.clone());
+                                }
+                            }
+                            merged.sort_by(|a, b| a.when.cmp(&b.when));
+                            client.release(held, true, merged.iter());
+                        }
+                        None => answer_from_cache(client, cache, held),
                     }
                     client.held = later;
                 }

@@ -18,6 +18,7 @@ mod outcome;
 mod package;
 mod poll;
 mod poller_role;
+mod replica;
 mod run;
 mod serve;
 mod serve_limits;

@@ -12,7 +12,7 @@ use crate::util;
 
 use std::time::Duration;
 
-use crate::util::run::{ExchangeName, TestUser, ZonedServer, closed_port};
+use crate::util::run::{ExchangeName, PrivateServer, TestUser, closed_port};
 use crate::util::serve::{Client, http_get, metric, partial, t, update, version};
 use crate::util::{AMQP_ADDR, Bzpush, Finished, MYSQL_ADDR, Proxy, TestBroker, TestDb};
 use crate::util::{amqp_url_at, datetime, wait_until};
@@ -316,7 +316,7 @@ fn serve_catches_up_from_its_database_and_says_partial_when_it_cannot() {
 /// Records a change of `bug` at `when` (a DATETIME literal) on `server`,
 /// in `bugs` and `push_notify`, as Bugzilla does; returns `when` as the
 /// update carries it.
-fn change_on(server: &ZonedServer, bug: u32, when: &str) -> String {
+fn change_on(server: &PrivateServer, bug: u32, when: &str) -> String {
     let mut conn = server.conn();
     conn.exec_drop(
         "INSERT INTO bugs (bug_id, delta_ts) VALUES (?, ?)
@@ -334,7 +334,7 @@ fn change_on(server: &ZonedServer, bug: u32, when: &str) -> String {
 /// must not be vouched for by the cache: the database answers it.
 #[test]
 fn run_restarted_on_a_database_clock_ahead_of_the_host_answers_since_from_the_database() {
-    let zoned = ZonedServer::start("+01:00");
+    let zoned = PrivateServer::start("+01:00");
     let lock = ("BZPUSH_LOCK_NAME", util::unique("bzpush.zoned"));
     let mut server = Bzpush::run_url(zoned.url(), std::slice::from_ref(&lock));
     server.wait_healthy();

@@ -1007,7 +1007,7 @@ fn sigterm_closes_clients_with_1001_and_exits_0() {
 #[test]
 fn serve_restarted_on_a_database_clock_ahead_of_the_host_answers_since_from_the_database() {
     use mysql::prelude::Queryable;
-    let zoned = crate::util::run::ZonedServer::start("+01:00");
+    let zoned = crate::util::run::PrivateServer::start("+01:00");
     let broker = TestBroker::new();
     let queue = (
         "BZPUSH_QUEUE",

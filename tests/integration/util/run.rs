@@ -168,18 +168,24 @@ impl Drop for ExchangeName {
     }
 }
 
-/// A MariaDB server of the test's own whose clock is on time zone `zone`
-/// (`+01:00`: a Bugzilla database on local time east of UTC), with
-/// Bugzilla's tables in database `bugs`; stopped and removed at the end of
-/// the test. The shared server's zone is everyone's: it is never changed.
-pub struct ZonedServer {
+/// A MariaDB server of the test's own, with Bugzilla's tables in database
+/// `bugs`; stopped and removed at the end of the test. For what must not
+/// touch the shared server: its time zone (`+01:00`: a Bugzilla database
+/// on local time east of UTC), `read_only`, replication.
+pub struct PrivateServer {
     child: std::process::Child,
     dir: std::path::PathBuf,
     pub addr: String,
 }
 
-impl ZonedServer {
-    pub fn start(zone: &str) -> ZonedServer {
+impl PrivateServer {
+    /// A server whose clock is on time zone `zone`.
+    pub fn start(zone: &str) -> PrivateServer {
+        PrivateServer::start_with(&[format!("--default-time-zone={zone}")])
+    }
+
+    /// A server started with `args` besides the harness's own.
+    pub fn start_with(args: &[String]) -> PrivateServer {
         const INSTALL: &str = "mariadb-install-db and mariadbd must be installed \
                                (run ./test, which installs them)";
         let dir = std::env::temp_dir().join(unique("bzpush-zoned"));
@@ -205,12 +211,12 @@ impl ZonedServer {
             .arg(format!("--pid-file={}", dir.join("pid").display()))
             .arg(format!("--log-error={}", dir.join("error.log").display()))
             .arg(format!("--port={port}"))
-            .arg(format!("--default-time-zone={zone}"))
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("{INSTALL}: {e}"));
-        let server = ZonedServer { child, dir, addr };
+        let server = PrivateServer { child, dir, addr };
         assert!(
             super::wait_until(STARTUP, || server.try_conn(None).is_ok()),
             "the test's own mariadbd did not start: see {}",
@@ -258,7 +264,7 @@ impl ZonedServer {
     }
 }
 
-impl Drop for ZonedServer {
+impl Drop for PrivateServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
