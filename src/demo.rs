@@ -33,10 +33,11 @@ use crate::shutdown::{self, Shutdown};
 
 /// The simulated bugs; the live page subscribes to them by itself.
 pub const BUGS: RangeInclusive<u32> = 1..=20;
-/// How often some of them change: "every couple of seconds".
-const TICK: Duration = Duration::from_secs(2);
+/// How often one or two of them change: often enough that a page opened
+/// now shows a change within a second; each bug changes every few seconds.
+const TICK: Duration = Duration::from_millis(500);
 /// At most this many of them change per tick (at least one does).
-const CHANGES_PER_TICK: u64 = 6;
+const CHANGES_PER_TICK: u64 = 2;
 /// A statement on the scratch database slower than this means it is gone.
 const DB_TIMEOUT: Duration = Duration::from_secs(10);
 /// Rows the poller reads per poll: far more than a tick writes.
@@ -69,6 +70,12 @@ pub fn bind(addr: SocketAddr, listen_given: bool) -> Result<TcpListener, String>
 pub fn run(config: &DemoConfig, listener: TcpListener, shutdown: &Shutdown) -> Result<(), String> {
     let mut server_config = config.server.clone();
     server_config.page_bugs = BUGS.collect();
+    server_config.page_note = Some(format!(
+        "This is bzpush demo: the Bugzilla behind it is simulated. Bugs {}–{} change every \
+         few seconds, each change shown as it arrives; nothing comes from a real Bugzilla.",
+        BUGS.start(),
+        BUGS.end()
+    ));
     let Some(url) = &config.database else {
         return run_in_memory(config, server_config, listener, shutdown);
     };

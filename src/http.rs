@@ -297,6 +297,8 @@ pub struct Page {
     pub bugzilla_url: Option<String>,
     /// Bugs to subscribe to when the page's address names none.
     pub bugs: Vec<u32>,
+    /// A line shown above everything, escaped (the demo's).
+    pub note: Option<String>,
 }
 
 impl Page {
@@ -309,6 +311,10 @@ impl Page {
             &escape_attribute(self.bugzilla_url.as_deref().unwrap_or("")),
         )
         .replace("{{bugs}}", &escape_attribute(&bugs.join(",")))
+        .replace(
+            "{{note}}",
+            &escape_attribute(self.note.as_deref().unwrap_or("")),
+        )
     }
 }
 
@@ -337,6 +343,7 @@ mod tests {
         let page = Page {
             bugzilla_url: Some("https://b.example/\"><script>x</script>&'".into()),
             bugs: vec![1, 20],
+            note: Some("<b>simulated</b>".into()),
         }
         .render();
         assert!(!page.contains("<script>x"), "{page}");
@@ -345,6 +352,7 @@ mod tests {
             "{page}"
         );
         assert!(page.contains("content=\"1,20\""), "{page}");
+        assert!(page.contains("&lt;b&gt;simulated"), "{page}");
         assert!(!page.contains("{{"), "{page}");
     }
 }

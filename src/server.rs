@@ -282,6 +282,7 @@ impl Server<'_> {
                 page: http::Page {
                     bugzilla_url: self.config.bugzilla_url.clone(),
                     bugs: self.config.page_bugs.clone(),
+                    note: self.config.page_note.clone(),
                 },
             },
             outbound_queue: self.config.outbound_queue,
@@ -305,10 +306,13 @@ impl Server<'_> {
         thread::scope(|scope| {
             acceptor.run(scope, &listener, shutdown);
             systemd::notify("STOPPING=1");
-            info!(
-                "stopping: closing {} connections",
-                shared.sockets.lock().len()
-            );
+            let open = shared.sockets.lock().len();
+            let noun = if open == 1 {
+                "connection"
+            } else {
+                "connections"
+            };
+            info!("stopping: closing {open} {noun}");
             // Also ends the catch-up worker, which holds a sender to the hub.
             let _ = hub_tx.send(Event::CloseAll);
             shared.sockets.drain(CLOSE_GRACE);

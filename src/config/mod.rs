@@ -269,6 +269,9 @@ pub struct ServerConfig {
     /// Bugs the live page subscribes to when its address names none (the
     /// demo's simulated bugs).
     pub page_bugs: Vec<u32>,
+    /// A line the live page shows above everything (the demo's: its
+    /// Bugzilla is simulated).
+    pub page_note: Option<String>,
 }
 
 /// Resolves the command line (`args`, without the program name) and the

@@ -131,6 +131,7 @@ fn server(v: &dyn Read) -> Result<ServerConfig, ConfigError> {
         allowed_origins: origins(v.get(&key::ALLOWED_ORIGINS))?,
         bugzilla_url: bugzilla_url(v.get(&key::BUGZILLA_URL))?,
         page_bugs: Vec::new(),
+        page_note: None,
     })
 }
 
