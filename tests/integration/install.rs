@@ -206,3 +206,95 @@ fn no_readme_command_puts_a_password_on_the_command_line() {
         }
     }
 }
+
+/// The README's path for a stock Bugzilla, followed as written on a
+/// database that has Bugzilla's `bugs` table and nothing of the PushNotify
+/// extension: its first SQL block (the account and its one grant; only the
+/// names are the test's own: a unique user, any host, the test database),
+/// its environment lines (the URL pointing there), `check run`, then `run`
+/// delivering a change made the way Bugzilla makes it.
+#[test]
+fn a_stock_bugzilla_on_the_readmes_path_passes_check_and_delivers_a_change() {
+    use crate::util::serve::Client;
+    use mysql::prelude::Queryable;
+    use serde_json::json;
+
+    let db = TestDb::new();
+    db.conn()
+        .query_drop("DROP TABLE push_notify")
+        .expect("a stock Bugzilla has no push_notify");
+    let section = install_section();
+    let grants = blocks(section)
+        .into_iter()
+        .find(|(tag, _)| tag == "sql")
+        .map(|(_, text)| text)
+        .expect("the install section's first SQL block");
+    assert!(
+        !grants.contains("push_notify"),
+        "the stock path needs no extension:\n{grants}"
+    );
+    let user = util::unique("bz");
+    let password = util::unique("Secret");
+    let sql = grants
+        .replace("'bzpush'@'localhost'", &format!("'{user}'@'%'"))
+        .replace("'a long random password'", &format!("'{password}'"))
+        .replace(" bugs.bugs ", &format!(" `{}`.bugs ", db.name));
+    let mut admin = util::admin_conn();
+    for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        admin
+            .query_drop(statement)
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    let url = format!("mysql://{user}:{password}@{}/{}", util::MYSQL_ADDR, db.name);
+    let env_lines: String = blocks(section)
+        .iter()
+        .filter(|(tag, _)| tag == "ini")
+        .flat_map(|(_, text)| text.lines())
+        .map(|line| match line.split_once('=') {
+            Some(("BZPUSH_DATABASE_URL", _)) => format!("BZPUSH_DATABASE_URL={url}\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    let temp = std::env::temp_dir().join(util::unique("bzpush-stock"));
+    std::fs::create_dir_all(&temp).expect("make the test's folder");
+    let env_file = temp.join("bzpush.env");
+    std::fs::write(
+        &env_file,
+        format!(
+            "{env_lines}BZPUSH_LISTEN=127.0.0.1:0\nBZPUSH_LOCK_NAME=bzpush.{}\n",
+            db.name
+        ),
+    )
+    .expect("write the environment file");
+    let env_file = env_file.to_string_lossy().into_owned();
+
+    let checked = util::Bzpush::run(
+        &["check", "run", "--env-file", &env_file],
+        &[],
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(checked.status.code(), Some(0), "{}", checked.stdout);
+    assert!(
+        checked.stdout.contains("source bugs (the default)"),
+        "{}",
+        checked.stdout
+    );
+
+    let server = util::Bzpush::start(&["run", "--env-file", &env_file], &[]);
+    assert!(server.wait_listening(std::time::Duration::from_secs(20)));
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [42]}))["result"],
+        "ok"
+    );
+    let (stamp, when) = db.stamp(0);
+    db.set_bug(42, &stamp);
+    assert_eq!(
+        client.recv(std::time::Duration::from_secs(20)),
+        json!({"command": "update", "bug": 42, "when": when}),
+        "{}",
+        server.log()
+    );
+    let _ = admin.query_drop(format!("DROP USER IF EXISTS '{user}'@'%'"));
+    let _ = std::fs::remove_dir_all(&temp);
+}
