@@ -48,13 +48,13 @@ pub fn run(config: &Config, given: &Given, out: &mut dyn Write) -> bool {
     }
     match config {
         Config::Poll(c) => {
-            check_poller(&mut report, &c.poller, false);
+            check_poller(&mut report, &c.poller, false, c.stale_after);
             check_broker(&mut report, &c.amqp, std::slice::from_ref(&c.exchange));
         }
         Config::Run(c) => {
             check_listen(&mut report, c.server.listen);
             report_origins(&mut report, &c.server.allowed_origins);
-            check_poller(&mut report, &c.poller, true);
+            check_poller(&mut report, &c.poller, true, c.stale_after);
         }
         // `bzpush check demo` is refused while parsing: a demo needs nothing.
         Config::Demo(_) => {}
@@ -136,7 +136,7 @@ fn not_read_by(mode: Mode, given: &Given) -> Option<String> {
     (!unread.is_empty()).then(|| format!("not read by {mode}: {}", unread.join(", ")))
 }
 
-fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
+fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool, stale_after: Duration) {
     let Some(mut db) = check_database(report, &config.database, &key::DATABASE_URL) else {
         return;
     };
@@ -155,6 +155,7 @@ fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool) {
             )));
             check_push_notify(report, &mut db, read_only);
             check_bugs_table(report, &mut db, "audit of push_notify", false);
+            check_waiting_rows(report, &mut db, lock_free, stale_after);
             if lock_free {
                 check_extension_writes(report, &mut db);
             }
@@ -215,6 +216,41 @@ fn check_push_notify(report: &mut Report, db: &mut Conn, read_only: bool) {
             .map(|()| "table push_notify: DELETE allowed".into())
             .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
     );
+}
+
+/// What `check` can see of the freshness lag: changes waiting in
+/// `push_notify` for longer than `BZPUSH_STALE_AFTER` are owed and not
+/// handed on, by a poller that is behind or by none at all.
+fn check_waiting_rows(report: &mut Report, db: &mut Conn, lock_free: bool, stale_after: Duration) {
+    let waiting: Option<(u64, Option<i64>)> = db
+        .query_first(
+            "SELECT COUNT(*), TIMESTAMPDIFF(SECOND, MIN(delta_ts), NOW()) FROM push_notify",
+        )
+        .ok()
+        .flatten();
+    let Some((rows, Some(oldest))) = waiting else {
+        return;
+    };
+    let rows = match rows {
+        1 => "1 change".to_string(),
+        n => format!("{n} changes"),
+    };
+    if oldest.unsigned_abs() <= stale_after.as_secs() {
+        report.line(Ok(format!(
+            "push_notify: {rows} waiting, the oldest {oldest} s"
+        )));
+        return;
+    }
+    let who = if lock_free {
+        "no poller runs to hand them on"
+    } else {
+        "the active poller is behind: its /health (\"stale\") and log say why"
+    };
+    report.warn(&format!(
+        "push_notify: {rows} waiting, the oldest {oldest} s, past \
+         BZPUSH_STALE_AFTER ({} s): {who}",
+        stale_after.as_secs()
+    ));
 }
 
 /// With no poller emptying it (the lock is free), an empty `push_notify`

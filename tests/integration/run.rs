@@ -767,3 +767,24 @@ fn check_fails_when_the_broker_is_unreachable() {
         assert!(!text.contains("guest:guest"), "password printed:\n{text}");
     }
 }
+
+/// What check can see of the freshness lag: a change waiting in
+/// push_notify past BZPUSH_STALE_AFTER, with no poller to hand it on.
+#[test]
+fn check_warns_of_changes_waiting_past_the_threshold() {
+    let db = TestDb::new();
+    db.conn()
+        .query_drop(
+            "INSERT INTO push_notify (bug_id, delta_ts) VALUES (8, NOW() - INTERVAL 1 HOUR)",
+        )
+        .expect("a change an hour old");
+    let finished = check("run", &[("BZPUSH_DATABASE_URL", db.url()), push_notify()]);
+    assert_eq!(finished.status.code(), Some(0), "{}", finished.stdout);
+    assert!(
+        finished.stdout.lines().any(|l| l.starts_with("warn")
+            && l.contains("1 change waiting")
+            && l.contains("no poller runs")),
+        "{}",
+        finished.stdout
+    );
+}
