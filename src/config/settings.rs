@@ -78,7 +78,7 @@ impl Range {
 /// Largest batch: a batch is held in memory and in one publish round.
 const MAX_BATCH_SIZE: u64 = 100_000;
 /// Longest overlap: every poll of source `bugs` reads this far back, and
-/// source `push_notify` re-checks each deleted row's bug this long.
+/// so does the audit of source `push_notify`.
 const MAX_OVERLAP: Duration = Duration::from_secs(3600);
 /// Longest replay of source `bugs` after a restart: 30 days. Longer is a
 /// flood of stale notifications that no client still waits for.
@@ -136,7 +136,7 @@ table! {
     REPLAY_LIMIT "replay-limit" = "24h", Range::Duration(secs(1), MAX_REPLAY_LIMIT), POLLERS,
         "source bugs: on start, replay from the watermark file at most this far back";
     OVERLAP "overlap" = "30s", Range::Duration(secs(1), MAX_OVERLAP), POLLERS,
-        "source bugs: how far back each poll looks for late commits; push_notify: how long a bug is re-checked after its row is deleted";
+        "how far back each poll (source bugs) or audit of push_notify against bugs looks for changes that commit after the second they were stamped";
     LOCK_NAME "lock-name" = "bzpush.poller.<database>", Range::Text, POLLERS,
         "database lock held by the active poller; server-wide, so the default names the database";
     AMQP_URL "amqp-url" = "amqp://guest:guest@127.0.0.1:5672/%2f", Range::Text, BROKERS,
