@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::poller;
+use crate::{poller, pulse};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -31,6 +31,11 @@ pub struct Metrics {
     pub upstream: &'static str,
     /// Whether each upstream link (one per feed for serve) is up.
     pub upstream_links: Vec<AtomicBool>,
+    /// serve: each feed's broker link, by feed: its node, or why none.
+    pub broker_links: Vec<Mutex<pulse::LinkState>>,
+    /// serve: the broker's resource alarm, as a sentence, while it blocks
+    /// publishers ([`pulse::alarm::watch`]).
+    pub broker_alarm: Mutex<Option<String>>,
     /// When the poller and the hub last showed they were alive, in
     /// milliseconds since start: the systemd watchdog reads them.
     pub poller_beat: AtomicU64,
@@ -50,6 +55,7 @@ impl Metrics {
         Metrics {
             upstream,
             upstream_links: (0..links).map(|_| AtomicBool::new(false)).collect(),
+            broker_links: (0..links).map(|_| Mutex::default()).collect(),
             started: Some(Instant::now()),
             started_at: Some(SystemTime::now()),
             ..Metrics::default()

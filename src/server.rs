@@ -319,40 +319,39 @@ fn start_consumers(
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    config
-        .feeds
-        .iter()
-        .enumerate()
-        .map(|(feed, f)| {
-            let setup = ConsumerSetup {
-                feed,
-                exchange: f.exchange.clone(),
-                queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
-                expires: config.queue_expires,
-            };
-            let (url, hub, metrics, shutdown) = (
-                config.amqp.clone(),
-                hub.clone(),
-                Arc::clone(metrics),
-                shutdown.clone(),
-            );
-            shutdown::spawn_essential(
-                format!("pulse-{feed}"),
-                thread::Builder::new(),
-                &shutdown.clone(),
-                move || {
-                    pulse::consume(
-                        &url,
-                        &setup,
-                        &hub,
-                        &metrics,
-                        &metrics.upstream_links[feed],
-                        &shutdown,
-                    )
-                },
-            )
-        })
-        .collect()
+    let consumers = config.feeds.iter().enumerate().map(|(feed, f)| {
+        let setup = ConsumerSetup {
+            feed,
+            exchange: f.exchange.clone(),
+            queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
+            expires: config.queue_expires,
+            queue_type: config.queue_type,
+        };
+        let (nodes, hub, metrics, shutdown) = (
+            config.amqp.clone(),
+            hub.clone(),
+            Arc::clone(metrics),
+            shutdown.clone(),
+        );
+        shutdown::spawn_essential(
+            format!("pulse-{feed}"),
+            thread::Builder::new(),
+            &shutdown.clone(),
+            move || pulse::consume(&nodes, &setup, &hub, &metrics, &shutdown),
+        )
+    });
+    // A consumer never publishes, so the broker never tells it of an
+    // alarm: a thread of its own asks, for `/health`.
+    let alarm = {
+        let (nodes, metrics, stop) = (config.amqp.clone(), Arc::clone(metrics), shutdown.clone());
+        shutdown::spawn_essential(
+            "pulse-alarm".into(),
+            thread::Builder::new(),
+            shutdown,
+            move || pulse::alarm::watch(nodes, &metrics.broker_alarm, &stop),
+        )
+    };
+    consumers.chain([alarm]).collect()
 }
 
 /// Blocks until shutdown, then connects to the listener once so that a

@@ -281,7 +281,14 @@ impl Source for PushNotify {
         &mut self,
         db: &mut Conn,
         Rows { rows, published }: Rows,
+        kept: &HashSet<Notification>,
     ) -> Result<Vec<Notification>, mysql::Error> {
+        // A kept change's row stays, for the read that sends it again: the
+        // next read from the start of the table, when the backlog ends.
+        let rows: Vec<Row> = rows
+            .into_iter()
+            .filter(|row| row.change.as_ref().is_none_or(|c| !kept.contains(c)))
+            .collect();
         let mut deleted = 0;
         let mut held = Vec::new();
         for chunk in rows.chunks(DELETE_CHUNK) {
@@ -297,7 +304,7 @@ impl Source for PushNotify {
         }
         if !self.recheck_refused {
             let now = Instant::now();
-            for Notification { bug, when } in published {
+            for Notification { bug, when } in published.into_iter().filter(|n| !kept.contains(n)) {
                 self.recheck.watch(bug, when, now);
             }
         }

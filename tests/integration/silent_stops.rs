@@ -377,13 +377,17 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
     };
     assert!(check("24h").starts_with("ok    "), "before serve ran");
 
-    // Serve's queue as a 24 h serve left it.
+    // Serve's queue as a 24 h serve left it (a quorum queue, the default).
     let connection = util::amqp_connect();
     let channel = util::broker("open a channel", connection.create_channel());
     let mut arguments = lapin::types::FieldTable::default();
     arguments.insert(
         "x-expires".into(),
         lapin::types::AMQPValue::LongUInt(24 * 3600 * 1000),
+    );
+    arguments.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
     );
     util::broker(
         "declare the queue as serve does",
