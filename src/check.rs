@@ -532,14 +532,8 @@ fn close(connection: Connection) {
 /// `BZPUSH_QUEUE_TYPE`) is a warning, since serve consumes it as it is;
 /// the line says how to apply the settings.
 fn check_queues(report: &mut Report, config: &ServeConfig, connection: &Connection) {
-    for (feed, f) in config.feeds.iter().enumerate() {
-        let setup = ConsumerSetup {
-            feed,
-            exchange: f.exchange.clone(),
-            queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
-            expires: config.queue_expires,
-            queue_type: config.queue_type,
-        };
+    for feed in 0..config.feeds.len() {
+        let setup = ConsumerSetup::for_feed(config, feed);
         let queue = &setup.queue;
         match pulse::probe_queue(connection, &config.amqp.vhost(), &setup) {
             Ok(QueueState::Missing) => {

@@ -7,11 +7,11 @@
 //! side); the [`consumer`] feeds one exchange's messages to the hub (the
 //! server's side); both reach the broker through [`nodes`], the nodes of
 //! one cluster, and [`alarm`] tells whether the broker blocks publishers.
-//! Each is a file named for what it owns, so that the
-//! function [`consume`] and its module do not share a name. lapin is async; this module drives it from plain
-//! threads with `block_on`, and nothing here may block on one of lapin's
-//! executor threads. Every broker operation is bounded in time: lapin can
-//! leave one pending forever on a connection that died under it.
+//! Each is a file named for what it owns, so that the function [`consume`]
+//! and its module do not share a name. lapin is async; this module drives
+//! it from plain threads with `block_on`, and nothing here may block on one
+//! of lapin's executor threads. Every broker operation is bounded in time:
+//! lapin can leave one pending forever on a connection that died under it.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -319,14 +319,8 @@ fn start_consumers(
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    let consumers = config.feeds.iter().enumerate().map(|(feed, f)| {
-        let setup = ConsumerSetup {
-            feed,
-            exchange: f.exchange.clone(),
-            queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
-            expires: config.queue_expires,
-            queue_type: config.queue_type,
-        };
+    let consumers = (0..config.feeds.len()).map(|feed| {
+        let setup = ConsumerSetup::for_feed(config, feed);
         let (nodes, hub, metrics, shutdown) = (
             config.amqp.clone(),
             hub.clone(),

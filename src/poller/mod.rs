@@ -20,7 +20,10 @@
 //! errors, retried with capped backoff) or it answers and refuses (a missing
 //! table or privilege: said once with the fix, retried slowly; an active
 //! poller refused lets go of the lock meanwhile, so that a standby whose
-//! account works takes over). The role
+//! account works takes over). A poller that reaches no node of its broker
+//! for longer than its grace lets go of the lock too, and competes for it
+//! again only once a node answers, so that a standby that reaches the
+//! broker takes over. The role
 //! (active or standby, and who holds the lock) and a refusal are logged once
 //! per change, sent to systemd as `STATUS=`, and kept in [`Metrics`] for
 //! `/health` and `/metrics`.
@@ -108,7 +111,7 @@ pub trait Sink {
 
 /// The changes of a settled batch that the sink refused, and why: it took
 /// every other change of the batch. A refused change is not forgotten: it
-/// is sent again, alone, after a growing pause ([`refusals`]).
+/// is sent again, alone, after a growing pause (see `poller/refusals.rs`).
 #[derive(Debug, Default)]
 pub struct Refused {
     pub changes: Vec<Notification>,

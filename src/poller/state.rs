@@ -1,8 +1,9 @@
 //! What the poller is doing, as one value: connecting, down, refused,
-//! standby, active, or waiting for a broker. The poll loop changes it only through [`Reporter`],
-//! which logs a change once (an outage is one line when it starts and one
-//! when it ends, however many retries lie between), tells systemd in
-//! `STATUS=`, and keeps it in [`Metrics`] for `/health` and `/metrics`.
+//! standby, active, or waiting for a broker. The poll loop changes it only
+//! through [`Reporter`], which logs a change once (an outage is one line
+//! when it starts and one when it ends, however many retries lie between),
+//! tells systemd in `STATUS=`, and keeps it in [`Metrics`] for `/health`
+//! and `/metrics`.
 //! Nothing here talks to the database or decides what the poller does
 //! next.
 

@@ -23,7 +23,7 @@ use super::{
     declare_exchange, decode, wait, wait_at_most,
 };
 use crate::catchup::{self, Resumed};
-use crate::config::{AmqpNodes, QueueType};
+use crate::config::{AmqpNodes, QueueType, ServeConfig};
 use crate::hub::{Event, FeedId, HubSender};
 use crate::metrics::Metrics;
 use crate::notification::Moment;
@@ -138,6 +138,20 @@ pub struct ConsumerSetup {
     pub queue: String,
     pub expires: Duration,
     pub queue_type: QueueType,
+}
+
+impl ConsumerSetup {
+    /// How `serve` with `config` consumes its feed number `feed`.
+    pub fn for_feed(config: &ServeConfig, feed: FeedId) -> ConsumerSetup {
+        let exchange = config.feeds[feed].exchange.clone();
+        ConsumerSetup {
+            feed,
+            queue: queue_name(&config.queue_prefix, &exchange),
+            exchange,
+            expires: config.queue_expires,
+            queue_type: config.queue_type,
+        }
+    }
 }
 
 /// Consumes one feed's exchange into the hub until shutdown: a durable

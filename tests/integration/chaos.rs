@@ -144,6 +144,11 @@ pub(super) trait System {
     /// The pollers, and the servers (one per slot; a killed server is
     /// replaced in its slot).
     fn processes(&mut self) -> (&mut Vec<Proc>, &mut Vec<Proc>);
+    /// A new poller, once its log says it took one of `roles`
+    /// ([`poller_in_role`]).
+    fn start_poller(&self, roles: &[&str]) -> Proc;
+    /// The server of `slot`, with that slot's queue, once healthy.
+    fn start_server(&self, slot: usize) -> Proc;
     /// One fault, picked by `rng`; says what kind it was.
     fn inject(&mut self, rng: &mut Rng, world: &World, timeline: &mut Timeline) -> &'static str;
 }
@@ -389,18 +394,39 @@ impl<'a> Cluster<'a> {
             servers: Vec::new(),
             kills: env_number("CHAOS_NO_KILL").is_none_or(|n| n == 0),
         };
-        let first = cluster.start_poller(&[ACTIVE]);
-        cluster.pollers.push(first);
-        let second = cluster.start_poller(&[STANDBY]);
-        cluster.pollers.push(second);
-        for slot in 0..2 {
-            let server = cluster.start_server(slot);
-            cluster.servers.push(server);
-        }
+        populate(&mut cluster);
         cluster
     }
+}
 
-    /// A poller, once its log says it took one of `roles`.
+/// Starts an active poller, a standby and two servers in `system`.
+pub(super) fn populate(system: &mut impl System) {
+    let first = system.start_poller(&[ACTIVE]);
+    let second = system.start_poller(&[STANDBY]);
+    let servers = [system.start_server(0), system.start_server(1)];
+    let (pollers, running) = system.processes();
+    pollers.extend([first, second]);
+    running.extend(servers);
+}
+
+/// `poller`, once its log says it took one of `roles`.
+pub(super) fn poller_in_role(poller: Bzpush, roles: &[&str]) -> Proc {
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let log = poller.log();
+            roles.iter().any(|role| log.contains(role))
+        }),
+        "the poller never logged any of {roles:?}:\n{}",
+        poller.log()
+    );
+    Proc::new("poll", poller)
+}
+
+impl System for Cluster<'_> {
+    fn processes(&mut self) -> (&mut Vec<Proc>, &mut Vec<Proc>) {
+        (&mut self.pollers, &mut self.servers)
+    }
+
     fn start_poller(&self, roles: &[&str]) -> Proc {
         let poller = Bzpush::poll(
             self.db,
@@ -409,18 +435,9 @@ impl<'a> Cluster<'a> {
             &self.broker.exchange,
             &[("BZPUSH_LOG", "info".to_string())],
         );
-        assert!(
-            wait_until(Duration::from_secs(20), || {
-                let log = poller.log();
-                roles.iter().any(|role| log.contains(role))
-            }),
-            "the poller never logged any of {roles:?}:\n{}",
-            poller.log()
-        );
-        Proc::new("poll", poller)
+        poller_in_role(poller, roles)
     }
 
-    /// The server of `slot`, with its queue, once healthy.
     fn start_server(&self, slot: usize) -> Proc {
         let server = Bzpush::serve_at(
             &self.server_amqp[slot].addr(),
@@ -437,12 +454,6 @@ impl<'a> Cluster<'a> {
         server.wait_healthy();
         Proc::new("serve", server)
     }
-}
-
-impl System for Cluster<'_> {
-    fn processes(&mut self) -> (&mut Vec<Proc>, &mut Vec<Proc>) {
-        (&mut self.pollers, &mut self.servers)
-    }
 
     fn inject(&mut self, rng: &mut Rng, world: &World, timeline: &mut Timeline) -> &'static str {
         match if self.kills {
@@ -450,21 +461,8 @@ impl System for Cluster<'_> {
         } else {
             2 + rng.below(4)
         } {
-            0 => {
-                kill_active_poller(&mut self.pollers, rng, world, timeline);
-                // The standby usually takes over; but if it is in a
-                // backoff after a database fault, the new one may be first.
-                let new = self.start_poller(&[STANDBY, ACTIVE]);
-                started_poller(&mut self.pollers, new, timeline);
-                "kill -9 the active poller"
-            }
-            1 => {
-                let slot = rng.below(2);
-                kill_server(&mut self.servers, slot, world, timeline);
-                let new = self.start_server(slot);
-                restarted_server(&mut self.servers, slot, new, world, timeline);
-                "kill -9 a server"
-            }
+            0 => replace_active_poller(self, rng, world, timeline),
+            1 => replace_server(self, rng, world, timeline),
             kind @ (2 | 3) => {
                 let (proxy, name) = match rng.below(3) {
                     0 => (&self.poller_amqp, "the pollers' broker link".to_string()),
@@ -497,14 +495,15 @@ impl System for Cluster<'_> {
     }
 }
 
-/// Kills the active poller of `pollers` (a random one if none says it is
-/// active).
-pub(super) fn kill_active_poller(
-    pollers: &mut Vec<Proc>,
+/// Kills the active poller (a random one if none says it is active) and
+/// starts another.
+pub(super) fn replace_active_poller(
+    system: &mut impl System,
     rng: &mut Rng,
     world: &World,
     timeline: &mut Timeline,
-) {
+) -> &'static str {
+    let (pollers, _) = system.processes();
     let active = pollers
         .iter()
         .position(|p| poller_is_active(&p.bzpush))
@@ -516,10 +515,9 @@ pub(super) fn kill_active_poller(
         "kill -9 the active poller (pid {})",
         old.bzpush.pid()
     ));
-}
-
-/// Adds `new`, started after a poller was killed.
-pub(super) fn started_poller(pollers: &mut Vec<Proc>, mut new: Proc, timeline: &mut Timeline) {
+    // The standby usually takes over; but if it is in a backoff after a
+    // fault, the new one may be first.
+    let mut new = system.start_poller(&[STANDBY, ACTIVE]);
     new.sample_start();
     timeline.note(format!(
         "  started poller pid {} ({})",
@@ -530,17 +528,20 @@ pub(super) fn started_poller(pollers: &mut Vec<Proc>, mut new: Proc, timeline: &
             "standby"
         }
     ));
-    pollers.push(new);
+    system.processes().0.push(new);
+    "kill -9 the active poller"
 }
 
-/// Kills the server of `slot`; the clients no longer pick it.
-pub(super) fn kill_server(
-    servers: &mut [Proc],
-    slot: usize,
+/// Kills a random server and starts another in its slot, with its queue;
+/// its clients reconnect to either server.
+pub(super) fn replace_server(
+    system: &mut impl System,
+    rng: &mut Rng,
     world: &World,
     timeline: &mut Timeline,
-) {
-    let old = &mut servers[slot];
+) -> &'static str {
+    let slot = rng.below(2);
+    let old = &mut system.processes().1[slot];
     let addr = old.bzpush.listen_addr();
     world
         .servers
@@ -553,16 +554,7 @@ pub(super) fn kill_server(
         "kill -9 server {slot} (pid {}, {addr})",
         old.bzpush.pid()
     ));
-}
-
-/// Puts `new` in `slot`, where a server was killed; the clients may pick it.
-pub(super) fn restarted_server(
-    servers: &mut [Proc],
-    slot: usize,
-    mut new: Proc,
-    world: &World,
-    timeline: &mut Timeline,
-) {
+    let mut new = system.start_server(slot);
     new.sample_start();
     let addr = new.bzpush.listen_addr();
     timeline.note(format!(
@@ -570,7 +562,8 @@ pub(super) fn restarted_server(
         new.bzpush.pid()
     ));
     world.servers.write().expect("servers").push(addr);
-    servers[slot] = new;
+    system.processes().1[slot] = new;
+    "kill -9 a server"
 }
 
 fn server_addrs(system: &mut impl System) -> Vec<String> {

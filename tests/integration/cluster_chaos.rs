@@ -19,13 +19,13 @@
 //! a run's fault schedule (printed at the start). Run with `--nocapture`
 //! to see the report.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::chaos::{
-    ACTIVE, Chaos, Proc, STANDBY, System, Timeline, World, kill_active_poller, kill_server,
-    restarted_server, run, setup_bugs, started_poller,
+    Chaos, Proc, System, Timeline, World, poller_in_role, populate, replace_active_poller,
+    replace_server, run, setup_bugs,
 };
-use crate::util::{Bzpush, MYSQL_ADDR, PrivateRabbit, Rng, TestDb, unique, wait_until};
+use crate::util::{Bzpush, MYSQL_ADDR, PrivateRabbit, Rng, TestDb, unique};
 
 /// Changes per second, all writers together.
 const RATE: f64 = 100.0;
@@ -70,19 +70,17 @@ impl<'a> RabbitCluster<'a> {
             servers: Vec::new(),
             down: None,
         };
-        let first = cluster.start_poller(&[ACTIVE]);
-        cluster.pollers.push(first);
-        let second = cluster.start_poller(&[STANDBY]);
-        cluster.pollers.push(second);
-        for slot in 0..2 {
-            let server = cluster.start_server(slot);
-            cluster.servers.push(server);
-        }
+        populate(&mut cluster);
         cluster
     }
+}
 
-    /// A poller given every node, once its log says it took one of
-    /// `roles`.
+impl System for RabbitCluster<'_> {
+    fn processes(&mut self) -> (&mut Vec<Proc>, &mut Vec<Proc>) {
+        (&mut self.pollers, &mut self.servers)
+    }
+
+    /// A poller given every node.
     fn start_poller(&self, roles: &[&str]) -> Proc {
         let poller = Bzpush::poll(
             self.db,
@@ -94,19 +92,10 @@ impl<'a> RabbitCluster<'a> {
                 ("BZPUSH_LOG", "info".to_string()),
             ],
         );
-        assert!(
-            wait_until(Duration::from_secs(20), || {
-                let log = poller.log();
-                roles.iter().any(|role| log.contains(role))
-            }),
-            "the poller never logged any of {roles:?}:\n{}",
-            poller.log()
-        );
-        Proc::new("poll", poller)
+        poller_in_role(poller, roles)
     }
 
-    /// The server of `slot`, given every node, with its queue, once
-    /// healthy.
+    /// A server given every node, with the catch-up database.
     fn start_server(&self, slot: usize) -> Proc {
         let server = Bzpush::serve_at(
             &self.rabbit.addr(0),
@@ -120,12 +109,6 @@ impl<'a> RabbitCluster<'a> {
         );
         server.wait_healthy();
         Proc::new("serve", server)
-    }
-}
-
-impl System for RabbitCluster<'_> {
-    fn processes(&mut self) -> (&mut Vec<Proc>, &mut Vec<Proc>) {
-        (&mut self.pollers, &mut self.servers)
     }
 
     fn inject(&mut self, rng: &mut Rng, world: &World, timeline: &mut Timeline) -> &'static str {
@@ -148,21 +131,8 @@ impl System for RabbitCluster<'_> {
                     "kill -9 a RabbitMQ node"
                 }
             },
-            1 => {
-                kill_active_poller(&mut self.pollers, rng, world, timeline);
-                // The standby usually takes over; but if it is still
-                // moving to another node, the new one may be first.
-                let new = self.start_poller(&[STANDBY, ACTIVE]);
-                started_poller(&mut self.pollers, new, timeline);
-                "kill -9 the active poller"
-            }
-            _ => {
-                let slot = rng.below(2);
-                kill_server(&mut self.servers, slot, world, timeline);
-                let new = self.start_server(slot);
-                restarted_server(&mut self.servers, slot, new, world, timeline);
-                "kill -9 a server"
-            }
+            1 => replace_active_poller(self, rng, world, timeline),
+            _ => replace_server(self, rng, world, timeline),
         }
     }
 }

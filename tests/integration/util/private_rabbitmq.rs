@@ -18,7 +18,7 @@ use std::time::Duration;
 use lapin::{Connection, ConnectionProperties};
 
 use super::run::closed_port;
-use super::{amqp_url_at, broker, unique, wait_until, wait_until_every, within};
+use super::{amqp_url_at, broker, consume, unique, wait_until, wait_until_every, within};
 
 /// Where Debian's `rabbitmq-server` package keeps the scripts that run a
 /// node as the calling user (`/usr/sbin`'s wrappers switch to the
@@ -353,8 +353,7 @@ impl PrivateRabbit {
     /// (replicated over the cluster: it survives the loss of another
     /// node), else an exclusive classic one.
     pub fn listen(&self, i: usize, exchange: &str, quorum: bool) -> Listener {
-        use futures_lite::StreamExt;
-        use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+        use lapin::options::{QueueBindOptions, QueueDeclareOptions};
         use lapin::types::{AMQPValue, FieldTable};
         let connection = broker(
             "connect to a private node",
@@ -396,33 +395,13 @@ impl PrivateRabbit {
                 FieldTable::default(),
             ),
         );
-        let mut consumer = broker(
-            "consume",
-            channel.basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        );
-        let (tx, received) = crossbeam_channel::unbounded();
-        std::thread::Builder::new()
-            .name("test-listener".into())
-            .spawn(move || {
-                while let Some(Ok(delivery)) = futures_lite::future::block_on(consumer.next()) {
-                    let json: serde_json::Value =
-                        serde_json::from_slice(&delivery.data).unwrap_or_default();
-                    let bug = json["payload"]["id"].as_u64().unwrap_or_default();
-                    let when = json["payload"]["delta_ts"].as_str().unwrap_or_default();
-                    if tx.send((bug, when.to_string())).is_err() {
-                        break;
-                    }
-                }
-            })
-            .expect("spawn the test listener");
+        let received = consume(&channel, &queue, |delivery| {
+            let json: serde_json::Value =
+                serde_json::from_slice(&delivery.data).unwrap_or_default();
+            let bug = json["payload"]["id"].as_u64().unwrap_or_default();
+            let when = json["payload"]["delta_ts"].as_str().unwrap_or_default();
+            (bug, when.to_string())
+        });
         Listener {
             received,
             _connection: connection,
