@@ -339,10 +339,10 @@ fn start_consumers(
     let alarm = {
         let (nodes, metrics, stop) = (config.amqp.clone(), Arc::clone(metrics), shutdown.clone());
         shutdown::spawn_essential(
-            "pulse-alarm".into(),
+            "broker-alarm".into(),
             thread::Builder::new(),
             shutdown,
-            move || pulse::alarm::watch(nodes, &metrics.broker_alarm, &stop),
+            move || pulse::alarm::watch(nodes, &metrics, &stop),
         )
     };
     consumers.chain([alarm]).collect()

@@ -353,6 +353,50 @@ mod tests {
     use crate::config::tests::{demo, poll};
 
     #[test]
+    fn the_broker_takes_the_nodes_of_one_cluster_and_no_empty_vhost() {
+        let list = "amqp://u:p@a:5672/%2f, amqp://u:p@b:5672/%2f,amqps://u:p@c:5671/%2f";
+        let config = poll(&["--amqp-url", list], &[]).expect("a list of nodes");
+        let nodes: Vec<String> = config
+            .amqp
+            .nodes()
+            .iter()
+            .map(|n| n.secret().into())
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                "amqp://u:p@a:5672/%2f?heartbeat=10",
+                "amqp://u:p@b:5672/%2f?heartbeat=10",
+                "amqps://u:p@c:5671/%2f?heartbeat=10"
+            ]
+        );
+        assert_eq!(
+            config.amqp.to_string(),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f,amqps://u:***@c:5671/%2f"
+        );
+        let refused = |list: &str| {
+            poll(&["--amqp-url", list], &[])
+                .map(drop)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refused("amqp://u:p@a/%2f,amqp://v:p@b/%2f");
+        assert!(err.contains("same user and vhost"), "{err}");
+        let err = refused("amqp://u:p@a/%2f,amqp://u:p@b/other");
+        assert!(err.contains("same user and vhost"), "{err}");
+        let err = refused("amqp://u:p@a/%2f,b:5672");
+        assert!(err.contains("node 2 of the list"), "{err}");
+        let err = refused("amqp://u:secret@a:5672/");
+        assert!(
+            err.contains("empty vhost") && err.contains("amqp://u:***@a:5672/%2f"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+        // No path at all is the default vhost, as lapin reads it.
+        assert!(poll(&["--amqp-url", "amqp://u:p@a:5672"], &[]).is_ok());
+    }
+
+    #[test]
     fn the_broker_link_has_a_heartbeat_unless_the_url_sets_one() {
         let config = poll(&[], &[]).expect("defaults are valid");
         assert_eq!(

@@ -14,7 +14,6 @@
 //! the broker would keep each replaced one open until the alarm clears.
 
 use std::pin::Pin;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::{self, block_on};
@@ -25,6 +24,7 @@ use log::{debug, info, warn};
 
 use super::{BrokerError, Nodes, wait};
 use crate::config::AmqpNodes;
+use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
 
@@ -36,6 +36,8 @@ const PROBE_KEY: &str = "amq.bzpush.alarm-probe";
 pub const PROBE_EVERY: Duration = Duration::from_secs(3);
 /// How often a wait checks whether its connection got blocked.
 const BLOCKED_CHECK: Duration = Duration::from_millis(100);
+/// How often the alarm watch looks whether the consumers are connected.
+const CONSUMERS_CHECK: Duration = Duration::from_millis(500);
 
 /// What the broker says of one connection's publishing.
 pub struct Watch {
@@ -140,16 +142,27 @@ pub fn blocked_sentence(reason: &str) -> String {
 }
 
 /// `serve`'s alarm watch, until `shutdown`: a connection of its own to a
-/// node of `nodes`, probed every [`PROBE_EVERY`]; `report` holds the
-/// alarm's sentence while there is one, for `/health`. A consumer never
-/// publishes, so the broker would not tell it.
-pub fn watch(nodes: AmqpNodes, report: &Mutex<Option<String>>, shutdown: &Shutdown) {
+/// node of `nodes`, probed every [`PROBE_EVERY`]; `metrics.broker_alarm`
+/// holds the alarm's sentence while there is one, for `/health`. A
+/// consumer never publishes, so the broker would not tell it. It connects
+/// only while every consumer is connected: while one is not, `/health`
+/// says why, and the broker gets one client retrying, not two.
+pub fn watch(nodes: AmqpNodes, metrics: &Metrics, shutdown: &Shutdown) {
     let mut nodes = Nodes::new(nodes);
     let mut backoff = Backoff::default();
     let set = |alarm: Option<String>| {
-        *report.lock().unwrap_or_else(|e| e.into_inner()) = alarm;
+        *metrics
+            .broker_alarm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = alarm;
     };
     while !shutdown.requested() {
+        if !metrics.upstream_up() {
+            if shutdown.sleep(CONSUMERS_CHECK) {
+                break;
+            }
+            continue;
+        }
         let watched = nodes
             .connect("bzpush serve alarm watch")
             .and_then(|connection| {
