@@ -2,22 +2,27 @@
 //! names, one line per check, with what to do when one fails.
 //!
 //! Usable as `ExecStartPre=`: the answer is the exit status. A check only
-//! looks: it reads, attempts a DELETE that matches no row, and declares an
-//! exchange exactly as the publisher would; it never changes data, and never
-//! creates a queue (serve's queues are probed: see [`pulse::probe_queue`]).
+//! looks: it reads, attempts a DELETE that matches no row, declares an
+//! exchange exactly as the publisher would, and publishes one message that
+//! reaches no queue (to see a resource alarm: [`pulse::alarm`]); it never
+//! changes data, and never creates a queue (serve's queues are probed: see
+//! [`pulse::probe_queue`]). Every node of a broker cluster is tried.
 //! Credentials never appear in what it prints.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use lapin::{Connection, ConnectionProperties};
+use futures_lite::future;
+use lapin::Connection;
+use lapin::options::BasicQosOptions;
 use log::Level;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
 use crate::config::{
-    AmqpUrl, Config, DatabaseUrl, Given, Mode, PollerConfig, ServeConfig, Setting, Source, key,
+    AmqpNodes, AmqpUrl, Config, DatabaseUrl, Given, Mode, PollerConfig, ServeConfig, Setting,
+    Source, key,
 };
 use crate::pulse::{ConsumerSetup, QueueState};
 use crate::{database, logging, poller, pulse};
@@ -49,7 +54,14 @@ pub fn run(config: &Config, given: &Given, out: &mut dyn Write) -> bool {
     match config {
         Config::Poll(c) => {
             check_poller(&mut report, &c.poller, false, c.stale_after);
-            check_broker(&mut report, &c.amqp, std::slice::from_ref(&c.exchange));
+            if let Some((connection, _)) = check_broker(
+                &mut report,
+                &c.amqp,
+                std::slice::from_ref(&c.exchange),
+                true,
+            ) {
+                close(connection);
+            }
         }
         Config::Run(c) => {
             check_listen(&mut report, c.server.listen);
@@ -62,8 +74,11 @@ pub fn run(config: &Config, given: &Given, out: &mut dyn Write) -> bool {
             check_listen(&mut report, c.server.listen);
             report_origins(&mut report, &c.server.allowed_origins);
             let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
-            check_broker(&mut report, &c.amqp, &exchanges);
-            check_queues(&mut report, c);
+            // Unreachable: the broker lines already say so.
+            if let Some((connection, _)) = check_broker(&mut report, &c.amqp, &exchanges, false) {
+                check_queues(&mut report, c, &connection);
+                close(connection);
+            }
             if let Some(url) = &c.catchup_database
                 && let Some(mut db) = check_database(&mut report, url, &key::CATCHUP_DATABASE_URL)
             {
@@ -593,28 +608,50 @@ fn advice(error: &mysql::Error, otherwise: &str) -> String {
     format!("{} — {todo}", database::sentence(error))
 }
 
-fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
-    let properties = ConnectionProperties::default().with_connection_name("bzpush check".into());
-    // Bounded like every other broker operation: a check must end.
-    let connection = match pulse::wait("connecting", Connection::connect(url.secret(), properties))
-    {
-        Ok(c) => {
-            report.line(Ok(format!("broker {url}: reachable")));
-            c
+/// Every node of the broker, a line each, then on the first that answers
+/// (the others share its exchanges, queues and alarms): the `exchanges`,
+/// and whether a resource alarm blocks publishers, which fails `poll` (it
+/// cannot publish) and warns for `serve` (it consumes what is there).
+/// Answers a connection to that node, for the queues.
+fn check_broker(
+    report: &mut Report,
+    nodes: &AmqpNodes,
+    exchanges: &[String],
+    publishes: bool,
+) -> Option<(Connection, AmqpUrl)> {
+    let mut reachable: Option<(Connection, AmqpUrl)> = None;
+    let mut failures = Vec::new();
+    for node in nodes.nodes() {
+        match pulse::nodes::connect_to(node, "bzpush check") {
+            Ok(connection) => {
+                report.line(Ok(format!("broker {node}: reachable")));
+                match &reachable {
+                    None => reachable = Some((connection, node.clone())),
+                    Some(_) => close(connection),
+                }
+            }
+            Err(e) => failures.push((node, e)),
         }
-        Err(e) => {
-            let todo = if e.advised() {
-                ""
-            } else if e.refused() {
-                " — check the user, password and vhost in BZPUSH_AMQP_URL"
-            } else {
-                " — is RabbitMQ running and reachable at that host and port?"
-            };
-            let url = report.url(url, &key::AMQP_URL);
-            report.line(Err(format!("broker {url}: {e}{todo}")));
-            return;
+    }
+    for (node, e) in failures {
+        let todo = if e.advised() {
+            ""
+        } else if e.refused() {
+            " — check the user, password and vhost in BZPUSH_AMQP_URL"
+        } else {
+            " — is RabbitMQ running and reachable at that host and port?"
+        };
+        let url = report.url(node, &key::AMQP_URL);
+        match reachable {
+            // A node down is what a cluster is for; that it is down is
+            // still worth a line.
+            Some(_) => report.warn(&format!(
+                "broker {url}: {e}{todo} (bzpush uses the other nodes meanwhile)"
+            )),
+            None => report.line(Err(format!("broker {url}: {e}{todo}"))),
         }
-    };
+    }
+    let (connection, node) = reachable?;
     for exchange in exchanges {
         // A fresh channel each: a refused declaration closes its channel.
         let declared = pulse::wait("declaring the exchange", async {
@@ -628,35 +665,92 @@ fn check_broker(report: &mut Report, url: &AmqpUrl, exchanges: &[String]) {
             )
         }));
     }
+    check_alarm(report, &node, publishes);
+    Some((connection, node))
+}
+
+/// How long `check` waits for the broker's answer to its alarm probe.
+const ALARM_PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a resource alarm blocks publishers, on a connection of its own
+/// to `node` (a blocked connection cannot even be closed): a probe the
+/// broker drops ([`pulse::alarm`]), then a request that needs an answer.
+/// Under an alarm the broker blocks the connection at the probe and reads
+/// nothing after it; otherwise the answer comes at once.
+fn check_alarm(report: &mut Report, node: &AmqpUrl, publishes: bool) {
+    let Ok(connection) = pulse::nodes::connect_to(node, "bzpush check alarm probe") else {
+        return;
+    };
+    let Ok(channel) = pulse::alarm::probe_channel(&connection) else {
+        return;
+    };
+    let mut watch = pulse::alarm::Watch::new(&connection, Some(channel.clone()));
+    watch.probe();
+    let blocked = watch.until_blocked();
+    let answered = pulse::wait_at_most(
+        "asking the broker",
+        ALARM_PROBE_WAIT,
+        future::or(
+            async {
+                channel
+                    .basic_qos(0, BasicQosOptions::default())
+                    .await
+                    .map(|()| true)
+            },
+            async {
+                blocked.await;
+                Ok(false)
+            },
+        ),
+    );
+    match (answered, watch.blocked()) {
+        (_, Some(reason)) => {
+            let line = format!("broker {node}: {}", pulse::alarm::blocked_sentence(&reason));
+            if publishes {
+                report.line(Err(line));
+            } else {
+                report.warn(&line);
+            }
+        }
+        (Ok(_), None) => {
+            report.line(Ok(format!(
+                "broker {node}: no resource alarm (publishers are not blocked)"
+            )));
+            close(connection);
+        }
+        (Err(e), None) => report.warn(&format!(
+            "broker {node}: cannot tell whether a resource alarm blocks publishers ({e}); \
+             may the user write to the default exchange?"
+        )),
+    }
+}
+
+/// Closes a connection `check` is done with; a broker that does not answer
+/// is no news by then.
+fn close(connection: Connection) {
     let _ = pulse::wait("closing", connection.close(200, "check done".into()));
 }
 
 /// Each feed's queue next to the configuration: a queue that exists with
-/// other arguments (a changed `BZPUSH_QUEUE_EXPIRES`) is a warning, since
-/// serve consumes it as it is; the line says how to apply the setting.
-fn check_queues(report: &mut Report, config: &ServeConfig) {
-    let properties = ConnectionProperties::default().with_connection_name("bzpush check".into());
-    let connecting = Connection::connect(config.amqp.secret(), properties);
-    // Unreachable: the broker line above already says so.
-    let Ok(connection) = pulse::wait("connecting", connecting) else {
-        return;
-    };
-    for (feed, f) in config.feeds.iter().enumerate() {
-        let setup = ConsumerSetup {
-            feed,
-            exchange: f.exchange.clone(),
-            queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
-            expires: config.queue_expires,
-        };
+/// other arguments (a changed `BZPUSH_QUEUE_EXPIRES` or
+/// `BZPUSH_QUEUE_TYPE`) is a warning, since serve consumes it as it is;
+/// the line says how to apply the settings.
+fn check_queues(report: &mut Report, config: &ServeConfig, connection: &Connection) {
+    for feed in 0..config.feeds.len() {
+        let setup = ConsumerSetup::for_feed(config, feed);
         let queue = &setup.queue;
-        match pulse::probe_queue(&connection, &config.amqp, &setup) {
+        match pulse::probe_queue(connection, &config.amqp.vhost(), &setup) {
             Ok(QueueState::Missing) => {
                 report.line(Ok(format!(
-                    "queue {queue:?}: not there yet; serve creates it"
+                    "queue {queue:?}: not there yet; serve creates it ({})",
+                    config.queue_type.name()
                 )));
             }
             Ok(QueueState::Matches) => {
-                report.line(Ok(format!("queue {queue:?}: exists as configured")));
+                report.line(Ok(format!(
+                    "queue {queue:?}: exists as configured ({})",
+                    config.queue_type.name()
+                )));
             }
             Ok(QueueState::Differs(what)) => {
                 report.warn(&what);
@@ -666,7 +760,6 @@ fn check_queues(report: &mut Report, config: &ServeConfig) {
             ))),
         }
     }
-    let _ = pulse::wait("closing", connection.close(200, "check done".into()));
 }
 
 #[cfg(test)]

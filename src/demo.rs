@@ -327,6 +327,8 @@ fn run_on_database(
             // replay.
             state_directory: None,
             replay_limit: Duration::ZERO,
+            // No broker.
+            broker_grace: None,
         },
         server: server_config,
         stale_after: config.stale_after,

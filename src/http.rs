@@ -251,6 +251,9 @@ fn health(metrics: &Metrics) -> (bool, serde_json::Value) {
     if metrics.upstream == "database" {
         add_poller(&mut json, &metrics.poller());
     }
+    if metrics.upstream == "broker" {
+        add_broker(&mut json, metrics);
+    }
     let warnings = metrics.warnings();
     if !warnings.is_empty() {
         json["warnings"] = warnings.into();
@@ -280,6 +283,34 @@ fn add_poller(json: &mut serde_json::Value, state: &poller::State) {
     if let Some(reason) = state.refused() {
         json["database"] = "refused".into();
         json["reason"] = reason.into();
+    }
+}
+
+/// The broker's part of `/health` (serve): each feed's link, with the node
+/// it uses or, while down, why (`"broker_links": [{"state": "up", "node":
+/// …}, {"state": "down", "reason": …}]`), and a resource alarm that blocks
+/// the broker's publishers (`"alarm"`). Nodes are shown without passwords.
+fn add_broker(json: &mut serde_json::Value, metrics: &Metrics) {
+    let links: Vec<serde_json::Value> = metrics
+        .broker_links
+        .iter()
+        .map(|link| {
+            let link = link.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match (link.node, link.problem) {
+                (Some(node), _) => serde_json::json!({"state": "up", "node": node}),
+                (None, Some(reason)) => serde_json::json!({"state": "down", "reason": reason}),
+                (None, None) => serde_json::json!({"state": "connecting"}),
+            }
+        })
+        .collect();
+    json["broker_links"] = links.into();
+    let alarm = metrics
+        .broker_alarm
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(alarm) = alarm {
+        json["alarm"] = alarm.into();
     }
 }
 

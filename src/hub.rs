@@ -24,7 +24,7 @@ use crate::catchup::{self, CatchUp, Client, Resumed};
 use crate::metrics::Metrics;
 use crate::notification::{BugId, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
-use crate::poller::Sink;
+use crate::poller::{Refused, Sink};
 use crate::protocol::{self, Command, ProtocolError};
 use connections::{Connections, Slot};
 use index::BugIndex;
@@ -94,8 +94,9 @@ impl Sink for HubSink {
         ("hub", "in-process".to_string())
     }
 
-    fn settle(&mut self, (): ()) -> Result<(), Self::Error> {
-        Ok(())
+    /// The hub refuses nothing.
+    fn settle(&mut self, (): ()) -> Result<Refused, Self::Error> {
+        Ok(Refused::default())
     }
 
     /// Another poller may have taken changes while this one had no lock:

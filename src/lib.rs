@@ -13,7 +13,9 @@
 //!   the broker confirmed it.
 //! - [`pulse`]: the Pulse (AMQP) wire format; [`pulse::publisher`], the
 //!   confirmed publisher; [`pulse::consumer`], the consumer that feeds the
-//!   hub (ack after hand-off).
+//!   hub (ack after hand-off); [`pulse::nodes`], the nodes of a RabbitMQ
+//!   cluster and moving between them; [`pulse::alarm`], a broker that
+//!   blocks publishers.
 //! - [`hub`]: the subscription index, commands, and fan-out of pre-encoded
 //!   frames; it owns the catch-up room and routes its events.
 //! - [`catchup`]: the room that answers `since`: each feed's cache and the
@@ -35,8 +37,9 @@
 //! # Threads
 //!
 //! Every thread is started from [`server`] and joined there: the pipeline's
-//! threads (poller, broker consumers, hub, writers, catch-up worker) through
-//! [`shutdown::spawn_essential`], so that one that dies stops the process;
+//! threads (poller, broker consumers and alarm watch, hub, writers,
+//! catch-up worker) through [`shutdown::spawn_essential`], so that one
+//! that dies stops the process;
 //! the watchdog ([`systemd`]); and the connections' threads, in one
 //! `std::thread::scope` around the accept loop: handshake threads, each
 //! answering one request at a time and kept a while for the next, which

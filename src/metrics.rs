@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::freshness::Freshness;
-use crate::poller;
+use crate::{poller, pulse};
 
 /// The poller's slot in [`Metrics::freshness`] (poll, run, demo).
 pub const POLLER: usize = 0;
@@ -40,6 +40,11 @@ pub struct Metrics {
     /// The pipeline threads, and how long each has been at the work in
     /// hand: the systemd watchdog reads them.
     pub tasks: Tasks,
+    /// serve: each feed's broker link, by feed: its node, or why none.
+    pub broker_links: Vec<Mutex<pulse::LinkState>>,
+    /// serve: the broker's resource alarm, as a sentence, while it blocks
+    /// publishers ([`pulse::alarm::watch`]).
+    pub broker_alarm: Mutex<Option<String>>,
     pub started: Option<Instant>,
     /// The wall-clock time of `started`, for `process_start_time_seconds`.
     started_at: Option<SystemTime>,
@@ -150,6 +155,7 @@ impl Metrics {
                 started: Some(started),
             },
             started: Some(started),
+            broker_links: (0..links).map(|_| Mutex::default()).collect(),
             started_at: Some(SystemTime::now()),
             ..Metrics::default()
         }

@@ -5,11 +5,13 @@
 //! sends, and the broker errors and time bounds both sides share. The
 //! [`publisher`] delivers a batch with publisher confirms (the poller's
 //! side); the [`consumer`] feeds one exchange's messages to the hub (the
-//! server's side). Each is a file named for what it owns, so that the
-//! function [`consume`] and its module do not share a name. lapin is async; this module drives it from plain
-//! threads with `block_on`, and nothing here may block on one of lapin's
-//! executor threads. Every broker operation is bounded in time: lapin can
-//! leave one pending forever on a connection that died under it.
+//! server's side); both reach the broker through [`nodes`], the nodes of
+//! one cluster, and [`alarm`] tells whether the broker blocks publishers.
+//! Each is a file named for what it owns, so that the function [`consume`]
+//! and its module do not share a name. lapin is async; this module drives
+//! it from plain threads with `block_on`, and nothing here may block on one
+//! of lapin's executor threads. Every broker operation is bounded in time:
+//! lapin can leave one pending forever on a connection that died under it.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,11 +25,24 @@ use time::OffsetDateTime;
 
 use crate::notification::{BugId, ChangeTime, Notification};
 
+pub mod alarm;
 pub mod consumer;
+pub mod nodes;
 pub mod publisher;
 
 pub use consumer::{ConsumerSetup, QueueState, consume, probe_queue, queue_name};
+pub use nodes::Nodes;
 pub use publisher::{PublishError, Publisher, PulseSink, Sent};
+
+/// One broker link as `/health` shows it: the node it uses, or why it
+/// has none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkState {
+    /// The node in use, without its password.
+    pub node: Option<String>,
+    /// Why the link is down: the node, and what failed there.
+    pub problem: Option<String>,
+}
 
 /// AMQP `delivery_mode` for a message the broker keeps on disk.
 const PERSISTENT: u8 = 2;
@@ -182,6 +197,10 @@ enum Cause {
     Lost,
     ConsumerEnded,
     TimedOut(Duration),
+    /// `amqps://` to a port that answered in plain text.
+    PlainText,
+    /// No node of the cluster answered: each node and why.
+    EveryNode(Vec<(String, BrokerError)>),
 }
 
 impl BrokerError {
@@ -192,16 +211,44 @@ impl BrokerError {
         }
     }
 
+    /// Connecting to `node` failed with `error`. rustls reports a plain
+    /// AMQP answer to its TLS hello as "received corrupt message", which
+    /// says nothing of the cause: a TLS URL to a port without TLS.
+    fn connecting(node: &crate::config::AmqpUrl, error: lapin::Error) -> BrokerError {
+        let plain = node.tls()
+            && matches!(error.kind(), lapin::ErrorKind::IOError(e)
+                if e.kind() == std::io::ErrorKind::InvalidData);
+        BrokerError {
+            doing: "connecting",
+            cause: if plain {
+                Cause::PlainText
+            } else {
+                Cause::Lapin(error)
+            },
+        }
+    }
+
     /// The broker answered and said no (credentials, vhost, permissions,
-    /// an incompatible declaration): retrying as is will not help.
+    /// an incompatible declaration): retrying as is will not help. For a
+    /// cluster: every node said no.
     pub fn refused(&self) -> bool {
-        matches!(&self.cause, Cause::Lapin(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)))
+        match &self.cause {
+            Cause::Lapin(e) => matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)),
+            Cause::PlainText => true,
+            Cause::EveryNode(nodes) => nodes.iter().all(|(_, e)| e.refused()),
+            _ => false,
+        }
     }
 
     /// Whether the error's own text already says what to do (a refused
-    /// login or vhost), so that a caller adds no second piece of advice.
+    /// login or vhost, TLS to a plain port), so that a caller adds no
+    /// second piece of advice.
     pub fn advised(&self) -> bool {
-        matches!(self.code(), Some(ACCESS_REFUSED | NOT_ALLOWED))
+        match &self.cause {
+            Cause::PlainText => true,
+            Cause::EveryNode(nodes) => nodes.iter().all(|(_, e)| e.advised()),
+            _ => matches!(self.code(), Some(ACCESS_REFUSED | NOT_ALLOWED)),
+        }
     }
 
     fn closed(doing: &'static str) -> BrokerError {
@@ -237,11 +284,33 @@ impl fmt::Display for BrokerError {
                 let todo = match amqp_code(e) {
                     Some(ACCESS_REFUSED) => " — check the user and password in BZPUSH_AMQP_URL",
                     Some(NOT_ALLOWED) => {
-                        " — the user may not use that vhost: check BZPUSH_AMQP_URL and the user's permissions"
+                        " — no such vhost, or the user may not use it: check the vhost in \
+                         BZPUSH_AMQP_URL (the default vhost / is written %2f) and the user's \
+                         permissions"
                     }
                     _ => "",
                 };
                 f.write_str(todo)
+            }
+            Cause::PlainText => write!(
+                f,
+                "{}: TLS failed: the port answered without TLS — an amqps:// URL points at a \
+                 plain AMQP port (RabbitMQ listens for TLS on 5671 by default, plain on 5672): \
+                 use amqp:// for this port, or the broker's TLS port",
+                self.doing
+            ),
+            Cause::EveryNode(nodes) => {
+                write!(f, "{}: no node answered", self.doing)?;
+                for (node, error) in nodes {
+                    // Each error starts with what was being done: said once.
+                    let why = error.to_string();
+                    let why = why
+                        .strip_prefix(&format!("{}: ", self.doing))
+                        .unwrap_or(&why)
+                        .to_string();
+                    write!(f, "; {node}: {why}")?;
+                }
+                Ok(())
             }
             Cause::Closed => write!(f, "{}: the broker closed the connection", self.doing),
             Cause::ConsumerEnded => write!(
@@ -318,7 +387,7 @@ pub(crate) fn wait<T>(
 }
 
 /// One lapin operation, bounded by `timeout`.
-fn wait_at_most<T>(
+pub(crate) fn wait_at_most<T>(
     doing: &'static str,
     timeout: Duration,
     operation: impl Future<Output = lapin::Result<T>>,

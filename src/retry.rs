@@ -59,6 +59,15 @@ impl<'a> Link<'a> {
         }
     }
 
+    /// Names another target (a link that moved to another node): the
+    /// next `up` or `down` is logged with it, even in the same state.
+    pub fn retarget(&mut self, target: String) {
+        if self.target != target {
+            self.target = target;
+            self.state = None;
+        }
+    }
+
     pub fn up(&mut self) {
         if self.state != Some(State::Up) {
             info!("{} {}: connected", self.name, self.target);

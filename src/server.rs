@@ -336,40 +336,33 @@ fn start_consumers(
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
 ) -> io::Result<Vec<JoinHandle<()>>> {
-    config
-        .feeds
-        .iter()
-        .enumerate()
-        .map(|(feed, f)| {
-            let setup = ConsumerSetup {
-                feed,
-                exchange: f.exchange.clone(),
-                queue: pulse::queue_name(&config.queue_prefix, &f.exchange),
-                expires: config.queue_expires,
-            };
-            let (url, hub, metrics, shutdown) = (
-                config.amqp.clone(),
-                hub.clone(),
-                Arc::clone(metrics),
-                shutdown.clone(),
-            );
-            shutdown::spawn_essential(
-                format!("pulse-{feed}"),
-                thread::Builder::new(),
-                &shutdown.clone(),
-                move || {
-                    pulse::consume(
-                        &url,
-                        &setup,
-                        &hub,
-                        &metrics,
-                        &metrics.upstream_links[feed],
-                        &shutdown,
-                    )
-                },
-            )
-        })
-        .collect()
+    let consumers = (0..config.feeds.len()).map(|feed| {
+        let setup = ConsumerSetup::for_feed(config, feed);
+        let (nodes, hub, metrics, shutdown) = (
+            config.amqp.clone(),
+            hub.clone(),
+            Arc::clone(metrics),
+            shutdown.clone(),
+        );
+        shutdown::spawn_essential(
+            format!("pulse-{feed}"),
+            thread::Builder::new(),
+            &shutdown.clone(),
+            move || pulse::consume(&nodes, &setup, &hub, &metrics, &shutdown),
+        )
+    });
+    // A consumer never publishes, so the broker never tells it of an
+    // alarm: a thread of its own asks, for `/health`.
+    let alarm = {
+        let (nodes, metrics, stop) = (config.amqp.clone(), Arc::clone(metrics), shutdown.clone());
+        shutdown::spawn_essential(
+            "broker-alarm".into(),
+            thread::Builder::new(),
+            shutdown,
+            move || pulse::alarm::watch(nodes, &metrics, &stop),
+        )
+    };
+    consumers.chain([alarm]).collect()
 }
 
 /// Blocks until shutdown, then connects to the listener once so that a

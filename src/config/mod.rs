@@ -31,7 +31,7 @@ use log::LevelFilter;
 
 pub use help::{help, mode_help};
 pub use settings::{Range, SETTINGS, Setting, key};
-pub use url::{AmqpUrl, DatabaseUrl, SecretUrl, redact_url};
+pub use url::{AmqpNodes, AmqpUrl, DatabaseUrl, SecretUrl, redact_url};
 pub use values::{feed_path, format_duration, parse_duration};
 
 use resolve::Read;
@@ -164,6 +164,26 @@ pub enum Source {
     Bugs,
 }
 
+/// What kind of queue `serve` declares (`BZPUSH_QUEUE_TYPE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated over the cluster's nodes (Raft): survives the loss of a
+    /// minority of them. RabbitMQ 3.8 and later.
+    Quorum,
+    /// On one node: gone while that node is down.
+    Classic,
+}
+
+impl QueueType {
+    /// The setting's value, as the table and `x-queue-type` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
 /// The database poller's settings (poll, run).
 #[derive(Clone, Debug)]
 pub struct PollerConfig {
@@ -183,13 +203,17 @@ pub struct PollerConfig {
     pub state_directory: Option<PathBuf>,
     /// Source `bugs`: how far back a saved watermark may take a start.
     pub replay_limit: Duration,
+    /// `poll`: how long no broker node may answer before an active poller
+    /// lets go of the lock (and a standby stops competing for it); `None`
+    /// for `run`, which has no broker.
+    pub broker_grace: Option<Duration>,
 }
 
 /// Everything `bzpush poll` needs.
 #[derive(Clone, Debug)]
 pub struct PollConfig {
     pub poller: PollerConfig,
-    pub amqp: AmqpUrl,
+    pub amqp: AmqpNodes,
     pub exchange: String,
     /// `/health` answers 503 once a change owed downstream has waited
     /// this long (`BZPUSH_STALE_AFTER`).
@@ -208,10 +232,11 @@ pub struct Feed {
 /// Everything `bzpush serve` needs.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    pub amqp: AmqpUrl,
+    pub amqp: AmqpNodes,
     pub feeds: Vec<Feed>,
     pub queue_prefix: String,
     pub queue_expires: Duration,
+    pub queue_type: QueueType,
     /// Read-only access to Bugzilla's database for catch-up, if set.
     pub catchup_database: Option<DatabaseUrl>,
     pub server: ServerConfig,

@@ -8,10 +8,10 @@
 use std::path::PathBuf;
 
 use super::settings::{Setting, key};
-use super::url::{amqp_url, database_url, server_url};
+use super::url::{amqp_nodes, database_url, server_url};
 use super::values::{
     MAX_EXCHANGE_NAME, Value, bugzilla_url, duration, feeds, heartbeat, lock_name, log_level,
-    number, origins, queue_prefix, socket_addr, source, state_directory, text,
+    number, origins, queue_prefix, queue_type, socket_addr, source, state_directory, text,
 };
 use super::{
     Config, ConfigError, DemoConfig, Mode, PollConfig, PollerConfig, RunConfig, ServeConfig,
@@ -55,9 +55,11 @@ fn run(v: &dyn Read, host: &Host) -> Result<RunConfig, ConfigError> {
 }
 
 fn poll(v: &dyn Read, host: &Host) -> Result<PollConfig, ConfigError> {
+    let mut poller = poller(v, host)?;
+    poller.broker_grace = Some(duration(v.get(&key::BROKER_GRACE))?);
     Ok(PollConfig {
-        poller: poller(v, host)?,
-        amqp: amqp_url(v.get(&key::AMQP_URL))?.with_heartbeat(heartbeat(v.get(&key::HEARTBEAT))?),
+        poller,
+        amqp: amqp_nodes(v.get(&key::AMQP_URL))?.with_heartbeat(heartbeat(v.get(&key::HEARTBEAT))?),
         exchange: text(v.get(&key::EXCHANGE), MAX_EXCHANGE_NAME)?,
         stale_after: duration(v.get(&key::STALE_AFTER))?,
         log: log_level(v.get(&key::LOG))?,
@@ -65,12 +67,14 @@ fn poll(v: &dyn Read, host: &Host) -> Result<PollConfig, ConfigError> {
 }
 
 fn serve(v: &dyn Read, host: &Host) -> Result<ServeConfig, ConfigError> {
-    let amqp = amqp_url(v.get(&key::AMQP_URL))?.with_heartbeat(heartbeat(v.get(&key::HEARTBEAT))?);
+    let amqp =
+        amqp_nodes(v.get(&key::AMQP_URL))?.with_heartbeat(heartbeat(v.get(&key::HEARTBEAT))?);
     let catchup = v.get(&key::CATCHUP_DATABASE_URL);
     Ok(ServeConfig {
         feeds: feeds(v.get(&key::FEEDS))?,
         queue_prefix: queue_prefix(v.get(&key::QUEUE), &amqp, &host.hostname)?,
         queue_expires: duration(v.get(&key::QUEUE_EXPIRES))?,
+        queue_type: queue_type(v.get(&key::QUEUE_TYPE))?,
         catchup_database: if catchup.1 == catchup.0.default {
             None
         } else {
@@ -114,6 +118,7 @@ fn poller(v: &dyn Read, host: &Host) -> Result<PollerConfig, ConfigError> {
             host.state_directory.clone(),
         )?,
         replay_limit: duration(v.get(&key::REPLAY_LIMIT))?,
+        broker_grace: None,
         database,
     })
 }

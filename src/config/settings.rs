@@ -140,7 +140,9 @@ table! {
     LOCK_NAME "lock-name" = "bzpush.poller.<database>", Range::Text, POLLERS,
         "database lock held by the active poller; server-wide, so the default names the database";
     AMQP_URL "amqp-url" = "amqp://guest:guest@127.0.0.1:5672/%2f", Range::Text, BROKERS,
-        "the broker; amqps:// for TLS (poll, serve)";
+        "the broker; amqps:// for TLS (poll, serve); several comma-separated URLs are the nodes of one RabbitMQ cluster";
+    BROKER_GRACE "broker-grace" = "1m", Range::Duration(secs(1), secs(3600)), &[Poll],
+        "poll: an active poller that reaches no broker node this long lets go of the database lock, so that a standby that reaches one takes over";
     HEARTBEAT "heartbeat" = "10s", Range::Duration(secs(1), secs(65535)), BROKERS,
         "poll, serve: AMQP heartbeat, in whole seconds; a silently dead broker link is noticed within about twice this (a heartbeat= in the URL wins)";
     EXCHANGE "exchange" = "exchange/bugzilla/simple", Range::Text, &[Poll],
@@ -152,6 +154,8 @@ table! {
     QUEUE_EXPIRES "queue-expires" = "24h",
         Range::Duration(secs(60), secs(30 * 24 * 3600)), &[Serve],
         "serve: the broker deletes a queue unused this long (x-expires)";
+    QUEUE_TYPE "queue-type" = "quorum", Range::Text, &[Serve],
+        "serve: quorum (replicated: a queue survives the loss of a minority of the cluster's nodes) or classic";
     LISTEN "listen" = "127.0.0.1:8844", Range::Text, SERVERS,
         "serve, run: WebSocket and HTTP address";
     MAX_CONNECTIONS "max-connections" = "10000", count(1, 1_000_000, "connections"), SERVERS,

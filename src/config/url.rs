@@ -1,6 +1,6 @@
 //! URLs that may hold a password: the database and broker URLs, checked
-//! with the `url` crate (the parser mysql and lapin use), and their
-//! redaction.
+//! with the `url` crate (the parser mysql and lapin use), their redaction,
+//! and the broker's list of cluster nodes ([`AmqpNodes`]).
 //!
 //! A password is never printed: [`SecretUrl`] shows itself redacted, and
 //! an error about a URL shows it only if its password can be told apart.
@@ -54,13 +54,38 @@ impl AmqpUrl {
             return Err("expected amqp://USER:PASSWORD@HOST:PORT/VHOST or amqps://…".into());
         }
         let url = unambiguous(value)?;
-        value
+        let uri = value
             .parse::<lapin::uri::AMQPUri>()
             .map_err(|e| without_secrets(&e.to_string(), value))?;
+        // `amqp://host:5672/` names the vhost "", which no broker has: the
+        // broker answers only `NOT_ALLOWED - vhost  not found`.
+        if uri.vhost.is_empty() {
+            let mut fixed = url.clone();
+            fixed.set_path("/%2f");
+            return Err(format!(
+                "the URL names an empty vhost (nothing after the last /); the default vhost / \
+                 is written %2f: {}",
+                redact(&fixed).unwrap_or_else(|| NOT_SHOWN.to_string())
+            ));
+        }
         Ok(AmqpUrl {
             url,
             opts: value.to_string(),
         })
+    }
+
+    /// Whether it asks for TLS (`amqps://`).
+    pub fn tls(&self) -> bool {
+        self.url.scheme() == "amqps"
+    }
+
+    /// The vhost, as the broker names it (percent-decoded).
+    pub fn vhost(&self) -> String {
+        self.uri().map_or_else(|| "/".to_string(), |uri| uri.vhost)
+    }
+
+    fn uri(&self) -> Option<lapin::uri::AMQPUri> {
+        self.opts.parse().ok()
     }
 
     /// Connects with a heartbeat of `secs` seconds unless the URL asks for
@@ -81,10 +106,80 @@ impl AmqpUrl {
 
     /// The user, as lapin logs in (percent-decoded); `guest` if none.
     pub fn user(&self) -> String {
-        self.opts
-            .parse::<lapin::uri::AMQPUri>()
-            .map(|uri| uri.authority.userinfo.username)
-            .unwrap_or_else(|_| "guest".to_string())
+        self.uri().map_or_else(
+            || "guest".to_string(),
+            |uri| uri.authority.userinfo.username,
+        )
+    }
+}
+
+/// `BZPUSH_AMQP_URL`: the nodes of one RabbitMQ cluster, in the order
+/// given, each an [`AmqpUrl`] with the same user and vhost (a cluster
+/// shares its users and vhosts). One node is a list of one. Prints as the
+/// list, each URL redacted.
+#[derive(Clone, Debug)]
+pub struct AmqpNodes(Vec<AmqpUrl>);
+
+impl AmqpNodes {
+    /// Checks `value`, comma-separated URLs; the error says which one is
+    /// wrong and how.
+    pub fn parse(value: &str) -> Result<AmqpNodes, String> {
+        let nodes = value
+            .split(',')
+            .map(str::trim)
+            .enumerate()
+            .map(|(i, node)| {
+                AmqpUrl::parse(node).map_err(|why| match i {
+                    0 => why,
+                    _ => format!(
+                        "node {} of the list: {why} (a , inside a password is written %2C)",
+                        i + 1
+                    ),
+                })
+            })
+            .collect::<Result<Vec<AmqpUrl>, String>>()?;
+        let first = &nodes[0];
+        if let Some(other) = nodes
+            .iter()
+            .find(|n| n.user() != first.user() || n.vhost() != first.vhost())
+        {
+            return Err(format!(
+                "every node of one cluster has the same user and vhost: {first} and {other} differ"
+            ));
+        }
+        Ok(AmqpNodes(nodes))
+    }
+
+    /// The nodes, in the order given; never empty.
+    pub fn nodes(&self) -> &[AmqpUrl] {
+        &self.0
+    }
+
+    /// Every node with a heartbeat of `secs` seconds ([`AmqpUrl::with_heartbeat`]).
+    pub fn with_heartbeat(self, secs: u16) -> AmqpNodes {
+        AmqpNodes(self.0.into_iter().map(|n| n.with_heartbeat(secs)).collect())
+    }
+
+    /// The user every node logs in as.
+    pub fn user(&self) -> String {
+        self.0[0].user()
+    }
+
+    /// The vhost of every node.
+    pub fn vhost(&self) -> String {
+        self.0[0].vhost()
+    }
+}
+
+impl fmt::Display for AmqpNodes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, node) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            node.fmt(f)?;
+        }
+        Ok(())
     }
 }
 
@@ -139,8 +234,8 @@ fn mysql_url((setting, value): Value, shape: &str) -> Result<DatabaseUrl, Config
     Ok(DatabaseUrl { opts, url })
 }
 
-pub(super) fn amqp_url((setting, value): Value) -> Result<AmqpUrl, ConfigError> {
-    AmqpUrl::parse(value).map_err(|why| ConfigError::url(setting, value, &why))
+pub(super) fn amqp_nodes((setting, value): Value) -> Result<AmqpNodes, ConfigError> {
+    AmqpNodes::parse(value).map_err(|why| ConfigError::url(setting, value, &why))
 }
 
 impl ConfigError {
@@ -258,22 +353,66 @@ mod tests {
     use crate::config::tests::{demo, poll};
 
     #[test]
+    fn the_broker_takes_the_nodes_of_one_cluster_and_no_empty_vhost() {
+        let list = "amqp://u:p@a:5672/%2f, amqp://u:p@b:5672/%2f,amqps://u:p@c:5671/%2f";
+        let config = poll(&["--amqp-url", list], &[]).expect("a list of nodes");
+        let nodes: Vec<String> = config
+            .amqp
+            .nodes()
+            .iter()
+            .map(|n| n.secret().into())
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                "amqp://u:p@a:5672/%2f?heartbeat=10",
+                "amqp://u:p@b:5672/%2f?heartbeat=10",
+                "amqps://u:p@c:5671/%2f?heartbeat=10"
+            ]
+        );
+        assert_eq!(
+            config.amqp.to_string(),
+            "amqp://u:***@a:5672/%2f,amqp://u:***@b:5672/%2f,amqps://u:***@c:5671/%2f"
+        );
+        let refused = |list: &str| {
+            poll(&["--amqp-url", list], &[])
+                .map(drop)
+                .unwrap_err()
+                .to_string()
+        };
+        let err = refused("amqp://u:p@a/%2f,amqp://v:p@b/%2f");
+        assert!(err.contains("same user and vhost"), "{err}");
+        let err = refused("amqp://u:p@a/%2f,amqp://u:p@b/other");
+        assert!(err.contains("same user and vhost"), "{err}");
+        let err = refused("amqp://u:p@a/%2f,b:5672");
+        assert!(err.contains("node 2 of the list"), "{err}");
+        let err = refused("amqp://u:secret@a:5672/");
+        assert!(
+            err.contains("empty vhost") && err.contains("amqp://u:***@a:5672/%2f"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+        // No path at all is the default vhost, as lapin reads it.
+        assert!(poll(&["--amqp-url", "amqp://u:p@a:5672"], &[]).is_ok());
+    }
+
+    #[test]
     fn the_broker_link_has_a_heartbeat_unless_the_url_sets_one() {
         let config = poll(&[], &[]).expect("defaults are valid");
         assert_eq!(
-            config.amqp.secret(),
+            config.amqp.nodes()[0].secret(),
             "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"
         );
         let url = "amqp://u:p@h/v?heartbeat=3";
         let config = poll(&["--amqp-url", url, "--heartbeat", "30s"], &[]).expect("valid");
-        assert_eq!(config.amqp.secret(), url);
+        assert_eq!(config.amqp.nodes()[0].secret(), url);
         let config = poll(
             &["--amqp-url", "amqp://u:p@h/v?frame_max=8192"],
             &[("BZPUSH_HEARTBEAT", "1m")],
         )
         .expect("valid");
         assert_eq!(
-            config.amqp.secret(),
+            config.amqp.nodes()[0].secret(),
             "amqp://u:p@h/v?frame_max=8192&heartbeat=60"
         );
         for bad in ["1500ms", "0s", "19h"] {

@@ -13,8 +13,8 @@ use std::time::Duration;
 use log::LevelFilter;
 
 use super::settings::{Range, Setting};
-use super::url::AmqpUrl;
-use super::{ConfigError, Feed, Source};
+use super::url::AmqpNodes;
+use super::{ConfigError, Feed, QueueType, Source};
 use crate::origin;
 
 /// MariaDB and MySQL refuse lock names longer than this.
@@ -131,6 +131,18 @@ pub(super) fn source((setting, value): Value) -> Result<Source, ConfigError> {
     }
 }
 
+pub(super) fn queue_type((setting, value): Value) -> Result<QueueType, ConfigError> {
+    match value {
+        "quorum" => Ok(QueueType::Quorum),
+        "classic" => Ok(QueueType::Classic),
+        _ => Err(ConfigError::setting(
+            setting,
+            value,
+            "expected quorum or classic",
+        )),
+    }
+}
+
 pub(super) fn socket_addr((setting, value): Value) -> Result<SocketAddr, ConfigError> {
     value
         .parse()
@@ -194,7 +206,7 @@ fn default_lock_name(db: &str) -> String {
 /// and this machine (`hostname`).
 pub(super) fn queue_prefix(
     value: Value,
-    amqp: &AmqpUrl,
+    amqp: &AmqpNodes,
     hostname: &str,
 ) -> Result<String, ConfigError> {
     if value.1 != value.0.default {

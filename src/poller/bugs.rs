@@ -43,6 +43,17 @@ pub struct Bugs<'a> {
     look_for_push_notify: bool,
     /// Where `/health`'s warnings go.
     metrics: &'a Metrics,
+    /// Changes kept at a confirm (the sink refused them, or they wait to
+    /// be sent again): the watermark stays at the oldest, so that every
+    /// read, and a restart, finds them, until they are taken or the bug
+    /// changes again.
+    kept: HashSet<Notification>,
+    /// How much further back than one overlap reads go after taking over
+    /// from a poller that let go of the lock for want of a broker: it
+    /// published nothing for up to its grace first. Zero without a broker.
+    takeover_lookback_secs: u64,
+    /// That extra look back, until a read leaves nothing in the window.
+    lookback_secs: u64,
 }
 
 /// What a batch needs to be remembered once confirmed.
@@ -69,6 +80,13 @@ impl<'a> Bugs<'a> {
             resume: None,
             look_for_push_notify: !config.source_given,
             metrics,
+            kept: HashSet::new(),
+            // The grace, and an overlap for the time between the other
+            // poller's last confirm and the lock changing hands.
+            takeover_lookback_secs: config
+                .broker_grace
+                .map_or(0, |grace| grace.as_secs() + config.overlap.as_secs()),
+            lookback_secs: 0,
         }
     }
 
@@ -159,6 +177,11 @@ impl Source for Bugs<'_> {
             self.watermark = Some(now.clone());
             self.resume = self.state.as_ref().and_then(WatermarkFile::load);
         }
+        self.lookback_secs = if took_over {
+            self.takeover_lookback_secs
+        } else {
+            0
+        };
     }
 
     fn reads_ahead(&self) -> bool {
@@ -188,7 +211,7 @@ impl Source for Bugs<'_> {
             "SELECT bug_id, delta_ts, TIMESTAMPDIFF(SECOND, delta_ts, NOW()) FROM bugs \
              WHERE delta_ts >= STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s') - INTERVAL ? SECOND \
              ORDER BY delta_ts, bug_id",
-            (watermark.as_str(), self.overlap_secs),
+            (watermark.as_str(), self.overlap_secs + self.lookback_secs),
         )?;
         let in_window: Vec<(Notification, i64)> = rows
             .iter()
@@ -225,17 +248,37 @@ impl Source for Bugs<'_> {
         &mut self,
         _db: &mut Conn,
         window: Window,
+        kept: &HashSet<Notification>,
     ) -> Result<Vec<Notification>, mysql::Error> {
-        self.published.extend(window.published);
+        for n in window.published {
+            if kept.contains(&n) {
+                self.kept.insert(n);
+            } else {
+                self.kept.remove(&n);
+                self.published.insert(n);
+            }
+        }
         if let Some(now) = window.complete_at {
             // A pair that fell out of this window never comes back into a
-            // later one: forget it.
+            // later one: forget it. A kept pair no longer there was
+            // overwritten by a later change of its bug, which goes out.
             self.published.retain(|n| window.seen.contains(n));
+            self.kept.retain(|n| window.seen.contains(n));
+            // Same fixed-width form: text order is time order.
+            let watermark = self
+                .kept
+                .iter()
+                .map(|n| &n.when)
+                .chain([&now])
+                .min_by_key(|when| when.as_str())
+                .cloned()
+                .unwrap_or(now);
             if let Some(state) = &mut self.state {
-                state.save(&now);
+                state.save(&watermark);
                 self.metrics.warning("watermark", state.failing());
             }
-            self.watermark = Some(now);
+            self.watermark = Some(watermark);
+            self.lookback_secs = 0;
         }
         // Only read, never locked: nothing stays.
         Ok(Vec::new())

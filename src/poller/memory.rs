@@ -10,7 +10,7 @@
 //! a change and its row are one step under the mutex, so none is lost
 //! between them (no check against `bugs`), and nothing here fails.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -240,15 +240,26 @@ impl Source for PushNotify {
         &mut self,
         db: &mut Connection,
         Rows(rows): Rows,
+        kept: &HashSet<Notification>,
     ) -> Result<Vec<Notification>, mysql::Error> {
         let mut tables = db.table.lock();
         let mut changed = false;
         for (id, delta_ts) in rows {
             // Compared as text, as the real DELETE compares the column.
-            let unchanged = tables
-                .push_notify
-                .get(&id)
-                .is_some_and(|row| row.delta_ts.as_str() == delta_ts.as_str());
+            let Some(row) = tables.push_notify.get(&id) else {
+                changed = true;
+                continue;
+            };
+            let unchanged = row.delta_ts.as_str() == delta_ts.as_str();
+            let change = Notification {
+                bug: row.bug,
+                when: delta_ts,
+            };
+            // A kept change's row stays, for the read that sends it again
+            // when the backlog ends.
+            if kept.contains(&change) {
+                continue;
+            }
             if unchanged {
                 tables.push_notify.remove(&id);
             } else {
@@ -312,10 +323,10 @@ mod tests {
         let t3 = ChangeTime::new("2026-01-01T00:00:03");
         table.change(bug(3), t3.clone());
         source
-            .confirmed(&mut db, first.receipt)
+            .confirmed(&mut db, first.receipt, &HashSet::new())
             .unwrap_or_else(|e| panic!("{e}"));
         source
-            .confirmed(&mut db, second.receipt)
+            .confirmed(&mut db, second.receipt, &HashSet::new())
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(table.rows(), 1);
         let again = read(&mut source, &mut db);

@@ -20,7 +20,10 @@
 //! errors, retried with capped backoff) or it answers and refuses (a missing
 //! table or privilege: said once with the fix, retried slowly; an active
 //! poller refused lets go of the lock meanwhile, so that a standby whose
-//! account works takes over). The role
+//! account works takes over). A poller that reaches no node of its broker
+//! for longer than its grace lets go of the lock too, and competes for it
+//! again only once a node answers, so that a standby that reaches the
+//! broker takes over. The role
 //! (active or standby, and who holds the lock) and a refusal are logged once
 //! per change, sent to systemd as `STATUS=`, and kept in [`Metrics`] for
 //! `/health` and `/metrics`.
@@ -31,6 +34,7 @@ mod database;
 pub mod memory;
 mod pipeline;
 mod push_notify;
+mod refusals;
 pub mod state;
 mod watermark;
 
@@ -77,9 +81,10 @@ pub trait Sink {
     /// any batch sent before it.
     fn send(&mut self, batch: &[Notification]) -> Result<Self::Pending, Self::Error>;
 
-    /// Waits for a sent batch. `Ok` only once the sink is responsible for
-    /// every notification in it: the poller forgets them then.
-    fn settle(&mut self, pending: Self::Pending) -> Result<(), Self::Error>;
+    /// Waits for a sent batch. `Ok` once the sink is responsible for every
+    /// notification in it but the ones it answers as refused: the poller
+    /// forgets the others then, and keeps the refused ones to send again.
+    fn settle(&mut self, pending: Self::Pending) -> Result<Refused, Self::Error>;
 
     /// A poll found nothing to send: makes sure the sink is ready anyway
     /// (connected, its exchange declared), so that its state is known and
@@ -103,6 +108,23 @@ pub trait Sink {
     fn local(&self) -> bool {
         false
     }
+
+    /// How long the sink has been out of reach (no node of the broker
+    /// answers); `None` while it is reachable, or for a sink that cannot
+    /// be out of reach.
+    fn unreachable_for(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The changes of a settled batch that the sink refused, and why: it took
+/// every other change of the batch. A refused change is not forgotten: it
+/// is sent again, alone, after a growing pause (see `poller/refusals.rs`).
+#[derive(Debug, Default)]
+pub struct Refused {
+    pub changes: Vec<Notification>,
+    /// What refused them and what to do about it, for the log.
+    pub why: String,
 }
 
 /// Runs the poller until `shutdown`, handing changes to `sink`. Database
@@ -113,6 +135,7 @@ pub fn run(config: &PollerConfig, sink: impl Sink, metrics: &Metrics, shutdown: 
     let settings = Settings {
         lock_name: &config.lock_name,
         poll_interval: config.poll_interval,
+        broker_grace: config.broker_grace,
     };
     let database = MariaDb(config);
     match config.source {
@@ -151,6 +174,7 @@ pub fn run_in_memory(
     let settings = Settings {
         lock_name,
         poll_interval,
+        broker_grace: None,
     };
     let pipeline = Pipeline::new(
         memory::PushNotify::new(batch_size),
@@ -165,6 +189,17 @@ pub fn run_in_memory(
 struct Settings<'a> {
     lock_name: &'a str,
     poll_interval: Duration,
+    /// How long the sink may be out of reach before the poller lets go of
+    /// the lock; `None`: never.
+    broker_grace: Option<Duration>,
+}
+
+/// Why the poller let go of a database connection that was fine, and of
+/// the lock with it.
+enum Stopped {
+    Shutdown,
+    /// No node of the broker answered for this long, past the grace.
+    BrokerLost(Duration),
 }
 
 /// How a connection ended: the error, and whether a statement had worked
@@ -222,8 +257,19 @@ where
 
     fn run(mut self) {
         let mut backoff = Backoff::default();
-        // `Ok` only on shutdown.
-        while let Err(ended) = self.connect_and_work(&mut backoff) {
+        loop {
+            let ended = match self.connect_and_work(&mut backoff) {
+                Ok(Stopped::Shutdown) => break,
+                Ok(Stopped::BrokerLost(after)) => {
+                    self.pipeline.sink.deactivated();
+                    self.state.broker_lost(after);
+                    if self.wait_for_broker() {
+                        break;
+                    }
+                    continue;
+                }
+                Err(ended) => ended,
+            };
             // The lock went with the connection: whoever reconnects first
             // is the active poller.
             self.pipeline.sink.deactivated();
@@ -264,8 +310,9 @@ where
                 .is_none_or(|at| at.elapsed() >= QUIET_RECONNECT_GAP)
     }
 
-    /// Connects, waits for the lock, polls. `Ok` only on shutdown.
-    fn connect_and_work(&mut self, backoff: &mut Backoff) -> Result<(), Ended> {
+    /// Connects, waits for the lock, polls. `Ok` on shutdown, or when the
+    /// broker has been out of reach past the grace.
+    fn connect_and_work(&mut self, backoff: &mut Backoff) -> Result<Stopped, Ended> {
         let mut worked = false;
         let ended = |error, worked, at_work| Ended {
             error,
@@ -277,17 +324,53 @@ where
         let mut db = self.db.connect().map_err(|e| ended(e, false, false))?;
         drop(connecting);
         match self.take_lock(&mut db, &mut worked) {
-            Ok(true) => {}
-            Ok(false) => return Ok(()),
+            Ok(None) => {}
+            Ok(Some(stopped)) => return Ok(stopped),
             Err(e) => return Err(ended(e, worked, false)),
         }
         self.work(&mut db, backoff)
             .map_err(|e| ended(e, true, true))
     }
 
-    /// Waits for the poller lock as a hot standby. `Ok(false)`: shutdown
-    /// came first. `worked` is set once a statement worked.
-    fn take_lock(&mut self, db: &mut D::Session, worked: &mut bool) -> Result<bool, mysql::Error> {
+    /// How long the broker has been out of reach, once that is past the
+    /// grace.
+    fn broker_lost(&self) -> Option<Duration> {
+        let grace = self.settings.broker_grace?;
+        self.pipeline
+            .sink
+            .unreachable_for()
+            .filter(|after| *after >= grace)
+    }
+
+    /// Tries the broker, with backoff, until a node answers; `true` if
+    /// shutdown came first.
+    fn wait_for_broker(&mut self) -> bool {
+        let mut backoff = Backoff::default();
+        let task = self.task.clone();
+        loop {
+            let working = task.working();
+            self.pipeline.keep_sink_ready();
+            drop(working);
+            if self.pipeline.sink.unreachable_for().is_none() {
+                self.state.broker_back();
+                return false;
+            }
+            if backoff.wait(self.shutdown) {
+                return true;
+            }
+        }
+    }
+
+    /// Waits for the poller lock as a hot standby. `Ok(None)`: it took the
+    /// lock; otherwise why it stopped first: shutdown, or a broker out of
+    /// reach past the grace (a poller that cannot publish must not take
+    /// the lock from one that can). `worked` is set once a statement
+    /// worked.
+    fn take_lock(
+        &mut self,
+        db: &mut D::Session,
+        worked: &mut bool,
+    ) -> Result<Option<Stopped>, mysql::Error> {
         let name = self.settings.lock_name;
         let mut waited = false;
         let mut holder: Option<LockHolder> = None;
@@ -295,6 +378,9 @@ where
         let task = self.task.clone();
         loop {
             let _working = task.working();
+            if let Some(after) = self.broker_lost() {
+                return Ok(Some(Stopped::BrokerLost(after)));
+            }
             let attempt = db.try_lock(name, LOCK_WAIT_SECS)?;
             *worked = true;
             if attempt.taken {
@@ -310,7 +396,7 @@ where
                     .at()
                     .map(|at| at.plus_secs(LOCK_WAIT_SECS.into()));
                 self.pipeline.activated(&attempt.now, waited, locked);
-                return Ok(true);
+                return Ok(None);
             }
             self.standby_owes(db, &mut mark, &attempt.now)?;
             // `None`: freed since GET_LOCK gave up; the next one takes it.
@@ -330,7 +416,7 @@ where
             }
             self.pipeline.keep_sink_ready();
             if self.shutdown.requested() {
-                return Ok(false);
+                return Ok(Some(Stopped::Shutdown));
             }
         }
     }
@@ -377,10 +463,15 @@ where
         }
     }
 
-    /// Polls while this poller holds the lock on `db`, until shutdown
-    /// (`Ok`) or a database error, an outage or a refusal: the caller drops
-    /// the connection, and the lock with it.
-    fn work(&mut self, db: &mut D::Session, db_backoff: &mut Backoff) -> Result<(), mysql::Error> {
+    /// Polls while this poller holds the lock on `db`, until shutdown or a
+    /// broker out of reach past the grace (`Ok`), or a database error, an
+    /// outage or a refusal: the caller drops the connection, and the lock
+    /// with it.
+    fn work(
+        &mut self,
+        db: &mut D::Session,
+        db_backoff: &mut Backoff,
+    ) -> Result<Stopped, mysql::Error> {
         let mut next_poll = Instant::now();
         let task = self.task.clone();
         loop {
@@ -388,7 +479,7 @@ where
                 .shutdown
                 .sleep(next_poll.saturating_duration_since(Instant::now()))
             {
-                return self.pipeline.finish(db);
+                return self.pipeline.finish(db).map(|()| Stopped::Shutdown);
             }
             let _working = task.working();
             let started = Instant::now();
@@ -411,7 +502,10 @@ where
                 }
                 Err(Failure::Sink(e)) => {
                     if self.pipeline.sink_failed(&e, self.shutdown) {
-                        return Ok(());
+                        return Ok(Stopped::Shutdown);
+                    }
+                    if let Some(after) = self.broker_lost() {
+                        return Ok(Stopped::BrokerLost(after));
                     }
                     Instant::now()
                 }

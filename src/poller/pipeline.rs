@@ -3,14 +3,20 @@
 //! backlog several batches are in flight at once, settled and forgotten in
 //! the order they were read. What the sink took but the source could not
 //! forget (its confirm failed) is remembered, so that reading it again
-//! hands nothing over twice. This module never decides when to poll or
-//! holds the lock: that is the poll loop's ([`super`]).
+//! hands nothing over twice. A change the sink refused (a broker's nack)
+//! is kept by the source and sent again alone after a growing pause
+//! ([`super::refusals`]), while every other change flows. This module
+//! never decides when to poll or holds the lock: that is the poll loop's
+//! ([`super`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::Sink;
+use log::{info, warn};
+
+use super::refusals::Refusals;
+use super::{Refused, Sink};
 use crate::metrics::Metrics;
 use crate::notification::{ChangeTime, Moment, Notification};
 use crate::retry::{Backoff, Link};
@@ -63,13 +69,17 @@ pub trait Source {
 
     fn read(&mut self, db: &mut Self::Connection) -> Result<Batch<Self::Receipt>, mysql::Error>;
 
-    /// Every notification of the batch is now the sink's: forget them.
-    /// Answers the changes whose rows stay because another session holds
-    /// them locked (they are tried again at the next poll).
+    /// Every notification of the batch but the ones in `kept` is now the
+    /// sink's: forget them. Keep those of `kept` (the sink refused them, or
+    /// they wait to be sent again): a later read, and a read after a
+    /// restart, must find them again. Answers the changes whose rows stay
+    /// because another session holds them locked (they are tried again at
+    /// the next poll).
     fn confirmed(
         &mut self,
         db: &mut Self::Connection,
         receipt: Self::Receipt,
+        kept: &HashSet<Notification>,
     ) -> Result<Vec<Notification>, mysql::Error>;
 
     /// The batches in flight were not delivered: read them again.
@@ -96,6 +106,9 @@ struct InFlight<P, R> {
     pending: Option<P>,
     /// Every change the batch carries, sent now or before.
     notifications: Vec<Notification>,
+    /// Its changes not sent, because they wait to be sent again after a
+    /// refusal: the sink does not have them.
+    withheld: Vec<Notification>,
     receipt: R,
     /// When its oldest change was made, on this process's clock.
     oldest: Instant,
@@ -119,6 +132,8 @@ pub struct Pipeline<'a, S: Source, K: Sink> {
     /// The sink's state, logged when it changes.
     sink_link: Link<'static>,
     sink_backoff: Backoff,
+    /// Changes the sink refused, waiting to be sent again.
+    refusals: Refusals,
 }
 
 impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
@@ -134,6 +149,7 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
             locked: None,
             sink_link: Link::new(kind, target),
             sink_backoff: Backoff::default(),
+            refusals: Refusals::new(),
         }
     }
 
@@ -149,8 +165,8 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
     /// shows now, not when it takes over.
     pub fn keep_sink_ready(&mut self) {
         match self.sink.idle() {
-            Ok(()) => self.sink_link.up(),
-            Err(e) => self.sink_link.down(&e),
+            Ok(()) => self.sink_up(),
+            Err(e) => self.sink_down(&e),
         }
     }
 
@@ -159,8 +175,14 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
     pub fn sink_failed(&mut self, error: &K::Error, shutdown: &Shutdown) -> bool {
         self.in_flight.clear();
         self.source.reset();
-        self.sink_link.down(error);
+        self.sink_down(error);
         self.sink_backoff.wait(shutdown)
+    }
+
+    /// Logs the sink down, naming where it is (a broker's node) now.
+    fn sink_down(&mut self, error: &K::Error) {
+        self.sink_link.retarget(self.sink.describe().1);
+        self.sink_link.down(error);
     }
 
     /// The database failed: what the sink already has of the batches in
@@ -171,13 +193,20 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
         for InFlight {
             pending,
             notifications,
+            withheld,
             ..
         } in std::mem::take(&mut self.in_flight)
         {
             if let Some(pending) = pending
-                && self.sink.settle(pending).is_ok()
+                && let Ok(refused) = self.sink.settle(pending)
             {
-                self.remember_handed_over(notifications);
+                let kept = self.note_refusals(refused, withheld);
+                self.remember_handed_over(
+                    notifications
+                        .into_iter()
+                        .filter(|n| !kept.contains(n))
+                        .collect(),
+                );
             }
         }
         self.source.reset();
@@ -189,7 +218,7 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
         match self.settle_all(db) {
             Ok(()) => Ok(()),
             Err(Failure::Sink(e)) => {
-                self.sink_link.down(&e);
+                self.sink_down(&e);
                 Ok(())
             }
             Err(Failure::Database(e)) => Err(e),
@@ -234,11 +263,20 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
             self.settle_all(db)?;
         }
         let read_at = Instant::now();
+        self.refusals.expire(read_at);
         let batch = self.source.read(db)?;
+        let mut withheld = Vec::new();
         let fresh: Vec<Notification> = batch
             .notifications
             .iter()
             .filter(|n| !self.handed_over.contains(n))
+            .filter(|n| {
+                let waits = self.refusals.waiting(n, read_at);
+                if waits {
+                    withheld.push((*n).clone());
+                }
+                !waits
+            })
             .cloned()
             .collect();
         let oldest = read_at
@@ -256,6 +294,7 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
         self.in_flight.push_back(InFlight {
             pending,
             notifications: batch.notifications,
+            withheld,
             receipt: batch.receipt,
             oldest,
         });
@@ -276,8 +315,55 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
     }
 
     fn sink_up(&mut self) {
+        self.sink_link.retarget(self.sink.describe().1);
         self.sink_link.up();
         self.sink_backoff.reset();
+    }
+
+    /// Schedules what the sink `refused` to be sent again, and forgets the
+    /// schedule of the changes it now took; logs when refusals start and
+    /// when every refused change is taken. Answers what the source must
+    /// keep: the refused changes and the `withheld` ones.
+    fn note_refusals(
+        &mut self,
+        refused: Refused,
+        withheld: Vec<Notification>,
+    ) -> HashSet<Notification> {
+        let now = Instant::now();
+        if let Some(first) = refused.changes.first()
+            && self.refusals.is_empty()
+        {
+            let (kind, target) = self.sink.describe();
+            warn!(
+                "{kind} {target}: refused {} change(s), the first of bug {} changed {}: {}. \
+                 Each is sent again alone, after a pause growing to {} s; every other change \
+                 keeps flowing",
+                refused.changes.len(),
+                first.bug,
+                first.when,
+                refused.why,
+                super::refusals::MAX_PAUSE.as_secs()
+            );
+        }
+        for change in &refused.changes {
+            self.refusals.refused(change.clone(), now);
+        }
+        refused.changes.into_iter().chain(withheld).collect()
+    }
+
+    /// The sink took every change of `notifications` but the `kept` ones:
+    /// none of those waits to be sent again any more.
+    fn note_taken(&mut self, notifications: &[Notification], kept: &HashSet<Notification>) {
+        if self.refusals.is_empty() {
+            return;
+        }
+        for n in notifications.iter().filter(|n| !kept.contains(n)) {
+            self.refusals.taken(n);
+        }
+        if self.refusals.is_empty() {
+            let (kind, target) = self.sink.describe();
+            info!("{kind} {target}: took every change it had refused");
+        }
     }
 
     /// Settles every batch in flight, oldest first. On a failure the
@@ -299,21 +385,33 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
         let Some(InFlight {
             pending,
             notifications,
+            withheld,
             receipt,
             ..
         }) = in_flight
         else {
             return Ok(());
         };
-        if let Some(pending) = pending {
-            self.sink.settle(pending).map_err(Failure::Sink)?;
-            self.sink_up();
-            self.metrics.poll_batches.fetch_add(1, Ordering::Relaxed);
-        }
-        let locked = match self.source.confirmed(db, receipt) {
+        let refused = match pending {
+            Some(pending) => {
+                let refused = self.sink.settle(pending).map_err(Failure::Sink)?;
+                self.sink_up();
+                self.metrics.poll_batches.fetch_add(1, Ordering::Relaxed);
+                refused
+            }
+            None => Refused::default(),
+        };
+        let kept = self.note_refusals(refused, withheld);
+        self.note_taken(&notifications, &kept);
+        let locked = match self.source.confirmed(db, receipt, &kept) {
             Ok(locked) => locked,
             Err(e) => {
-                self.remember_handed_over(notifications);
+                self.remember_handed_over(
+                    notifications
+                        .into_iter()
+                        .filter(|n| !kept.contains(n))
+                        .collect(),
+                );
                 return Err(e.into());
             }
         };
@@ -334,16 +432,19 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
 mod tests {
     use super::super::database::Database;
     use super::super::memory;
+    use super::super::refusals::Refusals;
     use super::*;
     use crate::notification::BugId;
 
     /// A sink that holds each batch until it is settled, fails the settle
-    /// of the batches numbered in `fail` (from 1, in the order sent), and
-    /// checks that no row was forgotten before the sink took its change.
+    /// of the batches numbered in `fail` (from 1, in the order sent),
+    /// refuses (nacks) the change of each bug of `refuse` that many times,
+    /// and checks that no row was forgotten before the sink took its change.
     struct Scripted {
         table: memory::Table,
         rows: usize,
         fail: Vec<usize>,
+        refuse: Vec<(u32, usize)>,
         sent: Vec<Vec<Notification>>,
         taken: Vec<Notification>,
         /// How many batches were sent before the first was settled.
@@ -365,7 +466,7 @@ mod tests {
             Ok((self.sent.len(), batch.to_vec()))
         }
 
-        fn settle(&mut self, (n, batch): Self::Pending) -> Result<(), String> {
+        fn settle(&mut self, (n, batch): Self::Pending) -> Result<Refused, String> {
             self.depth.get_or_insert(self.sent.len());
             let taken: HashSet<_> = self.taken.iter().map(|t| t.bug).collect();
             assert!(
@@ -376,8 +477,26 @@ mod tests {
                 self.sent_at_failure.get_or_insert(self.sent.len());
                 return Err(format!("batch {n} failed"));
             }
-            self.taken.extend(batch);
-            Ok(())
+            // Refuses the changes of the bugs in `refuse` while each has
+            // refusals left.
+            let mut refused = Vec::new();
+            for change in batch {
+                match self
+                    .refuse
+                    .iter_mut()
+                    .find(|(bug, _)| *bug == change.bug.get())
+                {
+                    Some((_, left)) if *left > 0 => {
+                        *left -= 1;
+                        refused.push(change);
+                    }
+                    _ => self.taken.push(change),
+                }
+            }
+            Ok(Refused {
+                changes: refused,
+                why: "a full queue".into(),
+            })
         }
     }
 
@@ -412,6 +531,7 @@ mod tests {
             &mut self,
             db: &mut memory::Connection,
             receipt: memory::Rows,
+            kept: &HashSet<Notification>,
         ) -> Result<Vec<Notification>, mysql::Error> {
             self.calls += 1;
             if self.fail.contains(&self.calls) {
@@ -419,7 +539,7 @@ mod tests {
                     std::io::ErrorKind::ConnectionReset.into(),
                 ));
             }
-            self.inner.confirmed(db, receipt)
+            self.inner.confirmed(db, receipt, kept)
         }
 
         fn reset(&mut self) {
@@ -428,10 +548,14 @@ mod tests {
     }
 
     /// Drains 20 rows in 3-row batches (several in flight at once), the
-    /// sink failing to settle `sink_fails` and the database failing to
-    /// confirm `confirm_fails`, handling each failure as `work` does;
-    /// returns the sink.
-    fn drain_with_failures(sink_fails: Vec<usize>, confirm_fails: Vec<usize>) -> Scripted {
+    /// sink failing to settle `sink_fails`, refusing `refuse` and the
+    /// database failing to confirm `confirm_fails`, handling each failure
+    /// as `work` does; returns the sink.
+    fn drain_with_failures(
+        sink_fails: Vec<usize>,
+        refuse: Vec<(u32, usize)>,
+        confirm_fails: Vec<usize>,
+    ) -> Scripted {
         const ROWS: u32 = 20;
         let table = memory::Table::new();
         for bug in 1..=ROWS {
@@ -444,6 +568,7 @@ mod tests {
             table: table.clone(),
             rows: ROWS as usize,
             fail: sink_fails,
+            refuse,
             sent: Vec::new(),
             taken: Vec::new(),
             depth: None,
@@ -455,16 +580,18 @@ mod tests {
             calls: 0,
         };
         let mut pipeline = Pipeline::new(source, sink, 3, &metrics);
+        pipeline.refusals = Refusals::with_first_pause(Duration::from_millis(20));
         let mut db = memory::Memory(&table)
             .connect()
             .unwrap_or_else(|e| panic!("{e}"));
         let mut polls = 0;
-        loop {
+        // As `work`: at once after a full batch, else after a pause.
+        while table.rows() > 0 || !pipeline.in_flight.is_empty() {
             polls += 1;
-            assert!(polls < 100, "the backlog drains");
+            assert!(polls < 10_000, "the backlog drains");
             match pipeline.step(&mut db) {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => std::thread::sleep(Duration::from_millis(1)),
                 Err(Failure::Sink(e)) => {
                     pipeline.sink_failed(&e, &shutdown);
                 }
@@ -472,10 +599,9 @@ mod tests {
             }
         }
         assert!(
-            pipeline.in_flight.is_empty(),
-            "nothing stays in flight after a drain"
+            pipeline.refusals.is_empty(),
+            "every refused change was taken"
         );
-        assert_eq!(table.rows(), 0, "every row is forgotten");
         let taken: HashSet<_> = pipeline.sink.taken.iter().map(|n| n.bug.get()).collect();
         assert_eq!(taken, (1..=ROWS).collect(), "every change reaches the sink");
         assert_eq!(
@@ -488,7 +614,7 @@ mod tests {
 
     #[test]
     fn a_failed_settle_of_one_batch_of_several_in_flight_reads_it_and_all_after_it_again() {
-        let sink = drain_with_failures(vec![2], vec![]);
+        let sink = drain_with_failures(vec![2], vec![], vec![]);
         // Batch 1 was taken and forgotten; batch 2 failed with the batches
         // behind it in flight: the next batch sent starts again at batch 2.
         let next = sink
@@ -500,11 +626,56 @@ mod tests {
 
     #[test]
     fn a_failed_confirm_of_one_batch_of_several_in_flight_hands_over_nothing_twice() {
-        let sink = drain_with_failures(vec![], vec![2]);
+        let sink = drain_with_failures(vec![], vec![], vec![2]);
         // Batch 2's rows were not forgotten and those behind it were
         // abandoned: all are read again, and none is sent again.
         let sent = sink.sent.concat();
         assert_eq!(sent.len(), 20, "{sent:?}");
         assert_eq!(sink.taken.len(), 20, "{:?}", sink.taken);
+    }
+
+    #[test]
+    fn a_refused_change_is_kept_and_sent_again_alone_while_the_others_flow() {
+        // Bug 2's change is refused three times, bug 11's once.
+        let sink = drain_with_failures(vec![], vec![(2, 3), (11, 1)], vec![]);
+        let sends = |bug: u32| {
+            sink.sent
+                .iter()
+                .flatten()
+                .filter(|n| n.bug.get() == bug)
+                .count()
+        };
+        // Sent again after each refusal, never while its pause lasted
+        // (reads found its row all along), and alone: no other change of
+        // its batch went out twice.
+        assert_eq!(sends(2), 4);
+        assert_eq!(sends(11), 2);
+        for bug in (1..=20).filter(|b| ![2, 11].contains(b)) {
+            assert_eq!(sends(bug), 1, "bug {bug}: the broker took it once");
+        }
+        assert_eq!(
+            sink.taken.len(),
+            20,
+            "each change taken once: {:?}",
+            sink.taken
+        );
+        // The others flowed while bug 2 waited: it was taken last.
+        assert_eq!(sink.taken.last().map(|n| n.bug.get()), Some(2));
+    }
+
+    #[test]
+    fn a_refused_change_survives_a_failed_settle_and_a_failed_confirm() {
+        let sink = drain_with_failures(vec![3], vec![(2, 2)], vec![4]);
+        let refused_sends = sink
+            .sent
+            .iter()
+            .flatten()
+            .filter(|n| n.bug.get() == 2)
+            .count();
+        assert!(
+            refused_sends >= 3,
+            "sent after each refusal: {refused_sends}"
+        );
+        assert!(sink.taken.iter().any(|n| n.bug.get() == 2));
     }
 }

@@ -201,7 +201,14 @@ impl Source for PushNotify<'_> {
         &mut self,
         db: &mut Conn,
         Rows { rows, published }: Rows,
+        kept: &HashSet<Notification>,
     ) -> Result<Vec<Notification>, mysql::Error> {
+        // A kept change's row stays, for the read that sends it again: the
+        // next read from the start of the table, when the backlog ends.
+        let rows: Vec<Row> = rows
+            .into_iter()
+            .filter(|row| row.change.as_ref().is_none_or(|c| !kept.contains(c)))
+            .collect();
         let mut deleted = 0;
         let mut held = Vec::new();
         for chunk in rows.chunks(DELETE_CHUNK) {
@@ -218,9 +225,10 @@ impl Source for PushNotify<'_> {
         let forgotten = rows
             .iter()
             .filter_map(|row| row.change.as_ref())
-            .filter(|n| !held.contains(n))
+            .filter(|n| !held.contains(n) && !kept.contains(n))
             .map(|n| n.bug);
-        self.audit.handed_on(published.iter(), forgotten);
+        let taken = published.iter().filter(|n| !kept.contains(n));
+        self.audit.handed_on(taken, forgotten);
         Ok(held)
     }
 }

@@ -1,12 +1,14 @@
 //! What the poller is doing, as one value: connecting, down, refused,
-//! standby or active. The poll loop changes it only through [`Reporter`],
-//! which logs a change once (an outage is one line when it starts and one
-//! when it ends, however many retries lie between), tells systemd in
-//! `STATUS=`, and keeps it in [`Metrics`] for `/health` and `/metrics`.
+//! standby, active, or waiting for a broker. The poll loop changes it only
+//! through [`Reporter`], which logs a change once (an outage is one line
+//! when it starts and one when it ends, however many retries lie between),
+//! tells systemd in `STATUS=`, and keeps it in [`Metrics`] for `/health`
+//! and `/metrics`.
 //! Nothing here talks to the database or decides what the poller does
 //! next.
 
 use std::fmt;
+use std::time::Duration;
 
 use log::{info, warn};
 
@@ -43,6 +45,10 @@ pub enum State {
     /// a lock that a statement needed (what, as a sentence): everything
     /// else flows, and that statement is tried again at the next poll.
     LockWait(String),
+    /// No broker node answered for longer than the grace: the poller let
+    /// go of the lock (or stopped competing for it) and waits for a node
+    /// to answer before it competes again.
+    BrokerLost,
 }
 
 /// Whether the poller holds the lock.
@@ -81,7 +87,7 @@ impl State {
             State::Active | State::LockWait(_) => Some(Role::Active),
             State::Standby(holder) => Some(Role::Standby(holder.clone())),
             State::Refused { role, .. } => role.clone(),
-            State::Connecting | State::Down(_) => None,
+            State::Connecting | State::Down(_) | State::BrokerLost => None,
         }
     }
 
@@ -98,6 +104,9 @@ impl State {
                  not this process's"
             ),
             State::LockWait(what) => format!("lock wait: {what}"),
+            State::BrokerLost => {
+                "no broker node answers: it let go of the lock until one does".to_string()
+            }
         })
     }
 
@@ -217,6 +226,40 @@ impl<'a> Reporter<'a> {
             systemd::notify(&format!("STATUS=active, lock wait: {what}"));
         }
         self.set(State::LockWait(what));
+    }
+
+    /// No broker node answered for `after`, past the grace: the poller
+    /// lets go of the lock, or stops competing for it, until one answers.
+    /// One line for the whole outage.
+    pub fn broker_lost(&mut self, after: Duration) {
+        let name = self.lock_name;
+        let line = match self.state().role() {
+            Some(Role::Active) => format!(
+                "no broker node answered for {} s: letting go of database lock {name:?} so that \
+                 a poller that reaches one takes over; competing for it again once a node answers",
+                after.as_secs()
+            ),
+            _ => format!(
+                "no broker node answered for {} s: not competing for database lock {name:?} \
+                 until one answers",
+                after.as_secs()
+            ),
+        };
+        warn!("{line}");
+        systemd::notify(&format!("STATUS={line}"));
+        // Whatever role comes next is news, even the one held before.
+        self.logged_role = None;
+        self.set(State::BrokerLost);
+    }
+
+    /// A broker node answers again after [`Reporter::broker_lost`]: the
+    /// poller competes for the lock again.
+    pub fn broker_back(&mut self) {
+        info!(
+            "a broker node answers again: competing for database lock {:?}",
+            self.lock_name
+        );
+        self.set(State::Connecting);
     }
 
     fn set(&mut self, state: State) {

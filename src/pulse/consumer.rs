@@ -1,26 +1,29 @@
-//! The consumer: one exchange's messages, through a durable queue, into
-//! the hub. A consumed message is acked only once the hub holds it, and a
-//! message that is not a notification is logged, acked and dropped, never
-//! redelivered in a loop.
+//! The consumer: one exchange's messages, through a durable queue (a
+//! quorum queue by default, which survives the loss of a minority of the
+//! cluster's nodes), into the hub. A consumed message is acked only once
+//! the hub holds it, and a message that is not a notification is logged,
+//! acked and dropped, never redelivered in a loop. A lost node is replaced
+//! by the next one of the cluster; `/health` learns which node each
+//! consumer uses, or why it has none.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use futures_lite::StreamExt;
 use futures_lite::future::{self, block_on};
+use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ConnectionProperties};
 use log::warn;
 
 use super::{
-    ACK_TIMEOUT, BrokerError, Cause, NOT_FOUND, PRECONDITION_FAILED, declare_exchange, decode,
-    wait, wait_at_most,
+    ACK_TIMEOUT, BrokerError, Cause, LinkState, NOT_FOUND, Nodes, PRECONDITION_FAILED,
+    declare_exchange, decode, wait, wait_at_most,
 };
 use crate::catchup::{self, Resumed};
-use crate::config::AmqpUrl;
+use crate::config::{AmqpNodes, QueueType, ServeConfig};
 use crate::hub::{Event, FeedId, HubSender};
 use crate::metrics::Metrics;
 use crate::notification::Moment;
@@ -38,13 +41,23 @@ pub fn queue_name(prefix: &str, exchange: &str) -> String {
     format!("{prefix}/{exchange}")
 }
 
-/// Declares a feed's queue as `serve` wants it: durable, expiring after
-/// `setup.expires` unused. The broker refuses (PRECONDITION_FAILED, and
-/// closes the channel) if the queue exists with other arguments.
+/// Declares a feed's queue as `serve` wants it: durable, of
+/// `setup.queue_type`, expiring after `setup.expires` unused (quorum
+/// queues take `x-expires` too: RabbitMQ 3.10 checked). A classic queue is
+/// declared without `x-queue-type`, as before the setting existed, so that
+/// the queues of earlier versions match. The broker refuses
+/// (PRECONDITION_FAILED, and closes the channel) if the queue exists with
+/// other arguments.
 async fn declare_queue(channel: &Channel, setup: &ConsumerSetup) -> lapin::Result<()> {
     let mut arguments = FieldTable::default();
     let expires = u32::try_from(setup.expires.as_millis()).unwrap_or(u32::MAX);
     arguments.insert("x-expires".into(), AMQPValue::LongUInt(expires));
+    if setup.queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
     channel
         .queue_declare(
             setup.queue.as_str().into(),
@@ -76,7 +89,7 @@ pub enum QueueState {
 /// would create it.
 pub fn probe_queue(
     connection: &lapin::Connection,
-    url: &AmqpUrl,
+    vhost: &str,
     setup: &ConsumerSetup,
 ) -> Result<QueueState, BrokerError> {
     let channel = wait("opening a channel", connection.create_channel())?;
@@ -95,26 +108,26 @@ pub fn probe_queue(
             Ok(QueueState::Matches)
         }
         Err(e) if e.code() == Some(PRECONDITION_FAILED) => {
-            Ok(QueueState::Differs(queue_mismatch(url, setup, &e)))
+            Ok(QueueState::Differs(queue_mismatch(vhost, setup, &e)))
         }
         Err(e) => Err(e),
     }
 }
 
 /// Says that `setup`'s queue exists with other arguments than configured
-/// (the broker's refusal `error` says which), and how to apply them.
-fn queue_mismatch(url: &AmqpUrl, setup: &ConsumerSetup, error: &BrokerError) -> String {
-    let vhost = url
-        .secret()
-        .parse::<lapin::uri::AMQPUri>()
-        .map_or_else(|_| "/".to_string(), |uri| uri.vhost);
+/// (the broker's refusal `error` says which: `x-expires` or
+/// `x-queue-type`), and how to apply them.
+fn queue_mismatch(vhost: &str, setup: &ConsumerSetup, error: &BrokerError) -> String {
     format!(
-        "queue {:?} exists with other arguments than configured (BZPUSH_QUEUE_EXPIRES {:?}): \
-         {error}. Consuming it as it is. To apply the setting, stop every serve using \
-         this queue, run `rabbitmqctl delete_queue -p '{vhost}' '{}'` (the messages waiting \
-         in it are lost), and start serve again; or set BZPUSH_QUEUE_EXPIRES back to \
-         the queue's value",
-        setup.queue, setup.expires, setup.queue
+        "queue {:?} exists with other arguments than configured (BZPUSH_QUEUE_TYPE {}, \
+         BZPUSH_QUEUE_EXPIRES {:?}): {error}. Consuming it as it is. To apply the settings, \
+         stop every serve using this queue, run `rabbitmqctl delete_queue -p '{vhost}' '{}'` \
+         (the messages waiting in it are lost), and start serve again; or set \
+         BZPUSH_QUEUE_TYPE and BZPUSH_QUEUE_EXPIRES back to the queue's own",
+        setup.queue,
+        setup.queue_type.name(),
+        setup.expires,
+        setup.queue
     )
 }
 
@@ -124,34 +137,65 @@ pub struct ConsumerSetup {
     pub exchange: String,
     pub queue: String,
     pub expires: Duration,
+    pub queue_type: QueueType,
+}
+
+impl ConsumerSetup {
+    /// How `serve` with `config` consumes its feed number `feed`.
+    pub fn for_feed(config: &ServeConfig, feed: FeedId) -> ConsumerSetup {
+        let exchange = config.feeds[feed].exchange.clone();
+        ConsumerSetup {
+            feed,
+            queue: queue_name(&config.queue_prefix, &exchange),
+            exchange,
+            expires: config.queue_expires,
+            queue_type: config.queue_type,
+        }
+    }
 }
 
 /// Consumes one feed's exchange into the hub until shutdown: a durable
-/// queue bound with `#`, reconnecting with backoff. `up` reports whether
-/// this consumer is connected, for `/health`.
+/// queue bound with `#`, on a node of `nodes`, reconnecting with backoff
+/// (to the next node after losing one). Whether it is connected, to which
+/// node, or why not, goes to `metrics` (`upstream_links` and
+/// `broker_links`, at the feed's index), for `/health`.
 pub fn consume(
-    url: &AmqpUrl,
+    nodes: &AmqpNodes,
     setup: &ConsumerSetup,
     hub: &HubSender,
     metrics: &Metrics,
-    up: &AtomicBool,
     shutdown: &Shutdown,
 ) {
-    let mut link = Link::new("broker", format!("{url} queue {:?}", setup.queue)).reporting(up);
+    let mut nodes = Nodes::new(nodes.clone());
+    let target = |nodes: &Nodes| format!("{} queue {:?}", nodes.describe(), setup.queue);
+    let mut link = Link::new("broker", target(&nodes));
+    if let Some(up) = metrics.upstream_links.get(setup.feed) {
+        link = link.reporting(up);
+    }
+    let report = |state: LinkState| {
+        if let Some(link) = metrics.broker_links.get(setup.feed) {
+            *link.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        }
+    };
     let mut backoff = Backoff::default();
     let mut connected_before = false;
     // Whether the operator was told that the queue's arguments differ.
     let mut advised = false;
     while !shutdown.requested() {
         let result = consume_once(
-            url,
+            &mut nodes,
             setup,
             hub,
             metrics,
             shutdown,
             &mut advised,
-            &mut || {
+            &mut |node: String| {
+                link.retarget(format!("{node} queue {:?}", setup.queue));
                 link.up();
+                report(LinkState {
+                    node: Some(node),
+                    problem: None,
+                });
                 // The next outage starts over from a short pause.
                 backoff.reset();
                 if connected_before {
@@ -163,7 +207,13 @@ pub fn consume(
         match result {
             Ok(()) => break,
             Err(e) => {
+                link.retarget(target(&nodes));
                 link.down(&e);
+                report(LinkState {
+                    node: None,
+                    problem: Some(format!("{}: {e}", nodes.describe())),
+                });
+                nodes.lost();
                 if backoff.wait(shutdown) {
                     break;
                 }
@@ -175,19 +225,18 @@ pub fn consume(
 /// One connection's worth of consuming. `Ok` on shutdown or when the hub
 /// is gone.
 fn consume_once(
-    url: &AmqpUrl,
+    nodes: &mut Nodes,
     setup: &ConsumerSetup,
     hub: &HubSender,
     metrics: &Metrics,
     shutdown: &Shutdown,
     advised: &mut bool,
-    connected: &mut dyn FnMut(),
+    connected: &mut dyn FnMut(String),
 ) -> Result<(), BrokerError> {
-    let properties = ConnectionProperties::default().with_connection_name("bzpush serve".into());
-    let connection = wait(
-        "connecting",
-        lapin::Connection::connect(url.secret(), properties),
-    )?;
+    let connection = nodes.connect("bzpush serve")?;
+    let vhost = nodes
+        .current()
+        .map_or_else(|| "/".to_string(), |n| n.vhost());
     let channel = wait("opening a channel", connection.create_channel())?;
     // Declared as the publisher declares it, so serve may start first.
     wait(
@@ -202,7 +251,7 @@ fn consume_once(
         // once how to apply the new value.
         Err(e) if e.code() == Some(PRECONDITION_FAILED) => {
             if !*advised {
-                warn!("{}", queue_mismatch(url, setup, &e));
+                warn!("{}", queue_mismatch(&vhost, setup, &e));
                 *advised = true;
             }
             let channel = wait("opening a channel", connection.create_channel())?;
@@ -234,7 +283,7 @@ fn consume_once(
             FieldTable::default(),
         ),
     )?;
-    connected();
+    connected(nodes.describe());
     // Everything published from now on reaches this queue; what was
     // consumed before (by a predecessor, or before the queue existed) may
     // not: the cache vouches only for later changes.

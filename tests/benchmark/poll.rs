@@ -275,7 +275,7 @@ fn broker_floor() -> Row {
 fn floor_once(run: usize) -> f64 {
     let (broker, _, queue) = TestBroker::with_queue();
     let url = AmqpUrl::parse(&crate::amqp_url_at(AMQP_ADDR)).expect("a URL");
-    let publisher =
+    let mut publisher =
         Publisher::connect(&url, &broker.exchange, "bench").expect("connect to publish");
     let all: Vec<Notification> = (1..=BACKLOG)
         .map(|i| Notification {
@@ -285,7 +285,12 @@ fn floor_once(run: usize) -> f64 {
         .collect();
     let rabbit = CpuClock::of_process("beam.smp");
     let start = Instant::now();
-    publisher.publish(&all).expect("publish");
+    let refused = publisher.publish(&all).expect("publish");
+    assert!(
+        refused.is_empty(),
+        "the broker refused {} messages",
+        refused.len()
+    );
     let elapsed = start.elapsed();
     let rate = f64::from(BACKLOG) / elapsed.as_secs_f64();
     eprintln!(

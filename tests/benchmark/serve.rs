@@ -23,7 +23,9 @@
 //!   updates delivered per second in aggregate, loss, latency. Rates stop
 //!   rising at the first that loses an update, gets a client closed, or is
 //!   not sustained: delivers under 95 % of what was offered, or p99 over a
-//!   second.
+//!   second. Once for each of `--queue-types` (classic,quorum): the
+//!   server's queue of that type (`BZPUSH_QUEUE_TYPE`), the rows of one
+//!   rate side by side.
 //!
 //! - storm: `--connections` (10,000) connections, open and idle, as after
 //!   an upgrade restart; then every one subscribes to 3 bugs with `since`
@@ -113,6 +115,7 @@ struct Options {
     tp_bugs: usize,
     rates: Vec<u64>,
     seconds: u64,
+    queue_types: Vec<String>,
     only: Option<Vec<String>>,
 }
 
@@ -126,6 +129,7 @@ impl Options {
             tp_bugs: 100,
             rates: vec![100, 400, 800, 1600, 3200],
             seconds: 10,
+            queue_types: vec!["classic".into(), "quorum".into()],
             only: None,
         };
         let args: Vec<String> = std::env::args().skip(1).collect();
@@ -145,6 +149,7 @@ impl Options {
                 "--tp-bugs" => o.tp_bugs = parse(flag, value()),
                 "--rates" => o.rates = value().split(',').map(|r| parse(flag, r)).collect(),
                 "--seconds" => o.seconds = parse(flag, value()),
+                "--queue-types" => o.queue_types = value().split(',').map(str::to_string).collect(),
                 "--only" => o.only = Some(value().split(',').map(str::to_string).collect()),
                 _ => {
                     i += 1;
@@ -607,8 +612,34 @@ fn fanout(o: &Options) -> Vec<Row> {
     rows
 }
 
+/// The throughput rows of each queue type, side by side: each rate's rows
+/// together, then each type's best.
 fn throughput(o: &Options) -> Vec<Row> {
-    let server = Server::start(o.tp_connections);
+    let mut rates: Vec<std::vec::IntoIter<Row>> = Vec::new();
+    let mut best = Vec::new();
+    for queue_type in &o.queue_types {
+        let mut rows = throughput_on(o, queue_type);
+        best.extend(rows.pop());
+        rates.push(rows.into_iter());
+    }
+    let mut rows = Vec::new();
+    loop {
+        let before = rows.len();
+        rows.extend(rates.iter_mut().filter_map(Iterator::next));
+        if rows.len() == before {
+            break;
+        }
+    }
+    rows.extend(best);
+    rows
+}
+
+/// Throughput through a server whose queue is of `queue_type`.
+fn throughput_on(o: &Options, queue_type: &str) -> Vec<Row> {
+    let server = Server::start_with(
+        o.tp_connections,
+        &[("BZPUSH_QUEUE_TYPE", queue_type.to_string())],
+    );
     let bugs: Vec<u64> = (TP_FIRST_BUG..TP_FIRST_BUG + o.tp_bugs as u64).collect();
     let opening = Instant::now();
     let fleet = Fleet::open(server.addr, o.tp_connections, &bugs, TP_FIRST_BUG);
@@ -620,7 +651,7 @@ fn throughput(o: &Options) -> Vec<Row> {
         fleet.failed
     );
     let setting = format!(
-        "{} conns × {} bugs, {} s",
+        "{} conns × {} bugs, {} s, {queue_type} queue",
         crate::thousands(fleet.size as f64),
         bugs.len(),
         o.seconds
@@ -680,7 +711,7 @@ fn throughput(o: &Options) -> Vec<Row> {
         let offered = expected as f64 / published_in.as_secs_f64();
         let keeps_up = delivered >= 0.95 * offered && p99 <= SUSTAINED_P99.as_micros() as u64;
         eprintln!(
-            "throughput @ {rate}/s: published {total} in {:.2} s, delivered {} of {expected} \
+            "throughput ({queue_type}) @ {rate}/s: published {total} in {:.2} s, delivered {} of {expected} \
              ({} /s over {:.2} s), lost {lost}, {closed} clients closed ({} with 1008), \
              {} out of order, p50 {}, p99 {}, max {}; CPU: server {:.0} %, load generator {:.0} %",
             published_in.as_secs_f64(),

@@ -95,24 +95,74 @@ const STOP: Duration = Duration::from_secs(20);
 
 #[test]
 fn nothing_lost_nothing_crashes() {
-    let chaos_secs: u64 = env_number("CHAOS_SECS").unwrap_or(DEFAULT_CHAOS_SECS);
-    let seed = env_number("CHAOS_SEED").unwrap_or_else(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-    });
-    println!(
-        "chaos: seed {seed} (replay with CHAOS_SEED={seed}), {chaos_secs} s of faults, \
-         {CLIENTS} clients x {SUBSCRIPTIONS} of {BUGS} bugs, ~{RATE} changes/s"
-    );
-    let began = Instant::now();
-    let mut rng = Rng(seed);
+    let chaos = Chaos::from_env("CHAOS", DEFAULT_CHAOS_SECS, RATE);
     let db = TestDb::new();
     setup_bugs(&db);
     let mut cluster = Cluster::start(&db);
-    let world = World::new();
-    *world.servers.write().expect("servers") = cluster.server_addrs();
+    run(&mut cluster, &db, &chaos);
+}
+
+/// How long a chaos run injects faults, with which seed, at what rate the
+/// writers change bugs; what every run prints first.
+pub(super) struct Chaos {
+    secs: u64,
+    seed: u64,
+    /// Changes per second, all writers together.
+    rate: f64,
+    /// Pause between two faults, in milliseconds.
+    pub fault_gap_ms: (u64, u64),
+    began: Instant,
+}
+
+impl Chaos {
+    /// `{PREFIX}_SECS` (else `default_secs`) and `{PREFIX}_SEED` (else the
+    /// clock) from the environment.
+    pub fn from_env(prefix: &str, default_secs: u64, rate: f64) -> Chaos {
+        let secs: u64 = env_number(&format!("{prefix}_SECS")).unwrap_or(default_secs);
+        let seed = env_number(&format!("{prefix}_SEED")).unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+        println!(
+            "chaos: seed {seed} (replay with {prefix}_SEED={seed}), {secs} s of faults, \
+             {CLIENTS} clients x {SUBSCRIPTIONS} of {BUGS} bugs, ~{rate} changes/s"
+        );
+        Chaos {
+            secs,
+            seed,
+            rate,
+            fault_gap_ms: FAULT_GAP_MS,
+            began: Instant::now(),
+        }
+    }
+}
+
+/// What a chaos run runs against: pollers and servers, and the faults it
+/// can inject into them and what they depend on.
+pub(super) trait System {
+    /// The pollers, and the servers (one per slot; a killed server is
+    /// replaced in its slot).
+    fn processes(&mut self) -> (&mut Vec<Proc>, &mut Vec<Proc>);
+    /// A new poller, once its log says it took one of `roles`
+    /// ([`poller_in_role`]).
+    fn start_poller(&self, roles: &[&str]) -> Proc;
+    /// The server of `slot`, with that slot's queue, once healthy.
+    fn start_server(&self, slot: usize) -> Proc;
+    /// One fault, picked by `rng`; says what kind it was.
+    fn inject(&mut self, rng: &mut Rng, world: &World, timeline: &mut Timeline) -> &'static str;
+}
+
+/// The chaos run against `system` (started, healthy) and `db` (its bugs
+/// set up): clients, writers and faults, then the verdict, asserted.
+pub(super) fn run(system: &mut impl System, db: &TestDb, chaos: &Chaos) {
+    let (seed, began) = (chaos.seed, chaos.began);
+    let mut rng = Rng(seed);
+    let world = World::new(chaos.rate);
+    *world.servers.write().expect("servers") = server_addrs(system);
     let clients = make_clients(&mut rng);
+    let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let mut stopped = Stopped::default();
 
     let mut timeline = Timeline::default();
     let (clients, settled) = thread::scope(|scope| {
@@ -138,7 +188,8 @@ fn nothing_lost_nothing_crashes() {
             world.answered.load(Ordering::SeqCst)
         );
         // Memory baselines with every client connected.
-        for p in cluster.pollers.iter_mut().chain(cluster.servers.iter_mut()) {
+        let (pollers, servers) = system.processes();
+        for p in pollers.iter_mut().chain(servers.iter_mut()) {
             p.sample_start();
         }
         println!(
@@ -150,22 +201,24 @@ fn nothing_lost_nothing_crashes() {
         timeline.t0 = Some(t0);
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
-                let (world, db, seed) = (&world, &db, rng.next());
+                let (world, db, seed) = (&world, db, rng.next());
                 thread::Builder::new()
                     .name(format!("chaos-writer-{w}"))
                     .spawn_scoped(scope, move || writer(w, world, db, seed))
                     .expect("spawn a writer")
             })
             .collect();
-        let chaos_end = t0 + Duration::from_secs(chaos_secs);
+        let chaos_end = t0 + Duration::from_secs(chaos.secs);
         loop {
-            let gap = Duration::from_millis(rng.between(FAULT_GAP_MS.0, FAULT_GAP_MS.1));
+            let (lo, hi) = chaos.fault_gap_ms;
+            let gap = Duration::from_millis(rng.between(lo, hi));
             if Instant::now() + gap >= chaos_end {
                 thread::sleep(chaos_end.saturating_duration_since(Instant::now()));
                 break;
             }
             thread::sleep(gap);
-            cluster.inject(&mut rng, &world, &mut timeline);
+            let kind = system.inject(&mut rng, &world, &mut timeline);
+            *faults.entry(kind).or_default() += 1;
         }
         world.writers_stop.store(true, Ordering::SeqCst);
         for w in writers {
@@ -192,16 +245,17 @@ fn nothing_lost_nothing_crashes() {
             "settled: {settled}, {behind} (client, bug) pairs behind"
         ));
         if !settled {
-            cluster.dump();
+            dump(system);
         }
 
         // Memory, then a clean stop of every process, servers first, with
         // their clients still connected.
-        for p in cluster.pollers.iter().chain(cluster.servers.iter()) {
+        let (pollers, servers) = system.processes();
+        for p in pollers.iter().chain(servers.iter()) {
             p.sample_end(&world, true);
         }
         world.no_reconnect.store(true, Ordering::SeqCst);
-        cluster.stop(&world);
+        stopped = stop(system, &world);
         world.stop_clients.store(true, Ordering::SeqCst);
         let clients: Vec<Client> = client_threads
             .into_iter()
@@ -210,7 +264,7 @@ fn nothing_lost_nothing_crashes() {
         (clients, settled)
     });
 
-    let verdict = report(&world, &cluster, &clients, seed);
+    let verdict = report(&world, &faults, &stopped, &clients, seed);
     println!(
         "chaos: total run time {:.1} s",
         began.elapsed().as_secs_f64()
@@ -254,13 +308,13 @@ fn nothing_lost_nothing_crashes() {
         verdict.grew
     );
     assert!(
-        world.shutdown_closes.load(Ordering::SeqCst) >= cluster.connected_at_stop,
+        world.shutdown_closes.load(Ordering::SeqCst) >= stopped.connected,
         "not every connected client got a close frame (1001) at shutdown"
     );
     assert!(
-        cluster.exits.iter().all(|e| e.ends_with("exit status: 0")),
+        stopped.exits.iter().all(|e| e.ends_with("exit status: 0")),
         "not every process stopped cleanly on SIGTERM: {:?}",
-        cluster.exits
+        stopped.exits
     );
 }
 
@@ -294,13 +348,13 @@ fn make_clients(rng: &mut Rng) -> Vec<Vec<Client>> {
 /// What happened when, relative to the writers' start; printed as it
 /// happens and again if the test fails.
 #[derive(Default)]
-struct Timeline {
+pub(super) struct Timeline {
     t0: Option<Instant>,
     lines: Vec<String>,
 }
 
 impl Timeline {
-    fn note(&mut self, what: String) {
+    pub fn note(&mut self, what: String) {
         let at = self.t0.map_or(0.0, |t0| t0.elapsed().as_secs_f64());
         let line = format!("t={at:6.2}s {what}");
         println!("chaos: {line}");
@@ -321,11 +375,6 @@ struct Cluster<'a> {
     queues: [String; 2],
     pollers: Vec<Proc>,
     servers: Vec<Proc>,
-    faults: BTreeMap<&'static str, u32>,
-    /// How each process ended on SIGTERM.
-    exits: Vec<String>,
-    /// Clients connected when the servers got SIGTERM.
-    connected_at_stop: u64,
     /// Whether faults include kill -9.
     kills: bool,
 }
@@ -343,23 +392,41 @@ impl<'a> Cluster<'a> {
             queues: [unique("bzpush-chaos"), unique("bzpush-chaos")],
             pollers: Vec::new(),
             servers: Vec::new(),
-            faults: BTreeMap::new(),
-            exits: Vec::new(),
-            connected_at_stop: 0,
             kills: env_number("CHAOS_NO_KILL").is_none_or(|n| n == 0),
         };
-        let first = cluster.start_poller(&[ACTIVE]);
-        cluster.pollers.push(first);
-        let second = cluster.start_poller(&[STANDBY]);
-        cluster.pollers.push(second);
-        for slot in 0..2 {
-            let server = cluster.start_server(slot);
-            cluster.servers.push(server);
-        }
+        populate(&mut cluster);
         cluster
     }
+}
 
-    /// A poller, once its log says it took one of `roles`.
+/// Starts an active poller, a standby and two servers in `system`.
+pub(super) fn populate(system: &mut impl System) {
+    let first = system.start_poller(&[ACTIVE]);
+    let second = system.start_poller(&[STANDBY]);
+    let servers = [system.start_server(0), system.start_server(1)];
+    let (pollers, running) = system.processes();
+    pollers.extend([first, second]);
+    running.extend(servers);
+}
+
+/// `poller`, once its log says it took one of `roles`.
+pub(super) fn poller_in_role(poller: Bzpush, roles: &[&str]) -> Proc {
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let log = poller.log();
+            roles.iter().any(|role| log.contains(role))
+        }),
+        "the poller never logged any of {roles:?}:\n{}",
+        poller.log()
+    );
+    Proc::new("poll", poller)
+}
+
+impl System for Cluster<'_> {
+    fn processes(&mut self) -> (&mut Vec<Proc>, &mut Vec<Proc>) {
+        (&mut self.pollers, &mut self.servers)
+    }
+
     fn start_poller(&self, roles: &[&str]) -> Proc {
         let poller = Bzpush::poll(
             self.db,
@@ -368,18 +435,9 @@ impl<'a> Cluster<'a> {
             &self.broker.exchange,
             &[("BZPUSH_LOG", "info".to_string())],
         );
-        assert!(
-            wait_until(Duration::from_secs(20), || {
-                let log = poller.log();
-                roles.iter().any(|role| log.contains(role))
-            }),
-            "the poller never logged any of {roles:?}:\n{}",
-            poller.log()
-        );
-        Proc::new("poll", poller)
+        poller_in_role(poller, roles)
     }
 
-    /// The server of `slot`, with its queue, once healthy.
     fn start_server(&self, slot: usize) -> Proc {
         let server = Bzpush::serve_at(
             &self.server_amqp[slot].addr(),
@@ -397,75 +455,14 @@ impl<'a> Cluster<'a> {
         Proc::new("serve", server)
     }
 
-    fn server_addrs(&self) -> Vec<String> {
-        self.servers
-            .iter()
-            .map(|s| s.bzpush.listen_addr())
-            .collect()
-    }
-
-    /// One fault, picked by `rng`.
-    fn inject(&mut self, rng: &mut Rng, world: &World, timeline: &mut Timeline) {
-        let kind = match if self.kills {
+    fn inject(&mut self, rng: &mut Rng, world: &World, timeline: &mut Timeline) -> &'static str {
+        match if self.kills {
             rng.below(6)
         } else {
             2 + rng.below(4)
         } {
-            0 => {
-                let active = self
-                    .pollers
-                    .iter()
-                    .position(|p| poller_is_active(&p.bzpush))
-                    .unwrap_or_else(|| rng.below(self.pollers.len()));
-                let mut old = self.pollers.remove(active);
-                old.sample_end(world, false);
-                old.bzpush.kill9();
-                timeline.note(format!(
-                    "kill -9 the active poller (pid {})",
-                    old.bzpush.pid()
-                ));
-                // The standby usually takes over; but if it is in a
-                // backoff after a database fault, the new one may be first.
-                let mut new = self.start_poller(&[STANDBY, ACTIVE]);
-                new.sample_start();
-                timeline.note(format!(
-                    "  started poller pid {} ({})",
-                    new.bzpush.pid(),
-                    if poller_is_active(&new.bzpush) {
-                        "active"
-                    } else {
-                        "standby"
-                    }
-                ));
-                self.pollers.push(new);
-                "kill -9 the active poller"
-            }
-            1 => {
-                let slot = rng.below(2);
-                let old = &mut self.servers[slot];
-                let addr = old.bzpush.listen_addr();
-                world
-                    .servers
-                    .write()
-                    .expect("servers")
-                    .retain(|a| *a != addr);
-                old.sample_end(world, false);
-                old.bzpush.kill9();
-                timeline.note(format!(
-                    "kill -9 server {slot} (pid {}, {addr})",
-                    old.bzpush.pid()
-                ));
-                let mut new = self.start_server(slot);
-                new.sample_start();
-                let addr = new.bzpush.listen_addr();
-                timeline.note(format!(
-                    "  restarted server {slot} (pid {}) on {addr}, same queue",
-                    new.bzpush.pid()
-                ));
-                world.servers.write().expect("servers").push(addr);
-                self.servers[slot] = new;
-                "kill -9 a server"
-            }
+            0 => replace_active_poller(self, rng, world, timeline),
+            1 => replace_server(self, rng, world, timeline),
             kind @ (2 | 3) => {
                 let (proxy, name) = match rng.below(3) {
                     0 => (&self.poller_amqp, "the pollers' broker link".to_string()),
@@ -494,55 +491,142 @@ impl<'a> Cluster<'a> {
                     "database link down ~1 s"
                 }
             }
-        };
-        *self.faults.entry(kind).or_default() += 1;
+        }
     }
+}
 
-    /// Prints the end of every running process's log, and what the
-    /// servers count: what a stuck pipeline looks like.
-    fn dump(&self) {
-        for p in self.pollers.iter().chain(self.servers.iter()) {
-            let log = p.bzpush.log();
-            let lines: Vec<&str> = log.lines().collect();
-            println!(
-                "chaos: ---- {} pid {}, last lines of its log ----",
-                p.name,
-                p.bzpush.pid()
-            );
-            for line in &lines[lines.len().saturating_sub(15)..] {
-                println!("chaos: | {line}");
-            }
+/// Kills the active poller (a random one if none says it is active) and
+/// starts another.
+pub(super) fn replace_active_poller(
+    system: &mut impl System,
+    rng: &mut Rng,
+    world: &World,
+    timeline: &mut Timeline,
+) -> &'static str {
+    let (pollers, _) = system.processes();
+    let active = pollers
+        .iter()
+        .position(|p| poller_is_active(&p.bzpush))
+        .unwrap_or_else(|| rng.below(pollers.len()));
+    let mut old = pollers.remove(active);
+    old.sample_end(world, false);
+    old.bzpush.kill9();
+    timeline.note(format!(
+        "kill -9 the active poller (pid {})",
+        old.bzpush.pid()
+    ));
+    // The standby usually takes over; but if it is in a backoff after a
+    // fault, the new one may be first.
+    let mut new = system.start_poller(&[STANDBY, ACTIVE]);
+    new.sample_start();
+    timeline.note(format!(
+        "  started poller pid {} ({})",
+        new.bzpush.pid(),
+        if poller_is_active(&new.bzpush) {
+            "active"
+        } else {
+            "standby"
         }
-        for p in &self.servers {
-            let addr = p.bzpush.listen_addr();
-            println!(
-                "chaos: server pid {}: /health {:?}",
-                p.bzpush.pid(),
-                util::serve::http_get(&addr, "/health")
-            );
-        }
-    }
+    ));
+    system.processes().0.push(new);
+    "kill -9 the active poller"
+}
 
-    /// SIGTERM to every process, servers first; records how each ended.
-    fn stop(&mut self, world: &World) {
-        self.connected_at_stop = world.answered.load(Ordering::SeqCst) as u64;
-        for p in self.servers.iter().chain(self.pollers.iter()) {
-            p.bzpush.sigterm();
+/// Kills a random server and starts another in its slot, with its queue;
+/// its clients reconnect to either server.
+pub(super) fn replace_server(
+    system: &mut impl System,
+    rng: &mut Rng,
+    world: &World,
+    timeline: &mut Timeline,
+) -> &'static str {
+    let slot = rng.below(2);
+    let old = &mut system.processes().1[slot];
+    let addr = old.bzpush.listen_addr();
+    world
+        .servers
+        .write()
+        .expect("servers")
+        .retain(|a| *a != addr);
+    old.sample_end(world, false);
+    old.bzpush.kill9();
+    timeline.note(format!(
+        "kill -9 server {slot} (pid {}, {addr})",
+        old.bzpush.pid()
+    ));
+    let mut new = system.start_server(slot);
+    new.sample_start();
+    let addr = new.bzpush.listen_addr();
+    timeline.note(format!(
+        "  restarted server {slot} (pid {}) on {addr}, same queue",
+        new.bzpush.pid()
+    ));
+    world.servers.write().expect("servers").push(addr);
+    system.processes().1[slot] = new;
+    "kill -9 a server"
+}
+
+fn server_addrs(system: &mut impl System) -> Vec<String> {
+    let (_, servers) = system.processes();
+    servers.iter().map(|s| s.bzpush.listen_addr()).collect()
+}
+
+/// Prints the end of every running process's log, and what the
+/// servers count: what a stuck pipeline looks like.
+fn dump(system: &mut impl System) {
+    let (pollers, servers) = system.processes();
+    for p in pollers.iter().chain(servers.iter()) {
+        let log = p.bzpush.log();
+        let lines: Vec<&str> = log.lines().collect();
+        println!(
+            "chaos: ---- {} pid {}, last lines of its log ----",
+            p.name,
+            p.bzpush.pid()
+        );
+        for line in &lines[lines.len().saturating_sub(15)..] {
+            println!("chaos: | {line}");
         }
-        for p in self.servers.iter_mut().chain(self.pollers.iter_mut()) {
-            let status = p.bzpush.wait_exit(STOP);
-            self.exits.push(format!(
-                "{} pid {}: {}",
-                p.name,
-                p.bzpush.pid(),
-                status.map_or("still running".to_string(), |s| s.to_string())
-            ));
-        }
-        // Their threads read the close frames.
-        wait_until(Duration::from_secs(5), || {
-            world.shutdown_closes.load(Ordering::SeqCst) >= self.connected_at_stop
-        });
     }
+    for p in servers.iter() {
+        let addr = p.bzpush.listen_addr();
+        println!(
+            "chaos: server pid {}: /health {:?}",
+            p.bzpush.pid(),
+            util::serve::http_get(&addr, "/health")
+        );
+    }
+}
+
+/// How the processes ended on SIGTERM, and how many clients were
+/// connected when the servers got it.
+#[derive(Default)]
+pub(super) struct Stopped {
+    exits: Vec<String>,
+    connected: u64,
+}
+
+/// SIGTERM to every process, servers first; how each ended.
+fn stop(system: &mut impl System, world: &World) -> Stopped {
+    let connected = world.answered.load(Ordering::SeqCst) as u64;
+    let (pollers, servers) = system.processes();
+    for p in servers.iter().chain(pollers.iter()) {
+        p.bzpush.sigterm();
+    }
+    let mut exits = Vec::new();
+    for p in servers.iter_mut().chain(pollers.iter_mut()) {
+        let status = p.bzpush.wait_exit(STOP);
+        exits.push(format!(
+            "{} pid {}: {}",
+            p.name,
+            p.bzpush.pid(),
+            status.map_or("still running".to_string(), |s| s.to_string())
+        ));
+    }
+    // Their threads read the close frames.
+    wait_until(Duration::from_secs(5), || {
+        world.shutdown_closes.load(Ordering::SeqCst) >= connected
+    });
+    Stopped { exits, connected }
 }
 
 /// Severs every connection through `proxy`, or refuses connections for
@@ -571,7 +655,13 @@ struct Verdict {
 }
 
 /// Prints what the run did and measured.
-fn report(world: &World, cluster: &Cluster, clients: &[Client], seed: u64) -> Verdict {
+fn report(
+    world: &World,
+    faults: &BTreeMap<&'static str, u32>,
+    stopped: &Stopped,
+    clients: &[Client],
+    seed: u64,
+) -> Verdict {
     let latest = world.latest.get().expect("latest");
     let mut missed = Vec::new();
     let mut pairs = 0;
@@ -621,11 +711,8 @@ fn report(world: &World, cluster: &Cluster, clients: &[Client], seed: u64) -> Ve
         c(&world.committed),
         c(&world.lost_writes)
     );
-    println!(
-        "chaos: faults injected: {}",
-        cluster.faults.values().sum::<u32>()
-    );
-    for (kind, n) in &cluster.faults {
+    println!("chaos: faults injected: {}", faults.values().sum::<u32>());
+    for (kind, n) in faults {
         println!("chaos:   {n:3} {kind}");
     }
     println!(
@@ -638,7 +725,7 @@ fn report(world: &World, cluster: &Cluster, clients: &[Client], seed: u64) -> Ve
         c(&world.partial),
         c(&world.server_closes),
         c(&world.shutdown_closes),
-        cluster.connected_at_stop
+        stopped.connected
     );
     println!(
         "chaos: updates received: {}; duplicates (a time the client had seen) {}, older than \
@@ -678,7 +765,7 @@ fn report(world: &World, cluster: &Cluster, clients: &[Client], seed: u64) -> Ve
     for m in memory.iter().filter(|m| m.last) {
         println!("chaos: rss {m}");
     }
-    for exit in &cluster.exits {
+    for exit in &stopped.exits {
         println!("chaos: SIGTERM: {exit}");
     }
     Verdict {
@@ -689,7 +776,7 @@ fn report(world: &World, cluster: &Cluster, clients: &[Client], seed: u64) -> Ve
 }
 
 /// The `bugs` rows the writers update, stamped before the test start.
-fn setup_bugs(db: &TestDb) {
+pub(super) fn setup_bugs(db: &TestDb) {
     let values: Vec<String> = (FIRST_BUG..FIRST_BUG + BUGS)
         .map(|bug| format!("({bug}, '2025-12-31 00:00:00')"))
         .collect();
@@ -725,15 +812,15 @@ fn parse_wire(s: &str) -> Option<u32> {
 }
 
 /// A bzpush process and its memory at start.
-struct Proc {
+pub(super) struct Proc {
     name: &'static str,
-    bzpush: Bzpush,
+    pub bzpush: Bzpush,
     rss_start: u64,
     sampled: Instant,
 }
 
 impl Proc {
-    fn new(name: &'static str, bzpush: Bzpush) -> Proc {
+    pub fn new(name: &'static str, bzpush: Bzpush) -> Proc {
         Proc {
             name,
             bzpush,
@@ -793,8 +880,8 @@ impl std::fmt::Display for Memory {
 }
 
 /// What a poller logs when it becomes active, or a standby.
-const ACTIVE: &str = "active: holding";
-const STANDBY: &str = "standby: ";
+pub(super) const ACTIVE: &str = "active: holding";
+pub(super) const STANDBY: &str = "standby: ";
 
 /// Whether a poller's latest role line says it is active.
 fn poller_is_active(poller: &Bzpush) -> bool {
@@ -822,7 +909,9 @@ struct BugLog {
 }
 
 /// What the writers, the clients and the test share.
-struct World {
+pub(super) struct World {
+    /// Changes per second, all writers together.
+    rate: f64,
     /// When the writers started: their times follow its seconds.
     t0: OnceLock<Instant>,
     bugs: Vec<Mutex<BugLog>>,
@@ -854,8 +943,9 @@ struct World {
 }
 
 impl World {
-    fn new() -> World {
+    fn new(rate: f64) -> World {
         World {
+            rate,
             t0: OnceLock::new(),
             bugs: (0..BUGS).map(|_| Mutex::new(BugLog::default())).collect(),
             latest: OnceLock::new(),
@@ -900,7 +990,7 @@ impl Drop for StopOnDrop<'_> {
 }
 
 /// Changes the bugs `w` owns (no other writer touches them, as no two
-/// Bugzilla requests write one bug's row at once) at `RATE / WRITERS` per
+/// Bugzilla requests write one bug's row at once) at `world.rate / WRITERS` per
 /// second: `bugs.delta_ts` first, then `push_notify` as the extension does,
 /// again if the extension's race lost the write.
 fn writer(w: usize, world: &World, db: &TestDb, seed: u64) {
@@ -910,7 +1000,7 @@ fn writer(w: usize, world: &World, db: &TestDb, seed: u64) {
         .filter(|b| (b - FIRST_BUG) as usize % WRITERS == w)
         .collect();
     let mut last: HashMap<u32, u32> = HashMap::new();
-    let interval = Duration::from_secs_f64(WRITERS as f64 / RATE);
+    let interval = Duration::from_secs_f64(WRITERS as f64 / world.rate);
     let t0 = *world.t0.get().expect("t0");
     let mut next = Instant::now();
     while !world.writers_stop.load(Ordering::SeqCst) {

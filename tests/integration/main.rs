@@ -6,7 +6,10 @@
 
 mod util;
 
+mod broker_faults;
 mod chaos;
+mod cluster;
+mod cluster_chaos;
 mod demo;
 mod docs;
 mod hostile;

@@ -377,13 +377,17 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
     };
     assert!(check("24h").starts_with("ok    "), "before serve ran");
 
-    // Serve's queue as a 24 h serve left it.
+    // Serve's queue as a 24 h serve left it (a quorum queue, the default).
     let connection = util::amqp_connect();
     let channel = util::broker("open a channel", connection.create_channel());
     let mut arguments = lapin::types::FieldTable::default();
     arguments.insert(
         "x-expires".into(),
         lapin::types::AMQPValue::LongUInt(24 * 3600 * 1000),
+    );
+    arguments.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
     );
     util::broker(
         "declare the queue as serve does",
@@ -414,6 +418,52 @@ fn check_serve_warns_about_a_queue_declared_with_another_expiry() {
     );
     // The probe changed nothing: the queue still has its 24 h.
     assert!(check("24h").contains("exists as configured"));
+}
+
+/// An earlier version's queue is classic; the default is now quorum: serve
+/// consumes the classic queue as it is, and the log and check say how to
+/// replace it.
+#[test]
+fn serve_consumes_an_earlier_classic_queue_and_says_how_to_make_it_a_quorum_queue() {
+    let broker = TestBroker::new();
+    let queue = ServeQueue::for_exchange(&broker.exchange);
+    let mut classic = queue.settings("24h");
+    classic.push(("BZPUSH_QUEUE_TYPE", "classic".to_string()));
+    let mut first = Bzpush::serve(&broker, &classic);
+    first.wait_healthy();
+    first.sigterm();
+    assert_eq!(first.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+
+    let mut env = vec![
+        ("BZPUSH_AMQP_URL", util::amqp_url_at(AMQP_ADDR)),
+        ("BZPUSH_FEEDS", format!("/={}", broker.exchange)),
+    ];
+    env.extend(queue.settings("24h"));
+    let checked = Bzpush::run(&["check", "serve"], &env, WAIT);
+    assert!(checked.status.success(), "a warning only: {checked:?}");
+    let line = checked
+        .stdout
+        .lines()
+        .find(|l| l.contains(&format!("queue {:?}", queue.queue)))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("warn  ")
+            && line.contains("x-queue-type")
+            && line.contains("BZPUSH_QUEUE_TYPE quorum")
+            && line.contains("rabbitmqctl delete_queue"),
+        "{line}"
+    );
+
+    let server = Bzpush::serve(&broker, &queue.settings("24h"));
+    server.wait_healthy();
+    let mut client = Client::connect(&server.ws_url("/"));
+    assert_eq!(
+        client.request(json!({"command": "subscribe", "bugs": [1]})),
+        ok("subscribe", &[1])
+    );
+    broker.publish(1, &t(1));
+    assert_eq!(client.recv(WAIT), update(1, &t(1)));
+    assert_eq!(advice_lines(&server.log()), 1, "{}", server.log());
 }
 
 /// A sibling of a changed queue: the queue deleted under a running serve

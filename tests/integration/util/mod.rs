@@ -21,6 +21,7 @@ mod basics;
 pub mod demo;
 pub mod frames;
 mod mariadb;
+mod private_rabbitmq;
 mod process;
 mod proxy;
 mod rabbitmq;
@@ -30,6 +31,7 @@ mod watchdog;
 
 pub use basics::*;
 pub use mariadb::*;
+pub use private_rabbitmq::PrivateRabbit;
 pub use process::*;
 pub use proxy::Proxy;
 pub use rabbitmq::*;

@@ -104,36 +104,46 @@ impl<M: Send + 'static> Broker<M> {
     /// returns.
     pub fn consuming(keep: fn(Delivery) -> M) -> Broker<M> {
         let (mut test_broker, channel, queue) = Broker::with_queue();
-        // The queue is this test's alone and dies with it, so messages are
-        // taken as delivered (no_ack): acking each one costs a hand-off to
-        // lapin's I/O thread and a frame to the broker, which on a 2-core
-        // machine took more CPU than the poller a benchmark measures.
-        let mut consumer = broker(
-            "consume",
-            channel.basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        );
-        let (tx, received) = crossbeam_channel::unbounded();
-        thread::Builder::new()
-            .name("test-consumer".into())
-            .spawn(move || {
-                while let Some(Ok(delivery)) = block_on(consumer.next()) {
-                    if tx.send(keep(delivery)).is_err() {
-                        break;
-                    }
-                }
-            })
-            .expect("spawn the test consumer");
-        test_broker.received = received;
+        test_broker.received = consume(&channel, &queue, keep);
         test_broker
     }
+}
+
+/// Consumes `queue` on `channel` on a thread of its own, which ends with
+/// the channel: `keep` turns each delivery, as it arrives, into what the
+/// receiver gets. The queue is the test's alone, so messages are taken as
+/// delivered (no_ack): acking each one costs a hand-off to lapin's I/O
+/// thread and a frame to the broker, which on a 2-core machine took more
+/// CPU than the poller a benchmark measures.
+pub fn consume<M: Send + 'static>(
+    channel: &Channel,
+    queue: &str,
+    keep: impl Fn(Delivery) -> M + Send + 'static,
+) -> Receiver<M> {
+    let mut consumer = broker(
+        "consume",
+        channel.basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    );
+    let (tx, received) = crossbeam_channel::unbounded();
+    thread::Builder::new()
+        .name("test-consumer".into())
+        .spawn(move || {
+            while let Some(Ok(delivery)) = block_on(consumer.next()) {
+                if tx.send(keep(delivery)).is_err() {
+                    break;
+                }
+            }
+        })
+        .expect("spawn the test consumer");
+    received
 }
 
 impl<M> Broker<M> {

@@ -111,7 +111,7 @@ impl TestBroker {
     /// once the broker has confirmed them all.
     pub fn publish_many(&self, updates: &[(u64, String)]) {
         let url = AmqpUrl::parse(&amqp_url_at(AMQP_ADDR)).expect("the test broker's URL");
-        let publisher = Publisher::connect(&url, &self.exchange, "test-publisher")
+        let mut publisher = Publisher::connect(&url, &self.exchange, "test-publisher")
             .unwrap_or_else(|e| panic!("connect to publish: {e}"));
         let notifications: Vec<Notification> = updates
             .iter()
@@ -126,9 +126,10 @@ impl TestBroker {
         // In chunks, each well inside the publisher's time bound even in a
         // debug build on a loaded machine.
         for chunk in notifications.chunks(10_000) {
-            publisher
+            let refused = publisher
                 .publish(chunk)
                 .unwrap_or_else(|e| panic!("publish and confirm: {e}"));
+            assert!(refused.is_empty(), "the broker refused {refused:?}");
         }
     }
 }
