@@ -70,7 +70,9 @@ impl Freshness {
         self.slots.iter().find(|s| s.name == name)
     }
 
-    /// Slot `index` has handed on everything made before `at`.
+    /// Slot `index` has handed on everything made before `at` (a part that
+    /// measures now and then may give a moment after now, until its next
+    /// measure).
     pub fn handed_on_until(&self, index: usize, at: Instant) {
         if let Some(slot) = self.slots.get(index) {
             let ms = match at.checked_duration_since(self.started) {

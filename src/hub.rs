@@ -303,6 +303,7 @@ impl Hub {
         if !self.catchup.arrived(feed, notification) {
             return;
         }
+        self.metrics.received(&notification.when);
         // Encoded once, and only for a bug someone follows.
         let mut frame: Option<Bytes> = None;
         let mut sent = 0;

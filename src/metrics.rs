@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::freshness::Freshness;
+use crate::notification::ChangeTime;
 use crate::{poller, pulse};
 
 /// The poller's slot in [`Metrics::freshness`] (poll, run, demo).
@@ -42,6 +43,9 @@ pub struct Metrics {
     pub tasks: Tasks,
     /// serve: each feed's broker link, by feed: its node, or why none.
     pub broker_links: Vec<Mutex<pulse::LinkState>>,
+    /// The newest change time any feed received: what a catch-up database
+    /// holding a newer change has not handed on (serve's freshness).
+    newest_received: Mutex<Option<ChangeTime>>,
     /// serve: the broker's resource alarm, as a sentence, while it blocks
     /// publishers ([`pulse::alarm::watch`]).
     pub broker_alarm: Mutex<Option<String>>,
@@ -170,6 +174,25 @@ impl Metrics {
 
     fn uptime(&self) -> Duration {
         self.started.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// A feed received a change stamped `when`.
+    pub fn received(&self, when: &ChangeTime) {
+        let mut newest = self
+            .newest_received
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if newest.as_ref().is_none_or(|newest| when > newest) {
+            *newest = Some(when.clone());
+        }
+    }
+
+    /// The newest change time any feed received, if any.
+    pub fn newest_received(&self) -> Option<ChangeTime> {
+        self.newest_received
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Sets (or with `None` clears) the warning of `kind`.

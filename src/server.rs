@@ -75,12 +75,21 @@ struct Shared {
 /// `bzpush serve`: the server fed by one Pulse consumer per feed, until
 /// `shutdown`.
 pub fn serve(config: &ServeConfig, listener: TcpListener, shutdown: &Shutdown) -> io::Result<()> {
-    let freshness = Freshness::new(&[], config.stale_after);
+    // What serve owes, by slot: each feed's queue (the broker's ready
+    // messages, which the alarm watch reads), then the catch-up database's
+    // changes no feed received.
+    let mut owing: Vec<String> = (0..config.feeds.len())
+        .map(|feed| format!("queue {:?}", ConsumerSetup::for_feed(config, feed).queue))
+        .collect();
+    let catchup_slot = config.catchup_database.as_ref().map(|_| owing.len());
+    owing.extend(catchup_slot.map(|_| "catch-up database".to_string()));
+    let freshness = Freshness::new(&owing, config.stale_after);
     let metrics = Arc::new(Metrics::new("broker", config.feeds.len(), freshness));
     let server = Server {
         config: &config.server,
         feeds: &config.feeds,
         catchup: config.catchup_database.as_ref(),
+        catchup_slot,
         metrics,
     };
     server.run(listener, shutdown, |hub, metrics| {
@@ -101,6 +110,7 @@ pub fn run(config: &RunConfig, listener: TcpListener, shutdown: &Shutdown) -> io
         config: &config.server,
         feeds: &feeds,
         catchup: Some(&config.poller.database),
+        catchup_slot: None,
         metrics,
     };
     server.run(listener, shutdown, |hub, metrics| {
@@ -175,6 +185,7 @@ pub fn run_fed(
         config,
         feeds: &feeds,
         catchup: None,
+        catchup_slot: None,
         metrics: poller_metrics(upstream, stale_after),
     };
     server.run(listener, shutdown, |hub, metrics| {
@@ -214,6 +225,8 @@ struct Server<'a> {
     config: &'a ServerConfig,
     feeds: &'a [Feed],
     catchup: Option<&'a DatabaseUrl>,
+    /// Its slot in the freshness measure, if it measures one (serve).
+    catchup_slot: Option<usize>,
     metrics: Arc<Metrics>,
 }
 
@@ -235,11 +248,15 @@ impl Server<'_> {
                 let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(catchup::database::JOB_QUEUE);
                 let (url, hub) = (url.clone(), hub_tx.clone());
                 let task = metrics.tasks.register("catchup");
+                let owed = self.catchup_slot.map(|slot| catchup::database::Owed {
+                    metrics: Arc::clone(&metrics),
+                    slot,
+                });
                 let thread = shutdown::spawn_essential(
                     "catchup".into(),
                     thread::Builder::new(),
                     shutdown,
-                    move || catchup::database::run(&url, jobs_rx, hub, &task),
+                    move || catchup::database::run(&url, jobs_rx, hub, &task, owed),
                 )?;
                 (Some(jobs_tx), Some(thread))
             }
@@ -355,11 +372,14 @@ fn start_consumers(
     // alarm: a thread of its own asks, for `/health`.
     let alarm = {
         let (nodes, metrics, stop) = (config.amqp.clone(), Arc::clone(metrics), shutdown.clone());
+        let queues: Vec<String> = (0..config.feeds.len())
+            .map(|feed| ConsumerSetup::for_feed(config, feed).queue)
+            .collect();
         shutdown::spawn_essential(
             "broker-alarm".into(),
             thread::Builder::new(),
             shutdown,
-            move || pulse::alarm::watch(nodes, &metrics, &stop),
+            move || pulse::alarm::watch(nodes, &queues, &metrics, &stop),
         )
     };
     consumers.chain([alarm]).collect()

@@ -11,7 +11,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, SystemTime};
 
-use crossbeam_channel::Receiver;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::debug;
 use mysql::prelude::Queryable;
 
@@ -19,7 +21,7 @@ use super::{Answer, Event};
 use crate::config::DatabaseUrl;
 use crate::database::{self, bug_id, change_time};
 use crate::hub::{self, ConnId, HubSender};
-use crate::metrics::Task;
+use crate::metrics::{Metrics, Task};
 use crate::notification::{BugId, ChangeTime, Moment, Notification};
 use crate::protocol::Since;
 use crate::retry::Link;
@@ -35,6 +37,17 @@ const IDS_PER_BATCH: usize = 50_000;
 const IDS_PER_QUERY: usize = 1000;
 /// A catch-up query slower than this fails over to `partial`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an idle worker compares the database's newest changes with
+/// what the feeds received (serve's freshness).
+const FRESHNESS_CHECK: Duration = Duration::from_secs(5);
+
+/// Where the worker reports what the feeds owe: `serve`'s freshness slot
+/// for the catch-up database, in `metrics`. `run` has none: its poller
+/// measures the same database.
+pub struct Owed {
+    pub metrics: Arc<Metrics>,
+    pub slot: usize,
+}
 
 /// One subscription's catch-up, for when the cache cannot vouch for `since`.
 pub struct Job {
@@ -46,16 +59,40 @@ pub struct Job {
 /// Answers jobs until the room drops its end of `jobs`. Every job waiting
 /// when the worker is free is answered by one merged query: the union of
 /// their bugs since the earliest `since`, then each job gets its own bugs
-/// and times from the rows.
-/// `task` tells the watchdog when a query is under way.
-pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender, task: &Task) {
+/// and times from the rows. `task` tells the watchdog when a query is under
+/// way; with `owed`, an idle worker checks every [`FRESHNESS_CHECK`]
+/// whether the database has changes the feeds never received.
+pub fn run(
+    database: &DatabaseUrl,
+    jobs: Receiver<Job>,
+    hub: HubSender,
+    task: &Task,
+    owed: Option<Owed>,
+) {
     let mut link = Link::new("catch-up database", database.to_string());
     // Connected at once, so that the clock is known before the first
     // catch-up; if the database is down, the first job connects and says so.
     let mut db = connect(database, &hub)
         .inspect_err(|e| debug!("catch-up database: {e}; connecting again at the first catch-up"))
         .ok();
-    while let Ok(first) = jobs.recv() {
+    // What nothing received yet is measured from: the database's time at
+    // the first check.
+    let mut since_start: Option<String> = None;
+    if let Some(owed) = &owed {
+        check_freshness(database, &mut db, &hub, owed, &mut since_start);
+    }
+    loop {
+        let first = match jobs.recv_timeout(FRESHNESS_CHECK) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(owed) = &owed {
+                    let _working = task.working();
+                    check_freshness(database, &mut db, &hub, owed, &mut since_start);
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         let _working = task.working();
         let mut ids = first.bugs.len();
         let mut batch = vec![first];
@@ -87,6 +124,73 @@ pub fn run(database: &DatabaseUrl, jobs: Receiver<Job>, hub: HubSender, task: &T
             if hub.send(hub::Event::CatchUp(answered)).is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Reports in `owed` how long the oldest change of the database that the
+/// feeds never received has waited: none newer than the newest received
+/// (or than the first check, before anything was received) is owed.
+fn check_freshness(
+    url: &DatabaseUrl,
+    db: &mut Option<mysql::Conn>,
+    hub: &HubSender,
+    owed: &Owed,
+    since_start: &mut Option<String>,
+) {
+    let freshness = &owed.metrics.freshness;
+    let checked = (|| -> Result<Option<i64>, mysql::Error> {
+        let conn = match db {
+            Some(conn) => conn,
+            None => db.insert(connect(url, hub)?),
+        };
+        // After the newest received; from the start on, that second
+        // included, before anything was received.
+        let (mark, after) = match owed.metrics.newest_received() {
+            Some(newest) => (newest.as_str().to_string(), ">"),
+            None => match since_start {
+                Some(start) => (start.clone(), ">="),
+                None => {
+                    let now: Option<String> =
+                        conn.query_first("SELECT DATE_FORMAT(NOW(), '%Y-%m-%dT%H:%i:%s')")?;
+                    (since_start.insert(now.unwrap_or_default()).clone(), ">=")
+                }
+            },
+        };
+        let age: Option<Option<i64>> = conn.exec_first(
+            format!(
+                "SELECT TIMESTAMPDIFF(SECOND, MIN(delta_ts), NOW()) FROM bugs \
+                 WHERE delta_ts {after} STR_TO_DATE(?, '%Y-%m-%dT%H:%i:%s')"
+            ),
+            (mark,),
+        )?;
+        Ok(age.flatten())
+    })();
+    match checked {
+        // Nothing owed as of now, and none is looked for until the next
+        // check: credited until then, so that the lag does not grow between
+        // two checks that each find nothing.
+        Ok(None) => {
+            freshness.handed_on_until(owed.slot, std::time::Instant::now() + FRESHNESS_CHECK);
+            freshness.explain(owed.slot, None);
+        }
+        Ok(Some(age)) => {
+            freshness.behind_by(owed.slot, Duration::from_secs(age.max(0).unsigned_abs()));
+            freshness.explain(
+                owed.slot,
+                Some(format!(
+                    "its bugs table has changes from {age} s ago that no feed received: is a \
+                     poller publishing to this server's exchanges?"
+                )),
+            );
+        }
+        // What cannot be measured is not owed: the catch-up database
+        // measures here, it does not deliver. Its outage shows in the log.
+        Err(e) => {
+            debug!("catch-up database: {e}; not measuring freshness until it answers");
+            *db = None;
+            freshness.handed_on_until(owed.slot, std::time::Instant::now() + FRESHNESS_CHECK);
+            freshness.explain(owed.slot, None);
         }
     }
 }

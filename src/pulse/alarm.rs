@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future::{self, block_on};
 use futures_lite::{Stream, StreamExt};
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, ConnectionStatus, Event};
 use log::{debug, info, warn};
 
@@ -147,7 +148,13 @@ pub fn blocked_sentence(reason: &str) -> String {
 /// consumer never publishes, so the broker would not tell it. It connects
 /// only while every consumer is connected: while one is not, `/health`
 /// says why, and the broker gets one client retrying, not two.
-pub fn watch(nodes: AmqpNodes, metrics: &Metrics, shutdown: &Shutdown) {
+///
+/// It also measures what `serve` owes ([`crate::freshness`]): each probe,
+/// it reads how many messages wait ready in each of `queues` (by feed, the
+/// freshness slot of the same index). A queue found empty has had all it
+/// held handed on; one never found empty since some moment has owed its
+/// consumer's clients since then, whatever the consumer says.
+pub fn watch(nodes: AmqpNodes, queues: &[String], metrics: &Metrics, shutdown: &Shutdown) {
     let mut nodes = Nodes::new(nodes);
     let mut backoff = Backoff::default();
     let set = |alarm: Option<String>| {
@@ -167,9 +174,10 @@ pub fn watch(nodes: AmqpNodes, metrics: &Metrics, shutdown: &Shutdown) {
             .connect("bzpush serve alarm watch")
             .and_then(|connection| {
                 let probe = probe_channel(&connection)?;
-                Ok((Watch::new(&connection, Some(probe)), connection))
+                let counting = probe_channel(&connection)?;
+                Ok((Watch::new(&connection, Some(probe)), counting, connection))
             });
-        let (mut watch, connection) = match watched {
+        let (mut watch, mut counting, connection) = match watched {
             Ok(watched) => watched,
             // The consumers say that the broker is down.
             Err(e) => {
@@ -200,6 +208,12 @@ pub fn watch(nodes: AmqpNodes, metrics: &Metrics, shutdown: &Shutdown) {
                 }
                 _ => {}
             }
+            // Counted before the probe: a probe under an alarm blocks the
+            // connection, and a count on it would wait out its time-out.
+            match &alarm {
+                Some(reason) => owed_while_blocked(queues, metrics, reason),
+                None => count_ready(&connection, &mut counting, queues, metrics),
+            }
             watch.probe();
             if shutdown.sleep(PROBE_EVERY) {
                 return;
@@ -207,5 +221,63 @@ pub fn watch(nodes: AmqpNodes, metrics: &Metrics, shutdown: &Shutdown) {
         }
         set(None);
         nodes.lost();
+    }
+}
+
+/// Reads each queue's ready messages on `channel` for the freshness
+/// measure. A queue that cannot be read (gone until its consumer declares
+/// it again; the broker then closes the channel, which is opened again) is
+/// not measured, so its time owed grows: its consumer says why.
+fn count_ready(
+    connection: &lapin::Connection,
+    channel: &mut Channel,
+    queues: &[String],
+    metrics: &Metrics,
+) {
+    let freshness = &metrics.freshness;
+    for (slot, queue) in queues.iter().enumerate() {
+        if !channel.status().connected() {
+            match probe_channel(connection) {
+                Ok(open) => *channel = open,
+                Err(e) => return debug!("alarm watch: {e}"),
+            }
+        }
+        let declared = wait(
+            "counting a queue's messages",
+            channel.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        );
+        match declared.map(|q| q.message_count()) {
+            // Empty now; credited until the next count, so that the lag
+            // does not grow between two counts that each find it empty.
+            Ok(0) => {
+                freshness.handed_on_until(slot, Instant::now() + PROBE_EVERY);
+                freshness.explain(slot, None);
+            }
+            Ok(ready) => freshness.explain(
+                slot,
+                Some(format!(
+                    "{ready} messages wait ready in it, not taken by its consumer"
+                )),
+            ),
+            Err(e) => debug!("alarm watch: {e}"),
+        }
+    }
+}
+
+/// Under an alarm nothing is published, and what waits in the queues is
+/// not measured (a blocked connection answers nothing): the time owed
+/// grows, naming the alarm.
+fn owed_while_blocked(queues: &[String], metrics: &Metrics, reason: &str) {
+    for slot in 0..queues.len() {
+        metrics
+            .freshness
+            .explain(slot, Some(blocked_sentence(reason)));
     }
 }

@@ -25,7 +25,7 @@ use super::{
 use crate::catchup::{self, Resumed};
 use crate::config::{AmqpNodes, QueueType, ServeConfig};
 use crate::hub::{Event, FeedId, HubSender};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Task};
 use crate::notification::Moment;
 use crate::retry::{Backoff, Link};
 use crate::shutdown::Shutdown;
@@ -181,12 +181,16 @@ pub fn consume(
     let mut connected_before = false;
     // Whether the operator was told that the queue's arguments differ.
     let mut advised = false;
+    let downstream = Downstream {
+        hub,
+        metrics,
+        task: metrics.tasks.register(&format!("pulse-{}", setup.feed)),
+    };
     while !shutdown.requested() {
         let result = consume_once(
             &mut nodes,
             setup,
-            hub,
-            metrics,
+            &downstream,
             shutdown,
             &mut advised,
             &mut |node: String| {
@@ -222,17 +226,26 @@ pub fn consume(
     }
 }
 
+/// Where a consumer's messages go, and who watches it: the hub, the
+/// counters, and its entry for the watchdog (working while it connects or
+/// hands a message on, not while it waits for one).
+struct Downstream<'a> {
+    hub: &'a HubSender,
+    metrics: &'a Metrics,
+    task: Task,
+}
+
 /// One connection's worth of consuming. `Ok` on shutdown or when the hub
 /// is gone.
 fn consume_once(
     nodes: &mut Nodes,
     setup: &ConsumerSetup,
-    hub: &HubSender,
-    metrics: &Metrics,
+    Downstream { hub, metrics, task }: &Downstream,
     shutdown: &Shutdown,
     advised: &mut bool,
     connected: &mut dyn FnMut(String),
 ) -> Result<(), BrokerError> {
+    let connecting = task.working();
     let connection = nodes.connect("bzpush serve")?;
     let vhost = nodes
         .current()
@@ -284,6 +297,7 @@ fn consume_once(
         ),
     )?;
     connected(nodes.describe());
+    drop(connecting);
     // Everything published from now on reaches this queue; what was
     // consumed before (by a predecessor, or before the queue existed) may
     // not: the cache vouches only for later changes.
@@ -310,6 +324,7 @@ fn consume_once(
         if shutdown.requested() {
             return acks.flush();
         }
+        let _working = task.working();
         let delivery = match next {
             None => continue,
             Some(None) => {

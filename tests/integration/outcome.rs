@@ -336,3 +336,93 @@ fn sighup_is_logged_and_ignored() {
     let exited = server.wait_exit(WAIT).expect("SIGTERM stops it");
     assert_eq!(exited.code(), Some(0));
 }
+
+/// `serve` with a catch-up database: a change the database has and no
+/// feed received (no poller publishes to this exchange) is owed; past the
+/// threshold `/health` says so, and receiving it clears it.
+#[test]
+fn serve_is_stale_when_its_catch_up_database_has_a_change_no_feed_received() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let server = crate::util::serve::healthy_server(
+        &broker,
+        &[
+            ("BZPUSH_CATCHUP_DATABASE_URL", db.url()),
+            ("BZPUSH_STALE_AFTER", "2s".into()),
+        ],
+    );
+    assert!(
+        wait_until(WAIT, || health(&server).0 == 200),
+        "{}\n{}",
+        health(&server).1,
+        server.log()
+    );
+    let (stamp, when) = db.stamp(0);
+    db.set_bug(5, &stamp);
+    assert!(
+        wait_until(WAIT, || health(&server).1["status"] == "stale"),
+        "{}",
+        server.log()
+    );
+    let (status, json) = health(&server);
+    assert_eq!(status, 503, "{json}");
+    assert!(
+        json["stale"]
+            .as_str()
+            .is_some_and(|s| s.contains("catch-up database") && s.contains("no feed received")),
+        "{json}"
+    );
+    broker.publish(5, &when);
+    assert!(
+        wait_until(WAIT, || health(&server).0 == 200),
+        "{}",
+        server.log()
+    );
+}
+
+/// The consumer's link goes silent (no FIN, no RST) while a burst comes:
+/// the broker hands a prefetch window to the dead link and keeps the rest
+/// ready in the queue, and the consumer, waiting for messages that never
+/// come, would call itself idle. The queue is measured on the broker's
+/// side: stale, until the heartbeat replaces the link and all is taken.
+#[test]
+fn serve_is_stale_while_messages_wait_in_its_queue_untaken() {
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(crate::util::AMQP_ADDR);
+    let server = Bzpush::serve_at(
+        &proxy.addr(),
+        &format!("/={}", broker.exchange),
+        &[
+            ("BZPUSH_STALE_AFTER", "2s".into()),
+            ("BZPUSH_HEARTBEAT", "5s".into()),
+        ],
+    );
+    server.wait_healthy();
+    let mut client = subscriber(&server, &[6]);
+    proxy.stall();
+    // More than the consumer's prefetch window of 1000.
+    let burst: Vec<(u64, String)> = (0..1500)
+        .map(|n| (6, format!("2026-12-01T00:{:02}:{:02}", n / 60, n % 60)))
+        .collect();
+    broker.publish_many(&burst);
+    assert!(
+        wait_until(WAIT, || health(&server).1["status"] == "stale"),
+        "{}",
+        server.log()
+    );
+    assert!(
+        health(&server).1["stale"]
+            .as_str()
+            .is_some_and(|s| s.contains("queue") && s.contains("ready")),
+        "{}",
+        health(&server).1
+    );
+    // The heartbeat notices the dead link; a new one takes it all.
+    let last = &burst[burst.len() - 1].1;
+    delivered(&mut client, 6, last, &server);
+    assert!(
+        wait_until(WAIT, || health(&server).0 == 200),
+        "{}",
+        server.log()
+    );
+}
