@@ -1,26 +1,36 @@
 //! The hub: who is subscribed to what, and fan-out.
 //!
 //! One thread owns the subscription index of every feed (bug → connections,
-//! connection → bugs) and the catch-up room ([`CatchUp`]), which alone
-//! answers `since`; connection threads and broker consumers talk to it only
-//! by [`Event`], never by lock. It parses the clients' commands too, so
-//! that parsing leaves nothing on the many connection threads. Each update
-//! is encoded to its WebSocket frame once and the same bytes are queued to
-//! every subscriber. Replies are queued here too, all through the
-//! connection's [`Client`], so a connection sees its answers, catch-up and
-//! live updates in the order the hub handled them. The hub must never
-//! block on a client: [`Outbox::push`] doesn't.
+//! connection → bugs), the subscription budget ([`Quota`]) and the
+//! catch-up room ([`CatchUp`]), which alone answers `since`; connection
+//! threads and broker consumers talk to it only by message, never by lock:
+//! the feeds and the catch-up room by [`Event`], connections by
+//! [`ConnEvent`], on a queue of their own. It parses the clients' commands
+//! too, so that parsing leaves nothing on the many connection threads.
+//! Each update is encoded to its WebSocket frame once and the same bytes
+//! are queued to every subscriber. Replies are queued here too, all through
+//! the connection's [`Client`], so a connection sees its answers, catch-up
+//! and live updates in the order the hub handled them.
+//!
+//! Fair to every client: an update never waits behind clients' commands
+//! (the feeds' queue comes first; a command in hand is the most it waits
+//! for), and each connection has at most one command in the queue
+//! ([`Turns`]), so one client's stream of big commands delays neither
+//! others' updates nor their commands. The hub must never block on a
+//! client: [`Outbox::push`] doesn't.
 
 use std::collections::BTreeSet;
 use std::panic;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, select};
 use log::{debug, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::address::ClientAddress;
 use crate::catchup::{self, CatchUp, Client, Resumed};
+use crate::logging::Throttle;
 use crate::metrics::Metrics;
 use crate::notification::{BugId, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
@@ -28,9 +38,13 @@ use crate::poller::Sink;
 use crate::protocol::{self, Command, ProtocolError};
 use connections::{Connections, Slot};
 use index::BugIndex;
+pub use quota::Quota;
+pub use turn::{Turn, Turns};
 
 mod connections;
 mod index;
+mod quota;
+mod turn;
 
 /// A connection, numbered by the server in accept order.
 pub type ConnId = u64;
@@ -40,24 +54,42 @@ pub type FeedId = usize;
 /// Messages queued for the hub before senders wait: deep enough to absorb a
 /// burst from the broker, small enough to bound memory.
 pub const HUB_QUEUE: usize = 16 * 1024;
+/// Connections' messages queued for the hub before their threads wait:
+/// at most one command of each ([`Turns`]), with its connect and
+/// disconnect.
+pub const CONN_QUEUE: usize = 16 * 1024;
 
-/// What the hub is asked to do.
-pub enum Event {
-    /// A WebSocket connection on `feed` opened.
+/// What the connections tell the hub, in order for each.
+pub enum ConnEvent {
+    /// A WebSocket connection on `feed` opened, from a client counted
+    /// under `address`.
     Connect {
         conn: ConnId,
         feed: FeedId,
         outbox: Arc<Outbox>,
+        address: ClientAddress,
     },
-    /// A command from `conn`, the text as it came. Parsed here rather than
+    /// A command from `conn`, the text as it came, with the connection's
+    /// [`Turn`], given back once it is handled. Parsed here rather than
     /// on the connection's thread: whatever parsing touches (stack pages,
     /// the allocator's per-thread cache) would stay with every idle
     /// connection's thread for its whole life (measured: 3 KiB per
     /// connection at 10 bugs, 6 KiB at 100). Errors are answered in order
     /// with the connection's other replies.
-    Command { conn: ConnId, text: String },
+    Command {
+        conn: ConnId,
+        text: String,
+        turn: Turn,
+    },
     /// The connection ended; forget its subscriptions.
     Disconnect { conn: ConnId },
+}
+
+/// Sends connections' messages to the hub.
+pub type ConnSender = Sender<ConnEvent>;
+
+/// What the feeds, the catch-up room and the server ask of the hub.
+pub enum Event {
     /// Bug changed: tell the feed's subscribers.
     Notify {
         feed: FeedId,
@@ -128,6 +160,8 @@ impl Sink for HubSink {
 
 struct Subscriber {
     feed: FeedId,
+    /// Where the subscription budget counts it.
+    address: ClientAddress,
     bugs: BTreeSet<BugId>,
     /// Where its frames go: to its outbox, or behind its catch-ups.
     client: Client,
@@ -140,17 +174,27 @@ pub struct Hub {
     subscribers: Connections<Subscriber>,
     catchup: CatchUp,
     max_subscriptions: usize,
+    quota: Quota,
     outbound_queue: usize,
     metrics: Arc<Metrics>,
+    /// Shutdown closed every connection: any that connects now is closed
+    /// too.
+    closing: bool,
 }
 
 /// How the hub is set up.
 pub struct HubConfig {
     pub feeds: usize,
+    /// Subscriptions per connection.
     pub max_subscriptions: usize,
+    pub quota: Quota,
     pub outbound_queue: usize,
     pub catchup: CatchUp,
 }
+
+/// Parsing a command panicked (a bug one client's input reached): said a
+/// few times a minute.
+static PARSE_PANICS: Throttle = Throttle::new();
 
 impl Hub {
     pub fn new(config: HubConfig, metrics: Arc<Metrics>) -> Hub {
@@ -159,29 +203,76 @@ impl Hub {
             subscribers: Connections::default(),
             catchup: config.catchup,
             max_subscriptions: config.max_subscriptions,
+            quota: config.quota,
             outbound_queue: config.outbound_queue,
             metrics,
+            closing: false,
         }
     }
 
-    /// Handles messages until every sender is gone.
-    pub fn run(mut self, messages: Receiver<Event>) {
-        for message in messages {
-            self.handle(message);
+    /// Handles messages until every sender of both queues is gone; what
+    /// `upstream` (the feeds, the catch-up room) sends first: an update
+    /// waits for the one command in hand at most, never for the queue of
+    /// clients' commands.
+    pub fn run(mut self, upstream: Receiver<Event>, conns: Receiver<ConnEvent>) {
+        let (mut upstream, mut conns) = (Some(upstream), Some(conns));
+        while upstream.is_some() || conns.is_some() {
+            if let Some(rx) = &upstream {
+                match rx.try_recv() {
+                    Ok(event) => {
+                        self.handle(event);
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => {
+                        upstream = None;
+                        continue;
+                    }
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
+            // A queue whose senders are all gone is never ready again.
+            let (never_up, never_conns) = (crossbeam_channel::never(), crossbeam_channel::never());
+            select! {
+                recv(upstream.as_ref().unwrap_or(&never_up)) -> event => match event {
+                    Ok(event) => self.handle(event),
+                    Err(_) => upstream = None,
+                },
+                recv(conns.as_ref().unwrap_or(&never_conns)) -> event => match event {
+                    Ok(event) => self.handle_conn(event),
+                    Err(_) => conns = None,
+                },
+            }
         }
         debug!("hub stopped");
     }
 
-    fn handle(&mut self, message: Event) {
+    fn handle_conn(&mut self, event: ConnEvent) {
         self.metrics.beat(&self.metrics.hub_beat);
-        match message {
-            Event::Heartbeat => {}
-            Event::Connect { conn, feed, outbox } => {
+        match event {
+            ConnEvent::Connect {
+                conn,
+                feed,
+                outbox,
+                address,
+            } => {
+                if self.closing {
+                    outbox.close(CloseCode::Away, "server shutting down");
+                }
                 let (bugs, client) = (BTreeSet::new(), Client::new(outbox));
-                self.subscribers
-                    .insert(conn, Subscriber { feed, bugs, client });
+                let subscriber = Subscriber {
+                    feed,
+                    address,
+                    bugs,
+                    client,
+                };
+                self.subscribers.insert(conn, subscriber);
             }
-            Event::Command { conn, text } => {
+            // The turn is given back when this arm ends.
+            ConnEvent::Command {
+                conn,
+                text,
+                turn: _,
+            } => {
                 // A bug in the parser that one client's input reaches must
                 // end that connection, not the hub: it ran on the
                 // connection's own thread before, where it was contained.
@@ -193,22 +284,32 @@ impl Hub {
                         }
                     }
                     Err(payload) => {
-                        warn!(
-                            "connection {conn}: parsing its command panicked: {}",
-                            crate::shutdown::panic_message(payload.as_ref())
-                        );
+                        if let Some(held) = PARSE_PANICS.allow() {
+                            warn!(
+                                "connection {conn}: parsing its command panicked: {}{held}",
+                                crate::shutdown::panic_message(payload.as_ref())
+                            );
+                        }
                         if let Some(c) = self.subscribers.get_mut(conn) {
                             c.client.outbox().close(CloseCode::Error, "internal error");
                         }
                     }
                 }
             }
-            Event::Disconnect { conn } => {
+            ConnEvent::Disconnect { conn } => {
                 if let Some((slot, c)) = self.subscribers.remove(conn) {
                     self.catchup.left(conn, &c.client);
+                    self.quota.give_back(c.address, c.bugs.len());
                     self.unsubscribe(slot, c.feed, &c.bugs);
                 }
             }
+        }
+    }
+
+    fn handle(&mut self, message: Event) {
+        self.metrics.beat(&self.metrics.hub_beat);
+        match message {
+            Event::Heartbeat => {}
             Event::Notify { feed, notification } => self.notify(feed, &notification),
             Event::CatchUp(event) => {
                 let subscribers = &mut self.subscribers;
@@ -217,6 +318,7 @@ impl Hub {
                 });
             }
             Event::CloseAll => {
+                self.closing = true;
                 self.catchup.stop();
                 for c in self.subscribers.values() {
                     c.client
@@ -248,6 +350,7 @@ impl Hub {
                 let text = protocol::subscriptions_reply("unsubscribe", c.bugs.iter().copied());
                 c.client.reply(text_frame(text));
                 let feed = c.feed;
+                self.quota.give_back(c.address, gone.len());
                 self.unsubscribe(slot, feed, &gone);
             }
             Command::Subscribe { bugs, since } => {
@@ -256,9 +359,13 @@ impl Hub {
                     .copied()
                     .filter(|b| !c.bugs.contains(b))
                     .collect();
-                if c.bugs.len() + new.len() > self.max_subscriptions {
-                    let error =
-                        ProtocolError::too_many_subscriptions("subscribe", self.max_subscriptions);
+                let refused = if c.bugs.len() + new.len() > self.max_subscriptions {
+                    Err(self.max_subscriptions)
+                } else {
+                    self.quota.take(c.address, new.len())
+                };
+                if let Err(limit) = refused {
+                    let error = ProtocolError::too_many_subscriptions("subscribe", limit);
                     c.client.reply(text_frame(protocol::error_reply(&error)));
                     return;
                 }
@@ -334,6 +441,7 @@ mod tests {
             HubConfig {
                 feeds: 1,
                 max_subscriptions: 100,
+                quota: Quota::new(1000, 1, 1),
                 outbound_queue: 100,
                 catchup: CatchUp::new(1, 100, Some(jobs_tx)),
             },
@@ -352,18 +460,20 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         let outbox = Outbox::new(Arc::new(server), 100, writers, Arc::clone(&hub.metrics));
-        hub.handle(Event::Connect {
+        hub.handle_conn(ConnEvent::Connect {
             conn,
             feed: 0,
             outbox,
+            address: ClientAddress::of([127, 0, 0, 1].into()),
         });
         client
     }
 
     fn command(hub: &mut Hub, conn: ConnId, text: &str) {
-        hub.handle(Event::Command {
+        hub.handle_conn(ConnEvent::Command {
             conn,
             text: text.into(),
+            turn: Turns::default().take(),
         });
     }
 
@@ -374,10 +484,7 @@ mod tests {
             "bugs": bugs.iter().map(|b| b.get()).collect::<Vec<_>>(),
             "since": since.as_ref().map(Since::as_str),
         });
-        hub.handle(Event::Command {
-            conn: 1,
-            text: text.to_string(),
-        });
+        command(hub, 1, &text.to_string());
     }
 
     /// Reads `count` unmasked text frames (short ones: 7-bit lengths).
@@ -420,10 +527,7 @@ mod tests {
             feed: 0,
             notification: n(6, "2026-01-01T00:00:09"),
         });
-        hub.handle(Event::Command {
-            conn: 1,
-            text: r#"{"command":"version"}"#.into(),
-        });
+        command(&mut hub, 1, r#"{"command":"version"}"#);
         hub.handle(Event::CatchUp(catchup::Event::Answered {
             conn: 1,
             updates: Some(vec![
@@ -475,10 +579,7 @@ mod tests {
                 notification: n(5, when),
             });
         }
-        hub.handle(Event::Command {
-            conn: 1,
-            text: r#"{"command":"version"}"#.into(),
-        });
+        command(&mut hub, 1, r#"{"command":"version"}"#);
         let frames = read_texts(&mut client, 5);
         assert_eq!(frames[0]["command"], "subscribe");
         assert_eq!(frames[1]["when"], "2026-01-01T00:00:07");
@@ -494,10 +595,7 @@ mod tests {
         let (mut hub, mut client, jobs) = hub_with_client(&writers);
         let since = Since::parse("2026-01-01T00:00:00");
         subscribe(&mut hub, vec![BugId::new(5).expect("5")], since.clone());
-        hub.handle(Event::Command {
-            conn: 1,
-            text: r#"{"command":"version"}"#.into(),
-        });
+        command(&mut hub, 1, r#"{"command":"version"}"#);
         subscribe(&mut hub, vec![BugId::new(6).expect("6")], since);
         assert_eq!(
             jobs.try_iter().count(),
@@ -558,10 +656,7 @@ mod tests {
         assert_eq!(frames[1]["when"], "2026-01-01T00:00:04");
         assert_eq!(frames[2]["when"], "2026-01-01T00:00:05");
         // Nothing more: the held copies of :04 and :05 were not repeated.
-        hub.handle(Event::Command {
-            conn: 1,
-            text: r#"{"command":"version"}"#.into(),
-        });
+        command(&mut hub, 1, r#"{"command":"version"}"#);
         assert_eq!(read_texts(&mut client, 1)[0]["command"], "version");
     }
 
@@ -581,10 +676,7 @@ mod tests {
                 notification: n(5, when),
             });
         }
-        hub.handle(Event::Command {
-            conn: 1,
-            text: r#"{"command":"version"}"#.into(),
-        });
+        command(&mut hub, 1, r#"{"command":"version"}"#);
         let frames = read_texts(&mut client, 4);
         assert_eq!(frames[0]["result"], "ok");
         assert_eq!(frames[1]["when"], "2026-01-01T00:00:09");
@@ -603,7 +695,7 @@ mod tests {
         // Bug 5 has one follower, bug 6 two: both kinds of index entry.
         command(&mut hub, 1, r#"{"command":"subscribe","bugs":[5,6]}"#);
         command(&mut hub, 3, r#"{"command":"subscribe","bugs":[6]}"#);
-        hub.handle(Event::Disconnect { conn: 1 });
+        hub.handle_conn(ConnEvent::Disconnect { conn: 1 });
         // Connection 2 takes the slot connection 1 left.
         let mut second = connect(&mut hub, &writers, 2);
         command(&mut hub, 2, r#"{"command":"subscribe","bugs":[7]}"#);

@@ -9,6 +9,7 @@ mod util;
 mod chaos;
 mod demo;
 mod docs;
+mod front_door;
 mod hostile;
 mod install;
 mod lock_waits;
