@@ -21,7 +21,7 @@ use crate::config::{
     AmqpUrl, Config, DatabaseUrl, Given, Mode, PollerConfig, ServeConfig, ServerConfig, Setting,
     Source, key,
 };
-use crate::hub::Quota;
+use crate::hub::Budget;
 use crate::pulse::{ConsumerSetup, QueueState};
 use crate::{database, logging, poller, pulse};
 
@@ -322,7 +322,7 @@ fn report_origins(report: &mut Report, allowed: &Option<Vec<String>>) {
 /// `BZPUSH_MAX_CONNECTIONS` connections (a failure if not: the server would
 /// hold fewer).
 fn report_limits(report: &mut Report, server: &ServerConfig) {
-    let quota = Quota::new(
+    let budget = Budget::new(
         server.max_subscriptions_total,
         server.max_connections_per_address,
         server.max_connections,
@@ -337,7 +337,7 @@ fn report_limits(report: &mut Report, server: &ServerConfig) {
         "subscriptions: at most {} per connection (BZPUSH_MAX_SUBSCRIPTIONS), {} per client \
          address, {} in all (BZPUSH_MAX_SUBSCRIPTIONS_TOTAL)",
         server.max_subscriptions,
-        quota.share(),
+        budget.share(),
         server.max_subscriptions_total
     )));
     let capacity = Capacity::measure();

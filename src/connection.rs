@@ -1,14 +1,16 @@
 //! One WebSocket client, after its handshake: the connection's only thread.
 //!
 //! The thread blocks reading the socket and hands each text frame to the
-//! hub, which parses it; it never writes to the socket itself.
+//! hub, which parses it (a big one is parsed here first: [`Request`]); it
+//! never writes to the socket itself.
 //! Everything it or tungstenite sends (pongs, pings, close replies) goes
 //! into the connection's [`Outbox`], in order with the hub's replies and
 //! updates, and the writer pool puts it on the wire. An idle connection
 //! costs no CPU: the only timer is the keepalive, which pings a silent
 //! client and closes one that stays silent. One command at a time goes to
 //! the hub ([`Turns`]): the next waits, unread in the socket, until the hub
-//! has handled the last. This module must never block the hub: it talks
+//! has handled the last, and longer if the client's address used up its
+//! share of the hub's time. This module must never block the hub: it talks
 //! to it by message only.
 
 use std::io::{self, Read, Write};
@@ -22,7 +24,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
 use crate::address::ClientAddress;
-use crate::hub::{ConnEvent, ConnId, ConnSender, FeedId, Turns};
+use crate::hub::{ConnEvent, ConnId, ConnSender, FeedId, Request, Turns};
 use crate::outbox::{Outbox, OutboxWriter};
 
 /// Per-connection read buffer: client messages are small commands, and the
@@ -186,9 +188,19 @@ fn serve(
             }
         };
         pinged = false;
-        // Parsed by the hub (see `ConnEvent::Command`).
-        let turn = turns.take();
-        if hub.send(ConnEvent::Command { conn, text, turn }).is_err() {
+        // Parsed by the hub, unless it is big (see `Request`).
+        let Some(turn) = turns.take(|| outbox.is_closing()) else {
+            return "closing".into();
+        };
+        let request = Request::new(text);
+        if hub
+            .send(ConnEvent::Command {
+                conn,
+                request,
+                turn,
+            })
+            .is_err()
+        {
             return "hub gone".into();
         }
     }

@@ -1,12 +1,13 @@
 //! The hub: who is subscribed to what, and fan-out.
 //!
 //! One thread owns the subscription index of every feed (bug → connections,
-//! connection → bugs), the subscription budget ([`Quota`]) and the
+//! connection → bugs), each client address's budget ([`Budget`]) and the
 //! catch-up room ([`CatchUp`]), which alone answers `since`; connection
 //! threads and broker consumers talk to it only by message, never by lock:
 //! the feeds and the catch-up room by [`Event`], connections by
 //! [`ConnEvent`], on a queue of their own. It parses the clients' commands
-//! too, so that parsing leaves nothing on the many connection threads.
+//! too, but for big ones ([`Request`]), so that parsing leaves nothing on
+//! the many connection threads.
 //! Each update is encoded to its WebSocket frame once and the same bytes
 //! are queued to every subscriber. Replies are queued here too, all through
 //! the connection's [`Client`], so a connection sees its answers, catch-up
@@ -14,15 +15,17 @@
 //!
 //! Fair to every client: an update never waits behind clients' commands
 //! (the feeds' queue comes first; a command in hand is the most it waits
-//! for), and each connection has at most one command in the queue
-//! ([`Turns`]), so one client's stream of big commands delays neither
-//! others' updates nor their commands. The hub must never block on a
-//! client: [`Outbox::push`] doesn't.
+//! for); each connection has at most one command in the queue ([`Turns`]);
+//! and an address whose commands took more than its share of the hub's
+//! time waits before its next ([`Budget::spent`]). So one client's stream
+//! of big commands delays neither others' updates nor their commands. The
+//! hub must never block on a client: [`Outbox::push`] doesn't.
 
 use std::collections::BTreeSet;
 use std::panic;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, select};
 use log::{debug, warn};
@@ -36,14 +39,14 @@ use crate::notification::{BugId, Moment, Notification};
 use crate::outbox::{Bytes, Outbox, text_frame};
 use crate::poller::Sink;
 use crate::protocol::{self, Command, ProtocolError};
+pub use budget::Budget;
 use connections::{Connections, Slot};
 use index::BugIndex;
-pub use quota::Quota;
 pub use turn::{Turn, Turns};
 
+mod budget;
 mod connections;
 mod index;
-mod quota;
 mod turn;
 
 /// A connection, numbered by the server in accept order.
@@ -69,20 +72,45 @@ pub enum ConnEvent {
         outbox: Arc<Outbox>,
         address: ClientAddress,
     },
-    /// A command from `conn`, the text as it came, with the connection's
-    /// [`Turn`], given back once it is handled. Parsed here rather than
-    /// on the connection's thread: whatever parsing touches (stack pages,
-    /// the allocator's per-thread cache) would stay with every idle
-    /// connection's thread for its whole life (measured: 3 KiB per
-    /// connection at 10 bugs, 6 KiB at 100). Errors are answered in order
-    /// with the connection's other replies.
+    /// A command from `conn`, with the connection's [`Turn`], given back
+    /// once it is handled. Errors are answered in order with the
+    /// connection's other replies.
     Command {
         conn: ConnId,
-        text: String,
+        request: Request,
         turn: Turn,
     },
     /// The connection ended; forget its subscriptions.
     Disconnect { conn: ConnId },
+}
+
+/// A client's command, as its connection hands it over.
+pub enum Request {
+    /// The text as it came, parsed by the hub: whatever parsing touches on
+    /// a connection's thread (stack pages, the allocator's per-thread
+    /// cache) would stay with every idle connection's thread for its whole
+    /// life (measured: 3 KiB per connection at 10 bugs, 6 KiB at 100).
+    Text(String),
+    /// Parsed on the connection's thread: a big command, whose parsing
+    /// (0.84 ms for 20,000 bugs, measured) the hub, which every client's
+    /// updates wait for, is spared; the client that sends such commands
+    /// pays for them.
+    Parsed(Result<Command, ProtocolError>),
+}
+
+impl Request {
+    /// Commands longer than this are parsed on the connection's thread: a
+    /// subscription to about 2,000 bugs.
+    pub const PARSED_BEYOND: usize = 16 * 1024;
+
+    /// `text` as a connection hands it over: parsed here if it is long.
+    pub fn new(text: String) -> Request {
+        if text.len() > Request::PARSED_BEYOND {
+            Request::Parsed(protocol::parse(&text))
+        } else {
+            Request::Text(text)
+        }
+    }
 }
 
 /// Sends connections' messages to the hub.
@@ -174,7 +202,7 @@ pub struct Hub {
     subscribers: Connections<Subscriber>,
     catchup: CatchUp,
     max_subscriptions: usize,
-    quota: Quota,
+    budget: Budget,
     outbound_queue: usize,
     metrics: Arc<Metrics>,
     /// Shutdown closed every connection: any that connects now is closed
@@ -187,7 +215,7 @@ pub struct HubConfig {
     pub feeds: usize,
     /// Subscriptions per connection.
     pub max_subscriptions: usize,
-    pub quota: Quota,
+    pub budget: Budget,
     pub outbound_queue: usize,
     pub catchup: CatchUp,
 }
@@ -203,7 +231,7 @@ impl Hub {
             subscribers: Connections::default(),
             catchup: config.catchup,
             max_subscriptions: config.max_subscriptions,
-            quota: config.quota,
+            budget: config.budget,
             outbound_queue: config.outbound_queue,
             metrics,
             closing: false,
@@ -258,6 +286,7 @@ impl Hub {
                 if self.closing {
                     outbox.close(CloseCode::Away, "server shutting down");
                 }
+                self.budget.connected(address);
                 let (bugs, client) = (BTreeSet::new(), Client::new(outbox));
                 let subscriber = Subscriber {
                     feed,
@@ -270,13 +299,18 @@ impl Hub {
             // The turn is given back when this arm ends.
             ConnEvent::Command {
                 conn,
-                text,
-                turn: _,
+                request,
+                turn,
             } => {
+                let started = Instant::now();
+                let address = self.subscribers.get_mut(conn).map(|c| c.address);
                 // A bug in the parser that one client's input reaches must
-                // end that connection, not the hub: it ran on the
-                // connection's own thread before, where it was contained.
-                match panic::catch_unwind(|| protocol::parse(&text)) {
+                // end that connection, not the hub.
+                let parsed = match request {
+                    Request::Text(text) => panic::catch_unwind(|| protocol::parse(&text)),
+                    Request::Parsed(parsed) => Ok(parsed),
+                };
+                match parsed {
                     Ok(Ok(command)) => self.command(conn, command),
                     Ok(Err(error)) => {
                         if let Some(c) = self.subscribers.get_mut(conn) {
@@ -295,11 +329,17 @@ impl Hub {
                         }
                     }
                 }
+                let now = Instant::now();
+                if let Some(address) = address
+                    && let Some(at) = self.budget.spent(address, now - started, now)
+                {
+                    turn.not_before(at);
+                }
             }
             ConnEvent::Disconnect { conn } => {
                 if let Some((slot, c)) = self.subscribers.remove(conn) {
                     self.catchup.left(conn, &c.client);
-                    self.quota.give_back(c.address, c.bugs.len());
+                    self.budget.left(c.address, c.bugs.len());
                     self.unsubscribe(slot, c.feed, &c.bugs);
                 }
             }
@@ -350,7 +390,7 @@ impl Hub {
                 let text = protocol::subscriptions_reply("unsubscribe", c.bugs.iter().copied());
                 c.client.reply(text_frame(text));
                 let feed = c.feed;
-                self.quota.give_back(c.address, gone.len());
+                self.budget.give_back(c.address, gone.len());
                 self.unsubscribe(slot, feed, &gone);
             }
             Command::Subscribe { bugs, since } => {
@@ -362,7 +402,7 @@ impl Hub {
                 let refused = if c.bugs.len() + new.len() > self.max_subscriptions {
                     Err(self.max_subscriptions)
                 } else {
-                    self.quota.take(c.address, new.len())
+                    self.budget.take(c.address, new.len())
                 };
                 if let Err(limit) = refused {
                     let error = ProtocolError::too_many_subscriptions("subscribe", limit);
@@ -441,7 +481,7 @@ mod tests {
             HubConfig {
                 feeds: 1,
                 max_subscriptions: 100,
-                quota: Quota::new(1000, 1, 1),
+                budget: Budget::new(1000, 1, 1),
                 outbound_queue: 100,
                 catchup: CatchUp::new(1, 100, Some(jobs_tx)),
             },
@@ -472,8 +512,8 @@ mod tests {
     fn command(hub: &mut Hub, conn: ConnId, text: &str) {
         hub.handle_conn(ConnEvent::Command {
             conn,
-            text: text.into(),
-            turn: Turns::default().take(),
+            request: Request::new(text.into()),
+            turn: Turns::default().take(|| false).expect("a turn"),
         });
     }
 

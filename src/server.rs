@@ -30,8 +30,8 @@ use crate::connection::{self, Identity, Limits};
 use crate::handshake::{self, HEAD_TIMEOUT, Handshake, Upgraded};
 use crate::http;
 use crate::hub::{
-    CONN_QUEUE, ConnEvent, ConnId, ConnSender, Event, HUB_QUEUE, Hub, HubConfig, HubSender,
-    HubSink, Quota,
+    Budget, CONN_QUEUE, ConnEvent, ConnId, ConnSender, Event, HUB_QUEUE, Hub, HubConfig, HubSender,
+    HubSink,
 };
 use crate::logging::Throttle;
 use crate::metrics::Metrics;
@@ -241,7 +241,7 @@ impl Server<'_> {
             HubConfig {
                 feeds: self.feeds.len(),
                 max_subscriptions: self.config.max_subscriptions,
-                quota: Quota::new(
+                budget: Budget::new(
                     self.config.max_subscriptions_total,
                     self.config.max_connections_per_address,
                     self.config.max_connections,
