@@ -57,7 +57,7 @@ pub struct Limit {
     pub reserved: u64,
     /// What one connection takes of it.
     pub per_connection: u64,
-    /// What it counts: `mappings`, `tasks`, `files`.
+    /// What it counts, one of it: `mapping`, `task`, `file`.
     pub unit: &'static str,
     /// How to raise it; `{}` stands for the value needed.
     fix: String,
@@ -99,7 +99,7 @@ impl Capacity {
                     used: count_entries("/proc/self/fd"),
                     reserved: MAX_HANDSHAKES as u64 + PIPELINE_FILES,
                     per_connection: 1,
-                    unit: "files",
+                    unit: "file",
                     fix: "LimitNOFILE={} in the unit (systemctl edit UNIT), or ulimit -n {}".into(),
                 });
             }
@@ -112,7 +112,7 @@ impl Capacity {
                     used: real_uid(&status).map_or(0, user_tasks),
                     reserved: threads,
                     per_connection: 1,
-                    unit: "tasks",
+                    unit: "task",
                     fix: "LimitNPROC={} in the unit, or ulimit -u {}".into(),
                 });
             }
@@ -125,7 +125,7 @@ impl Capacity {
                 used: maps as u64,
                 reserved: threads * MAPPINGS_PER_THREAD + SPARE_MAPPINGS,
                 per_connection: MAPPINGS_PER_THREAD,
-                unit: "mappings",
+                unit: "mapping",
                 fix: sysctl("vm.max_map_count"),
             });
         }
@@ -141,7 +141,7 @@ impl Capacity {
                     used: tasks + reserved_pids,
                     reserved: threads,
                     per_connection: 1,
-                    unit: "tasks",
+                    unit: "task",
                     fix: sysctl(&format!("kernel.{name}")),
                 });
             }
@@ -158,7 +158,7 @@ impl Capacity {
                 used,
                 reserved: threads,
                 per_connection: 1,
-                unit: "tasks",
+                unit: "task",
                 fix: "TasksMax={} for the unit or slice of that cgroup (systemctl edit UNIT)"
                     .into(),
             });
@@ -184,13 +184,14 @@ impl Capacity {
         match self.tightest() {
             None => "connections without a limit bzpush can read".into(),
             Some(l) => format!(
-                "{} connections (the tightest limit: {} {}, {} {} a connection, {} in use, \
+                "{} connections (the tightest limit: {} {}, {} {}{} a connection, {} in use, \
                  {} kept for handshakes and the pipeline)",
                 l.connections(),
                 l.name,
                 l.value,
                 l.per_connection,
                 l.unit,
+                if l.per_connection == 1 { "" } else { "s" },
                 l.used,
                 l.reserved
             ),
@@ -398,7 +399,7 @@ Max address space         unlimited            unlimited            bytes
             used,
             reserved,
             per_connection,
-            unit: "mappings",
+            unit: "mapping",
             fix: sysctl(name),
         }
     }
