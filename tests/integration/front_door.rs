@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::demo::{Nginx, readme_nginx_block};
 use crate::util::serve::{
-    Client, healthy_server, http_get, loopback, metric, ok, t, tcp_from, update,
+    Client, healthy_server, http_get, loopback, metric, ok, refused_status, t, tcp_from, update,
 };
 use crate::util::{TestBroker, wait_until};
 use serde_json::{Value, json};
@@ -56,15 +56,6 @@ fn handshake_from(from: IpAddr, addr: SocketAddr, headers: &str) -> Result<TcpSt
         Ok(socket)
     } else {
         Err(status)
-    }
-}
-
-/// The HTTP status a tungstenite client's refused handshake got.
-fn refused_status(result: Result<Client, tungstenite::Error>) -> u16 {
-    match result {
-        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Err(e) => panic!("expected an HTTP refusal, got {e}"),
-        Ok(_) => panic!("the handshake was accepted"),
     }
 }
 

@@ -13,6 +13,7 @@ mod front_door;
 mod hostile;
 mod install;
 mod lock_waits;
+mod machine_limits;
 mod messages;
 mod metrics;
 mod package;

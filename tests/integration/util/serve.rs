@@ -134,6 +134,15 @@ impl TestBroker {
     }
 }
 
+/// The HTTP status of a refused handshake ([`Client::try_connect`]).
+pub fn refused_status(result: Result<Client, tungstenite::Error>) -> u16 {
+    match result {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("the handshake was accepted"),
+    }
+}
+
 /// A WebSocket client over TCP.
 pub struct Client {
     pub ws: WebSocket<TcpStream>,
