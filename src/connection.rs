@@ -23,8 +23,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use crate::address::ClientAddress;
-use crate::hub::{ConnEvent, ConnId, ConnSender, FeedId, Request, Turns};
+use crate::handshake::Upgraded;
+use crate::hub::{ConnEvent, ConnId, ConnSender, Request, Turns};
 use crate::outbox::{Outbox, OutboxWriter};
 
 /// Per-connection read buffer: client messages are small commands, and the
@@ -66,29 +66,20 @@ impl Write for Stream {
     }
 }
 
-/// Which WebSocket this is: its connection, feed and client address.
-#[derive(Clone, Copy)]
-pub struct Identity {
-    pub conn: ConnId,
-    pub feed: FeedId,
-    pub address: ClientAddress,
-}
-
 /// Serves one client until it leaves, misbehaves or the outbox closes.
-/// `leftover` is whatever arrived after the handshake request.
 pub fn run(
-    who: Identity,
+    conn: ConnId,
+    websocket: Upgraded,
     socket: Arc<TcpStream>,
-    leftover: Vec<u8>,
     outbox: Arc<Outbox>,
     hub: &ConnSender,
     limits: Limits,
 ) {
-    let Identity {
-        conn,
+    let Upgraded {
         feed,
+        leftover,
         address,
-    } = who;
+    } = websocket;
     if hub
         .send(ConnEvent::Connect {
             conn,

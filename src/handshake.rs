@@ -5,9 +5,9 @@
 //! answer to one that does not, or that asks for a plain HTTP page. The
 //! client address is the socket's peer, or what a trusted proxy's
 //! `X-Forwarded-For` says. Serving the WebSocket afterwards is not its
-//! job, nor is writing its 101 answer: whoever serves it does, once sure
-//! it can.
+//! job.
 
+use std::io::Write;
 use std::net::{IpAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,17 +43,12 @@ pub struct Handshake {
 }
 
 /// A WebSocket whose handshake succeeded: the feed it asked for, the
-/// bytes the client sent after its request head, the answer to write
-/// before anything else, and the address its client counts under. It
-/// counts in `metrics.connections` from here on: whoever serves it takes it
-/// off.
+/// bytes the client sent after its request head, and the address its
+/// client counts under. It counts in `metrics.connections` from here on:
+/// whoever serves it takes it off.
 pub struct Upgraded {
     pub feed: usize,
     pub leftover: Vec<u8>,
-    /// The whole 101 answer, to go out in one write: tungstenite writes it
-    /// a piece at a time, and on a socket without Nagle's delay each piece
-    /// is a TCP segment of its own (about 20).
-    pub response: Vec<u8>,
     pub address: ClientAddress,
 }
 
@@ -80,7 +75,7 @@ impl Handshake {
     pub fn answer(
         &self,
         id: ConnId,
-        socket: &TcpStream,
+        mut socket: &TcpStream,
         peer: IpAddr,
         sockets: &Sockets,
     ) -> Option<Upgraded> {
@@ -170,15 +165,19 @@ impl Handshake {
             let _ = http::respond_text(socket, "503 Service Unavailable", "too many connections");
             return None;
         }
+        // Written whole, in one write: tungstenite writes the answer a
+        // piece at a time, and on a socket without Nagle's delay each
+        // piece is a TCP segment of its own (about 20).
         let mut head = Vec::with_capacity(256);
-        if tungstenite::handshake::server::write_response(&mut head, &response).is_err() {
+        if tungstenite::handshake::server::write_response(&mut head, &response).is_err()
+            || socket.write_all(&head).is_err()
+        {
             connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         Some(Upgraded {
             feed,
             leftover,
-            response: head,
             address,
         })
     }

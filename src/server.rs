@@ -11,7 +11,7 @@
 //! accepting, closes every connection with 1001, joins every thread.
 //! Nothing here touches a subscription: that is the hub's.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -21,12 +21,13 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use log::{info, warn};
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::address::ClientAddress;
 use crate::capacity::Capacity;
 use crate::catchup::{self, CatchUp};
 use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig};
-use crate::connection::{self, Identity, Limits};
+use crate::connection::{self, Limits};
 use crate::handshake::{self, HEAD_TIMEOUT, Handshake, Upgraded};
 use crate::http;
 use crate::hub::{
@@ -583,6 +584,34 @@ fn contain<T>(id: ConnId, work: impl FnOnce() -> T) -> Option<T> {
         .ok()
 }
 
+/// A WebSocket's thread: serves it, then forgets it. What it is given
+/// stays in its box: on this thread's stack it would be one more page for
+/// the whole life of an idle connection.
+fn serve_websocket(given: &mut (Accepted, Upgraded)) {
+    let (accepted, websocket) = given;
+    let id = accepted.id;
+    let (socket, outbox) = (Arc::clone(&accepted.socket), Arc::clone(&accepted.outbox));
+    let websocket = Upgraded {
+        leftover: std::mem::take(&mut websocket.leftover),
+        ..*websocket
+    };
+    let served = contain(id, || {
+        connection::run(
+            id,
+            websocket,
+            socket,
+            outbox,
+            &accepted.hub,
+            accepted.shared.limits,
+        )
+    });
+    if served.is_none() {
+        // It may not have told the hub it left.
+        let _ = accepted.hub.send(ConnEvent::Disconnect { conn: id });
+    }
+    accepted.left();
+}
+
 /// An accepted socket, as its threads (handshake, then WebSocket) hold it.
 #[derive(Clone)]
 struct Accepted {
@@ -599,46 +628,32 @@ impl Accepted {
     /// Serves `websocket` on a thread of its own, started afresh: the
     /// handshake's thread ends here, and its stack and malloc cache keep
     /// what the handshake touched, which would otherwise cost every idle
-    /// connection some KiB for its whole life. The thread writes the 101
-    /// answer first: a thread that cannot start costs its client a 503.
+    /// connection some KiB for its whole life. A thread that cannot start
+    /// costs its client a close (1013, try again later) right after its
+    /// handshake; the budget ([`Capacity`], counted before the 101) keeps
+    /// that rare.
     fn start_websocket<'scope>(self, scope: &'scope Scope<'scope, '_>, websocket: Upgraded) {
         self.shared.sockets.upgraded(self.id);
-        let (id, accepted) = (self.id, self.clone());
+        // Boxed: std's thread start moves what the thread is given through
+        // three frames, and every idle connection's thread keeps them on
+        // its stack (a page more by value: 4 KiB a connection, measured).
+        let given = Box::new((self.clone(), websocket));
         let spawned = thread::Builder::new()
-            .name(format!("conn-{id}"))
+            .name(format!("conn-{}", self.id))
             .stack_size(CONNECTION_STACK)
             .spawn_scoped(scope, move || {
-                let (socket, outbox) = (Arc::clone(&accepted.socket), Arc::clone(&accepted.outbox));
-                if (&*socket).write_all(&websocket.response).is_err() {
-                    accepted.left();
-                    return;
-                }
-                let who = Identity {
-                    conn: id,
-                    feed: websocket.feed,
-                    address: websocket.address,
-                };
-                let served = contain(id, || {
-                    connection::run(
-                        who,
-                        socket,
-                        websocket.leftover,
-                        outbox,
-                        &accepted.hub,
-                        accepted.shared.limits,
-                    )
-                });
-                if served.is_none() {
-                    // It may not have told the hub it left.
-                    let _ = accepted.hub.send(ConnEvent::Disconnect { conn: id });
-                }
-                accepted.left();
+                let mut given = given;
+                serve_websocket(&mut given);
             });
         if let Err(e) = spawned {
             if let Some(held) = NO_THREAD.allow() {
-                warn!("cannot start a connection thread: {e}; its client got 503{held}");
+                warn!(
+                    "cannot start a connection thread: {e}; its client was closed with 1013 \
+                     (try again later){held}"
+                );
             }
-            handshake::refuse(&self.socket, Refusal::Busy);
+            // The writers put the close frame out, then shut the socket.
+            self.outbox.close(CloseCode::Again, "try again later");
             self.left();
         }
     }
