@@ -388,10 +388,14 @@ impl Hub {
                 let gone: BTreeSet<BugId> = bugs.into_iter().filter(|b| c.bugs.remove(b)).collect();
                 gone.iter().for_each(|bug| c.client.unsubscribed(*bug));
                 let text = protocol::subscriptions_reply("unsubscribe", c.bugs.iter().copied());
-                c.client.reply(text_frame(text));
-                let feed = c.feed;
-                self.budget.give_back(c.address, gone.len());
+                let (feed, address) = (c.feed, c.address);
+                self.budget.give_back(address, gone.len());
                 self.unsubscribe(slot, feed, &gone);
+                // Answered once done: a client that then reads `/metrics`
+                // sees its subscriptions gone.
+                if let Some(c) = self.subscribers.at_mut(slot) {
+                    c.client.reply(text_frame(text));
+                }
             }
             Command::Subscribe { bugs, since } => {
                 let new: BTreeSet<BugId> = bugs

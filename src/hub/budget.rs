@@ -9,13 +9,16 @@
 //! share keeps one client, however many connections it opens, from taking
 //! it all.
 //!
-//! The hub's time: the commands of one address may keep the hub busy
-//! [`TIME_SHARE`] of the time, after a burst of [`TIME_BURST`]. Past that
+//! The hub's time: the commands of one address may keep the hub busy the
+//! same share of the time as it may hold of the connections (a tenth by
+//! default; at least [`MIN_TIME_SHARE`]), after a burst of [`TIME_BURST`].
+//! Past that
 //! its connections wait before their next command goes to the hub
 //! ([`super::Turn::not_before`]): a client that loops big commands slows
 //! itself, not the updates of others, which the hub could otherwise only
-//! put first between two of its commands. Each refusal is logged, a few
-//! lines a minute.
+//! put first between two of its commands. A debt outlives the address's
+//! connections until it is repaid: leaving and coming back does not wipe
+//! it. Each refusal is logged, a few lines a minute.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,15 +28,16 @@ use log::warn;
 use crate::address::ClientAddress;
 use crate::logging::Throttle;
 
-/// The share of the hub's time one address's commands may take over time.
-/// A subscribe or unsubscribe of 20,000 bugs takes the hub about 1.7 ms
-/// (measured: 0.29 s of its CPU for 170 of them): at this share a client
-/// may send one every 35 ms, and an update meets one of its commands in
-/// the hub one time in twenty at most.
-pub const TIME_SHARE: f64 = 0.05;
-/// The hub's time one address may take at once before [`TIME_SHARE`]
-/// holds it back: many times a big command, and a thousand connections of
-/// one NAT subscribing to a few bugs each.
+/// The least share of the hub's time one address's commands may take over
+/// time, however few connections it may hold. A subscribe or unsubscribe
+/// of 20,000 bugs takes the hub about 1.7 ms (measured: 0.29 s of its CPU
+/// for 170 of them): at a tenth, the default, a client may send one every
+/// 17 ms, and an update meets one of its commands in the hub one time in
+/// ten at most; at this least share, one every 35 ms.
+pub const MIN_TIME_SHARE: f64 = 0.05;
+/// The hub's time one address may take at once before its share holds it
+/// back: many times a big command, and a thousand connections of one NAT
+/// subscribing to a few bugs each.
 pub const TIME_BURST: Duration = Duration::from_millis(50);
 
 /// Subscriptions and hub time, in all and by address, against their limits.
@@ -41,7 +45,12 @@ pub struct Budget {
     total_limit: usize,
     share_limit: usize,
     total: usize,
+    /// The share of the hub's time one address may take.
+    time_share: f64,
     by_address: HashMap<ClientAddress, Use>,
+    /// `by_address`'s length after it was last swept of addresses that
+    /// hold and owe nothing.
+    swept: usize,
     refused_share: Throttle,
     refused_total: Throttle,
 }
@@ -51,22 +60,26 @@ pub struct Budget {
 struct Use {
     connections: usize,
     subscriptions: usize,
-    /// Hub time spent beyond what [`TIME_SHARE`] gave back, as of `at`.
+    /// Hub time spent beyond what its share gave back, as of `at`.
     debt: Duration,
     at: Option<Instant>,
 }
 
 impl Budget {
     /// `total` subscriptions in all, and for each address the share its
-    /// `per_address` of the `connections` gives it (a tenth of the total by
-    /// default), at least one.
+    /// `per_address` of the `connections` gives it, of the subscriptions
+    /// (at least one) and of the hub's time (at least [`MIN_TIME_SHARE`]):
+    /// a tenth by default.
     pub fn new(total: usize, per_address: usize, connections: usize) -> Budget {
         let share = total as u128 * per_address as u128 / connections.max(1) as u128;
+        let fraction = per_address as f64 / connections.max(1) as f64;
         Budget {
             total_limit: total,
             share_limit: usize::try_from(share).unwrap_or(usize::MAX).clamp(1, total),
+            time_share: fraction.clamp(MIN_TIME_SHARE, 1.0),
             total: 0,
             by_address: HashMap::new(),
+            swept: 0,
             refused_share: Throttle::new(),
             refused_total: Throttle::new(),
         }
@@ -80,6 +93,15 @@ impl Budget {
     /// A connection from `address` opened.
     pub fn connected(&mut self, address: ClientAddress) {
         self.by_address.entry(address).or_default().connections += 1;
+        // Addresses that left owing hub time are kept until they have
+        // repaid it (or leaving and coming back would wipe a debt); swept
+        // whenever there are twice as many as at the last sweep.
+        if self.by_address.len() > 2 * self.swept.max(512) {
+            let now = Instant::now();
+            let share = self.time_share;
+            self.by_address.retain(|_, u| !u.idle(now, share));
+            self.swept = self.by_address.len();
+        }
     }
 
     /// A connection from `address` that held `subscriptions` closed.
@@ -87,8 +109,10 @@ impl Budget {
         self.give_back(address, subscriptions);
         if let Some(used) = self.by_address.get_mut(&address) {
             used.connections = used.connections.saturating_sub(1);
+            if used.idle(Instant::now(), self.time_share) {
+                self.by_address.remove(&address);
+            }
         }
-        self.forget_if_idle(address);
     }
 
     /// Takes `more` subscriptions for `address`, or refuses them all with
@@ -137,27 +161,31 @@ impl Budget {
         spent: Duration,
         now: Instant,
     ) -> Option<Instant> {
+        let share = self.time_share;
         let used = self.by_address.entry(address).or_default();
-        let repaid = used
-            .at
-            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at))
-            .mul_f64(TIME_SHARE);
-        used.debt = used.debt.saturating_sub(repaid) + spent;
+        used.debt = used.debt(now, share) + spent;
         used.at = Some(now);
         if used.debt <= TIME_BURST {
             return None;
         }
-        Some(now + (used.debt - TIME_BURST).div_f64(TIME_SHARE))
+        Some(now + (used.debt - TIME_BURST).div_f64(share))
+    }
+}
+
+impl Use {
+    /// What it owes at `now`, `share` of the time since `at` being
+    /// repaid.
+    fn debt(&self, now: Instant, share: f64) -> Duration {
+        let repaid = self
+            .at
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at))
+            .mul_f64(share);
+        self.debt.saturating_sub(repaid)
     }
 
-    fn forget_if_idle(&mut self, address: ClientAddress) {
-        if self
-            .by_address
-            .get(&address)
-            .is_some_and(|u| u.connections == 0 && u.subscriptions == 0)
-        {
-            self.by_address.remove(&address);
-        }
+    /// Holds and owes nothing: it may be forgotten.
+    fn idle(&self, now: Instant, share: f64) -> bool {
+        self.connections == 0 && self.subscriptions == 0 && self.debt(now, share).is_zero()
     }
 }
 
@@ -185,7 +213,7 @@ mod tests {
         assert_eq!(budget.take(e, 1), Err(100));
         budget.connected(d);
         budget.left(d, 25);
-        assert!(!budget.by_address.contains_key(&d));
+        assert!(!budget.by_address.contains_key(&d), "it holds nothing");
         assert_eq!(budget.take(e, 1), Ok(()));
         assert_eq!(Budget::new(10, 5, 1).share(), 10);
         assert_eq!(Budget::new(10, 1, 1000).share(), 1);
@@ -193,7 +221,8 @@ mod tests {
 
     #[test]
     fn past_its_burst_an_address_waits_for_its_share_of_the_hubs_time() {
-        let mut budget = Budget::new(100, 1, 1);
+        // One connection of 20 per address: 5 % of the hub's time.
+        let mut budget = Budget::new(100, 1, 20);
         let (a, b) = (address(1), address(2));
         let start = Instant::now();
         let ms = Duration::from_millis;
@@ -206,5 +235,14 @@ mod tests {
         assert_eq!(budget.spent(b, ms(10), start), None);
         // A second later, 50 ms were repaid: 10 ms under the burst.
         assert_eq!(budget.spent(a, ms(5), start + ms(1000)), None);
+        // Leaving owing time does not wipe the debt.
+        budget.connected(b);
+        assert!(budget.spent(b, ms(60), Instant::now()).is_some());
+        budget.left(b, 0);
+        budget.connected(b);
+        assert!(
+            budget.spent(b, ms(1), Instant::now()).is_some(),
+            "the debt stayed"
+        );
     }
 }

@@ -33,8 +33,9 @@
 //!   none: `partial` is never for load).
 //!
 //! - noisy: a victim connection subscribed to one bug, changes published
-//!   to it at `--noisy-rate` (200/s) for `--noisy-seconds` (5) at a time:
-//!   its latency alone, then beside one abusive client that writes
+//!   to it at `--noisy-rate` (200/s) for `--noisy-seconds` (5) at a time,
+//!   the connection limits at their defaults: its latency alone, then
+//!   beside one abusive client at another address that writes
 //!   subscribe and unsubscribe commands of 20,000 bugs without pause (and
 //!   reads what comes back), in `--noisy-rounds` (3) alternating rounds;
 //!   the median of each side's p99, and their ratio.
@@ -909,7 +910,15 @@ const NOISY_BUGS: u64 = 20_000;
 const TARGET_NOISY_RATIO: f64 = 2.0;
 
 fn noisy(o: &Options) -> Vec<Row> {
-    let server = Server::start(10);
+    // The connection limits at their defaults: each address's share of the
+    // hub's time follows from them.
+    let server = Server::start_with(
+        10,
+        &[
+            ("BZPUSH_MAX_CONNECTIONS", "10000".into()),
+            ("BZPUSH_MAX_CONNECTIONS_PER_ADDRESS", "1000".into()),
+        ],
+    );
     let victim = Fleet::open(server.addr, 1, &[NOISY_VICTIM_BUG], NOISY_VICTIM_BUG);
     let mut seq = 0;
     let mut alone = Vec::new();
@@ -1024,7 +1033,8 @@ struct Abuser {
 
 impl Abuser {
     fn start(addr: SocketAddr) -> Abuser {
-        let (socket, _) = open_one(addr, &[]).expect("the abuser connects");
+        let from = std::net::IpAddr::from([127, 0, 0, 2]);
+        let (socket, _) = open_one_from(Some(from), addr, &[]).expect("the abuser connects");
         let bugs: Vec<String> = (NOISY_FIRST_BUG..NOISY_FIRST_BUG + NOISY_BUGS)
             .map(|b| b.to_string())
             .collect();
@@ -1110,6 +1120,7 @@ fn limit() -> Vec<Row> {
     eprintln!("limit: the server says: {says}");
     thread::sleep(Duration::from_secs(1));
     let before = Proc::of(server.pid());
+    let kernel_before = kernel_kib();
     let opening = Instant::now();
     let fleet = Fleet::open_spread(
         server.addr,
@@ -1126,6 +1137,16 @@ fn limit() -> Vec<Row> {
     );
     thread::sleep(Duration::from_secs(2));
     let after = Proc::of(server.pid());
+    let kernel = kernel_kib()
+        .iter()
+        .zip(kernel_before)
+        .map(|(a, b)| format!("{:.1}", (*a as f64 - b as f64) / n.max(1) as f64))
+        .collect::<Vec<_>>();
+    eprintln!(
+        "limit: the kernel's memory per connection, KiB (machine-wide: the load generator's \
+         sockets too): thread stacks {}, slab {}, page tables {}",
+        kernel[0], kernel[1], kernel[2]
+    );
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid()))
         .map_or(0, |m| m.lines().count());
     let per_conn = (after.rss_kib as f64 - before.rss_kib as f64) / n.max(1) as f64;
@@ -1140,7 +1161,8 @@ fn limit() -> Vec<Row> {
     let alive = fleet.alive();
     let aborted = server.process.log().contains("panicked") || !healthy;
     eprintln!(
-        "limit: server RSS {} -> {} KiB ({}), threads {}, fds {}, mappings {maps};          {alive} of {n} still open; /health {}; updates to the first ten: {}",
+        "limit: server RSS {} -> {} KiB ({}), threads {}, fds {}, mappings {maps}; \
+         {alive} of {n} still open; /health {}; updates to the first ten: {}",
         before.rss_kib,
         after.rss_kib,
         after.memory.per_connection(&before.memory, n),
@@ -1175,6 +1197,18 @@ fn limit() -> Vec<Row> {
     }];
     tear_down(server, fleet);
     rows
+}
+
+/// The machine's `KernelStack`, `Slab` and `PageTables` from
+/// `/proc/meminfo`, KiB.
+fn kernel_kib() -> [u64; 3] {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    ["KernelStack:", "Slab:", "PageTables:"].map(|name| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// The first `count` text frames on a blocking `socket`; `None` if it
@@ -2049,8 +2083,26 @@ fn open_plain(addr: SocketAddr, n: usize, failed: impl Fn(io::Error) + Sync) -> 
 /// Connects, upgrades to WebSocket and subscribes; returns the socket
 /// (blocking) and whatever arrived after the subscription's answer.
 fn open_one(addr: SocketAddr, subscribe: &[u8]) -> io::Result<(TcpStream, Vec<u8>)> {
+    open_one_from(None, addr, subscribe)
+}
+
+/// As [`open_one`], from the local address `from` if given (another
+/// client address on loopback: 127.0.0.2 and on).
+fn open_one_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    subscribe: &[u8],
+) -> io::Result<(TcpStream, Vec<u8>)> {
     let timeout = Duration::from_secs(10);
-    let mut socket = TcpStream::connect_timeout(&addr, timeout)?;
+    let mut socket = match from {
+        None => TcpStream::connect_timeout(&addr, timeout)?,
+        Some(from) => {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(from, 0).into())?;
+            socket.connect_timeout(&addr.into(), timeout)?;
+            socket.into()
+        }
+    };
     socket.set_nodelay(true)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.set_write_timeout(Some(timeout))?;
