@@ -25,7 +25,7 @@ use std::collections::BTreeSet;
 use std::panic;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, select};
 use log::{debug, warn};
@@ -94,8 +94,9 @@ pub enum Request {
     /// Parsed on the connection's thread: a big command, whose parsing
     /// (0.84 ms for 20,000 bugs, measured) the hub, which every client's
     /// updates wait for, is spared; the client that sends such commands
-    /// pays for them.
-    Parsed(Result<Command, ProtocolError>),
+    /// pays for them: the time it took counts against its address's share
+    /// ([`Budget::spent`]) as the hub's own does.
+    Parsed(Result<Command, ProtocolError>, Duration),
 }
 
 impl Request {
@@ -106,7 +107,9 @@ impl Request {
     /// `text` as a connection hands it over: parsed here if it is long.
     pub fn new(text: String) -> Request {
         if text.len() > Request::PARSED_BEYOND {
-            Request::Parsed(protocol::parse(&text))
+            let started = Instant::now();
+            let parsed = protocol::parse(&text);
+            Request::Parsed(parsed, started.elapsed())
         } else {
             Request::Text(text)
         }
@@ -208,7 +211,14 @@ pub struct Hub {
     /// Shutdown closed every connection: any that connects now is closed
     /// too.
     closing: bool,
+    /// The feeds' queue, for [`Hub::between_slices`] ([`Hub::run`] sets
+    /// it).
+    upstream: Option<Receiver<Event>>,
 }
+
+/// Index steps of one command between two looks at the feeds' queue:
+/// about 25 µs of the hub's time (20,000 inserts took 0.48 ms, measured).
+const SLICE: usize = 1024;
 
 /// How the hub is set up.
 pub struct HubConfig {
@@ -235,6 +245,7 @@ impl Hub {
             outbound_queue: config.outbound_queue,
             metrics,
             closing: false,
+            upstream: None,
         }
     }
 
@@ -243,6 +254,7 @@ impl Hub {
     /// waits for the one command in hand at most, never for the queue of
     /// clients' commands.
     pub fn run(mut self, upstream: Receiver<Event>, conns: Receiver<ConnEvent>) {
+        self.upstream = Some(upstream.clone());
         let (mut upstream, mut conns) = (Some(upstream), Some(conns));
         while upstream.is_some() || conns.is_some() {
             if let Some(rx) = &upstream {
@@ -306,9 +318,12 @@ impl Hub {
                 let address = self.subscribers.get_mut(conn).map(|c| c.address);
                 // A bug in the parser that one client's input reaches must
                 // end that connection, not the hub.
-                let parsed = match request {
-                    Request::Text(text) => panic::catch_unwind(|| protocol::parse(&text)),
-                    Request::Parsed(parsed) => Ok(parsed),
+                let (parsed, parsing) = match request {
+                    Request::Text(text) => (
+                        panic::catch_unwind(|| protocol::parse(&text)),
+                        Duration::ZERO,
+                    ),
+                    Request::Parsed(parsed, took) => (Ok(parsed), took),
                 };
                 match parsed {
                     Ok(Ok(command)) => self.command(conn, command),
@@ -330,8 +345,9 @@ impl Hub {
                     }
                 }
                 let now = Instant::now();
+                let spent = now - started + parsing;
                 if let Some(address) = address
-                    && let Some(at) = self.budget.spent(address, now - started, now)
+                    && let Some(at) = self.budget.spent(address, spent, now)
                 {
                     turn.not_before(at);
                 }
@@ -421,26 +437,49 @@ impl Hub {
                 } else {
                     c.bugs.extend(new.iter().copied());
                 }
-                for bug in &new {
-                    self.feeds[c.feed].insert(*bug, slot);
+                let feed = c.feed;
+                for (i, bug) in new.iter().enumerate() {
+                    self.feeds[feed].insert(*bug, slot);
+                    self.between_slices(i);
                 }
                 self.metrics
                     .subscriptions
                     .fetch_add(new.len() as u64, Ordering::Relaxed);
-                self.catchup
-                    .subscribe(conn, &mut c.client, c.feed, &c.bugs, bugs, since);
+                // Still there: only a connection's own events remove it.
+                if let Some(c) = self.subscribers.at_mut(slot) {
+                    self.catchup
+                        .subscribe(conn, &mut c.client, feed, &c.bugs, bugs, since);
+                }
             }
         }
     }
 
     fn unsubscribe(&mut self, slot: Slot, feed: FeedId, bugs: &BTreeSet<BugId>) {
-        let subscribers = &mut self.feeds[feed];
-        for bug in bugs {
-            subscribers.remove(*bug, slot);
+        for (i, bug) in bugs.iter().enumerate() {
+            self.feeds[feed].remove(*bug, slot);
+            self.between_slices(i);
         }
         self.metrics
             .subscriptions
             .fetch_sub(bugs.len() as u64, Ordering::Relaxed);
+    }
+
+    /// After every [`SLICE`]th step (`i`) of a big command: handles what
+    /// came from the feeds meanwhile, so that an update waits for a slice,
+    /// not the whole command. Such an update reaches the command's own
+    /// connection if the bug is in the index by then, as if it had come
+    /// just before or after the command.
+    fn between_slices(&mut self, i: usize) {
+        if !(i + 1).is_multiple_of(SLICE) {
+            return;
+        }
+        let Some(upstream) = self.upstream.take() else {
+            return;
+        };
+        while let Ok(event) = upstream.try_recv() {
+            self.handle(event);
+        }
+        self.upstream = Some(upstream);
     }
 
     fn notify(&mut self, feed: FeedId, notification: &Notification) {

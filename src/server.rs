@@ -7,7 +7,9 @@
 //! and joining every other thread: the hub, the writer pool, what feeds the
 //! hub (one broker consumer per feed for `serve`, the poller for `run`),
 //! the catch-up worker, and the connections' threads (handshake, then
-//! WebSocket), all in one scope. Shutdown stops
+//! WebSocket), all in one scope, never more of them than the machine
+//! allows ([`Capacity`], [`Sockets`]): a thread that cannot start costs
+//! its client a refusal, never the process. Shutdown stops
 //! accepting, closes every connection with 1001, joins every thread.
 //! Nothing here touches a subscription: that is the hub's.
 

@@ -11,7 +11,9 @@
 //!
 //! The hub's time: the commands of one address may keep the hub busy the
 //! same share of the time as it may hold of the connections (a tenth by
-//! default; at least [`MIN_TIME_SHARE`]), after a burst of [`TIME_BURST`].
+//! default; at least [`MIN_TIME_SHARE`]), after a burst of [`TIME_BURST`];
+//! the parsing of a big command, done on its connection's thread, counts
+//! as the hub's time.
 //! Past that
 //! its connections wait before their next command goes to the hub
 //! ([`super::Turn::not_before`]): a client that loops big commands slows
