@@ -770,6 +770,58 @@ mod tests {
         assert_eq!(frames[3]["command"], "version");
     }
 
+    /// One client's queued commands never hold an update up: the feeds'
+    /// queue comes first, so the victim's update goes out before even its
+    /// own command that was queued earlier.
+    #[test]
+    fn an_update_goes_before_every_command_waiting() {
+        let writers = Writers::start(&crate::shutdown::channel().1).expect("writers");
+        let (mut hub, mut victim, _jobs) = hub_with_client(&writers);
+        let _abuser = connect(&mut hub, &writers, 2);
+        command(&mut hub, 1, r#"{"command":"subscribe","bugs":[5]}"#);
+        let (upstream_tx, upstream_rx) = crossbeam_channel::bounded(4);
+        let (conns_tx, conns_rx) = crossbeam_channel::bounded(64);
+        let big =
+            serde_json::json!({"command": "subscribe", "bugs": (10..60).collect::<Vec<u32>>()});
+        let unsubscribe =
+            serde_json::json!({"command": "unsubscribe", "bugs": (10..60).collect::<Vec<u32>>()});
+        for i in 0..30 {
+            let text = if i % 2 == 0 { &big } else { &unsubscribe };
+            let turn = Turns::default().take(|| false).expect("a turn");
+            let request = Request::new(text.to_string());
+            let conn = 2;
+            conns_tx
+                .send(ConnEvent::Command {
+                    conn,
+                    request,
+                    turn,
+                })
+                .expect("queued");
+        }
+        let turn = Turns::default().take(|| false).expect("a turn");
+        let request = Request::new(r#"{"command":"version"}"#.into());
+        conns_tx
+            .send(ConnEvent::Command {
+                conn: 1,
+                request,
+                turn,
+            })
+            .expect("queued");
+        let notification = n(5, "2026-01-01T00:00:05");
+        upstream_tx
+            .send(Event::Notify {
+                feed: 0,
+                notification,
+            })
+            .expect("queued");
+        drop((upstream_tx, conns_tx));
+        hub.run(upstream_rx, conns_rx);
+        let frames = read_texts(&mut victim, 3);
+        assert_eq!(frames[0]["command"], "subscribe");
+        assert_eq!(frames[1]["command"], "update");
+        assert_eq!(frames[2]["command"], "version");
+    }
+
     #[test]
     fn a_connection_in_the_slot_of_one_that_left_gets_none_of_its_bugs() {
         let writers = Writers::start(&crate::shutdown::channel().1).expect("writers");
