@@ -27,7 +27,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::util::frames::{MASK, client_frame, server_frame};
-use crate::util::serve::{Client, Stamps, healthy_server, http_get, metric, update, version};
+use crate::util::serve::{
+    Client, Stamps, healthy_server, http_get, metric, raw_handshake, update, version,
+};
 use crate::util::{Bzpush, Rng, TestBroker, datetime, rss_kib, wait_until};
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::protocol::{self, Command, ProtocolError, Since};
@@ -1147,34 +1149,8 @@ impl Raw {
 
     /// A WebSocket handshake with `early` bytes in the same write.
     fn handshake_then(addr: &str, path: &str, early: &[u8]) -> Result<Raw, String> {
-        let mut socket = TcpStream::connect(addr).expect("connect");
-        socket
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .into_bytes();
-        request.extend_from_slice(early);
-        socket.write_all(&request).expect("send the handshake");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match socket.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let status = head.lines().next().unwrap_or("").to_string();
-        if !status.starts_with("HTTP/1.1 101") {
-            return Err(status);
-        }
+        let socket = TcpStream::connect(addr).expect("connect");
+        let socket = raw_handshake(socket, addr, path, "", early)?;
         Ok(Raw {
             socket,
             pending: Vec::new(),

@@ -68,6 +68,7 @@ fn first_ten_get_updates(broker: &TestBroker, clients: &mut [Client], at: u32) {
 fn past_the_machines_limit_clients_get_503_and_the_first_keep_their_updates() {
     let broker = TestBroker::new();
     let server = serve_under(&["prlimit", "--nofile=450:450", "--"], &broker);
+    server.wait_for_log("serving at most", WAIT);
     let log = server.log();
     assert!(
         log.contains("BZPUSH_MAX_CONNECTIONS=10000 is more than this machine allows")
@@ -247,6 +248,7 @@ fn a_thread_that_cannot_start_costs_its_client_alone() {
         }
     }
     first_ten_get_updates(&broker, &mut clients, 2);
+    server.wait_for_log("cannot start a", WAIT);
     let log = server.log();
     let said = log.lines().filter(|l| l.contains("cannot start a")).count();
     assert_eq!(said, 1, "one line a minute:\n{log}");

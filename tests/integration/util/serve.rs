@@ -134,6 +134,51 @@ impl TestBroker {
     }
 }
 
+/// A WebSocket handshake by hand on `socket` (connected to `host`), for
+/// `path`, with `headers` (each ending in CRLF) added and `early` bytes in
+/// the same write: the socket if the answer is 101, else its status line.
+/// The head is read a byte at a time, so nothing after it is taken.
+pub fn raw_handshake(
+    mut socket: TcpStream,
+    host: &str,
+    path: &str,
+    headers: &str,
+    early: &[u8],
+) -> Result<TcpStream, String> {
+    use std::io::{Read, Write};
+    socket
+        .set_write_timeout(Some(CLIENT_IO_TIMEOUT))
+        .expect("timeout");
+    socket
+        .set_read_timeout(Some(CLIENT_IO_TIMEOUT))
+        .expect("timeout");
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n{headers}\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(early);
+    socket
+        .write_all(&request)
+        .map_err(|e| format!("write: {e}"))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match socket.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.lines().next().unwrap_or("").to_string();
+    if status.starts_with("HTTP/1.1 101") {
+        Ok(socket)
+    } else {
+        Err(status)
+    }
+}
+
 /// The HTTP status of a refused handshake ([`Client::try_connect`]).
 pub fn refused_status(result: Result<Client, tungstenite::Error>) -> u16 {
     match result {
