@@ -70,7 +70,7 @@ struct Use {
 impl Budget {
     /// `total` subscriptions in all, and for each address the share its
     /// `per_address` of the `connections` gives it, of the subscriptions
-    /// (at least one) and of the hub's time (at least [`MIN_TIME_SHARE`]):
+    /// (at least one) and of the hub's time (at least 5 %):
     /// a tenth by default.
     pub fn new(total: usize, per_address: usize, connections: usize) -> Budget {
         let share = total as u128 * per_address as u128 / connections.max(1) as u128;
