@@ -20,10 +20,12 @@ use log::Level;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
+use crate::capacity::Capacity;
 use crate::config::{
-    AmqpNodes, AmqpUrl, Config, DatabaseUrl, Given, Mode, PollerConfig, ServeConfig, Setting,
-    Source, key,
+    AmqpNodes, AmqpUrl, Config, DatabaseUrl, Given, Mode, PollerConfig, ServeConfig, ServerConfig,
+    Setting, Source, key,
 };
+use crate::hub::Budget;
 use crate::pulse::{ConsumerSetup, QueueState};
 use crate::{database, logging, poller, pulse};
 
@@ -66,6 +68,7 @@ pub fn run(config: &Config, given: &Given, out: &mut dyn Write) -> bool {
         Config::Run(c) => {
             check_listen(&mut report, c.server.listen);
             report_origins(&mut report, &c.server.allowed_origins);
+            report_limits(&mut report, &c.server);
             check_poller(&mut report, &c.poller, true, c.stale_after);
         }
         // `bzpush check demo` is refused while parsing: a demo needs nothing.
@@ -73,6 +76,7 @@ pub fn run(config: &Config, given: &Given, out: &mut dyn Write) -> bool {
         Config::Serve(c) => {
             check_listen(&mut report, c.server.listen);
             report_origins(&mut report, &c.server.allowed_origins);
+            report_limits(&mut report, &c.server);
             let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
             // Unreachable: the broker lines already say so.
             if let Some((connection, _)) = check_broker(&mut report, &c.amqp, &exchanges, false) {
@@ -530,6 +534,35 @@ fn report_origins(report: &mut Report, allowed: &Option<Vec<String>>) {
         None => "allowed origins: any (*)".to_string(),
         Some(list) => format!("allowed origins: {}", list.join(", ")),
     }));
+}
+
+/// The limits a client meets, and whether this machine allows
+/// `BZPUSH_MAX_CONNECTIONS` connections (a failure if not: the server would
+/// hold fewer).
+fn report_limits(report: &mut Report, server: &ServerConfig) {
+    let budget = Budget::new(
+        server.max_subscriptions_total,
+        server.max_connections_per_address,
+        server.max_connections,
+    );
+    report.line(Ok(format!(
+        "connections: at most {} (BZPUSH_MAX_CONNECTIONS), {} sockets from one client address \
+         (BZPUSH_MAX_CONNECTIONS_PER_ADDRESS); X-Forwarded-For read from: {} \
+         (BZPUSH_TRUSTED_PROXIES)",
+        server.max_connections, server.max_connections_per_address, server.trusted_proxies
+    )));
+    report.line(Ok(format!(
+        "subscriptions: at most {} per connection (BZPUSH_MAX_SUBSCRIPTIONS), {} per client \
+         address, {} in all (BZPUSH_MAX_SUBSCRIPTIONS_TOTAL)",
+        server.max_subscriptions,
+        budget.share(),
+        server.max_subscriptions_total
+    )));
+    let capacity = Capacity::measure();
+    report.line(match capacity.shortfall(server.max_connections) {
+        None => Ok(format!("this machine allows {}", capacity.describe())),
+        Some(why) => Err(why),
+    });
 }
 
 /// Warns (never fails) when the database's clock is not on UTC: a clock on

@@ -1,13 +1,17 @@
 //! One WebSocket client, after its handshake: the connection's only thread.
 //!
 //! The thread blocks reading the socket and hands each text frame to the
-//! hub, which parses it; it never writes to the socket itself.
+//! hub, which parses it (a big one is parsed here first: [`Request`]); it
+//! never writes to the socket itself.
 //! Everything it or tungstenite sends (pongs, pings, close replies) goes
 //! into the connection's [`Outbox`], in order with the hub's replies and
 //! updates, and the writer pool puts it on the wire. An idle connection
 //! costs no CPU: the only timer is the keepalive, which pings a silent
-//! client and closes one that stays silent. This module must never block
-//! the hub: it talks to it by message only.
+//! client and closes one that stays silent. One command at a time goes to
+//! the hub ([`Turns`]): the next waits, unread in the socket, until the hub
+//! has handled the last, and longer if the client's address used up its
+//! share of the hub's time. This module must never block the hub: it talks
+//! to it by message only.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -19,7 +23,8 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
-use crate::hub::{ConnId, Event, FeedId, HubSender};
+use crate::handshake::Upgraded;
+use crate::hub::{ConnEvent, ConnId, ConnSender, Request, Turns};
 use crate::outbox::{Outbox, OutboxWriter};
 
 /// Per-connection read buffer: client messages are small commands, and the
@@ -62,21 +67,25 @@ impl Write for Stream {
 }
 
 /// Serves one client until it leaves, misbehaves or the outbox closes.
-/// `leftover` is whatever arrived after the handshake request.
 pub fn run(
     conn: ConnId,
-    feed: FeedId,
+    websocket: Upgraded,
     socket: Arc<TcpStream>,
-    leftover: Vec<u8>,
     outbox: Arc<Outbox>,
-    hub: &HubSender,
+    hub: &ConnSender,
     limits: Limits,
 ) {
+    let Upgraded {
+        feed,
+        leftover,
+        address,
+    } = websocket;
     if hub
-        .send(Event::Connect {
+        .send(ConnEvent::Connect {
             conn,
             feed,
             outbox: Arc::clone(&outbox),
+            address,
         })
         .is_err()
     {
@@ -94,7 +103,7 @@ pub fn run(
     let mut ws = WebSocket::from_partially_read(stream, leftover, Role::Server, Some(config));
     let why = serve(conn, &mut ws, &outbox, hub, limits);
     debug!("connection {conn} ended: {why}");
-    let _ = hub.send(Event::Disconnect { conn });
+    let _ = hub.send(ConnEvent::Disconnect { conn });
 }
 
 /// Reads until the connection ends; says why.
@@ -102,9 +111,10 @@ fn serve(
     conn: ConnId,
     ws: &mut WebSocket<Stream>,
     outbox: &Arc<Outbox>,
-    hub: &HubSender,
+    hub: &ConnSender,
     limits: Limits,
 ) -> String {
+    let turns = Turns::default();
     let mut pinged = false;
     loop {
         let timeout = if pinged {
@@ -169,8 +179,19 @@ fn serve(
             }
         };
         pinged = false;
-        // Parsed by the hub (see `Event::Command`).
-        if hub.send(Event::Command { conn, text }).is_err() {
+        // Parsed by the hub, unless it is big (see `Request`).
+        let Some(turn) = turns.take(|| outbox.is_closing()) else {
+            return "closing".into();
+        };
+        let request = Request::new(text);
+        if hub
+            .send(ConnEvent::Command {
+                conn,
+                request,
+                turn,
+            })
+            .is_err()
+        {
             return "hub gone".into();
         }
     }

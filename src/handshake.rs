@@ -1,22 +1,27 @@
 //! The WebSocket handshake and its limits: what a request on an accepted
-//! socket must pass to become a WebSocket (a well-formed head in time, an
-//! allowed method, a feed at its path, an allowed origin, room under the
-//! connection limit), and the answer to one that does not, or that asks
-//! for a plain HTTP page. Serving the WebSocket afterwards is not its job.
+//! socket must pass to become a WebSocket (a well-formed head in time,
+//! room under its client address's limit, an allowed method, a feed at its
+//! path, an allowed origin, room under the connection limit), and the
+//! answer to one that does not, or that asks for a plain HTTP page. The
+//! client address is the socket's peer, or what a trusted proxy's
+//! `X-Forwarded-For` says. Serving the WebSocket afterwards is not its
+//! job.
 
 use std::io::Write;
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use log::debug;
 
+use crate::address::{ClientAddress, TrustedProxies};
 use crate::config::{Feed, feed_path};
 use crate::http::{self, Head};
 use crate::hub::ConnId;
 use crate::metrics::Metrics;
 use crate::origin;
+use crate::sockets::{Refusal, Sockets};
 
 /// A client has this long to send its request head (slowloris).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,26 +32,53 @@ pub struct Handshake {
     pub feeds: Vec<Feed>,
     pub allowed_origins: Option<Vec<String>>,
     pub refused_origins: origin::Refusals,
-    /// Open WebSockets beyond this are refused with 503.
+    /// Open WebSockets beyond this are refused with 503: the lower of
+    /// `BZPUSH_MAX_CONNECTIONS` and what the machine allows.
     pub max_connections: usize,
+    /// Whose `X-Forwarded-For` names the client.
+    pub proxies: TrustedProxies,
     pub metrics: Arc<Metrics>,
     /// What the live page is given: where bugs link to, what it watches.
     pub page: http::Page,
 }
 
-/// A WebSocket whose handshake succeeded: the feed it asked for, and the
-/// bytes the client sent after its request head. It counts in
-/// `metrics.connections` from here on: whoever serves it takes it off.
+/// A WebSocket whose handshake succeeded: the feed it asked for, the
+/// bytes the client sent after its request head, and the address its
+/// client counts under. It counts in `metrics.connections` from here on:
+/// whoever serves it takes it off.
 pub struct Upgraded {
     pub feed: usize,
     pub leftover: Vec<u8>,
+    pub address: ClientAddress,
+}
+
+/// Answers a socket that a bound of [`Sockets`] refuses, at most a second
+/// spent on it.
+pub fn refuse(socket: &TcpStream, refusal: Refusal) {
+    let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = match refusal {
+        Refusal::Address(_) => http::respond_text(
+            socket,
+            "429 Too Many Requests",
+            "too many connections from your address",
+        ),
+        Refusal::Busy => {
+            http::respond_text(socket, "503 Service Unavailable", "too many connections")
+        }
+    };
 }
 
 impl Handshake {
-    /// Answers one accepted socket: a plain HTTP request, or the handshake
-    /// of a WebSocket, which the caller then serves. `None`: the connection
-    /// is over.
-    pub fn answer(&self, id: ConnId, mut socket: &TcpStream) -> Option<Upgraded> {
+    /// Answers socket `id`, accepted from `peer`: a plain HTTP request, or
+    /// the handshake of a WebSocket, which the caller then serves. `None`:
+    /// the connection is over.
+    pub fn answer(
+        &self,
+        id: ConnId,
+        mut socket: &TcpStream,
+        peer: IpAddr,
+        sockets: &Sockets,
+    ) -> Option<Upgraded> {
         let (request, leftover) = match http::read_head(socket, HEAD_TIMEOUT) {
             Ok(Head::Request(request, leftover)) => (request, leftover),
             Ok(Head::TooLarge) => {
@@ -66,6 +98,16 @@ impl Handshake {
                 return None;
             }
         };
+        let forwarded = request.headers().get_all("X-Forwarded-For");
+        let client = self
+            .proxies
+            .client(peer, forwarded.iter().map(|v| v.as_bytes()));
+        let address = ClientAddress::of(client);
+        let proxied = self.proxies.trusts(peer);
+        if let Err(refusal) = sockets.headed(id, proxied.then_some(address)) {
+            refuse(socket, refusal);
+            return None;
+        }
         if let Some(name) = http::duplicated_singleton(&request) {
             let _ = http::respond_text(
                 socket,
@@ -133,6 +175,10 @@ impl Handshake {
             connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(Upgraded { feed, leftover })
+        Some(Upgraded {
+            feed,
+            leftover,
+            address,
+        })
     }
 }

@@ -16,14 +16,17 @@
 //!   hub (ack after hand-off); [`pulse::nodes`], the nodes of a RabbitMQ
 //!   cluster and moving between them; [`pulse::alarm`], a broker that
 //!   blocks publishers.
-//! - [`hub`]: the subscription index, commands, and fan-out of pre-encoded
-//!   frames; it owns the catch-up room and routes its events.
+//! - [`hub`]: the subscription index and budget, commands, and fan-out of
+//!   pre-encoded frames, fair to every client; it owns the catch-up room
+//!   and routes its events.
 //! - [`catchup`]: the room that answers `since`: each feed's cache and the
 //!   proof of what it holds, what waits for a catch-up, the database worker.
 //! - [`outbox`]: each connection's bounded send queue and the writer pool
 //!   that drains them; slow clients are closed, never waited for.
 //! - [`handshake`]: what a request must pass to become a WebSocket (head,
 //!   method, feed path, origin, connection limit); plain HTTP requests.
+//! - [`sockets`]: every open client socket: the per-address limit, and the
+//!   silent ones that give way when too many are in their handshake.
 //! - [`connection`]: one thread per WebSocket client: read, keepalive; the
 //!   hub parses what it reads.
 //! - [`protocol`]: the client protocol (bugzfeed's wire format): frames in,
@@ -31,6 +34,8 @@
 //! - [`http`]: `/health`, `/metrics`, the live page, request heads.
 //! - [`server`]: `bzpush poll`, `serve` and `run`: the accept loop, and
 //!   starting and joining every thread.
+//! - [`capacity`]: the connections this machine allows (threads, memory
+//!   mappings, files, task limits), worked out before serving.
 //! - [`demo`]: `bzpush demo`: `run` fed by a simulated Bugzilla, in memory
 //!   or in a scratch database it creates and drops.
 //!
@@ -41,9 +46,11 @@
 //! catch-up worker) through [`shutdown::spawn_essential`], so that one
 //! that dies stops the process;
 //! the watchdog ([`systemd`]); and the connections' threads, in one
-//! `std::thread::scope` around the accept loop: handshake threads, each
-//! answering one request at a time and kept a while for the next, which
-//! hand each WebSocket on to a fresh thread of its own. Two exceptions,
+//! `std::thread::scope` around the accept loop: handshake threads (at most
+//! [`sockets::MAX_HANDSHAKES`]), each answering one request at a time and
+//! kept a while for the next, which hand each WebSocket on to a fresh
+//! thread of its own (no more than [`capacity`] allows). A thread that
+//! cannot start costs its client a refusal, never the process. Two exceptions,
 //! each with its own start and join: the signal watcher ([`signals`],
 //! started by `main`), and `demo`'s simulated Bugzilla ([`demo`]).
 //!
@@ -51,6 +58,8 @@
 //!
 //! - [`notification`]: [`notification::Notification`], the `(bug, when)`
 //!   pair every stage passes on.
+//! - [`address`]: client addresses, and the trusted reverse proxies whose
+//!   `X-Forwarded-For` names the client.
 //! - [`config`]: the settings table, each row naming the modes that read
 //!   it; flags, environment and env files in, one [`config::Mode`]'s checked
 //!   configuration out. A room per job: the table, gathering the values,
@@ -71,6 +80,8 @@
 //! - [`systemd`]: readiness and watchdog notifications.
 #![forbid(unsafe_code)]
 
+pub mod address;
+pub mod capacity;
 pub mod catchup;
 pub mod check;
 pub mod config;
@@ -94,4 +105,5 @@ pub mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod signals;
+pub mod sockets;
 pub mod systemd;

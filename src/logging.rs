@@ -123,6 +123,8 @@ fn write_lines(lines: &Receiver<Line>, journal: bool) {
 /// and the next line let through says how many were held back.
 pub struct Throttle {
     window: Mutex<Window>,
+    /// Lines let through a minute.
+    limit: u32,
 }
 
 struct Window {
@@ -136,12 +138,20 @@ impl Throttle {
     pub const PER_MINUTE: u32 = 10;
 
     pub const fn new() -> Throttle {
+        Throttle::per_minute(Self::PER_MINUTE)
+    }
+
+    /// A throttle that lets `limit` lines a minute through: 1 for a kind
+    /// whose every line says the same (a resource ran out), and whose count
+    /// is what matters.
+    pub const fn per_minute(limit: u32) -> Throttle {
         Throttle {
             window: Mutex::new(Window {
                 start: None,
                 passed: 0,
                 held: 0,
             }),
+            limit,
         }
     }
 
@@ -158,7 +168,7 @@ impl Throttle {
             window.start = Some(now);
             window.passed = 0;
         }
-        if window.passed >= Self::PER_MINUTE {
+        if window.passed >= self.limit {
             window.held += 1;
             return None;
         }

@@ -7,35 +7,44 @@
 //! and joining every other thread: the hub, the writer pool, what feeds the
 //! hub (one broker consumer per feed for `serve`, the poller for `run`),
 //! the catch-up worker, and the connections' threads (handshake, then
-//! WebSocket), all in one scope. Shutdown stops
+//! WebSocket), all in one scope, never more of them than the machine
+//! allows ([`Capacity`], [`Sockets`]): a thread that cannot start costs
+//! its client a refusal, never the process. Shutdown stops
 //! accepting, closes every connection with 1001, joins every thread.
 //! Nothing here touches a subscription: that is the hub's.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle, Scope};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError};
 use log::{error, info, warn};
+use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::address::ClientAddress;
+use crate::capacity::Capacity;
 use crate::catchup::{self, CatchUp};
 use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig};
 use crate::connection::{self, Limits};
 use crate::freshness::Freshness;
-use crate::handshake::{HEAD_TIMEOUT, Handshake, Upgraded};
+use crate::handshake::{self, HEAD_TIMEOUT, Handshake, Upgraded};
 use crate::http;
-use crate::hub::{ConnId, Event, HUB_QUEUE, Hub, HubConfig, HubSender, HubSink};
+use crate::hub::{
+    Budget, CONN_QUEUE, ConnEvent, ConnId, ConnSender, Event, HUB_QUEUE, Hub, HubConfig, HubSender,
+    HubSink,
+};
+use crate::logging::Throttle;
 use crate::metrics::Metrics;
 use crate::origin;
 use crate::outbox::{Outbox, Writers};
 use crate::poller;
 use crate::pulse::{self, ConsumerSetup, PulseSink};
 use crate::shutdown::{self, Shutdown};
+use crate::sockets::{MAX_HANDSHAKES, Refusal, Sockets};
 use crate::systemd;
 
 /// A connection's thread touches little stack, except to parse a frame:
@@ -53,9 +62,10 @@ const CONNECTION_STACK: usize = 512 * 1024;
 const HANDSHAKE_STACK: usize = 256 * 1024;
 /// A handshake thread with no socket to take ends after this long.
 const HANDSHAKE_IDLE: Duration = Duration::from_secs(10);
-/// Sockets may wait in the handshake beyond the connection limit by this
-/// many before new ones are refused at once.
-const HANDSHAKE_SLACK: usize = 256;
+/// How long the accept loop waits for a handshake thread to come free when
+/// [`MAX_HANDSHAKES`] live: one is about to (see [`Acceptor::hand_over`]),
+/// within microseconds unless the machine is starved.
+const HANDOVER_WAIT: Duration = Duration::from_millis(100);
 /// A write to a client that makes no progress this long fails the client.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for connections to take their close frames.
@@ -68,8 +78,10 @@ struct Shared {
     outbound_queue: usize,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// Every live connection's socket: how many, and what to cut.
+    /// Every open client socket: how many, from where, what to cut.
     sockets: Sockets,
+    /// Handshake threads alive: at most [`MAX_HANDSHAKES`].
+    handshake_threads: AtomicUsize,
 }
 
 /// `bzpush serve`: the server fed by one Pulse consumer per feed, until
@@ -240,9 +252,11 @@ impl Server<'_> {
         shutdown: &Shutdown,
         upstream: impl FnOnce(&HubSender, &Arc<Metrics>) -> io::Result<Vec<JoinHandle<()>>>,
     ) -> io::Result<()> {
+        let max_connections = connection_limit(self.config);
         let metrics = self.metrics;
         let writers = Writers::start(shutdown)?;
         let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
+        let (conn_tx, conn_rx) = crossbeam_channel::bounded(CONN_QUEUE);
         let (catchup_tx, catchup_thread) = match self.catchup {
             Some(url) => {
                 let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(catchup::database::JOB_QUEUE);
@@ -266,6 +280,11 @@ impl Server<'_> {
             HubConfig {
                 feeds: self.feeds.len(),
                 max_subscriptions: self.config.max_subscriptions,
+                budget: Budget::new(
+                    self.config.max_subscriptions_total,
+                    self.config.max_connections_per_address,
+                    self.config.max_connections,
+                ),
                 outbound_queue: self.config.outbound_queue,
                 catchup: CatchUp::new(self.feeds.len(), self.config.cache_size, catchup_tx),
             },
@@ -273,7 +292,7 @@ impl Server<'_> {
         );
         let hub_thread =
             shutdown::spawn_essential("hub".into(), thread::Builder::new(), shutdown, move || {
-                hub.run(hub_rx)
+                hub.run(hub_rx, conn_rx)
             })?;
         let upstream = upstream(&hub_tx, &metrics)?;
         let addr = listener.local_addr()?;
@@ -294,7 +313,8 @@ impl Server<'_> {
                 feeds: self.feeds.to_vec(),
                 allowed_origins: self.config.allowed_origins.clone(),
                 refused_origins: origin::Refusals::default(),
-                max_connections: self.config.max_connections,
+                max_connections,
+                proxies: self.config.trusted_proxies.clone(),
                 metrics: Arc::clone(&metrics),
                 page: http::Page {
                     bugzilla_url: self.config.bugzilla_url.clone(),
@@ -309,11 +329,12 @@ impl Server<'_> {
                 ping_timeout: self.config.ping_timeout,
             },
             metrics: Arc::clone(&metrics),
-            sockets: Sockets::default(),
+            sockets: Sockets::new(self.config.max_connections_per_address),
+            handshake_threads: AtomicUsize::new(0),
         });
         let acceptor = Acceptor {
             shared: Arc::clone(&shared),
-            hub: hub_tx.clone(),
+            hub: conn_tx,
             writers: &writers,
             next_id: 0,
             handshakes: crossbeam_channel::bounded(0),
@@ -323,7 +344,7 @@ impl Server<'_> {
         thread::scope(|scope| {
             acceptor.run(scope, &listener, shutdown);
             systemd::notify("STOPPING=1");
-            let open = shared.sockets.lock().len();
+            let open = shared.sockets.len();
             let noun = if open == 1 {
                 "connection"
             } else {
@@ -392,40 +413,28 @@ fn wake_on_shutdown(shutdown: &Shutdown, addr: SocketAddr) {
     let _ = TcpStream::connect(addr);
 }
 
-/// The sockets of live connections, to count them and to cut them at
-/// shutdown. A connection has one descriptor, shared by this map, its
-/// thread and its outbox.
-#[derive(Default)]
-struct Sockets {
-    live: Mutex<HashMap<ConnId, Arc<TcpStream>>>,
-    /// Signalled when a connection leaves the map, for shutdown's wait.
-    left: Condvar,
+/// The most WebSockets to hold: `BZPUSH_MAX_CONNECTIONS`, or fewer if this
+/// machine allows fewer ([`Capacity`]); says which, and how to allow more.
+fn connection_limit(config: &ServerConfig) -> usize {
+    let capacity = Capacity::measure();
+    let allowed = capacity.connections();
+    match capacity.shortfall(config.max_connections) {
+        Some(why) => warn!("{why}; serving at most {allowed} connections until then"),
+        None => info!(
+            "this machine allows {}; serving at most {} (BZPUSH_MAX_CONNECTIONS)",
+            capacity.describe(),
+            config.max_connections
+        ),
+    }
+    config.max_connections.min(allowed)
 }
 
-impl Sockets {
-    fn lock(&self) -> MutexGuard<'_, HashMap<ConnId, Arc<TcpStream>>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn remove(&self, id: ConnId) -> Option<Arc<TcpStream>> {
-        let socket = self.lock().remove(&id);
-        self.left.notify_all();
-        socket
-    }
-
-    /// Waits until every connection is gone or `grace` passed, then cuts
-    /// the sockets of those still there: their threads then end soon.
-    fn drain(&self, grace: Duration) {
-        let live = self.lock();
-        let (live, _) = self
-            .left
-            .wait_timeout_while(live, grace, |live| !live.is_empty())
-            .unwrap_or_else(|e| e.into_inner());
-        for socket in live.values() {
-            let _ = socket.shutdown(SocketShutdown::Both);
-        }
-    }
-}
+/// Accepts that failed (out of descriptors, usually): a few lines a minute.
+static ACCEPT_FAILURES: Throttle = Throttle::new();
+/// Threads that could not start: one line a minute, with the count.
+static NO_THREAD: Throttle = Throttle::per_minute(1);
+/// Connection threads whose work panicked: a few lines a minute.
+static PANICS: Throttle = Throttle::new();
 
 /// The accept loop and what it gives each connection.
 ///
@@ -434,11 +443,14 @@ impl Sockets {
 /// than a handshake does (its stack, its signal stack, and undoing both
 /// when it ends), so a handshake thread that is done waits
 /// [`HANDSHAKE_IDLE`] for the next socket before it ends; a new one starts
-/// only when none is waiting. The WebSocket itself is always served on a
-/// fresh thread ([`Accepted::start_websocket`]).
+/// only when none is waiting, and never more than [`MAX_HANDSHAKES`]. The
+/// WebSocket itself is always served on a fresh thread
+/// ([`Accepted::start_websocket`]). A socket that a bound of [`Sockets`]
+/// refuses, or that no thread can be started for, gets a refusal (429 or
+/// 503) and is closed: it costs that client alone.
 struct Acceptor<'a> {
     shared: Arc<Shared>,
-    hub: HubSender,
+    hub: ConnSender,
     writers: &'a Writers,
     next_id: ConnId,
     /// Rendezvous with a handshake thread waiting for a socket: a send
@@ -464,40 +476,47 @@ impl<'scope> Acceptor<'_> {
             let socket = match socket {
                 Ok(s) => s,
                 Err(e) => {
-                    // Usually out of file descriptors: wait for some to free.
-                    warn!("accept failed: {e}");
+                    if let Some(held) = ACCEPT_FAILURES.allow() {
+                        // Usually out of file descriptors: wait for some to free.
+                        warn!("accept failed: {e}; trying again{held}");
+                    }
                     shutdown.sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
             backoff = Duration::from_millis(10);
-            if let Err(e) = self.start(scope, socket) {
-                warn!("cannot start a connection thread: {e}");
-            }
+            self.start(scope, socket);
         }
     }
 
-    /// Hands `socket` to a handshake thread, a waiting one or a new one,
-    /// which hands a WebSocket on to a thread of its own
-    /// ([`Accepted::start_websocket`]); [`Handshake::answer`] answers the
-    /// request.
-    fn start(&mut self, scope: &'scope Scope<'scope, '_>, socket: TcpStream) -> io::Result<()> {
+    /// Takes in `socket` if the bounds of [`Sockets`] let it, and hands it
+    /// to a handshake thread ([`Acceptor::hand_over`]).
+    fn start(&mut self, scope: &'scope Scope<'scope, '_>, socket: TcpStream) {
         let id = self.next_id;
         self.next_id += 1;
-        if self.shared.sockets.lock().len()
-            >= self.shared.handshake.max_connections + HANDSHAKE_SLACK
+        // Gone before it was looked at, or unusable: nothing to answer.
+        let Ok(peer) = socket.peer_addr() else { return };
+        let peer = peer.ip().to_canonical();
+        if socket.set_nodelay(true).is_err()
+            || socket.set_read_timeout(Some(HEAD_TIMEOUT)).is_err()
+            || socket.set_write_timeout(Some(WRITE_TIMEOUT)).is_err()
         {
-            let _ = socket.set_write_timeout(Some(Duration::from_secs(1)));
-            return http::respond_text(&socket, "503 Service Unavailable", "too many connections");
+            return;
         }
-        socket.set_nodelay(true)?;
-        socket.set_read_timeout(Some(HEAD_TIMEOUT))?;
-        socket.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let socket = Arc::new(socket);
-        self.shared.sockets.lock().insert(id, Arc::clone(&socket));
+        let proxied = self.shared.handshake.proxies.trusts(peer);
+        let admitted = self
+            .shared
+            .sockets
+            .admit(id, &socket, ClientAddress::of(peer), proxied);
+        if let Err(refusal) = admitted {
+            handshake::refuse(&socket, refusal);
+            return;
+        }
         let accepted = Accepted {
             id,
+            peer,
             outbox: Outbox::new(
                 Arc::clone(&socket),
                 self.shared.outbound_queue,
@@ -508,20 +527,50 @@ impl<'scope> Acceptor<'_> {
             shared: Arc::clone(&self.shared),
             hub: self.hub.clone(),
         };
+        self.hand_over(scope, accepted);
+    }
+
+    /// Hands `accepted` to a handshake thread: a waiting one, a new one
+    /// while fewer than [`MAX_HANDSHAKES`] live, or else the next that
+    /// comes free ([`Sockets`] keeps as many sockets in their handshake,
+    /// so one is about to); [`Handshake::answer`] answers the request.
+    fn hand_over(&mut self, scope: &'scope Scope<'scope, '_>, accepted: Accepted) {
         let accepted = match self.handshakes.0.try_send(accepted) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return,
             Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => a,
         };
+        let threads = &self.shared.handshake_threads;
+        if threads.fetch_add(1, Ordering::Relaxed) >= MAX_HANDSHAKES {
+            threads.fetch_sub(1, Ordering::Relaxed);
+            if let Err(SendTimeoutError::Timeout(a) | SendTimeoutError::Disconnected(a)) =
+                self.handshakes.0.send_timeout(accepted, HANDOVER_WAIT)
+            {
+                a.refuse_busy();
+            }
+            return;
+        }
+        let (id, socket, shared) = (
+            accepted.id,
+            Arc::clone(&accepted.socket),
+            Arc::clone(&accepted.shared),
+        );
         let next = self.handshakes.1.clone();
         let thread = thread::Builder::new()
             .name("handshake".into())
             .stack_size(HANDSHAKE_STACK)
-            .spawn_scoped(scope, move || handshakes(scope, accepted, &next));
+            .spawn_scoped(scope, move || {
+                let shared = Arc::clone(&accepted.shared);
+                handshakes(scope, accepted, &next);
+                shared.handshake_threads.fetch_sub(1, Ordering::Relaxed);
+            });
         if let Err(e) = thread {
-            self.shared.sockets.remove(id);
-            return Err(e);
+            shared.handshake_threads.fetch_sub(1, Ordering::Relaxed);
+            if let Some(held) = NO_THREAD.allow() {
+                warn!("cannot start a handshake thread: {e}; its client got 503{held}");
+            }
+            handshake::refuse(&socket, Refusal::Busy);
+            shared.sockets.remove(id);
         }
-        Ok(())
     }
 }
 
@@ -534,11 +583,10 @@ fn handshakes<'scope>(
 ) {
     let mut accepted = first;
     loop {
+        let shared = &accepted.shared;
         match contain(accepted.id, || {
-            accepted
-                .shared
-                .handshake
-                .answer(accepted.id, &accepted.socket)
+            let sockets = &shared.sockets;
+            (shared.handshake).answer(accepted.id, &accepted.socket, accepted.peer, sockets)
         })
         .flatten()
         {
@@ -561,57 +609,94 @@ fn handshakes<'scope>(
 fn contain<T>(id: ConnId, work: impl FnOnce() -> T) -> Option<T> {
     panic::catch_unwind(AssertUnwindSafe(work))
         .map_err(|payload| {
-            warn!(
-                "connection {id}: its thread panicked: {}",
-                shutdown::panic_message(payload.as_ref())
-            );
+            if let Some(held) = PANICS.allow() {
+                warn!(
+                    "connection {id}: its thread panicked: {}{held}",
+                    shutdown::panic_message(payload.as_ref())
+                );
+            }
         })
         .ok()
+}
+
+/// A WebSocket's thread: serves it, then forgets it. What it is given
+/// stays in its box: on this thread's stack it would be one more page for
+/// the whole life of an idle connection.
+fn serve_websocket(given: &mut (Accepted, Upgraded)) {
+    let (accepted, websocket) = given;
+    let id = accepted.id;
+    let (socket, outbox) = (Arc::clone(&accepted.socket), Arc::clone(&accepted.outbox));
+    let websocket = Upgraded {
+        leftover: std::mem::take(&mut websocket.leftover),
+        ..*websocket
+    };
+    let served = contain(id, || {
+        connection::run(
+            id,
+            websocket,
+            socket,
+            outbox,
+            &accepted.hub,
+            accepted.shared.limits,
+        )
+    });
+    if served.is_none() {
+        // It may not have told the hub it left.
+        let _ = accepted.hub.send(ConnEvent::Disconnect { conn: id });
+    }
+    accepted.left();
 }
 
 /// An accepted socket, as its threads (handshake, then WebSocket) hold it.
 #[derive(Clone)]
 struct Accepted {
     id: ConnId,
+    /// The address it came from (a proxy's, if proxied).
+    peer: IpAddr,
     socket: Arc<TcpStream>,
     outbox: Arc<Outbox>,
     shared: Arc<Shared>,
-    hub: HubSender,
+    hub: ConnSender,
 }
 
 impl Accepted {
     /// Serves `websocket` on a thread of its own, started afresh: the
     /// handshake's thread ends here, and its stack and malloc cache keep
     /// what the handshake touched, which would otherwise cost every idle
-    /// connection some KiB for its whole life.
+    /// connection some KiB for its whole life. A thread that cannot start
+    /// costs its client a close (1013, try again later) right after its
+    /// handshake; the budget ([`Capacity`], counted before the 101) keeps
+    /// that rare.
     fn start_websocket<'scope>(self, scope: &'scope Scope<'scope, '_>, websocket: Upgraded) {
-        let (id, accepted) = (self.id, self.clone());
+        self.shared.sockets.upgraded(self.id);
+        // Boxed: std's thread start moves what the thread is given through
+        // three frames, and every idle connection's thread keeps them on
+        // its stack (a page more by value: 4 KiB a connection, measured).
+        let given = Box::new((self.clone(), websocket));
         let spawned = thread::Builder::new()
-            .name(format!("conn-{id}"))
+            .name(format!("conn-{}", self.id))
             .stack_size(CONNECTION_STACK)
             .spawn_scoped(scope, move || {
-                let (socket, outbox) = (Arc::clone(&accepted.socket), Arc::clone(&accepted.outbox));
-                let served = contain(id, || {
-                    connection::run(
-                        id,
-                        websocket.feed,
-                        socket,
-                        websocket.leftover,
-                        outbox,
-                        &accepted.hub,
-                        accepted.shared.limits,
-                    )
-                });
-                if served.is_none() {
-                    // It may not have told the hub it left.
-                    let _ = accepted.hub.send(Event::Disconnect { conn: id });
-                }
-                accepted.left();
+                let mut given = given;
+                serve_websocket(&mut given);
             });
         if let Err(e) = spawned {
-            warn!("cannot start a connection thread: {e}");
+            if let Some(held) = NO_THREAD.allow() {
+                warn!(
+                    "cannot start a connection thread: {e}; its client was closed with 1013 \
+                     (try again later){held}"
+                );
+            }
+            // The writers put the close frame out, then shut the socket.
+            self.outbox.close(CloseCode::Again, "try again later");
             self.left();
         }
+    }
+
+    /// No handshake thread came free in time: 503, and the socket goes.
+    fn refuse_busy(self) {
+        handshake::refuse(&self.socket, Refusal::Busy);
+        self.finish();
     }
 
     /// The WebSocket is over: it no longer counts, and its socket goes.

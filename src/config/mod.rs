@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use crate::address::TrustedProxies;
 pub use help::{help, mode_help};
 pub use settings::{Range, SETTINGS, Setting, key};
 pub use url::{AmqpNodes, AmqpUrl, DatabaseUrl, SecretUrl, redact_url};
@@ -280,7 +281,13 @@ pub struct DemoConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_connections: usize,
+    /// Open sockets from one client address (handshaking or WebSocket).
+    pub max_connections_per_address: usize,
     pub max_subscriptions: usize,
+    /// Subscriptions over all connections.
+    pub max_subscriptions_total: usize,
+    /// Whose `X-Forwarded-For` names the client; empty: nobody's.
+    pub trusted_proxies: TrustedProxies,
     pub max_message_size: usize,
     pub outbound_queue: usize,
     pub cache_size: usize,

@@ -11,7 +11,8 @@ use super::settings::{Setting, key};
 use super::url::{amqp_nodes, database_url, server_url};
 use super::values::{
     MAX_EXCHANGE_NAME, Value, bugzilla_url, duration, feeds, heartbeat, lock_name, log_level,
-    number, origins, queue_prefix, queue_type, socket_addr, source, state_directory, text,
+    number, number_or, origins, queue_prefix, queue_type, socket_addr, source, state_directory,
+    text, trusted_proxies,
 };
 use super::{
     Config, ConfigError, DemoConfig, Mode, PollConfig, PollerConfig, RunConfig, ServeConfig,
@@ -124,10 +125,17 @@ fn poller(v: &dyn Read, host: &Host) -> Result<PollerConfig, ConfigError> {
 }
 
 fn server(v: &dyn Read) -> Result<ServerConfig, ConfigError> {
+    let max_connections = number(v.get(&key::MAX_CONNECTIONS))?;
     Ok(ServerConfig {
         listen: socket_addr(v.get(&key::LISTEN))?,
-        max_connections: number(v.get(&key::MAX_CONNECTIONS))?,
+        max_connections,
+        max_connections_per_address: number_or(
+            v.get(&key::MAX_CONNECTIONS_PER_ADDRESS),
+            (max_connections / 10).max(1),
+        )?,
         max_subscriptions: number(v.get(&key::MAX_SUBSCRIPTIONS))?,
+        max_subscriptions_total: number(v.get(&key::MAX_SUBSCRIPTIONS_TOTAL))?,
+        trusted_proxies: trusted_proxies(v.get(&key::TRUSTED_PROXIES))?,
         max_message_size: number(v.get(&key::MAX_MESSAGE_SIZE))?,
         outbound_queue: number(v.get(&key::OUTBOUND_QUEUE))?,
         cache_size: number(v.get(&key::CACHE_SIZE))?,

@@ -162,6 +162,14 @@ table! {
         "serve, run: open WebSocket connections; more are refused with HTTP 503";
     MAX_SUBSCRIPTIONS "max-subscriptions" = "20000", count(1, 10_000_000, "bugs"), SERVERS,
         "serve, run: bugs one connection may subscribe to";
+    MAX_CONNECTIONS_PER_ADDRESS "max-connections-per-address" = "<max-connections>/10",
+        count(1, 1_000_000, "sockets"), SERVERS,
+        "serve, run: open sockets (in their handshake or WebSocket) from one client address, an IPv6 one by its /64; default a tenth of max-connections";
+    MAX_SUBSCRIPTIONS_TOTAL "max-subscriptions-total" = "5000000",
+        count(1, 1_000_000_000, "subscriptions"), SERVERS,
+        "serve, run: subscriptions over all connections (about 30 to 75 bytes each); one address may hold the share its max-connections-per-address gives it";
+    TRUSTED_PROXIES "trusted-proxies" = "off", Range::Text, SERVERS,
+        "serve, run: comma-separated addresses or networks (10.0.0.0/8) of reverse proxies whose X-Forwarded-For names the client; off ignores the header";
     MAX_MESSAGE_SIZE "max-message-size" = "1048576", count(1024, 64 << 20, "bytes"), SERVERS,
         "serve, run: largest client message in bytes; larger closes with 1009";
     OUTBOUND_QUEUE "outbound-queue" = "4096", count(16, 1_000_000, "messages"), SERVERS,
@@ -192,7 +200,10 @@ mod tests {
     #[test]
     fn every_number_or_duration_has_a_range_and_modes_are_in_order() {
         for s in SETTINGS {
-            let numeric = parse_duration(s.default).is_some() || s.default.parse::<u64>().is_ok();
+            let numeric = parse_duration(s.default).is_some()
+                || s.default.parse::<u64>().is_ok()
+                // A number derived from another setting's.
+                || s.default == key::MAX_CONNECTIONS_PER_ADDRESS.default;
             assert_eq!(numeric, s.range.describe().is_some(), "{}", s.name);
             let order: Vec<Mode> = Mode::ALL.into_iter().filter(|m| s.read_by(*m)).collect();
             assert_eq!(s.modes, order, "{}", s.name);

@@ -15,6 +15,7 @@ use log::LevelFilter;
 use super::settings::{Range, Setting};
 use super::url::AmqpNodes;
 use super::{ConfigError, Feed, QueueType, Source};
+use crate::address::TrustedProxies;
 use crate::origin;
 
 /// MariaDB and MySQL refuse lock names longer than this.
@@ -309,6 +310,20 @@ pub(super) fn bugzilla_url((setting, value): Value) -> Result<Option<String>, Co
         ));
     }
     Ok(Some(value.trim_end_matches('/').to_string()))
+}
+
+/// `off`, or comma-separated addresses and networks ([`TrustedProxies`]).
+pub(super) fn trusted_proxies((setting, value): Value) -> Result<TrustedProxies, ConfigError> {
+    TrustedProxies::parse(value).map_err(|why| ConfigError::setting(setting, value, &why))
+}
+
+/// A number whose default is derived: the default row text stands for
+/// `derived`, anything else must be a number in the row's range.
+pub(super) fn number_or((setting, value): Value, derived: usize) -> Result<usize, ConfigError> {
+    if value == setting.default {
+        return Ok(derived);
+    }
+    number((setting, value))
 }
 
 #[cfg(test)]

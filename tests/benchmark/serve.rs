@@ -34,9 +34,23 @@
 //!   has its complete answer, and how many answers were `partial` (must be
 //!   none: `partial` is never for load).
 //!
+//! - noisy: a victim connection subscribed to one bug, changes published
+//!   to it at `--noisy-rate` (200/s) for `--noisy-seconds` (5) at a time,
+//!   the connection limits at their defaults: its latency alone, then
+//!   beside one abusive client at another address that writes
+//!   subscribe and unsubscribe commands of 20,000 bugs without pause (and
+//!   reads what comes back), in `--noisy-rounds` (3) alternating rounds;
+//!   the median of each side's p99, and their ratio.
+//! - limit: `BZPUSH_MAX_CONNECTIONS=50000` on this machine's own limits
+//!   (run it under `ulimit -n 20000` and the kernel's defaults):
+//!   connections opened, each subscribed to a bug of its own, until a
+//!   thousand past what the server says the machine allows; how many it
+//!   held, their RSS each, the refusals, the process alive, and updates
+//!   reaching the first ten connections afterwards.
+//!
 //! Flags follow the group: `cargo bench --bench bench -- serve --only
-//! fanout --connections 5000`; `--only idle,fanout,throughput,storm` runs a
-//! subset. Everything the measurement saw (per-round fan-out times, CPU per
+//! fanout --connections 5000`; `--only idle,fanout,throughput,storm,noisy,limit`
+//! runs a subset; `limit` runs only when named. Everything the measurement saw (per-round fan-out times, CPU per
 //! delivery, CPU by server thread, memory by kind) goes to stderr.
 //!
 //! The load generator holds every client socket without a thread per
@@ -108,6 +122,9 @@ const TARGET_UPDATES_PER_SEC: f64 = 100_000.0;
 const SUSTAINED_P99: Duration = Duration::from_secs(1);
 
 struct Options {
+    noisy_rate: u64,
+    noisy_seconds: u64,
+    noisy_rounds: usize,
     connections: usize,
     repeats: usize,
     idle_seconds: u64,
@@ -122,6 +139,9 @@ struct Options {
 impl Options {
     fn from_args() -> Options {
         let mut o = Options {
+            noisy_rate: 200,
+            noisy_seconds: 5,
+            noisy_rounds: 3,
             connections: 10_000,
             repeats: 100,
             idle_seconds: 10,
@@ -150,6 +170,9 @@ impl Options {
                 "--rates" => o.rates = value().split(',').map(|r| parse(flag, r)).collect(),
                 "--seconds" => o.seconds = parse(flag, value()),
                 "--queue-types" => o.queue_types = value().split(',').map(str::to_string).collect(),
+                "--noisy-rate" => o.noisy_rate = parse(flag, value()),
+                "--noisy-seconds" => o.noisy_seconds = parse(flag, value()),
+                "--noisy-rounds" => o.noisy_rounds = parse(flag, value()),
                 "--only" => o.only = Some(value().split(',').map(str::to_string).collect()),
                 _ => {
                     i += 1;
@@ -189,6 +212,16 @@ pub fn run() -> Vec<Row> {
     }
     if o.runs("storm") {
         rows.extend(storm(&o));
+    }
+    if o.runs("noisy") {
+        rows.extend(noisy(&o));
+    }
+    // Takes every thread this machine allows: only when asked for.
+    if o.only
+        .as_ref()
+        .is_some_and(|only| only.iter().any(|s| s == "limit"))
+    {
+        rows.extend(limit());
     }
     rows
 }
@@ -897,6 +930,318 @@ fn storm(o: &Options) -> Vec<Row> {
     }]
 }
 
+/// The noisy neighbour's victim follows this bug, the abuser
+/// `NOISY_FIRST_BUG..NOISY_FIRST_BUG + NOISY_BUGS`.
+const NOISY_VICTIM_BUG: u64 = 7;
+const NOISY_FIRST_BUG: u64 = 100_000;
+/// As many as one connection may follow by default.
+const NOISY_BUGS: u64 = 20_000;
+/// The noisy neighbour's target: the victim's p99 beside the abuser at
+/// most this many times its p99 alone.
+const TARGET_NOISY_RATIO: f64 = 2.0;
+
+fn noisy(o: &Options) -> Vec<Row> {
+    // The connection limits at their defaults: each address's share of the
+    // hub's time follows from them.
+    let server = Server::start_with(
+        10,
+        &[
+            ("BZPUSH_MAX_CONNECTIONS", "10000".into()),
+            ("BZPUSH_MAX_CONNECTIONS_PER_ADDRESS", "1000".into()),
+        ],
+    );
+    let victim = Fleet::open(server.addr, 1, &[NOISY_VICTIM_BUG], NOISY_VICTIM_BUG);
+    let mut seq = 0;
+    let mut alone = Vec::new();
+    let mut beside = Vec::new();
+    let mut commands = 0;
+    for round in 0..o.noisy_rounds as u64 {
+        alone.push(victim_round(o, &server, &victim, 2 * round + 1, &mut seq));
+        let abuser = Abuser::start(server.addr);
+        let threads = thread_ticks(server.pid());
+        beside.push(victim_round(o, &server, &victim, 2 * round + 2, &mut seq));
+        eprintln!(
+            "noisy round {round}: server CPU by thread beside the abuser, s: {}",
+            thread_ticks_delta(&threads, &thread_ticks(server.pid()))
+        );
+        let answered = abuser.stop();
+        eprintln!(
+            "noisy round {round}: victim p99 alone {}, beside the abuser {} ({answered} \
+             commands of {NOISY_BUGS} bugs answered meanwhile)",
+            ms(alone[alone.len() - 1].1),
+            ms(beside[beside.len() - 1].1),
+        );
+        commands += answered;
+    }
+    let closed = victim.size - victim.alive();
+    let median = |rounds: &[(u64, u64)], pick: fn(&(u64, u64)) -> u64| {
+        let mut values: Vec<u64> = rounds.iter().map(pick).collect();
+        values.sort_unstable();
+        crate::quantile(&values, 0.5)
+    };
+    let (alone_p50, alone_p99) = (median(&alone, |r| r.0), median(&alone, |r| r.1));
+    let (beside_p50, beside_p99) = (median(&beside, |r| r.0), median(&beside, |r| r.1));
+    let ratio = beside_p99 as f64 / alone_p99.max(1) as f64;
+    let setting = format!(
+        "1 victim × 1 bug, {} changes/s, {} rounds of {} s",
+        o.noisy_rate, o.noisy_rounds, o.noisy_seconds
+    );
+    let rows = vec![
+        Row {
+            scenario: "noisy neighbour: a victim's update latency, alone".into(),
+            setting: setting.clone(),
+            center: format!("p50 {}", ms(alone_p50)),
+            spread: format!("p99 {} (median of the rounds')", ms(alone_p99)),
+            target: "–".into(),
+            met: None,
+        },
+        Row {
+            scenario: format!(
+                "noisy neighbour: the same beside one client writing subscribe/unsubscribe \
+                 of {} bugs without pause",
+                crate::thousands(NOISY_BUGS as f64)
+            ),
+            setting,
+            center: format!("p50 {}", ms(beside_p50)),
+            spread: format!(
+                "p99 {} = {ratio:.2}× alone; {} commands answered{}",
+                ms(beside_p99),
+                crate::thousands(commands as f64),
+                if closed > 0 {
+                    "; **victim closed**"
+                } else {
+                    ""
+                }
+            ),
+            target: format!("p99 <= {TARGET_NOISY_RATIO}× alone (issue 19: was 38×)"),
+            met: Some(closed == 0 && ratio <= TARGET_NOISY_RATIO),
+        },
+    ];
+    tear_down(server, victim);
+    rows
+}
+
+/// One round of changes to the victim's bug: `(p50, p99)` of its
+/// latency, µs.
+fn victim_round(
+    o: &Options,
+    server: &Server,
+    victim: &Fleet,
+    phase: u64,
+    seq: &mut u64,
+) -> (u64, u64) {
+    victim.reset(phase);
+    let total = o.noisy_rate * o.noisy_seconds;
+    let start = Instant::now();
+    for j in 0..total {
+        let due = start + Duration::from_secs_f64(j as f64 / o.noisy_rate as f64);
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+        *seq += 1;
+        server
+            .exchange
+            .publish(NOISY_VICTIM_BUG, &when(phase, *seq));
+    }
+    let received = wait_until(QUIET * 3, || victim.received() >= total);
+    let stats = victim.collect();
+    if !received {
+        eprintln!("noisy: the victim got {} of {total} updates", stats.count);
+    }
+    (stats.latency.quantile(0.5), stats.latency.quantile(0.99))
+}
+
+/// One abusive client: a thread writing subscribe and unsubscribe commands
+/// of [`NOISY_BUGS`] bugs without pause, another reading every answer (a
+/// client that did not would be closed for being slow, and stop).
+struct Abuser {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+    socket: TcpStream,
+}
+
+impl Abuser {
+    fn start(addr: SocketAddr) -> Abuser {
+        let from = std::net::IpAddr::from([127, 0, 0, 2]);
+        let (socket, _) = open_one_from(Some(from), addr, &[]).expect("the abuser connects");
+        let bugs: Vec<String> = (NOISY_FIRST_BUG..NOISY_FIRST_BUG + NOISY_BUGS)
+            .map(|b| b.to_string())
+            .collect();
+        let command = |name: &str| {
+            let text = format!(r#"{{"command":"{name}","bugs":[{}]}}"#, bugs.join(","));
+            client_frame(0x81, text.as_bytes(), Some(MASK))
+        };
+        let both = [command("subscribe"), command("unsubscribe")].concat();
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
+        let writer =
+            {
+                let (mut socket, stop) = (socket.try_clone().expect("clone"), Arc::clone(&stop));
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) && socket.write_all(&both).is_ok() {}
+                })
+            };
+        let reader = {
+            let (mut socket, answered) =
+                (socket.try_clone().expect("clone"), Arc::clone(&answered));
+            thread::spawn(move || {
+                let mut buffer = Vec::new();
+                let mut chunk = vec![0u8; 256 * 1024];
+                while let Ok(n) = socket.read(&mut chunk) {
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    let mut used = 0;
+                    while let Some((_, _, n)) = server_frame(&buffer[used..]) {
+                        used += n;
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    buffer.drain(..used);
+                }
+            })
+        };
+        Abuser {
+            stop,
+            answered,
+            threads: vec![writer, reader],
+            socket,
+        }
+    }
+
+    /// Stops it; how many of its commands were answered.
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+/// What `limit` asks for: more than this machine allows at its defaults.
+const LIMIT_ASKED: usize = 50_000;
+/// Connections tried past what the server says the machine allows.
+const LIMIT_PAST: usize = 1000;
+/// The limit scenario's connection `i` follows bug `LIMIT_FIRST_BUG + i`.
+const LIMIT_FIRST_BUG: u64 = 1;
+
+fn limit() -> Vec<Row> {
+    let asked = LIMIT_ASKED.to_string();
+    let server = Server::start_with(
+        LIMIT_ASKED,
+        &[
+            ("BZPUSH_MAX_CONNECTIONS", asked.clone()),
+            ("BZPUSH_MAX_CONNECTIONS_PER_ADDRESS", asked),
+        ],
+    );
+    let log = server.process.log();
+    let allowed: usize = log
+        .split_once("is more than this machine allows: ")
+        .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .unwrap_or(LIMIT_ASKED);
+    let says = log
+        .lines()
+        .find(|l| l.contains("this machine allows"))
+        .unwrap_or("")
+        .to_string();
+    eprintln!("limit: the server says: {says}");
+    thread::sleep(Duration::from_secs(1));
+    let before = Proc::of(server.pid());
+    let kernel_before = kernel_kib();
+    let opening = Instant::now();
+    let fleet = Fleet::open_spread(
+        server.addr,
+        allowed + LIMIT_PAST,
+        &[LIMIT_FIRST_BUG],
+        LIMIT_FIRST_BUG,
+        1,
+    );
+    let n = fleet.size;
+    eprintln!(
+        "limit: {n} connections held, {} refused, in {:.1} s",
+        fleet.failed,
+        opening.elapsed().as_secs_f64()
+    );
+    thread::sleep(Duration::from_secs(2));
+    let after = Proc::of(server.pid());
+    let kernel = kernel_kib()
+        .iter()
+        .zip(kernel_before)
+        .map(|(a, b)| format!("{:.1}", (*a as f64 - b as f64) / n.max(1) as f64))
+        .collect::<Vec<_>>();
+    eprintln!(
+        "limit: the kernel's memory per connection, KiB (machine-wide: the load generator's \
+         sockets too): thread stacks {}, slab {}, page tables {}",
+        kernel[0], kernel[1], kernel[2]
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid()))
+        .map_or(0, |m| m.lines().count());
+    let per_conn = (after.rss_kib as f64 - before.rss_kib as f64) / n.max(1) as f64;
+    let healthy = crate::process::http_get(&server.addr.to_string(), "/health").0 == 200;
+    // Afterwards, the first ten connections' bugs change.
+    let phase = 1;
+    fleet.reset(phase);
+    for bug in LIMIT_FIRST_BUG..LIMIT_FIRST_BUG + 10 {
+        server.exchange.publish(bug, &when(phase, bug));
+    }
+    let delivered = wait_until(ROUND_DEADLINE, || fleet.received() >= 10);
+    let alive = fleet.alive();
+    let aborted = server.process.log().contains("panicked") || !healthy;
+    eprintln!(
+        "limit: server RSS {} -> {} KiB ({}), threads {}, fds {}, mappings {maps}; \
+         {alive} of {n} still open; /health {}; updates to the first ten: {}",
+        before.rss_kib,
+        after.rss_kib,
+        after.memory.per_connection(&before.memory, n),
+        after.threads,
+        after.fds,
+        if healthy { 200 } else { 0 },
+        fleet.received(),
+    );
+    let rows = vec![Row {
+        scenario: format!(
+            "at this machine's limit: BZPUSH_MAX_CONNECTIONS={} with the kernel's defaults",
+            crate::thousands(LIMIT_ASKED as f64)
+        ),
+        setting: format!(
+            "{} connections tried × 1 bug each; the server allowed {}",
+            crate::thousands((allowed + LIMIT_PAST) as f64),
+            crate::thousands(allowed as f64)
+        ),
+        center: format!(
+            "{} held, {per_conn:.1} KiB RSS each",
+            crate::thousands(n as f64)
+        ),
+        spread: format!(
+            "{} refused (503); {} threads, {} mappings; the first ten got their updates: {}",
+            crate::thousands(fleet.failed as f64),
+            crate::thousands(after.threads as f64),
+            crate::thousands(maps as f64),
+            if delivered { "yes" } else { "**no**" }
+        ),
+        target: "refused past the limit, no abort, updates still delivered".into(),
+        met: Some(n == allowed && fleet.failed == LIMIT_PAST && delivered && !aborted),
+    }];
+    tear_down(server, fleet);
+    rows
+}
+
+/// The machine's `KernelStack`, `Slab` and `PageTables` from
+/// `/proc/meminfo`, KiB.
+fn kernel_kib() -> [u64; 3] {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    ["KernelStack:", "Slab:", "PageTables:"].map(|name| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// The first `count` text frames on a blocking `socket`; `None` if it
 /// closes or times out first.
 fn read_frames(socket: &mut TcpStream, count: usize) -> Option<Vec<String>> {
@@ -955,6 +1300,11 @@ impl Server {
             ("BZPUSH_LOG", "info".to_string()),
             ("BZPUSH_QUEUE", queue_prefix.clone()),
             ("BZPUSH_MAX_CONNECTIONS", (connections + 100).to_string()),
+            // Every client here has one address.
+            (
+                "BZPUSH_MAX_CONNECTIONS_PER_ADDRESS",
+                (connections + 100).to_string(),
+            ),
             ("BZPUSH_PING_INTERVAL", PING_INTERVAL.to_string()),
         ];
         env.extend(extra.iter().cloned());
@@ -1764,8 +2114,26 @@ fn open_plain(addr: SocketAddr, n: usize, failed: impl Fn(io::Error) + Sync) -> 
 /// Connects, upgrades to WebSocket and subscribes; returns the socket
 /// (blocking) and whatever arrived after the subscription's answer.
 fn open_one(addr: SocketAddr, subscribe: &[u8]) -> io::Result<(TcpStream, Vec<u8>)> {
+    open_one_from(None, addr, subscribe)
+}
+
+/// As [`open_one`], from the local address `from` if given (another
+/// client address on loopback: 127.0.0.2 and on).
+fn open_one_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    subscribe: &[u8],
+) -> io::Result<(TcpStream, Vec<u8>)> {
     let timeout = Duration::from_secs(10);
-    let mut socket = TcpStream::connect_timeout(&addr, timeout)?;
+    let mut socket = match from {
+        None => TcpStream::connect_timeout(&addr, timeout)?,
+        Some(from) => {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(from, 0).into())?;
+            socket.connect_timeout(&addr.into(), timeout)?;
+            socket.into()
+        }
+    };
     socket.set_nodelay(true)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.set_write_timeout(Some(timeout))?;

@@ -27,7 +27,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::util::frames::{MASK, client_frame, server_frame};
-use crate::util::serve::{Client, Stamps, healthy_server, http_get, metric, update, version};
+use crate::util::serve::{
+    Client, Stamps, healthy_server, http_get, metric, raw_handshake, update, version,
+};
 use crate::util::{Bzpush, Rng, TestBroker, datetime, rss_kib, wait_until};
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::protocol::{self, Command, ProtocolError, Since};
@@ -1147,34 +1149,8 @@ impl Raw {
 
     /// A WebSocket handshake with `early` bytes in the same write.
     fn handshake_then(addr: &str, path: &str, early: &[u8]) -> Result<Raw, String> {
-        let mut socket = TcpStream::connect(addr).expect("connect");
-        socket
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .into_bytes();
-        request.extend_from_slice(early);
-        socket.write_all(&request).expect("send the handshake");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match socket.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
-        }
-        let head = String::from_utf8_lossy(&head).into_owned();
-        let status = head.lines().next().unwrap_or("").to_string();
-        if !status.starts_with("HTTP/1.1 101") {
-            return Err(status);
-        }
+        let socket = TcpStream::connect(addr).expect("connect");
+        let socket = raw_handshake(socket, addr, path, "", early)?;
         Ok(Raw {
             socket,
             pending: Vec::new(),
@@ -1882,38 +1858,17 @@ fn slowloris_does_not_starve_other_clients() {
 }
 
 #[test]
-fn stuck_handshakes_past_the_slack_get_503_at_once() {
-    // With 20 connections allowed, 20 + 256 sockets stuck in their
-    // handshake fill every slot: further sockets are refused at once with
-    // 503 (the server never piles up threads), until the stuck ones go.
-    let broker = TestBroker::new();
-    let server = healthy_server(&broker, &[("BZPUSH_MAX_CONNECTIONS", "20".into())]);
-    let addr = server.listen_addr();
-    let stuck: Vec<TcpStream> = (0..20 + 256)
-        .map(|_| TcpStream::connect(&addr).expect("connect"))
-        .collect();
-    let (status, body) = http_get(&addr, "/health");
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body, "too many connections\n");
-    // At once: answered while every stuck socket still holds its slot, not
-    // after one timed out and freed it.
-    assert_eq!(
-        stuck.iter().filter(|s| !still_open(s)).count(),
-        0,
-        "the 503 came only after stuck sockets went"
-    );
-    drop(stuck);
-    assert!(
-        wait_until(WAIT, || http_get(&addr, "/health").0 == 200),
-        "the server did not recover"
-    );
-    assert_still_serves(&server, &broker, 6);
-}
-
-#[test]
 fn a_handshake_flood_past_the_connection_limit_gets_503() {
     let broker = TestBroker::new();
-    let server = healthy_server(&broker, &[("BZPUSH_MAX_CONNECTIONS", "20".into())]);
+    // Every client here has one address: the per-address limit (a tenth
+    // of the connection limit by default) is not what this test is about.
+    let server = healthy_server(
+        &broker,
+        &[
+            ("BZPUSH_MAX_CONNECTIONS", "20".into()),
+            ("BZPUSH_MAX_CONNECTIONS_PER_ADDRESS", "1000".into()),
+        ],
+    );
     let addr = server.listen_addr();
     let url = server.ws_url("/");
     let mut clients: Vec<Client> = (0..20u64)
@@ -2279,7 +2234,10 @@ fn flood_without_reading(server: &Bzpush, c: &mut Raw, flood: &[u8]) {
         s.spawn(move || {
             let _ = writer.write_all(flood);
         });
-        let gave_up = wait_until(WAIT, || {
+        // Its address is held to its share of the hub's time too, which
+        // the answers' encoding takes: in a debug build, the outbox's
+        // 16 MiB of `subscriptions` answers come in about 35 s.
+        let gave_up = wait_until(WAIT * 5, || {
             peak = peak.max(rss_kib(server.pid()) * 1024);
             metric(&addr, "bzpush_slow_client_closes_total") == closes_before + 1
         });

@@ -98,6 +98,10 @@ fn the_package_holds_the_binary_units_man_page_and_a_private_conffile() {
             "-rw-r--r--",
             "./usr/share/doc/bzpush/contrib/bzpush-dashboard.json",
         ),
+        (
+            "-rw-r--r--",
+            "./usr/share/doc/bzpush/contrib/90-bzpush-sysctl.conf",
+        ),
     ] {
         let line = listing
             .lines()

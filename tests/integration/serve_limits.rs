@@ -257,7 +257,11 @@ fn a_thousand_concurrent_connections_subscribe_and_unsubscribe() {
     const PER_THREAD: usize = 250;
     const TOTAL: u64 = (THREADS * PER_THREAD) as u64;
     let broker = TestBroker::new();
-    let server = healthy_server(&broker, &[]);
+    // All from one address, the /metrics requests as well.
+    let server = healthy_server(
+        &broker,
+        &[("BZPUSH_MAX_CONNECTIONS_PER_ADDRESS", "2000".into())],
+    );
     let addr = server.listen_addr();
     let url = server.ws_url("/");
     // Every thread has its connections open and subscribed; then the main
@@ -323,7 +327,14 @@ fn a_thousand_concurrent_connections_subscribe_and_unsubscribe() {
 #[test]
 fn the_connection_limit_refuses_handshakes_with_503() {
     let broker = TestBroker::new();
-    let server = healthy_server(&broker, &[("BZPUSH_MAX_CONNECTIONS", "2".into())]);
+    // All from one address: the per-address limit is not what this is about.
+    let server = healthy_server(
+        &broker,
+        &[
+            ("BZPUSH_MAX_CONNECTIONS", "2".into()),
+            ("BZPUSH_MAX_CONNECTIONS_PER_ADDRESS", "10".into()),
+        ],
+    );
     let addr = server.listen_addr();
     let url = server.ws_url("/");
     let mut first = Client::connect(&url);

@@ -176,7 +176,17 @@ impl Bzpush {
     /// end and returns what it printed; fails the test if it still runs
     /// after `timeout`.
     pub fn run(args: &[&str], env: &[(&str, String)], timeout: Duration) -> Finished {
-        let mut child = Bzpush::command(args, env)
+        Bzpush::run_under(&[], args, env, timeout)
+    }
+
+    /// As [`Bzpush::run`], run by `wrapper` (see [`Bzpush::command_under`]).
+    pub fn run_under(
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> Finished {
+        let mut child = Bzpush::command_under(wrapper, args, env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

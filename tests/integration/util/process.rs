@@ -102,8 +102,13 @@ impl Bzpush {
     /// As [`Bzpush::start`], with stdout going to `stdout`; `Stdio::piped()`
     /// leaves it to read from [`Bzpush::take_stdout`].
     pub fn start_with(args: &[&str], env: &[(&str, String)], stdout: Stdio) -> Bzpush {
+        Bzpush::spawn(Bzpush::command(args, env), stdout)
+    }
+
+    /// Starts `command` (from [`Bzpush::command_under`]).
+    fn spawn(mut command: Command, stdout: Stdio) -> Bzpush {
         let notices = Notices::bind();
-        let mut child = Bzpush::command(args, env)
+        let mut child = command
             .env("NOTIFY_SOCKET", &notices.name)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -142,8 +147,27 @@ impl Bzpush {
 
     /// `bzpush <args>` with exactly the `BZPUSH_*` variables given.
     pub(super) fn command(args: &[&str], env: &[(&str, String)]) -> Command {
+        Bzpush::command_under(&[], args, env)
+    }
+
+    /// As [`Bzpush::command`], run by `wrapper` if not empty: a program
+    /// and its arguments that runs the command after them, such as
+    /// `prlimit --nofile=400:400 --`.
+    pub(super) fn command_under(
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Command {
         watchdog::arm();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_bzpush"));
+        let binary = env!("CARGO_BIN_EXE_bzpush");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command.args(args);
         for (key, _) in std::env::vars() {
             if key.starts_with("BZPUSH_") || key == "NOTIFY_SOCKET" {
@@ -180,6 +204,17 @@ impl Bzpush {
 
     /// `bzpush serve` with the broker at `amqp_addr` and `feeds`.
     pub fn serve_at(amqp_addr: &str, feeds: &str, extra: &[(&str, String)]) -> Bzpush {
+        Bzpush::serve_under(&[], amqp_addr, feeds, extra)
+    }
+
+    /// As [`Bzpush::serve_at`], run by `wrapper` (see
+    /// [`Bzpush::command_under`]).
+    pub fn serve_under(
+        wrapper: &[&str],
+        amqp_addr: &str,
+        feeds: &str,
+        extra: &[(&str, String)],
+    ) -> Bzpush {
         let mut env = vec![
             ("BZPUSH_AMQP_URL", amqp_url_at(amqp_addr)),
             ("BZPUSH_FEEDS", feeds.to_string()),
@@ -192,7 +227,10 @@ impl Bzpush {
             ("BZPUSH_LOG", "debug".to_string()),
         ];
         env.extend(extra.iter().cloned());
-        let server = Bzpush::start(&["serve"], &env);
+        let server = Bzpush::spawn(
+            Bzpush::command_under(wrapper, &["serve"], &env),
+            Stdio::null(),
+        );
         assert!(
             server.wait_listening(STARTUP),
             "bzpush serve did not start:\n{}",

@@ -2,7 +2,8 @@
 //! by `process.rs`, which the benchmarks share), a Pulse-format publisher,
 //! and a real WebSocket client over TCP.
 
-use std::net::TcpStream;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bzpush::config::AmqpUrl;
@@ -134,6 +135,60 @@ impl TestBroker {
     }
 }
 
+/// A WebSocket handshake by hand on `socket` (connected to `host`), for
+/// `path`, with `headers` (each ending in CRLF) added and `early` bytes in
+/// the same write: the socket if the answer is 101, else its status line.
+/// The head is read a byte at a time, so nothing after it is taken.
+pub fn raw_handshake(
+    mut socket: TcpStream,
+    host: &str,
+    path: &str,
+    headers: &str,
+    early: &[u8],
+) -> Result<TcpStream, String> {
+    use std::io::{Read, Write};
+    socket
+        .set_write_timeout(Some(CLIENT_IO_TIMEOUT))
+        .expect("timeout");
+    socket
+        .set_read_timeout(Some(CLIENT_IO_TIMEOUT))
+        .expect("timeout");
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n{headers}\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(early);
+    socket
+        .write_all(&request)
+        .map_err(|e| format!("write: {e}"))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match socket.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.lines().next().unwrap_or("").to_string();
+    if status.starts_with("HTTP/1.1 101") {
+        Ok(socket)
+    } else {
+        Err(status)
+    }
+}
+
+/// The HTTP status of a refused handshake ([`Client::try_connect`]).
+pub fn refused_status(result: Result<Client, tungstenite::Error>) -> u16 {
+    match result {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("the handshake was accepted"),
+    }
+}
+
 /// A WebSocket client over TCP.
 pub struct Client {
     pub ws: WebSocket<TcpStream>,
@@ -142,21 +197,54 @@ pub struct Client {
 /// How long connecting, the handshake and any one write may take.
 const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A TCP connection to `addr` from the local address `from` (any of
+/// 127.0.0.0/8 on loopback): a client at another address, as far as the
+/// server can tell.
+pub fn tcp_from(from: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&addr.into(), CLIENT_IO_TIMEOUT)?;
+    Ok(socket.into())
+}
+
+/// The loopback address `127.0.0.N`: a client address of its own.
+pub fn loopback(n: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, n])
+}
+
 impl Client {
     pub fn connect(url: &str) -> Client {
         Client::try_connect(url).unwrap_or_else(|e| panic!("connect {url}: {e}"))
     }
 
+    /// A client at the address `from` (see [`tcp_from`]).
+    pub fn connect_from(from: IpAddr, url: &str) -> Client {
+        Client::try_connect_from(Some(from), url)
+            .unwrap_or_else(|e| panic!("connect {url} from {from}: {e}"))
+    }
+
     /// The handshake's outcome: a refusal is `Err(Error::Http(response))`,
     /// a server that does not answer in time an `Err(Error::Io(_))`.
     pub fn try_connect(url: &str) -> Result<Client, tungstenite::Error> {
+        Client::try_connect_from(None, url)
+    }
+
+    /// As [`Client::try_connect`], from the address `from` if given.
+    pub fn try_connect_from(from: Option<IpAddr>, url: &str) -> Result<Client, tungstenite::Error> {
         super::watchdog::arm();
         let addr = url
             .strip_prefix("ws://")
             .and_then(|rest| rest.split('/').next())
             .and_then(|host| host.parse().ok())
             .unwrap_or_else(|| panic!("{url}: expected ws://IP:PORT/PATH"));
-        let socket = TcpStream::connect_timeout(&addr, CLIENT_IO_TIMEOUT)?;
+        let socket = match from {
+            Some(from) => tcp_from(from, addr)?,
+            None => TcpStream::connect_timeout(&addr, CLIENT_IO_TIMEOUT)?,
+        };
         socket.set_read_timeout(Some(CLIENT_IO_TIMEOUT))?;
         socket.set_write_timeout(Some(CLIENT_IO_TIMEOUT))?;
         match tungstenite::client(url, socket) {

@@ -1,0 +1,337 @@
+//! Every open client socket, from accept until it closes: how many there
+//! are, which client address each counts under, which are still in their
+//! handshake, and which have not yet sent a complete request head.
+//!
+//! It holds the front door's two bounds. Open sockets per client address,
+//! in their handshake or WebSockets alike
+//! (`BZPUSH_MAX_CONNECTIONS_PER_ADDRESS`): past it, that address's next
+//! socket is refused. And [`MAX_HANDSHAKES`] sockets in their handshake at
+//! once, each on a thread: at that bound the socket that has waited
+//! longest without a complete request head is closed to make room, so
+//! silent sockets and half-sent heads from any number of addresses never
+//! keep a client that sends its request out (`/health` included). A
+//! socket from a trusted proxy counts under the client its head names,
+//! once it has come ([`Sockets::headed`]). Each refusal and eviction is
+//! logged, a few lines a minute. At shutdown it cuts what is left. It
+//! never reads or writes a socket: it only shuts one down.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::warn;
+
+use crate::address::ClientAddress;
+use crate::hub::ConnId;
+use crate::logging::Throttle;
+
+/// Sockets in their handshake at once, each on a thread of its own (so
+/// also the most handshake threads): opening 10,000 connections as fast as
+/// four clients can kept under 20 in their handshake at once (measured),
+/// and the connection budget keeps this many threads aside.
+pub const MAX_HANDSHAKES: usize = 256;
+
+/// Why a socket may not stay open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its client address has the most sockets open that one may (429).
+    Address(ClientAddress),
+    /// [`MAX_HANDSHAKES`] are in their handshake, none silent (503).
+    Busy,
+}
+
+/// The open client sockets; see the module's doc.
+pub struct Sockets {
+    state: Mutex<State>,
+    /// Signalled when a socket leaves, for shutdown's wait.
+    left: Condvar,
+    per_address: usize,
+    refused_address: Throttle,
+    evicted: Throttle,
+    busy: Throttle,
+}
+
+#[derive(Default)]
+struct State {
+    live: HashMap<ConnId, Open>,
+    /// Sockets that have not sent a complete request head, oldest first
+    /// (ids grow in accept order): the first to go.
+    headless: BTreeSet<ConnId>,
+    /// Sockets in their handshake (evicted ones no longer count).
+    handshaking: usize,
+    /// Open sockets by the address they count under.
+    addresses: HashMap<ClientAddress, usize>,
+}
+
+struct Open {
+    socket: Arc<TcpStream>,
+    /// `None`: a trusted proxy's socket whose client is not known yet.
+    address: Option<ClientAddress>,
+    handshaking: bool,
+}
+
+impl Sockets {
+    /// Sockets with at most `per_address` open from one client address.
+    pub fn new(per_address: usize) -> Sockets {
+        Sockets {
+            state: Mutex::default(),
+            left: Condvar::new(),
+            per_address,
+            refused_address: Throttle::new(),
+            evicted: Throttle::new(),
+            busy: Throttle::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes in socket `id`, just accepted from `peer`, unless a bound
+    /// refuses it; counted under `peer` unless `proxied` (a trusted
+    /// proxy's: counted once its head names the client). At
+    /// [`MAX_HANDSHAKES`] the oldest socket without a complete head is
+    /// shut down to make room.
+    pub fn admit(
+        &self,
+        id: ConnId,
+        socket: &Arc<TcpStream>,
+        peer: ClientAddress,
+        proxied: bool,
+    ) -> Result<(), Refusal> {
+        let mut state = self.lock();
+        if !proxied {
+            self.check_address(&state, peer)?;
+        }
+        if state.handshaking >= MAX_HANDSHAKES {
+            let Some(oldest) = state.headless.pop_first() else {
+                drop(state);
+                if let Some(held) = self.busy.allow() {
+                    warn!(
+                        "{MAX_HANDSHAKES} sockets are in their handshake, none of them silent: \
+                         refusing more with 503 until one is done{held}"
+                    );
+                }
+                return Err(Refusal::Busy);
+            };
+            let mut from = None;
+            if let Some(open) = state.live.get_mut(&oldest) {
+                open.handshaking = false;
+                from = open.address;
+                // Its thread's read ends at once: the thread is free again.
+                let _ = open.socket.shutdown(Shutdown::Both);
+                state.handshaking -= 1;
+            }
+            if let Some(held) = self.evicted.allow() {
+                let from = from.map_or("a proxy".to_string(), |a| a.to_string());
+                warn!(
+                    "{MAX_HANDSHAKES} sockets are in their handshake: closed the one that \
+                     waited longest without sending its request, from {from}{held}"
+                );
+            }
+        }
+        let address = (!proxied).then_some(peer);
+        if let Some(a) = address {
+            *state.addresses.entry(a).or_default() += 1;
+        }
+        state.live.insert(
+            id,
+            Open {
+                socket: Arc::clone(socket),
+                address,
+                handshaking: true,
+            },
+        );
+        state.headless.insert(id);
+        state.handshaking += 1;
+        Ok(())
+    }
+
+    /// Refuses `address` if it has the most sockets open it may have.
+    fn check_address(&self, state: &State, address: ClientAddress) -> Result<(), Refusal> {
+        let open = state.addresses.get(&address).copied().unwrap_or(0);
+        if open < self.per_address {
+            return Ok(());
+        }
+        if let Some(held) = self.refused_address.allow() {
+            warn!(
+                "{address} has {open} sockets open, the most one client address may \
+                 (BZPUSH_MAX_CONNECTIONS_PER_ADDRESS): refusing more from it with 429{held}"
+            );
+        }
+        Err(Refusal::Address(address))
+    }
+
+    /// Socket `id` sent a complete request head: it is no longer the first
+    /// to go. `client`: the client a trusted proxy's head names, under
+    /// which the socket counts from now on, if it has room.
+    pub fn headed(&self, id: ConnId, client: Option<ClientAddress>) -> Result<(), Refusal> {
+        let mut state = self.lock();
+        state.headless.remove(&id);
+        let Some(client) = client else {
+            return Ok(());
+        };
+        if state.live.get(&id).is_none_or(|o| o.address.is_some()) {
+            return Ok(());
+        }
+        self.check_address(&state, client)?;
+        *state.addresses.entry(client).or_default() += 1;
+        if let Some(open) = state.live.get_mut(&id) {
+            open.address = Some(client);
+        }
+        Ok(())
+    }
+
+    /// Socket `id`'s handshake is over: it is a WebSocket now.
+    pub fn upgraded(&self, id: ConnId) {
+        let mut state = self.lock();
+        if let Some(open) = state.live.get_mut(&id)
+            && std::mem::take(&mut open.handshaking)
+        {
+            state.handshaking -= 1;
+        }
+    }
+
+    /// Forgets socket `id`, which its thread is done with.
+    pub fn remove(&self, id: ConnId) -> Option<Arc<TcpStream>> {
+        let mut state = self.lock();
+        let open = state.live.remove(&id)?;
+        state.headless.remove(&id);
+        if open.handshaking {
+            state.handshaking -= 1;
+        }
+        if let Some(a) = open.address
+            && let Some(n) = state.addresses.get_mut(&a)
+        {
+            *n -= 1;
+            if *n == 0 {
+                state.addresses.remove(&a);
+            }
+        }
+        drop(state);
+        self.left.notify_all();
+        Some(open.socket)
+    }
+
+    /// Open sockets.
+    pub fn len(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until every socket is gone or `grace` passed, then cuts those
+    /// still there: their threads then end soon.
+    pub fn drain(&self, grace: Duration) {
+        let state = self.lock();
+        let (state, _) = self
+            .left
+            .wait_timeout_while(state, grace, |s| !s.live.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        for open in state.live.values() {
+            let _ = open.socket.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    /// `n` connected server-side sockets, and their clients.
+    fn pairs(n: usize) -> Vec<(Arc<TcpStream>, TcpStream)> {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        (0..n)
+            .map(|_| {
+                let client = TcpStream::connect(addr).expect("connect");
+                let (server, _) = listener.accept().expect("accept");
+                (Arc::new(server), client)
+            })
+            .collect()
+    }
+
+    fn address(text: &str) -> ClientAddress {
+        ClientAddress::of(text.parse().expect("an address"))
+    }
+
+    #[test]
+    fn one_address_is_capped_and_leaving_frees_its_place() {
+        let sockets = Sockets::new(2);
+        let (a, b) = (address("192.0.2.1"), address("192.0.2.2"));
+        let all = pairs(4);
+        assert_eq!(sockets.admit(0, &all[0].0, a, false), Ok(()));
+        sockets.upgraded(0);
+        assert_eq!(sockets.admit(1, &all[1].0, a, false), Ok(()));
+        assert_eq!(
+            sockets.admit(2, &all[2].0, a, false),
+            Err(Refusal::Address(a))
+        );
+        assert_eq!(sockets.admit(3, &all[3].0, b, false), Ok(()));
+        assert!(sockets.remove(0).is_some());
+        assert_eq!(sockets.admit(2, &all[2].0, a, false), Ok(()));
+        assert_eq!(sockets.len(), 3);
+    }
+
+    #[test]
+    fn a_proxied_socket_counts_under_the_client_its_head_names() {
+        let sockets = Sockets::new(1);
+        let proxy = address("127.0.0.1");
+        let all = pairs(3);
+        for (id, (socket, _)) in all.iter().enumerate() {
+            assert_eq!(sockets.admit(id as u64, socket, proxy, true), Ok(()));
+        }
+        let client = address("192.0.2.7");
+        assert_eq!(sockets.headed(0, Some(client)), Ok(()));
+        assert_eq!(
+            sockets.headed(1, Some(client)),
+            Err(Refusal::Address(client))
+        );
+        assert_eq!(sockets.headed(2, Some(address("192.0.2.8"))), Ok(()));
+        sockets.remove(0);
+        assert_eq!(sockets.headed(1, Some(client)), Ok(()));
+    }
+
+    #[test]
+    fn at_the_handshake_bound_the_oldest_silent_socket_makes_room() {
+        let sockets = Sockets::new(usize::MAX);
+        let mut all = pairs(MAX_HANDSHAKES + 2);
+        let from = |i: usize| address(&format!("10.0.{}.{}", i / 256, i % 256));
+        for (i, (socket, _)) in all.iter().enumerate().take(MAX_HANDSHAKES) {
+            assert_eq!(sockets.admit(i as u64, socket, from(i), false), Ok(()));
+        }
+        // Socket 0 sent its head: socket 1 is the oldest silent one.
+        sockets.headed(0, None).expect("room");
+        let n = MAX_HANDSHAKES;
+        assert_eq!(sockets.admit(n as u64, &all[n].0, from(n), false), Ok(()));
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            all[1].1.read(&mut byte).expect("eof"),
+            0,
+            "socket 1 was cut"
+        );
+        all[0]
+            .1
+            .set_nonblocking(true)
+            .expect("a look without waiting");
+        assert!(all[0].1.read(&mut byte).is_err(), "socket 0 is still open");
+        // With none silent left, a socket is refused.
+        for i in 2..=n {
+            sockets.headed(i as u64, None).expect("room");
+        }
+        let m = n + 1;
+        assert_eq!(
+            sockets.admit(m as u64, &all[m].0, from(m), false),
+            Err(Refusal::Busy)
+        );
+        // The evicted socket's thread forgets it; one becomes a WebSocket.
+        sockets.remove(1);
+        sockets.upgraded(0);
+        assert_eq!(sockets.admit(m as u64, &all[m].0, from(m), false), Ok(()));
+    }
+}
