@@ -60,7 +60,7 @@ pub struct Job {
 /// when the worker is free is answered by one merged query: the union of
 /// their bugs since the earliest `since`, then each job gets its own bugs
 /// and times from the rows. `task` tells the watchdog when a query is under
-/// way; with `owed`, an idle worker checks every [`FRESHNESS_CHECK`]
+/// way; with `owed`, an idle worker checks every `FRESHNESS_CHECK`
 /// whether the database has changes the feeds never received.
 pub fn run(
     database: &DatabaseUrl,

@@ -1,33 +1,18 @@
-//! `bzpush check <mode>`: the configuration and every dependency that mode
-//! names, one line per check, with what to do when one fails.
-//!
-//! Usable as `ExecStartPre=`: the answer is the exit status. A check only
-//! looks: it reads, attempts a DELETE that matches no row, declares an
-//! exchange exactly as the publisher would, and publishes one message that
-//! reaches no queue (to see a resource alarm: [`pulse::alarm`]); it never
-//! changes data, and never creates a queue (serve's queues are probed: see
-//! [`pulse::probe_queue`]). Every node of a broker cluster is tried.
-//! Credentials never appear in what it prints.
+//! `check`'s look at Bugzilla's database: the account, the source's
+//! tables and privileges, the poller lock, the state folder, what it can
+//! see of changes owed, a replica and the clock's zone. It only reads (and
+//! attempts a DELETE that matches no row); it never changes data.
 
-use std::io::{self, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{self};
 use std::time::Duration;
 
-use futures_lite::future;
-use lapin::Connection;
-use lapin::options::BasicQosOptions;
-use log::Level;
 use mysql::Conn;
 use mysql::prelude::Queryable;
 
-use crate::capacity::Capacity;
-use crate::config::{
-    AmqpNodes, AmqpUrl, Config, DatabaseUrl, Given, Mode, PollerConfig, ServeConfig, ServerConfig,
-    Setting, Source, key,
-};
-use crate::hub::Budget;
-use crate::pulse::{ConsumerSetup, QueueState};
-use crate::{database, logging, poller, pulse};
+use crate::config::{DatabaseUrl, PollerConfig, Setting, Source, key};
+use crate::{database, poller};
+
+use super::Report;
 
 /// MySQL/MariaDB's ER_NO_SUCH_TABLE.
 const NO_SUCH_TABLE: u16 = 1146;
@@ -39,123 +24,12 @@ const DATABASE_DENIED: u16 = 1044;
 /// A check query slower than this fails.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs every check of `config`, printing one line each to `out`. `given`:
-/// the settings the user gave; a failing default says it is one, and given
-/// settings the mode does not read are listed. `true` if all passed.
-pub fn run(config: &Config, given: &Given, out: &mut dyn Write) -> bool {
-    let mut report = Report {
-        out,
-        ok: true,
-        journal: logging::stdout_is_journal(),
-        given,
-    };
-    report.line(Ok("configuration: valid".to_string()));
-    if let Some(unread) = not_read_by(config.mode(), given) {
-        report.line(Ok(unread));
-    }
-    match config {
-        Config::Poll(c) => {
-            check_poller(&mut report, &c.poller, false, c.stale_after);
-            if let Some((connection, _)) = check_broker(
-                &mut report,
-                &c.amqp,
-                std::slice::from_ref(&c.exchange),
-                true,
-            ) {
-                close(connection);
-            }
-        }
-        Config::Run(c) => {
-            check_listen(&mut report, c.server.listen);
-            report_origins(&mut report, &c.server.allowed_origins);
-            report_limits(&mut report, &c.server);
-            check_poller(&mut report, &c.poller, true, c.stale_after);
-        }
-        // `bzpush check demo` is refused while parsing: a demo needs nothing.
-        Config::Demo(_) => {}
-        Config::Serve(c) => {
-            check_listen(&mut report, c.server.listen);
-            report_origins(&mut report, &c.server.allowed_origins);
-            report_limits(&mut report, &c.server);
-            let exchanges: Vec<String> = c.feeds.iter().map(|f| f.exchange.clone()).collect();
-            // Unreachable: the broker lines already say so.
-            if let Some((connection, _)) = check_broker(&mut report, &c.amqp, &exchanges, false) {
-                check_queues(&mut report, c, &connection);
-                close(connection);
-            }
-            if let Some(url) = &c.catchup_database
-                && let Some(mut db) = check_database(&mut report, url, &key::CATCHUP_DATABASE_URL)
-            {
-                check_bugs_table(&mut report, &mut db, "catch-up", true);
-                check_replica(&mut report, &mut db);
-            }
-        }
-    }
-    report.ok
-}
-
-struct Report<'a> {
-    out: &'a mut dyn Write,
-    ok: bool,
-    /// `out` is the journal: each line starts with its priority, so a
-    /// failed check at boot shows in `journalctl -p warning`.
-    journal: bool,
-    given: &'a Given,
-}
-
-impl Report<'_> {
-    fn line(&mut self, result: Result<String, String>) {
-        match result {
-            Ok(what) => self.print(Level::Info, &format!("ok    {what}")),
-            Err(what) => {
-                self.ok = false;
-                self.print(Level::Error, &format!("FAIL  {what}"));
-            }
-        }
-    }
-
-    /// A problem that does not fail the check.
-    fn warn(&mut self, what: &str) {
-        self.print(Level::Warn, &format!("warn  {what}"));
-    }
-
-    /// `url`, saying so if it is `setting`'s default: a failing default is
-    /// most likely a setting never made.
-    fn url(&self, url: &dyn std::fmt::Display, setting: &Setting) -> String {
-        if self.given.iter().any(|s| s.name == setting.name) {
-            url.to_string()
-        } else {
-            format!("{url} (the default; set {})", setting.env_var())
-        }
-    }
-
-    fn print(&mut self, level: Level, line: &str) {
-        let prefix = if self.journal {
-            logging::priority(level)
-        } else {
-            ""
-        };
-        let _ = writeln!(self.out, "{prefix}{line}");
-    }
-}
-
-/// The settings `given` that `mode` does not read, as `not read by run:
-/// BZPUSH_AMQP_URL (poll, serve)`; `None` if it reads them all. One
-/// environment file may serve every unit, so this is no failure, but a
-/// setting meant for this mode and misfiled shows here.
-fn not_read_by(mode: Mode, given: &Given) -> Option<String> {
-    let unread: Vec<String> = given
-        .iter()
-        .filter(|s| !s.read_by(mode))
-        .map(|s| {
-            let modes: Vec<&str> = s.modes.iter().map(|m| m.name()).collect();
-            format!("{} ({})", s.env_var(), modes.join(", "))
-        })
-        .collect();
-    (!unread.is_empty()).then(|| format!("not read by {mode}: {}", unread.join(", ")))
-}
-
-fn check_poller(report: &mut Report, config: &PollerConfig, catchup: bool, stale_after: Duration) {
+pub(super) fn check_poller(
+    report: &mut Report,
+    config: &PollerConfig,
+    catchup: bool,
+    stale_after: Duration,
+) {
     let Some(mut db) = check_database(report, &config.database, &key::DATABASE_URL) else {
         return;
     };
@@ -315,7 +189,7 @@ fn has_push_notify(db: &mut Conn) -> bool {
 /// and an answer from it lacks what it has not applied yet. `serve` then
 /// answers `partial` when the live stream brought a change it lacks; this
 /// says how often that may be.
-fn check_replica(report: &mut Report, db: &mut Conn) {
+pub(super) fn check_replica(report: &mut Report, db: &mut Conn) {
     let status: Result<Option<mysql::Row>, _> = db.query_first("SHOW SLAVE STATUS");
     let read_only = read_only(db);
     let lag = match status {
@@ -457,7 +331,7 @@ fn writable(dir: &std::path::Path) -> Option<io::Error> {
 
 /// Reading `bugs`. For `run`'s catch-up it is not `required`: without it
 /// the server still works and answers `partial`, so it only warns.
-fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required: bool) {
+pub(super) fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required: bool) {
     let read = db.query_drop("SELECT bug_id, delta_ts FROM bugs LIMIT 0");
     let result = read
         .map(|()| format!("table bugs ({purpose}): SELECT allowed"))
@@ -485,7 +359,11 @@ fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required:
 }
 
 /// Connects to `url`, the value of `setting`.
-fn check_database(report: &mut Report, url: &DatabaseUrl, setting: &Setting) -> Option<Conn> {
+pub(super) fn check_database(
+    report: &mut Report,
+    url: &DatabaseUrl,
+    setting: &Setting,
+) -> Option<Conn> {
     match database::connect(url, TIMEOUT) {
         Ok(mut db) => {
             let version: Option<String> = db.query_first("SELECT VERSION()").ok().flatten();
@@ -507,62 +385,6 @@ fn check_database(report: &mut Report, url: &DatabaseUrl, setting: &Setting) -> 
             None
         }
     }
-}
-
-/// Binds the listen address and lets it go at once: a port another process
-/// holds, or one this user may not bind, fails here rather than when the
-/// service starts.
-fn check_listen(report: &mut Report, addr: SocketAddr) {
-    report.line(match TcpListener::bind(addr) {
-        Ok(_) => Ok(format!("listen {addr}: free")),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(format!(
-            "listen {addr}: in use ({e}) — another process listens there (`ss -ltnp 'sport = :{}'` \
-             names it): stop it, or set BZPUSH_LISTEN to a free address",
-            addr.port()
-        )),
-        Err(e) => Err(format!(
-            "listen {addr}: cannot bind ({e}) — ports below 1024 need privileges bzpush does not \
-             have, and the IP must belong to this host: set BZPUSH_LISTEN"
-        )),
-    });
-}
-
-/// The origins browsers may connect from, as they will be compared with
-/// what browsers send: an entry that differs from what was written shows.
-fn report_origins(report: &mut Report, allowed: &Option<Vec<String>>) {
-    report.line(Ok(match allowed {
-        None => "allowed origins: any (*)".to_string(),
-        Some(list) => format!("allowed origins: {}", list.join(", ")),
-    }));
-}
-
-/// The limits a client meets, and whether this machine allows
-/// `BZPUSH_MAX_CONNECTIONS` connections (a failure if not: the server would
-/// hold fewer).
-fn report_limits(report: &mut Report, server: &ServerConfig) {
-    let budget = Budget::new(
-        server.max_subscriptions_total,
-        server.max_connections_per_address,
-        server.max_connections,
-    );
-    report.line(Ok(format!(
-        "connections: at most {} (BZPUSH_MAX_CONNECTIONS), {} sockets from one client address \
-         (BZPUSH_MAX_CONNECTIONS_PER_ADDRESS); X-Forwarded-For read from: {} \
-         (BZPUSH_TRUSTED_PROXIES)",
-        server.max_connections, server.max_connections_per_address, server.trusted_proxies
-    )));
-    report.line(Ok(format!(
-        "subscriptions: at most {} per connection (BZPUSH_MAX_SUBSCRIPTIONS), {} per client \
-         address, {} in all (BZPUSH_MAX_SUBSCRIPTIONS_TOTAL)",
-        server.max_subscriptions,
-        budget.share(),
-        server.max_subscriptions_total
-    )));
-    let capacity = Capacity::measure();
-    report.line(match capacity.shortfall(server.max_connections) {
-        None => Ok(format!("this machine allows {}", capacity.describe())),
-        Some(why) => Err(why),
-    });
 }
 
 /// Warns (never fails) when the database's clock is not on UTC: a clock on
@@ -641,194 +463,9 @@ fn advice(error: &mysql::Error, otherwise: &str) -> String {
     format!("{} — {todo}", database::sentence(error))
 }
 
-/// Every node of the broker, a line each, then on the first that answers
-/// (the others share its exchanges, queues and alarms): the `exchanges`,
-/// and whether a resource alarm blocks publishers, which fails `poll` (it
-/// cannot publish) and warns for `serve` (it consumes what is there).
-/// Answers a connection to that node, for the queues.
-fn check_broker(
-    report: &mut Report,
-    nodes: &AmqpNodes,
-    exchanges: &[String],
-    publishes: bool,
-) -> Option<(Connection, AmqpUrl)> {
-    let mut reachable: Option<(Connection, AmqpUrl)> = None;
-    let mut failures = Vec::new();
-    for node in nodes.nodes() {
-        match pulse::nodes::connect_to(node, "bzpush check") {
-            Ok(connection) => {
-                report.line(Ok(format!("broker {node}: reachable")));
-                match &reachable {
-                    None => reachable = Some((connection, node.clone())),
-                    Some(_) => close(connection),
-                }
-            }
-            Err(e) => failures.push((node, e)),
-        }
-    }
-    for (node, e) in failures {
-        let todo = if e.advised() {
-            ""
-        } else if e.refused() {
-            " — check the user, password and vhost in BZPUSH_AMQP_URL"
-        } else {
-            " — is RabbitMQ running and reachable at that host and port?"
-        };
-        let url = report.url(node, &key::AMQP_URL);
-        match reachable {
-            // A node down is what a cluster is for; that it is down is
-            // still worth a line.
-            Some(_) => report.warn(&format!(
-                "broker {url}: {e}{todo} (bzpush uses the other nodes meanwhile)"
-            )),
-            None => report.line(Err(format!("broker {url}: {e}{todo}"))),
-        }
-    }
-    let (connection, node) = reachable?;
-    for exchange in exchanges {
-        // A fresh channel each: a refused declaration closes its channel.
-        let declared = pulse::wait("declaring the exchange", async {
-            let channel = connection.create_channel().await?;
-            pulse::declare_exchange(&channel, exchange).await
-        });
-        report.line(declared.map(|()| format!("exchange {exchange:?}: declarable (topic, durable)")).map_err(|e| {
-            format!(
-                "exchange {exchange:?}: {e} — an exchange of that name with another type or \
-                 durability exists, or the user may not configure it"
-            )
-        }));
-    }
-    check_alarm(report, &node, publishes);
-    Some((connection, node))
-}
-
-/// How long `check` waits for the broker's answer to its alarm probe.
-const ALARM_PROBE_WAIT: Duration = Duration::from_secs(5);
-
-/// Whether a resource alarm blocks publishers, on a connection of its own
-/// to `node` (a blocked connection cannot even be closed): a probe the
-/// broker drops ([`pulse::alarm`]), then a request that needs an answer.
-/// Under an alarm the broker blocks the connection at the probe and reads
-/// nothing after it; otherwise the answer comes at once.
-fn check_alarm(report: &mut Report, node: &AmqpUrl, publishes: bool) {
-    let Ok(connection) = pulse::nodes::connect_to(node, "bzpush check alarm probe") else {
-        return;
-    };
-    let Ok(channel) = pulse::alarm::probe_channel(&connection) else {
-        return;
-    };
-    let mut watch = pulse::alarm::Watch::new(&connection, Some(channel.clone()));
-    watch.probe();
-    let blocked = watch.until_blocked();
-    let answered = pulse::wait_at_most(
-        "asking the broker",
-        ALARM_PROBE_WAIT,
-        future::or(
-            async {
-                channel
-                    .basic_qos(0, BasicQosOptions::default())
-                    .await
-                    .map(|()| true)
-            },
-            async {
-                blocked.await;
-                Ok(false)
-            },
-        ),
-    );
-    match (answered, watch.blocked()) {
-        (_, Some(reason)) => {
-            let line = format!("broker {node}: {}", pulse::alarm::blocked_sentence(&reason));
-            if publishes {
-                report.line(Err(line));
-            } else {
-                report.warn(&line);
-            }
-        }
-        (Ok(_), None) => {
-            report.line(Ok(format!(
-                "broker {node}: no resource alarm (publishers are not blocked)"
-            )));
-            close(connection);
-        }
-        (Err(e), None) => report.warn(&format!(
-            "broker {node}: cannot tell whether a resource alarm blocks publishers ({e}); \
-             may the user write to the default exchange?"
-        )),
-    }
-}
-
-/// Closes a connection `check` is done with; a broker that does not answer
-/// is no news by then.
-fn close(connection: Connection) {
-    let _ = pulse::wait("closing", connection.close(200, "check done".into()));
-}
-
-/// Each feed's queue next to the configuration: a queue that exists with
-/// other arguments (a changed `BZPUSH_QUEUE_EXPIRES` or
-/// `BZPUSH_QUEUE_TYPE`) is a warning, since serve consumes it as it is;
-/// the line says how to apply the settings.
-fn check_queues(report: &mut Report, config: &ServeConfig, connection: &Connection) {
-    for feed in 0..config.feeds.len() {
-        let setup = ConsumerSetup::for_feed(config, feed);
-        let queue = &setup.queue;
-        match pulse::probe_queue(connection, &config.amqp.vhost(), &setup) {
-            Ok(QueueState::Missing) => {
-                report.line(Ok(format!(
-                    "queue {queue:?}: not there yet; serve creates it ({})",
-                    config.queue_type.name()
-                )));
-            }
-            Ok(QueueState::Matches) => {
-                report.line(Ok(format!(
-                    "queue {queue:?}: exists as configured ({})",
-                    config.queue_type.name()
-                )));
-            }
-            Ok(QueueState::Differs(what)) => {
-                report.warn(&what);
-            }
-            Err(e) => report.line(Err(format!(
-                "queue {queue:?}: {e} — may the user in BZPUSH_AMQP_URL configure and read it?"
-            ))),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn given_settings_the_mode_does_not_read_are_listed_with_their_modes() {
-        let given: Given = vec![&key::AMQP_URL, &key::LISTEN, &key::FEEDS];
-        assert_eq!(
-            not_read_by(Mode::Run, &given).as_deref(),
-            Some("not read by run: BZPUSH_AMQP_URL (poll, serve), BZPUSH_FEEDS (serve)")
-        );
-        assert_eq!(not_read_by(Mode::Serve, &given), None);
-    }
-
-    #[test]
-    fn a_failing_default_url_says_it_is_the_default() {
-        let given: Given = vec![&key::AMQP_URL];
-        let mut out = Vec::new();
-        let report = Report {
-            out: &mut out,
-            ok: true,
-            journal: false,
-            given: &given,
-        };
-        let url = "mysql://bugs@localhost:3306/bugs";
-        assert_eq!(
-            report.url(&url, &key::DATABASE_URL),
-            "mysql://bugs@localhost:3306/bugs (the default; set BZPUSH_DATABASE_URL)"
-        );
-        assert_eq!(
-            report.url(&"amqp://u:***@h", &key::AMQP_URL),
-            "amqp://u:***@h"
-        );
-    }
 
     #[test]
     fn a_time_zone_other_than_utc_is_named() {
