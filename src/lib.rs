@@ -79,31 +79,34 @@
 //! - [`signals`]: SIGTERM/SIGINT to the shutdown trigger.
 //! - [`systemd`]: readiness and watchdog notifications.
 #![forbid(unsafe_code)]
+// bzpush is a program: its documentation is for the maintainers, who read
+// the private items too (`cargo doc` documents them, .cargo/config.toml).
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod address;
-pub mod capacity;
+pub(crate) mod address;
+pub(crate) mod capacity;
 pub mod catchup;
 pub mod check;
 pub mod config;
-pub mod connection;
+pub(crate) mod connection;
 pub mod database;
 pub mod demo;
-pub mod freshness;
-pub mod handshake;
-pub mod http;
-pub mod hub;
+pub(crate) mod freshness;
+pub(crate) mod handshake;
+pub(crate) mod http;
+pub(crate) mod hub;
 pub mod logging;
 pub mod manual;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod notification;
-pub mod origin;
-pub mod outbox;
+pub(crate) mod origin;
+pub(crate) mod outbox;
 pub mod poller;
 pub mod protocol;
 pub mod pulse;
-pub mod retry;
+pub(crate) mod retry;
 pub mod server;
 pub mod shutdown;
 pub mod signals;
-pub mod sockets;
-pub mod systemd;
+pub(crate) mod sockets;
+pub(crate) mod systemd;

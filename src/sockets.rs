@@ -219,10 +219,6 @@ impl Sockets {
         self.lock().live.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Waits until every socket is gone or `grace` passed, then cuts those
     /// still there: their threads then end soon.
     pub fn drain(&self, grace: Duration) {

@@ -310,7 +310,7 @@ impl Accepted {
     /// what the handshake touched, which would otherwise cost every idle
     /// connection some KiB for its whole life. A thread that cannot start
     /// costs its client a close (1013, try again later) right after its
-    /// handshake; the budget ([`Capacity`], counted before the 101) keeps
+    /// handshake; the budget ([`Capacity`](crate::capacity::Capacity), counted before the 101) keeps
     /// that rare.
     fn start_websocket<'scope>(self, scope: &'scope Scope<'scope, '_>, websocket: Upgraded) {
         self.shared.sockets.upgraded(self.id);
