@@ -1,4 +1,4 @@
-//! The settings table is written once, in `src/config.rs`: the README must
+//! The settings table is written once, in `src/config/`: the README must
 //! agree with it, row for row, and `--help` is generated from it. And
 //! `./test` creates the MariaDB account the harness logs in with.
 
