@@ -10,21 +10,15 @@ use std::time::{Duration, Instant};
 use bzpush::config::AmqpUrl;
 use bzpush::notification::{BugId, ChangeTime, Notification};
 use bzpush::pulse::Publisher;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::util::serve::{Client, http_get, ok, update};
+use crate::util::serve::{Client, health, ok, update};
 use crate::util::{
     AMQP_ADDR, Bzpush, MYSQL_ADDR, PrivateRabbit, Proxy, TestBroker, TestDb, amqp_url_at, datetime,
     unique, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn health(server: &Bzpush) -> (u16, Value) {
-    let (status, body) = http_get(&server.listen_addr(), "/health");
-    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health {body:?}: {e}"));
-    (status, json)
-}
 
 /// The node a server's first consumer uses, from `/health`.
 fn serve_node(cluster: &PrivateRabbit, server: &Bzpush) -> Option<usize> {

@@ -8,28 +8,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::util::serve::{Client, http_get};
+use crate::util::serve::{Client, health};
 use crate::util::{self, Bzpush, TestDb, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn health(server: &Bzpush) -> (u16, Value) {
-    let (status, body) = http_get(&server.listen_addr(), "/health");
-    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health {body:?}: {e}"));
-    (status, json)
-}
-
-/// A client of `server` subscribed to `bugs`.
-fn subscriber(server: &Bzpush, bugs: &[u32]) -> Client {
-    let mut client = Client::connect(&server.ws_url("/"));
-    assert_eq!(
-        client.request(json!({"command": "subscribe", "bugs": bugs}))["result"],
-        "ok"
-    );
-    client
-}
 
 /// Changes each of `bugs` once a round, every `pause`, for `rounds`
 /// rounds, as the PushNotify extension writes them, with times from
@@ -96,7 +80,7 @@ fn a_row_the_poller_already_read_locked_by_an_open_transaction_stalls_nothing_el
         .expect("lock bug 63's row");
 
     let server = Bzpush::run_on(&db, &[("BZPUSH_SOURCE", "push_notify".to_string())]);
-    let mut client = subscriber(&server, &[100, 101, 125, 148, 149, 63]);
+    let mut client = Client::subscribed(&server, &[100, 101, 125, 148, 149, 63]);
     let watched = [100, 101, 125, 148, 149];
     changes_flow(
         &db,
@@ -153,7 +137,7 @@ fn a_table_locked_whole_is_a_lock_wait_not_an_outage_and_delivery_resumes() {
     ] {
         let db = TestDb::new();
         let server = Bzpush::run_on(&db, &[("BZPUSH_SOURCE", source.to_string())]);
-        let mut client = subscriber(&server, &[7]);
+        let mut client = Client::subscribed(&server, &[7]);
         assert!(
             wait_until(WAIT, || health(&server).1["database"] == "up"),
             "{}",
@@ -205,7 +189,7 @@ fn a_table_locked_whole_is_a_lock_wait_not_an_outage_and_delivery_resumes() {
 fn an_open_transaction_on_a_bugs_row_stalls_nothing_with_source_bugs() {
     let db = TestDb::new();
     let server = Bzpush::run_on(&db, &[("BZPUSH_SOURCE", "bugs".to_string())]);
-    let mut client = subscriber(&server, &[1, 2, 63]);
+    let mut client = Client::subscribed(&server, &[1, 2, 63]);
     let now: String = db
         .conn()
         .query_first("SELECT DATE_FORMAT(NOW(), '%Y-%m-%d %H:%i:%s')")

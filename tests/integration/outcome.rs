@@ -9,26 +9,25 @@
 use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::util::serve::{Client, http_get, metric, pulse_body};
+use crate::util::serve::{Client, health, http_get, metric, pulse_body};
 use crate::util::{Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn health(server: &Bzpush) -> (u16, Value) {
-    let (status, body) = http_get(&server.listen_addr(), "/health");
-    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health {body:?}: {e}"));
-    (status, json)
-}
-
-fn subscriber(server: &Bzpush, bugs: &[u32]) -> Client {
-    let mut client = Client::connect(&server.ws_url("/"));
-    assert_eq!(
-        client.request(json!({"command": "subscribe", "bugs": bugs}))["result"],
-        "ok"
+/// Waits until `server`'s `/health` says stale, then checks it answers 503
+/// and that its reason names every one of `needles`.
+fn assert_stale(server: &Bzpush, needles: &[&str]) {
+    assert!(
+        wait_until(WAIT, || health(server).1["status"] == "stale"),
+        "{}",
+        server.log()
     );
-    client
+    let (status, json) = health(server);
+    assert_eq!(status, 503, "{json}");
+    let reason = json["stale"].as_str().unwrap_or_default();
+    assert!(needles.iter().all(|n| reason.contains(n)), "{json}");
 }
 
 /// Waits for `bug`'s update at `when` among what `client` receives.
@@ -61,7 +60,7 @@ fn lines(log: &str, needles: &[&str]) -> usize {
 fn an_extension_that_writes_nothing_is_caught_by_the_audit_and_named() {
     let db = TestDb::new();
     let server = Bzpush::run_on(&db, &[]);
-    let mut client = subscriber(&server, &[5, 6]);
+    let mut client = Client::subscribed(&server, &[5, 6]);
     for (bug, offset) in [(5, 0), (6, 1), (5, 2)] {
         let (sql, wire) = db.stamp(offset);
         db.set_bug(bug, &sql);
@@ -112,7 +111,7 @@ fn an_extension_that_writes_nothing_is_caught_by_the_audit_and_named() {
 fn admin_sql_long_after_a_bugs_last_change_is_delivered() {
     let db = TestDb::new();
     let server = Bzpush::run_on(&db, &[("BZPUSH_OVERLAP", "2s".into())]);
-    let mut client = subscriber(&server, &[9]);
+    let mut client = Client::subscribed(&server, &[9]);
     let (sql, wire) = db.stamp(0);
     db.set_bug(9, &sql);
     assert!(TestDb::push_notify_change(&mut db.conn(), 9, Some(&sql)));
@@ -153,19 +152,7 @@ fn changes_owed_past_stale_after_make_health_503_with_the_reason() {
         server.log()
     );
     proxy.set_down(true);
-    assert!(
-        wait_until(WAIT, || health(&server).1["status"] == "stale"),
-        "{}",
-        server.log()
-    );
-    let (status, json) = health(&server);
-    assert_eq!(status, 503, "{json}");
-    assert!(
-        json["stale"]
-            .as_str()
-            .is_some_and(|s| s.contains("poller") && s.contains("database is down")),
-        "{json}"
-    );
+    assert_stale(&server, &["poller", "database is down"]);
     assert_eq!(metric(&server.listen_addr(), "bzpush_stale"), 1);
     proxy.set_down(false);
     assert!(
@@ -192,19 +179,7 @@ fn a_standby_run_turns_stale_once_a_change_goes_undelivered() {
     let (sql, _) = db.stamp(0);
     db.set_bug(3, &sql);
     assert!(TestDb::push_notify_change(&mut db.conn(), 3, Some(&sql)));
-    assert!(
-        wait_until(WAIT, || health(&standby).1["status"] == "stale"),
-        "{}",
-        standby.log()
-    );
-    let (status, json) = health(&standby);
-    assert_eq!(status, 503, "{json}");
-    assert!(
-        json["stale"]
-            .as_str()
-            .is_some_and(|s| s.contains("standby")),
-        "{json}"
-    );
+    assert_stale(&standby, &["standby"]);
     assert_eq!(health(&active).0, 200);
 }
 
@@ -315,7 +290,7 @@ fn a_stderr_nobody_reads_blocks_no_delivery() {
 fn sighup_is_logged_and_ignored() {
     let db = TestDb::new();
     let mut server = Bzpush::run_on(&db, &[]);
-    let mut client = subscriber(&server, &[2]);
+    let mut client = Client::subscribed(&server, &[2]);
     let status = std::process::Command::new("kill")
         .args(["-HUP", &server.pid().to_string()])
         .status()
@@ -359,19 +334,7 @@ fn serve_is_stale_when_its_catch_up_database_has_a_change_no_feed_received() {
     );
     let (stamp, when) = db.stamp(0);
     db.set_bug(5, &stamp);
-    assert!(
-        wait_until(WAIT, || health(&server).1["status"] == "stale"),
-        "{}",
-        server.log()
-    );
-    let (status, json) = health(&server);
-    assert_eq!(status, 503, "{json}");
-    assert!(
-        json["stale"]
-            .as_str()
-            .is_some_and(|s| s.contains("catch-up database") && s.contains("no feed received")),
-        "{json}"
-    );
+    assert_stale(&server, &["catch-up database", "no feed received"]);
     broker.publish(5, &when);
     assert!(
         wait_until(WAIT, || health(&server).0 == 200),
@@ -398,25 +361,14 @@ fn serve_is_stale_while_messages_wait_in_its_queue_untaken() {
         ],
     );
     server.wait_healthy();
-    let mut client = subscriber(&server, &[6]);
+    let mut client = Client::subscribed(&server, &[6]);
     proxy.stall();
     // More than the consumer's prefetch window of 1000.
     let burst: Vec<(u64, String)> = (0..1500)
         .map(|n| (6, format!("2026-12-01T00:{:02}:{:02}", n / 60, n % 60)))
         .collect();
     broker.publish_many(&burst);
-    assert!(
-        wait_until(WAIT, || health(&server).1["status"] == "stale"),
-        "{}",
-        server.log()
-    );
-    assert!(
-        health(&server).1["stale"]
-            .as_str()
-            .is_some_and(|s| s.contains("queue") && s.contains("ready")),
-        "{}",
-        health(&server).1
-    );
+    assert_stale(&server, &["queue", "ready"]);
     // The heartbeat notices the dead link; a new one takes it all.
     let last = &burst[burst.len() - 1].1;
     delivered(&mut client, 6, last, &server);

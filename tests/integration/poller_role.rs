@@ -12,22 +12,16 @@ use crate::util;
 use std::time::Duration;
 
 use crate::util::run::TestUser;
-use crate::util::serve::{Client, http_get, metric};
+use crate::util::serve::{Client, health, metric};
 use crate::util::{
     AMQP_ADDR, Bzpush, MYSQL_ADDR, Proxy, TestBroker, TestDb, admin_conn, wait_until,
 };
 use mysql::prelude::Queryable;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(20);
 /// Long enough for a refused poller's slow retry (30 s) and then some.
 const RETRY_WAIT: Duration = Duration::from_secs(60);
-
-fn health(server: &Bzpush) -> (u16, Value) {
-    let (status, body) = http_get(&server.listen_addr(), "/health");
-    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health {body:?}: {e}"));
-    (status, json)
-}
 
 /// Lines of `log` that contain every one of `needles`.
 fn log_lines(log: &str, needles: &[&str]) -> usize {

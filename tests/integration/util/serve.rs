@@ -307,6 +307,15 @@ impl Client {
         }
     }
 
+    /// Connects to `server`'s feed `/` and subscribes to `bugs`; panics
+    /// unless the server answers ok.
+    pub fn subscribed(server: &Bzpush, bugs: &[u32]) -> Client {
+        let mut client = Client::connect(&server.ws_url("/"));
+        let answer = client.request(serde_json::json!({"command": "subscribe", "bugs": bugs}));
+        assert_eq!(answer["result"], "ok", "{answer}");
+        client
+    }
+
     /// Sends `json` and returns the next frame.
     pub fn request(&mut self, json: Value) -> Value {
         self.send(json);
@@ -400,6 +409,14 @@ fn now_secs() -> u64 {
 /// `2026-01-01T00:00:00` plus `secs` seconds, as the server sends it.
 pub fn t(secs: u32) -> String {
     super::datetime(secs).1
+}
+
+/// `server`'s `GET /health`: the status code and the body as JSON (panics
+/// if the body is not JSON).
+pub fn health(server: &Bzpush) -> (u16, Value) {
+    let (status, body) = http_get(&server.listen_addr(), "/health");
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/health {body:?}: {e}"));
+    (status, json)
 }
 
 /// `bzpush serve` on `broker` with `extra` settings, once its consumer runs
