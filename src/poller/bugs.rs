@@ -230,8 +230,11 @@ impl Source for Bugs<'_> {
             .unzip();
         // Rows come oldest first.
         let lag_secs = lags.first().map_or(0, |lag| lag.max(&0).unsigned_abs());
-        let full = fresh.len() > self.batch_size;
-        fresh.truncate(self.batch_size);
+        // A kept change is read again at each poll until the sink takes it:
+        // it never takes the place of a new one.
+        let limit = self.batch_size + fresh.iter().filter(|n| self.kept.contains(n)).count();
+        let full = fresh.len() > limit;
+        fresh.truncate(limit);
         Ok(Batch {
             notifications: fresh.clone(),
             receipt: Window {

@@ -193,6 +193,57 @@ fn a_queue_that_refuses_costs_only_its_changes_a_retry_each_and_is_named_once() 
     assert!(later.is_empty(), "sent again once taken: {later:?}");
 }
 
+/// The input as a user met it: batches of one, changes arriving
+/// one at a time, every message refused by another consumer's full queue.
+/// A refused change is read again at each poll until the broker takes it:
+/// it must not take the one place in a batch from each later change (with
+/// source `bugs`, every later change waited behind it for good).
+fn later_changes_pass_a_refused_one_in_batches_of_one(source: &str) {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let _full = FullQueue::bound(&broker.exchange, "#");
+    let poller = Bzpush::poll(
+        &db,
+        MYSQL_ADDR,
+        AMQP_ADDR,
+        &broker.exchange,
+        &[
+            ("BZPUSH_SOURCE", source.to_string()),
+            ("BZPUSH_BATCH_SIZE", "1".to_string()),
+            ("BZPUSH_POLL_INTERVAL", "200ms".to_string()),
+        ],
+    );
+    assert!(poller.wait_for_log("active:", WAIT), "{}", poller.log());
+    let change = |bug: u32| {
+        let (sql, wire) = db.stamp(0);
+        db.set_bug(bug, &sql);
+        if source == "push_notify" {
+            assert!(TestDb::push_notify_change(&mut db.conn(), bug, Some(&sql)));
+        }
+        (u64::from(bug), wire)
+    };
+    let mut got = Vec::new();
+    for bug in 1..=6 {
+        let sent = change(bug);
+        assert!(
+            broker.receive_until(&mut got, Duration::from_secs(5), |g| g.contains(&sent)),
+            "bug {bug}'s change waits behind the refused ones: {got:?}\n{}",
+            poller.log()
+        );
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn later_changes_pass_a_refused_one_in_batches_of_one_source_bugs() {
+    later_changes_pass_a_refused_one_in_batches_of_one("bugs");
+}
+
+#[test]
+fn later_changes_pass_a_refused_one_in_batches_of_one_source_push_notify() {
+    later_changes_pass_a_refused_one_in_batches_of_one("push_notify");
+}
+
 #[test]
 fn source_bugs_keeps_its_watermark_at_a_refused_change_and_replays_it_after_a_restart() {
     let db = TestDb::new();
