@@ -56,7 +56,7 @@ pub(super) fn check_poller(
         Source::Bugs => {
             report.line(Ok(format!("source bugs{chosen}: reads bugs.delta_ts")));
             check_bugs_table(report, &mut db, "source bugs", true);
-            if !config.source_given && has_push_notify(&mut db) {
+            if !config.source_given && poller::push_notify_left_alone(&mut db) {
                 report.warn(poller::PUSH_NOTIFY_LEFT_ALONE);
             }
             if read_only {
@@ -175,13 +175,6 @@ fn check_extension_writes(report: &mut Report, db: &mut Conn) {
              BZPUSH_SOURCE=bugs needs no extension"
         ));
     }
-}
-
-/// Whether the database has a `push_notify` table (that this user may
-/// see or not).
-fn has_push_notify(db: &mut Conn) -> bool {
-    let read = db.query_drop("SELECT 1 FROM push_notify LIMIT 0");
-    !matches!(&read, Err(mysql::Error::MySqlError(e)) if e.code == NO_SUCH_TABLE)
 }
 
 /// Whether the catch-up database is a replica, and how far behind. Bugzilla's

@@ -38,7 +38,7 @@ mod refusals;
 pub mod state;
 mod watermark;
 
-pub use bugs::PUSH_NOTIFY_LEFT_ALONE;
+pub use bugs::{PUSH_NOTIFY_LEFT_ALONE, push_notify_left_alone};
 pub use database::lock_holder;
 pub use push_notify::delete_statement;
 pub use state::{LockHolder, Role, State};

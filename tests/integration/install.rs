@@ -279,6 +279,11 @@ fn a_stock_bugzilla_on_the_readmes_path_passes_check_and_delivers_a_change() {
         "{}",
         checked.stdout
     );
+    assert!(
+        !checked.stdout.contains("warn "),
+        "nothing to warn about on the stock path:\n{}",
+        checked.stdout
+    );
 
     let server = util::Bzpush::start(&["run", "--env-file", &env_file], &[]);
     assert!(server.wait_listening(std::time::Duration::from_secs(20)));
@@ -295,6 +300,76 @@ fn a_stock_bugzilla_on_the_readmes_path_passes_check_and_delivers_a_change() {
         "{}",
         server.log()
     );
+    let (status, health) = crate::util::serve::health(&server);
+    assert_eq!(status, 200, "{health}");
+    assert!(
+        health.get("warnings").is_none(),
+        "nothing to warn about on the stock path: {health}"
+    );
+    assert!(!server.log().contains("[WARN]"), "{}", server.log());
     let _ = admin.query_drop(format!("DROP USER IF EXISTS '{user}'@'%'"));
     let _ = std::fs::remove_dir_all(&temp);
+}
+
+/// An install upgraded from a version whose default source was
+/// `push_notify` keeps its grants on that table: with `BZPUSH_SOURCE` unset
+/// it now reads `bugs`, and `check`, the log and `/health` say so. An
+/// account that may not read `push_notify` never emptied it: the README's
+/// one grant on `bugs` is answered "denied" for a table that is there and
+/// one that is not alike, and warns of nothing.
+#[test]
+fn only_an_account_that_reads_push_notify_is_told_it_is_left_alone() {
+    use mysql::prelude::Queryable;
+
+    let db = TestDb::new();
+    let user = util::unique("bz");
+    let password = util::unique("Secret");
+    let mut admin = util::admin_conn();
+    admin
+        .query_drop(format!("CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"))
+        .expect("create the account");
+    admin
+        .query_drop(format!(
+            "GRANT SELECT (bug_id, delta_ts) ON `{}`.bugs TO '{user}'@'%'",
+            db.name
+        ))
+        .expect("the README's grant");
+    let env = [
+        (
+            "BZPUSH_DATABASE_URL",
+            format!("mysql://{user}:{password}@{}/{}", util::MYSQL_ADDR, db.name),
+        ),
+        ("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name)),
+        ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
+    ];
+    let check = || {
+        let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.clone())).collect();
+        util::Bzpush::run(&["check", "run"], &env, std::time::Duration::from_secs(30)).stdout
+    };
+    const LEFT_ALONE: &str = "leaves push_notify alone";
+    let denied = check();
+    assert!(!denied.contains(LEFT_ALONE), "{denied}");
+
+    admin
+        .query_drop(format!(
+            "GRANT SELECT, DELETE ON `{}`.push_notify TO '{user}'@'%'",
+            db.name
+        ))
+        .expect("the old default's grant");
+    let upgraded = check();
+    assert!(upgraded.contains(LEFT_ALONE), "{upgraded}");
+    let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.clone())).collect();
+    let server = util::Bzpush::start(&["run"], &env);
+    assert!(server.wait_listening(std::time::Duration::from_secs(20)));
+    assert!(
+        util::wait_until(std::time::Duration::from_secs(20), || {
+            crate::util::serve::health(&server).1["warnings"]
+                .to_string()
+                .contains(LEFT_ALONE)
+        }),
+        "{}",
+        server.log()
+    );
+    assert!(server.wait_for_log(LEFT_ALONE, std::time::Duration::from_secs(5)));
+    let _ = admin.query_drop(format!("DROP USER IF EXISTS '{user}'@'%'"));
 }
