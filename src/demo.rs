@@ -71,8 +71,9 @@ pub fn run(config: &DemoConfig, listener: TcpListener, shutdown: &Shutdown) -> R
     let mut server_config = config.server.clone();
     server_config.page_bugs = BUGS.collect();
     server_config.page_note = Some(format!(
-        "This is bzpush demo: the Bugzilla behind it is simulated. Bugs {}–{} change every \
-         few seconds, each change shown as it arrives; nothing comes from a real Bugzilla.",
+        "This is bzpush demo: the Bugzilla behind it is simulated. One or two of \
+         bugs {}–{} change every half second, each change shown as it arrives; nothing comes \
+         from a real Bugzilla.",
         BUGS.start(),
         BUGS.end()
     ));
@@ -243,7 +244,10 @@ impl Scratch {
             "demo: created scratch database {} on {}",
             scratch.name, scratch.server
         );
-        let bugs: Vec<String> = BUGS.map(|b| format!("({b}, NOW())")).collect();
+        // Filed a day ago: a bug changed now would carry a push_notify row.
+        let bugs: Vec<String> = BUGS
+            .map(|b| format!("({b}, NOW() - INTERVAL 1 DAY)"))
+            .collect();
         let tables = format!(
             "CREATE TABLE `{db}`.bugs (
                bug_id MEDIUMINT NOT NULL AUTO_INCREMENT PRIMARY KEY,

@@ -183,6 +183,18 @@ fn demo_with_a_database_polls_its_scratch_database_and_drops_it() {
         .expect("count the scratch bugs")
         .unwrap_or(0);
     assert_eq!(rows, 20);
+    // The simulated Bugzilla is a consistent one: the audit of its
+    // push_notify against bugs finds nothing missing.
+    let log = demo.bzpush.log();
+    assert!(!log.contains("[WARN]"), "{log}");
+    let (_, metrics) = http_get(&demo.addr(), "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("bzpush_missed_changes_total"))
+            .all(|l| l.ends_with(" 0")),
+        "{metrics}"
+    );
     let (status, _) = demo.stop();
     assert!(status.success(), "exit status {status}");
     assert!(!exists(&name), "{name} is dropped after SIGTERM");

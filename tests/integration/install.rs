@@ -326,7 +326,9 @@ fn only_an_account_that_reads_push_notify_is_told_it_is_left_alone() {
     let password = util::unique("Secret");
     let mut admin = util::admin_conn();
     admin
-        .query_drop(format!("CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"))
+        .query_drop(format!(
+            "CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"
+        ))
         .expect("create the account");
     admin
         .query_drop(format!(
