@@ -89,10 +89,13 @@ fn check_push_notify(report: &mut Report, db: &mut Conn, read_only: bool) {
         ));
         return;
     }
-    let todo = "GRANT SELECT, DELETE ON push_notify";
+    let todo = grant(db, "SELECT, DELETE", "push_notify");
+    if locked(report, "table push_notify", &read) {
+        return;
+    }
     report.line(
         read.map(|()| "table push_notify: present, SELECT allowed".into())
-            .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
+            .map_err(|e| format!("table push_notify: {}", advice(&e, &todo))),
     );
     if read_only {
         report.line(Err(
@@ -104,10 +107,13 @@ fn check_push_notify(report: &mut Report, db: &mut Conn, read_only: bool) {
     }
     // Matches no row (ids start at 1): proves the privilege only.
     let delete = db.query_drop("DELETE FROM push_notify WHERE id = 0");
+    if locked(report, "table push_notify (DELETE)", &delete) {
+        return;
+    }
     report.line(
         delete
             .map(|()| "table push_notify: DELETE allowed".into())
-            .map_err(|e| format!("table push_notify: {}", advice(&e, todo))),
+            .map_err(|e| format!("table push_notify: {}", advice(&e, &todo))),
     );
 }
 
@@ -326,6 +332,9 @@ fn writable(dir: &std::path::Path) -> Option<io::Error> {
 /// the server still works and answers `partial`, so it only warns.
 pub(super) fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str, required: bool) {
     let read = db.query_drop("SELECT bug_id, delta_ts FROM bugs LIMIT 0");
+    if locked(report, &format!("table bugs ({purpose})"), &read) {
+        return;
+    }
     let result = read
         .map(|()| format!("table bugs ({purpose}): SELECT allowed"))
         .map_err(|e| match &e {
@@ -335,7 +344,7 @@ pub(super) fn check_bugs_table(report: &mut Report, db: &mut Conn, purpose: &str
             ),
             _ => format!(
                 "table bugs ({purpose}): {}",
-                advice(&e, "GRANT SELECT (bug_id, delta_ts) ON bugs")
+                advice(&e, &grant(db, "SELECT (bug_id, delta_ts)", "bugs"))
             ),
         });
     match result {
@@ -438,6 +447,44 @@ fn time_zone_warning(time_zone: &str, system_time_zone: &str) -> Option<String> 
 }
 
 /// The error as a sentence, and what to do about it.
+/// Whether `result` is a statement another session's lock stopped (`LOCK
+/// TABLES`, an `ALTER TABLE` waiting for a transaction, …); if so, says so
+/// as a warning. It is no fault of this setup and the poller waits it out:
+/// a failure would keep the unit (`check` is its `ExecStartPre=`) from
+/// starting until the lock ends, with advice that fixes nothing.
+fn locked(report: &mut Report, what: &str, result: &Result<(), mysql::Error>) -> bool {
+    let Err(error) = result else {
+        return false;
+    };
+    if !database::is_lock_wait(error) {
+        return false;
+    }
+    report.warn(&format!(
+        "{what}: not checked, another database session holds it locked ({}); bzpush \
+         waits for such a lock at run time and goes on by itself — SHOW PROCESSLIST shows \
+         who holds it",
+        database::sentence(error)
+    ));
+    true
+}
+
+/// The GRANT of `privileges` on `table` that this account lacks, whole:
+/// the database in the URL and the account the server matched the login
+/// to (`CURRENT_USER()`, whose host may be a pattern such as `%`).
+fn grant(db: &mut Conn, privileges: &str, table: &str) -> String {
+    let (schema, account) = db
+        .query_first::<(Option<String>, String), _>("SELECT DATABASE(), CURRENT_USER()")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let to = match account.rsplit_once('@') {
+        Some((user, host)) => format!(" TO '{user}'@'{host}'"),
+        None => String::new(),
+    };
+    let schema = schema.map_or(String::new(), |name| format!("`{name}`."));
+    format!("GRANT {privileges} ON {schema}{table}{to}")
+}
+
 fn advice(error: &mysql::Error, otherwise: &str) -> String {
     let todo = match error {
         // The error says which account was tried (database::connect).

@@ -153,6 +153,26 @@ fn a_table_locked_whole_is_a_lock_wait_not_an_outage_and_delivery_resumes() {
             server.log()
         );
         assert_eq!(health(&server).0, 200);
+        // `check`, the unit's ExecStartPre=, says so too, and fails on
+        // nothing: the lock is no fault of the setup.
+        let checked = Bzpush::run(
+            &["check", "run"],
+            &[
+                ("BZPUSH_DATABASE_URL", db.url()),
+                ("BZPUSH_SOURCE", source.to_string()),
+                ("BZPUSH_LISTEN", "127.0.0.1:0".to_string()),
+                ("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name)),
+            ],
+            WAIT,
+        );
+        assert!(
+            checked.stdout.contains(&format!("table {table}"))
+                && checked.stdout.contains("holds it locked")
+                && !checked.stdout.contains("FAIL"),
+            "{source}/{table}:\n{}",
+            checked.stdout
+        );
+        assert_eq!(checked.status.code(), Some(0), "{}", checked.stdout);
         holder.query_drop("UNLOCK TABLES").expect("unlock");
         // A change as Bugzilla makes it: stamped now, in both tables.
         let now: String = db

@@ -1335,7 +1335,10 @@ fn check_poll_names_the_state_directory_and_the_race_checks_grant() {
     assert!(
         finished.stdout.lines().any(|l| l.starts_with("warn")
             && l.contains("audit of push_notify")
-            && l.contains("GRANT SELECT (bug_id, delta_ts) ON bugs")),
+            && l.contains(&format!(
+                "GRANT SELECT (bug_id, delta_ts) ON `{}`.bugs TO '{}'@'",
+                db.name, user.name
+            ))),
         "{finished:?}"
     );
 }
