@@ -369,23 +369,19 @@ fn a_resource_alarm_is_named_within_seconds_leaks_no_connection_and_everything_a
         ("BZPUSH_EXCHANGE", exchange.clone()),
         ("BZPUSH_FEEDS", format!("/={exchange}")),
     ];
-    let checked = check("poll", &env);
-    assert_eq!(checked.status.code(), Some(1), "{checked:?}");
-    assert!(
-        checked
-            .stdout
-            .lines()
-            .any(|l| l.starts_with("FAIL") && l.contains("resource alarm")),
-        "{checked:?}"
-    );
-    let checked = check("serve", &env);
-    assert!(
-        checked
-            .stdout
-            .lines()
-            .any(|l| l.starts_with("warn") && l.contains("resource alarm")),
-        "{checked:?}"
-    );
+    // A warning, not a failure: check is the units' ExecStartPre=, and
+    // an alarm passes.
+    for mode in ["poll", "serve"] {
+        let checked = check(mode, &env);
+        assert!(
+            checked
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("warn") && l.contains("resource alarm")),
+            "{checked:?}"
+        );
+        assert!(!checked.stdout.contains("FAIL"), "{checked:?}");
+    }
 
     // Changes wait, past the publisher's 30 s bound on a confirm: the
     // poller keeps its one connection and opens no other.
