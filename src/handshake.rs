@@ -104,7 +104,8 @@ impl Handshake {
             .client(peer, forwarded.iter().map(|v| v.as_bytes()));
         let address = ClientAddress::of(client);
         let proxied = self.proxies.trusts(peer);
-        if let Err(refusal) = sockets.headed(id, proxied.then_some(address)) {
+        let monitoring = http::is_monitoring(&request);
+        if let Err(refusal) = sockets.headed(id, proxied.then_some(address), monitoring) {
             refuse(socket, refusal);
             return None;
         }

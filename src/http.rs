@@ -175,6 +175,13 @@ pub fn respond_text(socket: &TcpStream, status: &str, text: &str) -> io::Result<
     )
 }
 
+/// Whether `request` asks for `/health` or `/metrics` and nothing more (no
+/// WebSocket): what a client address past its share may still have.
+pub fn is_monitoring(request: &Request) -> bool {
+    matches!(request.uri().path(), "/health" | "/metrics")
+        && !request.headers().contains_key("Upgrade")
+}
+
 /// Answers a GET or HEAD request that is not a WebSocket upgrade.
 pub fn serve_plain(
     socket: &TcpStream,

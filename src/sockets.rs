@@ -5,7 +5,9 @@
 //! It holds the front door's two bounds. Open sockets per client address,
 //! in their handshake or WebSockets alike
 //! (`BZPUSH_MAX_CONNECTIONS_PER_ADDRESS`): past it, that address's next
-//! socket is refused. And [`MAX_HANDSHAKES`] sockets in their handshake at
+//! socket is refused, but for [`MONITORING_RESERVE`] more that may only
+//! ask for `/health` or `/metrics` (a monitor behind the same address as
+//! its users must still learn how the server is). And [`MAX_HANDSHAKES`] sockets in their handshake at
 //! once, each on a thread: at that bound the socket that has waited
 //! longest without a complete request head is closed to make room, so
 //! silent sockets and half-sent heads from any number of addresses never
@@ -31,6 +33,12 @@ use crate::logging::Throttle;
 /// four clients can kept under 20 in their handshake at once (measured),
 /// and the connection budget keeps this many threads aside.
 pub const MAX_HANDSHAKES: usize = 256;
+
+/// Sockets one client address may open past its share, each answered only
+/// if it asks for `/health` or `/metrics` (429 otherwise): a monitor or a
+/// load balancer's check behind a NAT, or behind a proxy not named in
+/// `BZPUSH_TRUSTED_PROXIES`, whose users hold the address's share.
+pub const MONITORING_RESERVE: usize = 4;
 
 /// Why a socket may not stay open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +77,9 @@ struct Open {
     /// `None`: a trusted proxy's socket whose client is not known yet.
     address: Option<ClientAddress>,
     handshaking: bool,
+    /// Opened past its address's share: it may only ask for `/health` or
+    /// `/metrics` ([`MONITORING_RESERVE`]).
+    over_share: bool,
 }
 
 impl Sockets {
@@ -101,9 +112,7 @@ impl Sockets {
         proxied: bool,
     ) -> Result<(), Refusal> {
         let mut state = self.lock();
-        if !proxied {
-            self.check_address(&state, peer)?;
-        }
+        let over_share = !proxied && self.check_address(&state, peer)?;
         if state.handshaking >= MAX_HANDSHAKES {
             let Some(oldest) = state.headless.pop_first() else {
                 drop(state);
@@ -141,6 +150,7 @@ impl Sockets {
                 socket: Arc::clone(socket),
                 address,
                 handshaking: true,
+                over_share,
             },
         );
         state.headless.insert(id);
@@ -148,39 +158,63 @@ impl Sockets {
         Ok(())
     }
 
-    /// Refuses `address` if it has the most sockets open it may have.
-    fn check_address(&self, state: &State, address: ClientAddress) -> Result<(), Refusal> {
+    /// Whether another socket from `address` is past its share (`true`:
+    /// in the monitoring reserve); refused past the reserve too.
+    fn check_address(&self, state: &State, address: ClientAddress) -> Result<bool, Refusal> {
         let open = state.addresses.get(&address).copied().unwrap_or(0);
         if open < self.per_address {
-            return Ok(());
+            return Ok(false);
         }
+        if open < self.per_address.saturating_add(MONITORING_RESERVE) {
+            return Ok(true);
+        }
+        Err(self.refused(address))
+    }
+
+    fn refused(&self, address: ClientAddress) -> Refusal {
         if let Some(held) = self.refused_address.allow() {
             warn!(
-                "{address} has {open} sockets open, the most one client address may \
-                 (BZPUSH_MAX_CONNECTIONS_PER_ADDRESS): refusing more from it with 429{held}"
+                "{address} has {} sockets open, the most one client address may \
+                 (BZPUSH_MAX_CONNECTIONS_PER_ADDRESS): refusing more from it with 429, but \
+                 for /health and /metrics{held}",
+                self.per_address
             );
         }
-        Err(Refusal::Address(address))
+        Refusal::Address(address)
     }
 
     /// Socket `id` sent a complete request head: it is no longer the first
     /// to go. `client`: the client a trusted proxy's head names, under
-    /// which the socket counts from now on, if it has room.
-    pub fn headed(&self, id: ConnId, client: Option<ClientAddress>) -> Result<(), Refusal> {
+    /// which the socket counts from now on, if it has room. `monitoring`:
+    /// the head asks for `/health` or `/metrics`, which a socket past its
+    /// address's share may still have.
+    pub fn headed(
+        &self,
+        id: ConnId,
+        client: Option<ClientAddress>,
+        monitoring: bool,
+    ) -> Result<(), Refusal> {
         let mut state = self.lock();
         state.headless.remove(&id);
-        let Some(client) = client else {
+        let Some(open) = state.live.get(&id) else {
             return Ok(());
         };
-        if state.live.get(&id).is_none_or(|o| o.address.is_some()) {
-            return Ok(());
+        let over_share = match (client, open.address) {
+            (Some(client), None) => {
+                let over_share = self.check_address(&state, client)?;
+                *state.addresses.entry(client).or_default() += 1;
+                if let Some(open) = state.live.get_mut(&id) {
+                    open.address = Some(client);
+                    open.over_share = over_share;
+                }
+                over_share
+            }
+            _ => open.over_share,
+        };
+        match (over_share, open_address(&state, id)) {
+            (true, Some(address)) if !monitoring => Err(self.refused(address)),
+            _ => Ok(()),
         }
-        self.check_address(&state, client)?;
-        *state.addresses.entry(client).or_default() += 1;
-        if let Some(open) = state.live.get_mut(&id) {
-            open.address = Some(client);
-        }
-        Ok(())
     }
 
     /// Socket `id`'s handshake is over: it is a WebSocket now.
@@ -233,6 +267,11 @@ impl Sockets {
     }
 }
 
+/// The address socket `id` counts under, if known.
+fn open_address(state: &State, id: ConnId) -> Option<ClientAddress> {
+    state.live.get(&id).and_then(|open| open.address)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,17 +299,33 @@ mod tests {
     fn one_address_is_capped_and_leaving_frees_its_place() {
         let sockets = Sockets::new(2);
         let (a, b) = (address("192.0.2.1"), address("192.0.2.2"));
-        let all = pairs(4);
+        let reserve = MONITORING_RESERVE;
+        let all = pairs(5 + reserve);
         assert_eq!(sockets.admit(0, &all[0].0, a, false), Ok(()));
         sockets.upgraded(0);
         assert_eq!(sockets.admit(1, &all[1].0, a, false), Ok(()));
+        sockets.headed(1, None, false).expect("within its share");
+        // Past its share, a socket may only ask for /health or /metrics.
+        for (id, (socket, _)) in all.iter().enumerate().skip(2).take(reserve) {
+            assert_eq!(sockets.admit(id as u64, socket, a, false), Ok(()));
+        }
+        assert_eq!(sockets.headed(2, None, true), Ok(()));
+        assert_eq!(sockets.headed(3, None, false), Err(Refusal::Address(a)));
+        let past = 2 + reserve;
         assert_eq!(
-            sockets.admit(2, &all[2].0, a, false),
+            sockets.admit(past as u64, &all[past].0, a, false),
             Err(Refusal::Address(a))
         );
-        assert_eq!(sockets.admit(3, &all[3].0, b, false), Ok(()));
+        assert_eq!(
+            sockets.admit(past as u64 + 1, &all[past + 1].0, b, false),
+            Ok(())
+        );
+        for id in 2..2 + reserve {
+            sockets.remove(id as u64);
+        }
         assert!(sockets.remove(0).is_some());
-        assert_eq!(sockets.admit(2, &all[2].0, a, false), Ok(()));
+        assert_eq!(sockets.admit(past as u64, &all[past].0, a, false), Ok(()));
+        assert_eq!(sockets.headed(past as u64, None, false), Ok(()));
         assert_eq!(sockets.len(), 3);
     }
 
@@ -278,19 +333,21 @@ mod tests {
     fn a_proxied_socket_counts_under_the_client_its_head_names() {
         let sockets = Sockets::new(1);
         let proxy = address("127.0.0.1");
-        let all = pairs(3);
+        let all = pairs(4);
         for (id, (socket, _)) in all.iter().enumerate() {
             assert_eq!(sockets.admit(id as u64, socket, proxy, true), Ok(()));
         }
         let client = address("192.0.2.7");
-        assert_eq!(sockets.headed(0, Some(client)), Ok(()));
+        assert_eq!(sockets.headed(0, Some(client), false), Ok(()));
         assert_eq!(
-            sockets.headed(1, Some(client)),
+            sockets.headed(1, Some(client), false),
             Err(Refusal::Address(client))
         );
-        assert_eq!(sockets.headed(2, Some(address("192.0.2.8"))), Ok(()));
+        assert_eq!(sockets.headed(2, Some(address("192.0.2.8")), false), Ok(()));
+        // A refused socket's thread ends; another from the client comes.
+        sockets.remove(1);
         sockets.remove(0);
-        assert_eq!(sockets.headed(1, Some(client)), Ok(()));
+        assert_eq!(sockets.headed(3, Some(client), false), Ok(()));
     }
 
     #[test]
@@ -302,7 +359,7 @@ mod tests {
             assert_eq!(sockets.admit(i as u64, socket, from(i), false), Ok(()));
         }
         // Socket 0 sent its head: socket 1 is the oldest silent one.
-        sockets.headed(0, None).expect("room");
+        sockets.headed(0, None, false).expect("room");
         let n = MAX_HANDSHAKES;
         assert_eq!(sockets.admit(n as u64, &all[n].0, from(n), false), Ok(()));
         let mut byte = [0u8; 1];
@@ -318,7 +375,7 @@ mod tests {
         assert!(all[0].1.read(&mut byte).is_err(), "socket 0 is still open");
         // With none silent left, a socket is refused.
         for i in 2..=n {
-            sockets.headed(i as u64, None).expect("room");
+            sockets.headed(i as u64, None, false).expect("room");
         }
         let m = n + 1;
         assert_eq!(

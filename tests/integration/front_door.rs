@@ -199,6 +199,52 @@ fn websockets_that_never_send_a_frame_from_one_address_lock_nobody_out() {
 /// addresses with two each (under the per-address limit): each new socket
 /// closes the one that waited longest, so real requests are answered at
 /// once, while the newest silent sockets are still open.
+/// The status line's code of a plain `GET path` sent from `from`.
+fn get_from(from: IpAddr, addr: SocketAddr, path: &str) -> u16 {
+    use std::io::Read;
+    let mut socket = tcp_from(from, addr).expect("connect");
+    write!(
+        socket,
+        "GET {path} HTTP/1.1\r\nHost: bzpush\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    socket.set_read_timeout(Some(WAIT)).expect("a read timeout");
+    let mut answer = String::new();
+    let _ = socket.read_to_string(&mut answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("GET {path}: {answer:?}"))
+}
+
+/// An office behind one NAT (or clients through a proxy not named in
+/// BZPUSH_TRUSTED_PROXIES) holds its address's whole share; the monitor
+/// or load balancer behind the same address still gets `/health` and
+/// `/metrics` (SPEC §5.1: always answered), nothing else.
+#[test]
+fn an_address_at_its_share_still_gets_health_and_metrics() {
+    let broker = TestBroker::new();
+    let server = healthy_server(&broker, &[("BZPUSH_MAX_CONNECTIONS", "50".into())]);
+    let addr: SocketAddr = server.listen_addr().parse().expect("an address");
+    let office = loopback(2);
+    let users: Vec<TcpStream> = (0..5)
+        .map(|_| idle_websocket(office, addr).expect("within the share"))
+        .collect();
+    let url = server.ws_url("/");
+    assert_eq!(
+        refused_status(Client::try_connect_from(Some(office), &url)),
+        429
+    );
+    for _ in 0..3 {
+        assert_eq!(get_from(office, addr, "/health"), 200);
+        assert_eq!(get_from(office, addr, "/metrics"), 200);
+    }
+    assert_eq!(get_from(office, addr, "/"), 429);
+    assert_eq!(get_from(loopback(3), addr, "/"), 200);
+    drop(users);
+}
+
 #[test]
 fn silent_sockets_from_many_addresses_give_way_to_real_requests() {
     let broker = TestBroker::new();
