@@ -231,17 +231,19 @@ pub fn serve_plain(
 }
 
 /// `/health`'s answer: whether all is well, and the JSON saying so. Not
-/// well: an upstream link is down or refuses, or a change owed downstream
-/// has waited past `BZPUSH_STALE_AFTER` (`"status": "stale"`, and why),
-/// whatever part caused it.
+/// well: an upstream link is down or refuses, the machine allows no client
+/// connection, or a change owed downstream has waited past
+/// `BZPUSH_STALE_AFTER` (`"status": "stale"`, and why), whatever part
+/// caused it.
 fn health(metrics: &Metrics) -> (bool, serde_json::Value) {
     let up = metrics.upstream_up();
+    let no_room = metrics.no_room.get();
     let lag = metrics.freshness.lag();
     let stale = lag.as_ref().is_some_and(|lag| lag.stale);
     let status = match (stale, up) {
         (true, _) => "stale",
-        (false, true) => "ok",
-        (false, false) => "unavailable",
+        (false, true) if no_room.is_none() => "ok",
+        (false, _) => "unavailable",
     };
     let mut json = serde_json::json!({
         "status": status,
@@ -261,11 +263,15 @@ fn health(metrics: &Metrics) -> (bool, serde_json::Value) {
     if metrics.upstream == "broker" {
         add_broker(&mut json, metrics);
     }
+    if let Some(why) = no_room {
+        json["connections_allowed"] = 0.into();
+        json["reason"] = why.as_str().into();
+    }
     let warnings = metrics.warnings();
     if !warnings.is_empty() {
         json["warnings"] = warnings.into();
     }
-    (up && !stale, json)
+    (status == "ok", json)
 }
 
 /// The poller's part of `/health`: its role (`active`, `standby` with the

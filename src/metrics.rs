@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::freshness::Freshness;
@@ -49,6 +49,9 @@ pub struct Metrics {
     /// serve: the broker's resource alarm, as a sentence, while it blocks
     /// publishers ([`pulse::alarm::watch`]).
     pub broker_alarm: Mutex<Option<String>>,
+    /// serve, run: why this machine allows no WebSocket connection at all
+    /// ([`crate::capacity`]); `/health` then answers 503 with it.
+    pub no_room: OnceLock<String>,
     pub started: Option<Instant>,
     /// The wall-clock time of `started`, for `process_start_time_seconds`.
     started_at: Option<SystemTime>,

@@ -213,8 +213,8 @@ impl Server<'_> {
         shutdown: &Shutdown,
         upstream: impl FnOnce(&HubSender, &Arc<Metrics>) -> io::Result<Vec<JoinHandle<()>>>,
     ) -> io::Result<()> {
-        let max_connections = connection_limit(self.config);
         let metrics = self.metrics;
+        let max_connections = connection_limit(self.config, &metrics);
         let writers = Writers::start(shutdown)?;
         let (hub_tx, hub_rx) = crossbeam_channel::bounded(HUB_QUEUE);
         let (conn_tx, conn_rx) = crossbeam_channel::bounded(CONN_QUEUE);
@@ -370,10 +370,18 @@ fn wake_on_shutdown(shutdown: &Shutdown, addr: SocketAddr) {
 
 /// The most WebSockets to hold: `BZPUSH_MAX_CONNECTIONS`, or fewer if this
 /// machine allows fewer ([`Capacity`]); says which, and how to allow more.
-fn connection_limit(config: &ServerConfig) -> usize {
+/// None at all is unhealthy: `/health` says so.
+fn connection_limit(config: &ServerConfig, metrics: &Metrics) -> usize {
     let capacity = Capacity::measure();
     let allowed = capacity.connections();
     match capacity.shortfall(config.max_connections) {
+        Some(why) if allowed == 0 => {
+            error!("{why}; serving no connection until then (/health answers 503)");
+            let _ = metrics.no_room.set(format!(
+                "this machine allows no WebSocket connection: {}",
+                capacity.describe()
+            ));
+        }
         Some(why) => warn!("{why}; serving at most {allowed} connections until then"),
         None => info!(
             "this machine allows {}; serving at most {} (BZPUSH_MAX_CONNECTIONS)",

@@ -94,6 +94,41 @@ fn past_the_machines_limit_clients_get_503_and_the_first_keep_their_updates() {
     assert!(!server.log().contains("accept failed"), "{}", server.log());
 }
 
+/// With fewer descriptors than the handshakes and the pipeline need beside
+/// connections, the machine allows none: the server refuses every
+/// WebSocket, so `/health` must not say it is well (a load balancer would
+/// keep sending clients to it).
+#[test]
+fn a_machine_that_allows_no_connection_is_unhealthy() {
+    let broker = TestBroker::new();
+    let feeds = format!("/={}", broker.exchange);
+    let server = Bzpush::serve_under(
+        &["prlimit", "--nofile=300:300", "--"],
+        AMQP_ADDR,
+        &feeds,
+        &[],
+    );
+    assert!(server.wait_listening(WAIT), "{}", server.log());
+    let url = server.ws_url("/");
+    assert_eq!(refused_status(Client::try_connect(&url)), 503);
+    let (status, body) = http_get(&server.listen_addr(), "/health");
+    assert_eq!(status, 503, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["status"], "unavailable", "{json}");
+    assert_eq!(json["connections_allowed"], 0, "{json}");
+    assert!(
+        json["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("allows no WebSocket connection")),
+        "{json}"
+    );
+    assert!(
+        server.log().contains("serving no connection"),
+        "{}",
+        server.log()
+    );
+}
+
 /// `check` says when the machine cannot hold `BZPUSH_MAX_CONNECTIONS`, and
 /// how to raise each limit in the way: a failure, as the server would hold
 /// fewer.
