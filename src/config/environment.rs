@@ -151,10 +151,29 @@ fn read_env_file(path: &Path) -> Result<BTreeMap<&'static str, String>, ConfigEr
             path.display()
         ))
     })?;
+    let in_file = |line: usize, e: ConfigError| {
+        ConfigError(format!("--env-file {} line {line}: {e}", path.display()))
+    };
+    // systemd skips a line without `=` (and so does the parser): one that
+    // names a setting was meant to set it.
+    for (at, raw) in text.lines().enumerate() {
+        let raw = raw.trim();
+        if raw.contains('=') || raw.starts_with('#') || raw.starts_with(';') {
+            continue;
+        }
+        if let Some(setting) = raw.split([':', ' ', '\t']).find_map(resembled) {
+            return Err(in_file(
+                at + 1,
+                ConfigError(format!(
+                    "{raw:?} is no assignment, and systemd skips it: write {}=VALUE",
+                    setting.env_var()
+                )),
+            ));
+        }
+    }
     let mut values = BTreeMap::new();
     for (line, key, value) in parse_env_file(&text) {
-        let setting = setting_of(&key, true)
-            .map_err(|e| ConfigError(format!("--env-file {} line {line}: {e}", path.display())))?;
+        let setting = setting_of(&key, true).map_err(|e| in_file(line, e))?;
         if let Some(setting) = setting {
             values.insert(setting.name, value);
         }
@@ -169,6 +188,18 @@ fn read_env_file(path: &Path) -> Result<BTreeMap<&'static str, String>, ConfigEr
 /// `STATE_DIRECTORY`, which bzpush reads as the default of its setting.
 fn setting_of(key: &str, strict: bool) -> Result<Option<&'static Setting>, ConfigError> {
     let upper = key.to_ascii_uppercase();
+    if strict
+        && !upper.starts_with("BZPUSH_")
+        && let Some(setting) = key.split_whitespace().last().and_then(resembled)
+    {
+        // `export BZPUSH_LOG`, `BZPUSH-LOG`, `BZ_PUSH_LOG`: systemd takes
+        // none of them for the setting.
+        return Err(ConfigError(format!(
+            "{key} is not a bzpush setting, and systemd sets no such variable (did you mean \
+             {}?)",
+            setting.env_var()
+        )));
+    }
     let meant = if upper.starts_with("BZPUSH_") {
         upper
     } else if strict
@@ -190,6 +221,19 @@ fn setting_of(key: &str, strict: bool) -> Result<Option<&'static Setting>, Confi
                 .unwrap_or_default()
         ))),
     }
+}
+
+/// The setting whose variable `word` spells with other separators or none
+/// (`BZPUSH-LOG`, `BZPUSHLOG`, `bz_push_log`), if any.
+fn resembled(word: &str) -> Option<&'static Setting> {
+    let squash = |s: &str| -> String {
+        s.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_uppercase())
+            .collect()
+    };
+    let word = squash(word);
+    SETTINGS.iter().find(|s| squash(&s.env_var()) == word)
 }
 
 /// The candidate nearest to `name` by edit distance, if near enough to be
@@ -271,12 +315,23 @@ mod tests {
             ("bzpush_log=debug", "BZPUSH_LOG"),
             ("Bzpush_Poll_Interval=2s", "BZPUSH_POLL_INTERVAL"),
             ("poll_interval=2s", "BZPUSH_POLL_INTERVAL"),
+            ("export BZPUSH_LOG=debug", "BZPUSH_LOG"),
+            ("BZPUSH-LOG=debug", "BZPUSH_LOG"),
+            ("BZPUSHLOG=debug", "BZPUSH_LOG"),
+            ("BZ_PUSH_LOG=debug", "BZPUSH_LOG"),
         ] {
             let err = file_line(line).expect_err(line).to_string();
             assert!(err.contains("line 1"), "{err}");
             assert!(err.contains(&format!("did you mean {meant}?")), "{err}");
             assert!(!err.contains("pw@"), "{err}");
         }
+        let err = file_line("BZPUSH_LOG: debug")
+            .expect_err("no `=`")
+            .to_string();
+        assert!(
+            err.contains("line 1") && err.contains("write BZPUSH_LOG=VALUE"),
+            "{err}"
+        );
         // systemd exports other variables, and sets STATE_DIRECTORY itself.
         for line in [
             "PATH=/usr/bin",
