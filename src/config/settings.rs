@@ -187,7 +187,7 @@ table! {
     BUGZILLA_URL "bugzilla-url" = "off", Range::Text, SERVERS,
         "serve, run, demo: Bugzilla's address, e.g. https://bugzilla.example.org; the live page links bug numbers to it";
     STALE_AFTER "stale-after" = "30s", Range::Duration(secs(1), secs(24 * 3600)), &Mode::ALL,
-        "a change owed downstream and not handed on for this long makes /health answer 503";
+        "a change owed downstream and not handed on for this long makes the process stale: /health answers 503 (run, serve), the log says so (poll)";
     LOG "log" = "info", Range::Text, &Mode::ALL,
         "error, warn, info, debug or trace";
 }

@@ -124,6 +124,7 @@ pub fn poll(config: &PollConfig, shutdown: &Shutdown) -> io::Result<()> {
         )
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start the poller thread: {e}")))?
     };
+    let stale_log = spawn_stale_log(&metrics, shutdown)?;
     let watchdog = systemd::spawn_watchdog(shutdown, move |interval| alive(&metrics, interval))
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start the watchdog thread: {e}")))?;
     systemd::notify("READY=1");
@@ -131,10 +132,33 @@ pub fn poll(config: &PollConfig, shutdown: &Shutdown) -> io::Result<()> {
     // poller died, which fails the shutdown.
     shutdown::join(poller);
     systemd::notify("STOPPING=1");
+    shutdown::join(stale_log);
     if let Some(watchdog) = watchdog {
         shutdown::join(watchdog);
     }
     Ok(())
+}
+
+/// `poll` serves no `/health`: its operator learns from the log when a
+/// change has waited past `BZPUSH_STALE_AFTER` (and why), and when it is
+/// over. Checks once a second until `shutdown`.
+fn spawn_stale_log(metrics: &Arc<Metrics>, shutdown: &Shutdown) -> io::Result<JoinHandle<()>> {
+    let (metrics, shutdown) = (Arc::clone(metrics), shutdown.clone());
+    thread::Builder::new()
+        .name("stale-log".into())
+        .spawn(move || {
+            let mut was_stale = false;
+            while !shutdown.sleep(Duration::from_secs(1)) {
+                let lag = metrics.freshness.lag().filter(|lag| lag.stale);
+                match (&lag, was_stale) {
+                    (Some(lag), false) => warn!("stale: {}", lag.sentence()),
+                    (None, true) => info!("no longer stale: every change owed is handed on"),
+                    _ => {}
+                }
+                was_stale = lag.is_some();
+            }
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start the stale-log thread: {e}")))
 }
 
 /// `bzpush demo` in memory: the server of `run`, fed by the poller thread

@@ -133,6 +133,42 @@ fn admin_sql_long_after_a_bugs_last_change_is_delivered() {
     assert_eq!(lines(&server.log(), &["plain SQL"]), 1, "{}", server.log());
 }
 
+/// `poll` serves no `/health`: a database gone for longer than
+/// `BZPUSH_STALE_AFTER` is said in its log, with the reason, once, and
+/// its end once it returns.
+#[test]
+fn poll_says_in_its_log_when_it_is_stale_and_when_it_is_over() {
+    let db = TestDb::new();
+    let broker = TestBroker::new();
+    let proxy = Proxy::to(MYSQL_ADDR);
+    let poller = Bzpush::poll(
+        &db,
+        &proxy.addr(),
+        crate::util::AMQP_ADDR,
+        &broker.exchange,
+        &[("BZPUSH_STALE_AFTER", "2s".into())],
+    );
+    assert!(poller.wait_for_log("active:", WAIT), "{}", poller.log());
+    proxy.set_down(true);
+    assert!(
+        poller.wait_for_log("stale: the poller", WAIT),
+        "{}",
+        poller.log()
+    );
+    proxy.set_down(false);
+    assert!(
+        poller.wait_for_log("no longer stale", WAIT),
+        "{}",
+        poller.log()
+    );
+    let log = poller.log();
+    assert_eq!(
+        lines(&log, &["stale: the poller", "database is down"]),
+        1,
+        "{log}"
+    );
+}
+
 /// A database gone for longer than `BZPUSH_STALE_AFTER`: `/health` says
 /// "stale", why, and 503; `/metrics` agrees; back to 200 once it returns.
 #[test]
