@@ -126,9 +126,14 @@ pub struct Pipeline<'a, S: Source, K: Sink> {
     /// Changes the sink took whose rows the source has not forgotten yet
     /// (the confirm failed): read again, they are not handed over again.
     handed_over: HashSet<Notification>,
-    /// The first change whose row another session held locked at the
-    /// last confirm, and how many were: the sink has them, the rows stay.
+    /// The first change whose row another session held locked in the
+    /// last pass over the source (the batches from a read at its start to
+    /// one that was not full), and how many were: the sink has them, the
+    /// rows stay. Per pass, not per batch: in batches of one, the batch
+    /// after a locked row's has none, and the row is still locked.
     locked: Option<(Notification, usize)>,
+    /// The changes of locked rows met so far in the pass under way.
+    locked_in_pass: Vec<Notification>,
     /// The sink's state, logged when it changes.
     sink_link: Link<'static>,
     sink_backoff: Backoff,
@@ -147,6 +152,7 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
             in_flight: VecDeque::new(),
             handed_over: HashSet::new(),
             locked: None,
+            locked_in_pass: Vec::new(),
             sink_link: Link::new(kind, target),
             sink_backoff: Backoff::default(),
             refusals: Refusals::new(),
@@ -304,8 +310,11 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
                 self.settle(db, oldest)?;
             }
         } else {
-            // The backlog is drained: nothing stays in flight between polls.
+            // The backlog is drained: nothing stays in flight between polls,
+            // and the pass is over.
             self.settle_all(db)?;
+            let locked = std::mem::take(&mut self.locked_in_pass);
+            self.locked = locked.first().map(|n| (n.clone(), locked.len()));
         }
         // The lag counts from the oldest change still in flight or, with
         // none, from this poll: it has seen everything older.
@@ -422,7 +431,11 @@ impl<'a, S: Source, K: Sink> Pipeline<'a, S, K> {
         }
         // Their rows stay until the other session lets go: read again
         // meanwhile, they are not sent again.
-        self.locked = locked.first().map(|n| (n.clone(), locked.len()));
+        for n in &locked {
+            if !self.locked_in_pass.contains(n) {
+                self.locked_in_pass.push(n.clone());
+            }
+        }
         self.remember_handed_over(locked);
         Ok(())
     }

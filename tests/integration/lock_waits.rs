@@ -62,6 +62,18 @@ fn changes_flow(
 /// left open before `run` starts, while 50 other bugs keep changing.
 #[test]
 fn a_row_the_poller_already_read_locked_by_an_open_transaction_stalls_nothing_else() {
+    a_locked_row_stalls_nothing_else("1000");
+}
+
+/// The same in batches of one: the batch after the locked row's holds
+/// none, and the row is still locked; the lock wait is said once and
+/// lasts, not undone by each batch that has no locked row.
+#[test]
+fn a_locked_row_in_batches_of_one_is_one_lasting_lock_wait() {
+    a_locked_row_stalls_nothing_else("1");
+}
+
+fn a_locked_row_stalls_nothing_else(batch_size: &str) {
     let db = TestDb::new();
     // Bugs 100 to 149: below them in the unique bug_id index, bug 63's
     // locked entry is no neighbour that InnoDB's duplicate check of the
@@ -79,7 +91,13 @@ fn a_row_the_poller_already_read_locked_by_an_open_transaction_stalls_nothing_el
         .query_drop("UPDATE push_notify SET delta_ts = '2026-01-01 01:00:00' WHERE bug_id = 63")
         .expect("lock bug 63's row");
 
-    let server = Bzpush::run_on(&db, &[("BZPUSH_SOURCE", "push_notify".to_string())]);
+    let server = Bzpush::run_on(
+        &db,
+        &[
+            ("BZPUSH_SOURCE", "push_notify".to_string()),
+            ("BZPUSH_BATCH_SIZE", batch_size.to_string()),
+        ],
+    );
     let mut client = Client::subscribed(&server, &[100, 101, 125, 148, 149, 63]);
     let watched = [100, 101, 125, 148, 149];
     changes_flow(
@@ -100,8 +118,17 @@ fn a_row_the_poller_already_read_locked_by_an_open_transaction_stalls_nothing_el
             .is_some_and(|r| r.contains("bug 63")),
         "{json}"
     );
+    for _ in 0..10 {
+        thread::sleep(Duration::from_millis(150));
+        let (_, json) = health(&server);
+        assert_eq!(json["database"], "lock wait", "{json}\n{}", server.log());
+    }
     let log = server.log();
     assert!(log.contains("lock wait"), "{log}");
+    assert!(
+        !log.contains("lock wait is over"),
+        "said once, and lasts:\n{log}"
+    );
     assert!(!log.contains("retrying with backoff"), "no outage:\n{log}");
 
     // Let go: bug 63's held change arrives, its row goes, the wait ends.
