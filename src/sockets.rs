@@ -7,7 +7,8 @@
 //! (`BZPUSH_MAX_CONNECTIONS_PER_ADDRESS`): past it, that address's next
 //! socket is refused, but for [`MONITORING_RESERVE`] more that may only
 //! ask for `/health` or `/metrics` (a monitor behind the same address as
-//! its users must still learn how the server is). And [`MAX_HANDSHAKES`] sockets in their handshake at
+//! its users must still learn how the server is); past those, the
+//! address's own oldest socket without a request head makes room. And [`MAX_HANDSHAKES`] sockets in their handshake at
 //! once, each on a thread: at that bound the socket that has waited
 //! longest without a complete request head is closed to make room, so
 //! silent sockets and half-sent heads from any number of addresses never
@@ -112,7 +113,10 @@ impl Sockets {
         proxied: bool,
     ) -> Result<(), Refusal> {
         let mut state = self.lock();
-        let over_share = !proxied && self.check_address(&state, peer)?;
+        let over_share = !proxied
+            && self
+                .make_room(&mut state, peer)
+                .map_err(|_| self.refused(peer))?;
         if state.handshaking >= MAX_HANDSHAKES {
             let Some(oldest) = state.headless.pop_first() else {
                 drop(state);
@@ -158,8 +162,42 @@ impl Sockets {
         Ok(())
     }
 
+    /// Like [`Sockets::check_address`], but past the reserve the oldest
+    /// socket of `address` that has not sent its request head is closed to
+    /// make room: its own silent sockets never keep that address's next
+    /// request (`/health`) out.
+    fn make_room(&self, state: &mut State, address: ClientAddress) -> Result<bool, Refusal> {
+        let refusal = match self.check_address(state, address) {
+            Err(refusal) => refusal,
+            room => return room,
+        };
+        let oldest = state.headless.iter().copied().find(|id| {
+            state
+                .live
+                .get(id)
+                .is_some_and(|o| o.address == Some(address))
+        });
+        let Some(id) = oldest else {
+            return Err(refusal);
+        };
+        state.headless.remove(&id);
+        if let Some(open) = state.live.get_mut(&id) {
+            // Its thread's read ends at once, and it counts no more.
+            let _ = open.socket.shutdown(Shutdown::Both);
+            open.address = None;
+            if std::mem::take(&mut open.handshaking) {
+                state.handshaking -= 1;
+            }
+        }
+        if let Some(n) = state.addresses.get_mut(&address) {
+            *n -= 1;
+        }
+        Ok(true)
+    }
+
     /// Whether another socket from `address` is past its share (`true`:
-    /// in the monitoring reserve); refused past the reserve too.
+    /// in the monitoring reserve); refused past the reserve too (the
+    /// caller says so, [`Sockets::refused`]).
     fn check_address(&self, state: &State, address: ClientAddress) -> Result<bool, Refusal> {
         let open = state.addresses.get(&address).copied().unwrap_or(0);
         if open < self.per_address {
@@ -168,9 +206,10 @@ impl Sockets {
         if open < self.per_address.saturating_add(MONITORING_RESERVE) {
             return Ok(true);
         }
-        Err(self.refused(address))
+        Err(Refusal::Address(address))
     }
 
+    /// Logs, a few times a minute, that `address` is refused.
     fn refused(&self, address: ClientAddress) -> Refusal {
         if let Some(held) = self.refused_address.allow() {
             warn!(
@@ -201,7 +240,9 @@ impl Sockets {
         };
         let over_share = match (client, open.address) {
             (Some(client), None) => {
-                let over_share = self.check_address(&state, client)?;
+                let over_share = self
+                    .check_address(&state, client)
+                    .map_err(|_| self.refused(client))?;
                 *state.addresses.entry(client).or_default() += 1;
                 if let Some(open) = state.live.get_mut(&id) {
                     open.address = Some(client);
@@ -300,8 +341,9 @@ mod tests {
         let sockets = Sockets::new(2);
         let (a, b) = (address("192.0.2.1"), address("192.0.2.2"));
         let reserve = MONITORING_RESERVE;
-        let all = pairs(5 + reserve);
+        let mut all = pairs(6 + reserve);
         assert_eq!(sockets.admit(0, &all[0].0, a, false), Ok(()));
+        sockets.headed(0, None, false).expect("within its share");
         sockets.upgraded(0);
         assert_eq!(sockets.admit(1, &all[1].0, a, false), Ok(()));
         sockets.headed(1, None, false).expect("within its share");
@@ -311,21 +353,37 @@ mod tests {
         }
         assert_eq!(sockets.headed(2, None, true), Ok(()));
         assert_eq!(sockets.headed(3, None, false), Err(Refusal::Address(a)));
+        // Past the reserve, its oldest socket without a head (4) makes room.
         let past = 2 + reserve;
+        assert_eq!(sockets.admit(past as u64, &all[past].0, a, false), Ok(()));
+        let mut byte = [0u8; 1];
         assert_eq!(
-            sockets.admit(past as u64, &all[past].0, a, false),
+            all[4].1.read(&mut byte).expect("eof"),
+            0,
+            "socket 4 was cut"
+        );
+        sockets.remove(4);
+        // With every one of its sockets headed, the next is refused.
+        for id in (5..2 + reserve).chain([past]) {
+            sockets.headed(id as u64, None, true).expect("monitoring");
+        }
+        assert_eq!(
+            sockets.admit(past as u64 + 1, &all[past + 1].0, a, false),
             Err(Refusal::Address(a))
         );
         assert_eq!(
-            sockets.admit(past as u64 + 1, &all[past + 1].0, b, false),
+            sockets.admit(past as u64 + 2, &all[past + 2].0, b, false),
             Ok(())
         );
-        for id in 2..2 + reserve {
+        for id in (2..2 + reserve).chain([past]) {
             sockets.remove(id as u64);
         }
         assert!(sockets.remove(0).is_some());
-        assert_eq!(sockets.admit(past as u64, &all[past].0, a, false), Ok(()));
-        assert_eq!(sockets.headed(past as u64, None, false), Ok(()));
+        assert_eq!(
+            sockets.admit(past as u64 + 1, &all[past + 1].0, a, false),
+            Ok(())
+        );
+        assert_eq!(sockets.headed(past as u64 + 1, None, false), Ok(()));
         assert_eq!(sockets.len(), 3);
     }
 
