@@ -173,6 +173,17 @@ fn read_env_file(path: &Path) -> Result<BTreeMap<&'static str, String>, ConfigEr
     }
     let mut values = BTreeMap::new();
     for (line, key, value) in parse_env_file(&text) {
+        if key.eq_ignore_ascii_case("Environment") {
+            // Only the name: the value may hold a password.
+            let name = value.split('=').next().unwrap_or_default();
+            return Err(in_file(
+                line,
+                ConfigError(format!(
+                    "Environment= is a unit file's line: in an environment file, write \
+                     {name}=VALUE alone"
+                )),
+            ));
+        }
         let setting = setting_of(&key, true).map_err(|e| in_file(line, e))?;
         if let Some(setting) = setting {
             values.insert(setting.name, value);
@@ -188,43 +199,41 @@ fn read_env_file(path: &Path) -> Result<BTreeMap<&'static str, String>, ConfigEr
 /// `STATE_DIRECTORY`, which bzpush reads as the default of its setting.
 fn setting_of(key: &str, strict: bool) -> Result<Option<&'static Setting>, ConfigError> {
     let upper = key.to_ascii_uppercase();
-    if strict
-        && !upper.starts_with("BZPUSH_")
-        && let Some(setting) = key.split_whitespace().last().and_then(resembled)
-    {
-        // `export BZPUSH_LOG`, `BZPUSH-LOG`, `BZ_PUSH_LOG`: systemd takes
-        // none of them for the setting.
+    if strict && !upper.starts_with("BZPUSH_") && upper != "STATE_DIRECTORY" {
+        // Its last word: systemd takes `export BZPUSH_LOG` for no variable.
+        let word = key.split_whitespace().last().unwrap_or(key);
+        let word_upper = word.to_ascii_uppercase();
+        let meant = match resembled(word) {
+            Some(setting) => Some(setting.env_var()),
+            None if word != key && word_upper.starts_with("BZPUSH_") => {
+                suggest(&word_upper, SETTINGS.iter().map(Setting::env_var))
+            }
+            None => return Ok(None),
+        };
         return Err(ConfigError(format!(
-            "{key} is not a bzpush setting, and systemd sets no such variable (did you mean \
-             {}?)",
-            setting.env_var()
+            "{key} is not a bzpush setting{}; `bzpush --help` lists them",
+            meant
+                .map(|s| format!(" (did you mean {s}?)"))
+                .unwrap_or_default()
         )));
     }
-    let meant = if upper.starts_with("BZPUSH_") {
-        upper
-    } else if strict
-        && upper != "STATE_DIRECTORY"
-        && SETTINGS
-            .iter()
-            .any(|s| s.env_var()["BZPUSH_".len()..] == upper)
-    {
-        format!("BZPUSH_{upper}")
-    } else {
+    if !upper.starts_with("BZPUSH_") {
         return Ok(None);
-    };
+    }
     match SETTINGS.iter().find(|s| s.env_var() == key) {
         Some(setting) => Ok(Some(setting)),
         None => Err(ConfigError(format!(
             "{key} is not a bzpush setting{}; `bzpush --help` lists them",
-            suggest(&meant, SETTINGS.iter().map(Setting::env_var))
+            suggest(&upper, SETTINGS.iter().map(Setting::env_var))
                 .map(|s| format!(" (did you mean {s}?)"))
                 .unwrap_or_default()
         ))),
     }
 }
 
-/// The setting whose variable `word` spells with other separators or none
-/// (`BZPUSH-LOG`, `BZPUSHLOG`, `bz_push_log`), if any.
+/// The setting whose variable `word` spells in another case, with other
+/// separators or none, or without its prefix (`BZPUSH-LOG`, `BZPUSHLOG`,
+/// `bz_push_log`, `DATABASE_URL`, `database.url`), if any.
 fn resembled(word: &str) -> Option<&'static Setting> {
     let squash = |s: &str| -> String {
         s.chars()
@@ -233,7 +242,10 @@ fn resembled(word: &str) -> Option<&'static Setting> {
             .collect()
     };
     let word = squash(word);
-    SETTINGS.iter().find(|s| squash(&s.env_var()) == word)
+    SETTINGS.iter().find(|s| {
+        let name = squash(&s.env_var());
+        name == word || name["BZPUSH".len()..] == word
+    })
 }
 
 /// The candidate nearest to `name` by edit distance, if near enough to be
@@ -319,12 +331,36 @@ mod tests {
             ("BZPUSH-LOG=debug", "BZPUSH_LOG"),
             ("BZPUSHLOG=debug", "BZPUSH_LOG"),
             ("BZ_PUSH_LOG=debug", "BZPUSH_LOG"),
+            (
+                "export DATABASE_URL=mysql://bzpush:pw@db/bugs",
+                "BZPUSH_DATABASE_URL",
+            ),
+            (
+                "DATABASE-URL=mysql://bzpush:pw@db/bugs",
+                "BZPUSH_DATABASE_URL",
+            ),
+            (
+                "database.url=mysql://bzpush:pw@db/bugs",
+                "BZPUSH_DATABASE_URL",
+            ),
+            ("export BZPUSH_LGO=debug", "BZPUSH_LOG"),
         ] {
             let err = file_line(line).expect_err(line).to_string();
             assert!(err.contains("line 1"), "{err}");
             assert!(err.contains(&format!("did you mean {meant}?")), "{err}");
             assert!(!err.contains("pw@"), "{err}");
         }
+        let err = file_line("Environment=BZPUSH_DATABASE_URL=mysql://u:pw@db/bugs")
+            .expect_err("a unit file's line")
+            .to_string();
+        assert!(
+            err.contains("write BZPUSH_DATABASE_URL=VALUE alone") && !err.contains("pw@"),
+            "{err}"
+        );
+        let err = file_line("DATABASE_URL: mysql://u@db/bugs")
+            .expect_err("no `=`")
+            .to_string();
+        assert!(err.contains("write BZPUSH_DATABASE_URL=VALUE"), "{err}");
         let err = file_line("BZPUSH_LOG: debug")
             .expect_err("no `=`")
             .to_string();
