@@ -25,6 +25,13 @@ use crate::database::{bug_id, change_time};
 use crate::metrics::Metrics;
 use crate::notification::{ChangeTime, Notification};
 
+/// How far back a change the sink keeps refusing may hold the watermark,
+/// in seconds. Every poll reads again everything stamped since it, and a
+/// restart replays it all: past this the change is given up (said once).
+/// Only the queue that refuses lacks it, full by its own policy (a nack
+/// goes out for a queue that refused, while every other queue took it).
+const KEPT_HOLD_SECS: i64 = 600;
+
 pub struct Bugs<'a> {
     batch_size: usize,
     overlap_secs: u64,
@@ -160,6 +167,36 @@ pub const PUSH_NOTIFY_LEFT_ALONE: &str = "this database has the PushNotify exten
     BZPUSH_SOURCE=push_notify to read it as before, or BZPUSH_SOURCE=bugs to keep this and \
     say so (the extension can then be removed)";
 
+impl Bugs<'_> {
+    /// Gives up the kept changes stamped more than [`KEPT_HOLD_SECS`]
+    /// before `now`: they no longer hold the watermark back.
+    fn give_up_kept_before(&mut self, now: &ChangeTime) {
+        let Some(oldest_held) = now.at().map(|at| at.plus_secs(-KEPT_HOLD_SECS)) else {
+            return;
+        };
+        let before = self.kept.len();
+        let mut oldest: Option<Notification> = None;
+        self.kept.retain(|n| {
+            let keep = n.when.at().is_none_or(|at| at >= oldest_held);
+            if !keep && oldest.as_ref().is_none_or(|o| n.when < o.when) {
+                oldest = Some(n.clone());
+            }
+            keep
+        });
+        if let Some(oldest) = oldest {
+            warn!(
+                "gave up sending {} refused change(s) again, the oldest of bug {} changed {}: \
+                 the broker refused them for {} s (every queue but the refusing one has them); \
+                 the watermark moves on",
+                before - self.kept.len(),
+                oldest.bug,
+                oldest.when,
+                KEPT_HOLD_SECS
+            );
+        }
+    }
+}
+
 impl Source for Bugs<'_> {
     type Connection = Conn;
     type Receipt = Window;
@@ -267,6 +304,7 @@ impl Source for Bugs<'_> {
             // overwritten by a later change of its bug, which goes out.
             self.published.retain(|n| window.seen.contains(n));
             self.kept.retain(|n| window.seen.contains(n));
+            self.give_up_kept_before(&now);
             // Same fixed-width form: text order is time order.
             let watermark = self
                 .kept
@@ -285,5 +323,45 @@ impl Source for Bugs<'_> {
         }
         // Only read, never locked: nothing stays.
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+    use crate::config::{Config, Invocation};
+    use crate::notification::BugId;
+
+    fn config() -> PollerConfig {
+        let env = [("BZPUSH_DATABASE_URL", "mysql://bzpush@db.example/bugs")]
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        match crate::config::parse([OsString::from("run")], env) {
+            Ok(Invocation::Start(Config::Run(c))) => c.poller,
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    fn change(bug: u32, when: &str) -> Notification {
+        Notification {
+            bug: BugId::new(bug).expect("a bug id"),
+            when: ChangeTime::new(when),
+        }
+    }
+
+    #[test]
+    fn a_change_refused_for_longer_than_the_hold_is_given_up() {
+        let metrics = Metrics::default();
+        let mut bugs = Bugs::new(&config(), &metrics);
+        // Now 12:00:00; the hold reaches back to 11:50:00.
+        let (old, recent) = (
+            change(1, "2026-12-06T11:49:59"),
+            change(2, "2026-12-06T11:50:00"),
+        );
+        bugs.kept.extend([old.clone(), recent.clone()]);
+        bugs.give_up_kept_before(&ChangeTime::new("2026-12-06T12:00:00"));
+        assert!(!bugs.kept.contains(&old));
+        assert!(bugs.kept.contains(&recent));
     }
 }
