@@ -26,6 +26,14 @@ use std::path::{Path, PathBuf};
 
 use crate::sockets::MAX_HANDSHAKES;
 
+/// `n` connections in words: "1 connection", "2 connections".
+pub fn n_connections(n: usize) -> String {
+    match n {
+        1 => "1 connection".to_string(),
+        n => format!("{n} connections"),
+    }
+}
+
 /// Mappings per thread: 4.03 measured per thread over 1,000 threads
 /// (stack, its guard, signal stack, its guard); the rest is arenas.
 const MAPPINGS_PER_THREAD: u64 = 4;
@@ -184,9 +192,9 @@ impl Capacity {
         match self.tightest() {
             None => "connections without a limit bzpush can read".into(),
             Some(l) => format!(
-                "{} connections (the tightest limit: {} {}, {} {}{} a connection, {} in use, \
-                 {} kept for handshakes and the pipeline)",
-                l.connections(),
+                "{} (the tightest limit: {} {}, {} {}{} a connection, {} in use, {} kept for \
+                 handshakes and the pipeline)",
+                n_connections(l.connections()),
                 l.name,
                 l.value,
                 l.per_connection,
@@ -341,6 +349,13 @@ fn count_entries(dir: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_connection_is_one() {
+        assert_eq!(n_connections(1), "1 connection");
+        assert_eq!(n_connections(0), "0 connections");
+        assert_eq!(n_connections(15539), "15539 connections");
+    }
 
     const LIMITS: &str = "\
 Limit                     Soft Limit           Hard Limit           Units     

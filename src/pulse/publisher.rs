@@ -310,7 +310,7 @@ impl Sink for PulseSink {
                 "a queue bound to exchange {:?} refused them (RabbitMQ refuses a message when \
                  any queue it is routed to does; every other queue has it): most often another \
                  consumer's queue that is full and set to x-overflow=reject-publish. Find it \
-                 with `rabbitmqctl list_queues name messages arguments`; it needs a consumer, \
+                 with `rabbitmqctl list_queues name messages arguments policy`; it needs a consumer, \
                  or a larger x-max-length",
                 self.exchange
             ),

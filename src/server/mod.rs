@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use log::{error, info, warn};
 
-use crate::capacity::Capacity;
+use crate::capacity::{self, Capacity};
 use crate::catchup::{self, CatchUp};
 use crate::config::{DatabaseUrl, Feed, PollConfig, RunConfig, ServeConfig, ServerConfig};
 use crate::connection::Limits;
@@ -323,13 +323,10 @@ impl Server<'_> {
         thread::scope(|scope| {
             acceptor.run(scope, &listener, shutdown);
             systemd::notify("STOPPING=1");
-            let open = shared.sockets.len();
-            let noun = if open == 1 {
-                "connection"
-            } else {
-                "connections"
-            };
-            info!("stopping: closing {open} {noun}");
+            info!(
+                "stopping: closing {}",
+                capacity::n_connections(shared.sockets.len())
+            );
             // Also ends the catch-up worker, which holds a sender to the hub.
             let _ = hub_tx.send(Event::CloseAll);
             shared.sockets.drain(CLOSE_GRACE);
@@ -406,7 +403,10 @@ fn connection_limit(config: &ServerConfig, metrics: &Metrics) -> usize {
                 capacity.describe()
             ));
         }
-        Some(why) => warn!("{why}; serving at most {allowed} connections until then"),
+        Some(why) => warn!(
+            "{why}; serving at most {} until then",
+            capacity::n_connections(allowed)
+        ),
         None => info!(
             "this machine allows {}; serving at most {} (BZPUSH_MAX_CONNECTIONS)",
             capacity.describe(),
