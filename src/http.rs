@@ -239,7 +239,8 @@ fn health(metrics: &Metrics) -> (bool, serde_json::Value) {
     let up = metrics.upstream_up();
     let no_room = metrics.no_room.get();
     let lag = metrics.freshness.lag();
-    let stale = lag.as_ref().is_some_and(|lag| lag.stale);
+    let stale_why = metrics.stale();
+    let stale = stale_why.is_some();
     let status = match (stale, up) {
         (true, _) => "stale",
         (false, true) if no_room.is_none() => "ok",
@@ -253,8 +254,8 @@ fn health(metrics: &Metrics) -> (bool, serde_json::Value) {
     });
     if let Some(lag) = &lag {
         json["freshness_lag_seconds"] = (lag.age.as_millis() as f64 / 1000.0).into();
-        if lag.stale {
-            json["stale"] = lag.sentence().into();
+        if let Some(why) = stale_why {
+            json["stale"] = why.into();
         }
     }
     if metrics.upstream == "database" {

@@ -168,6 +168,25 @@ impl Metrics {
         }
     }
 
+    /// Why this process is stale, if it is: what owes, how long, and why
+    /// (the part's own word, or else a pipeline thread stuck in one piece
+    /// of work, such as a statement on a link gone silent, which says
+    /// nothing until its I/O timeout). For `/health` and the log.
+    pub fn stale(&self) -> Option<String> {
+        let lag = self.freshness.lag().filter(|lag| lag.stale)?;
+        let mut text = lag.sentence();
+        if lag.why.is_none()
+            && let Some((thread, busy)) = self.tasks.stuck(Duration::from_secs(1))
+        {
+            text.push_str(&format!(
+                ": its {thread} thread has been in one piece of work for {} s (a statement or \
+                 a write on a link gone silent?)",
+                busy.as_secs()
+            ));
+        }
+        Some(text)
+    }
+
     /// Whether every upstream link is up.
     pub fn upstream_up(&self) -> bool {
         self.upstream_links

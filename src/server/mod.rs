@@ -149,13 +149,13 @@ fn spawn_stale_log(metrics: &Arc<Metrics>, shutdown: &Shutdown) -> io::Result<Jo
         .spawn(move || {
             let mut was_stale = false;
             while !shutdown.sleep(Duration::from_secs(1)) {
-                let lag = metrics.freshness.lag().filter(|lag| lag.stale);
-                match (&lag, was_stale) {
-                    (Some(lag), false) => warn!("stale: {}", lag.sentence()),
+                let stale = metrics.stale();
+                match (&stale, was_stale) {
+                    (Some(why), false) => warn!("stale: {why}"),
                     (None, true) => info!("no longer stale: every change owed is handed on"),
                     _ => {}
                 }
-                was_stale = lag.is_some();
+                was_stale = stale.is_some();
             }
         })
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start the stale-log thread: {e}")))

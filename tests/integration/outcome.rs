@@ -230,6 +230,7 @@ fn the_watchdog_stops_while_the_poller_is_stuck_in_a_statement() {
         &[
             ("BZPUSH_LOCK_NAME", format!("bzpush.{}", db.name)),
             ("WATCHDOG_USEC", "2000000".into()),
+            ("BZPUSH_STALE_AFTER", "3s".into()),
         ],
     );
     let pings = |server: &Bzpush| {
@@ -254,6 +255,11 @@ fn the_watchdog_stops_while_the_poller_is_stuck_in_a_statement() {
         server.wait_for_log("the poller thread has been stuck", WAIT),
         "{}",
         server.log()
+    );
+    // /health says why it is stale, though the link has not failed yet.
+    assert_stale(
+        &server,
+        &["poller", "its poller thread has been in one piece of work"],
     );
     proxy.set_stalled(false);
 }
