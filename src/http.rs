@@ -239,7 +239,7 @@ fn health(metrics: &Metrics) -> (bool, serde_json::Value) {
     let up = metrics.upstream_up();
     let no_room = metrics.no_room.get();
     let lag = metrics.freshness.lag();
-    let stale_why = metrics.stale();
+    let stale_why = metrics.stale(lag.as_ref());
     let stale = stale_why.is_some();
     let status = match (stale, up) {
         (true, _) => "stale",

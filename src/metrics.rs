@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::freshness::Freshness;
+use crate::freshness::{Freshness, Lag};
 use crate::notification::ChangeTime;
 use crate::{poller, pulse};
 
@@ -168,12 +168,13 @@ impl Metrics {
         }
     }
 
-    /// Why this process is stale, if it is: what owes, how long, and why
-    /// (the part's own word, or else a pipeline thread stuck in one piece
-    /// of work, such as a statement on a link gone silent, which says
-    /// nothing until its I/O timeout). For `/health` and the log.
-    pub fn stale(&self) -> Option<String> {
-        let lag = self.freshness.lag().filter(|lag| lag.stale)?;
+    /// Why this process is stale, if `lag` (read from `freshness`) says
+    /// it is: what owes, how long, and why (the part's own word, or else a
+    /// pipeline thread stuck in one piece of work, such as a statement on
+    /// a link gone silent, which says nothing until its I/O timeout). For
+    /// `/health` and the log.
+    pub fn stale(&self, lag: Option<&Lag>) -> Option<String> {
+        let lag = lag.filter(|lag| lag.stale)?;
         let mut text = lag.sentence();
         if lag.why.is_none()
             && let Some((thread, busy)) = self.tasks.stuck(Duration::from_secs(1))

@@ -8,8 +8,8 @@
 //! socket is refused, but for [`MONITORING_RESERVE`] more that may only
 //! ask for `/health` or `/metrics` (a monitor behind the same address as
 //! its users must still learn how the server is); past those, the
-//! address's own oldest socket without a request head makes room. And [`MAX_HANDSHAKES`] sockets in their handshake at
-//! once, each on a thread: at that bound the socket that has waited
+//! address's own oldest socket without a request head makes room. And
+//! [`MAX_HANDSHAKES`] sockets in their handshake at once, each on a thread: at that bound the socket that has waited
 //! longest without a complete request head is closed to make room, so
 //! silent sockets and half-sent heads from any number of addresses never
 //! keep a client that sends its request out (`/health` included). A
@@ -118,7 +118,7 @@ impl Sockets {
                 .make_room(&mut state, peer)
                 .map_err(|_| self.refused(peer))?;
         if state.handshaking >= MAX_HANDSHAKES {
-            let Some(oldest) = state.headless.pop_first() else {
+            let Some(&oldest) = state.headless.first() else {
                 drop(state);
                 if let Some(held) = self.busy.allow() {
                     warn!(
@@ -128,14 +128,7 @@ impl Sockets {
                 }
                 return Err(Refusal::Busy);
             };
-            let mut from = None;
-            if let Some(open) = state.live.get_mut(&oldest) {
-                open.handshaking = false;
-                from = open.address;
-                // Its thread's read ends at once: the thread is free again.
-                let _ = open.socket.shutdown(Shutdown::Both);
-                state.handshaking -= 1;
-            }
+            let from = cut(&mut state, oldest);
             if let Some(held) = self.evicted.allow() {
                 let from = from.map_or("a proxy".to_string(), |a| a.to_string());
                 warn!(
@@ -180,14 +173,10 @@ impl Sockets {
         let Some(id) = oldest else {
             return Err(refusal);
         };
-        state.headless.remove(&id);
+        cut(state, id);
+        // It counts no more: the new socket takes its place now.
         if let Some(open) = state.live.get_mut(&id) {
-            // Its thread's read ends at once, and it counts no more.
-            let _ = open.socket.shutdown(Shutdown::Both);
             open.address = None;
-            if std::mem::take(&mut open.handshaking) {
-                state.handshaking -= 1;
-            }
         }
         if let Some(n) = state.addresses.get_mut(&address) {
             *n -= 1;
@@ -306,6 +295,19 @@ impl Sockets {
             let _ = open.socket.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Shuts down socket `id`, which has sent no complete request head, to make
+/// room: its thread's read ends at once, and the thread then removes it.
+/// It leaves the handshakes now. Answers the address it counts under.
+fn cut(state: &mut State, id: ConnId) -> Option<ClientAddress> {
+    state.headless.remove(&id);
+    let open = state.live.get_mut(&id)?;
+    let _ = open.socket.shutdown(Shutdown::Both);
+    if std::mem::take(&mut open.handshaking) {
+        state.handshaking -= 1;
+    }
+    open.address
 }
 
 /// The address socket `id` counts under, if known.

@@ -174,21 +174,17 @@ impl Bugs<'_> {
         let Some(oldest_held) = now.at().map(|at| at.plus_secs(-KEPT_HOLD_SECS)) else {
             return;
         };
-        let before = self.kept.len();
-        let mut oldest: Option<Notification> = None;
-        self.kept.retain(|n| {
-            let keep = n.when.at().is_none_or(|at| at >= oldest_held);
-            if !keep && oldest.as_ref().is_none_or(|o| n.when < o.when) {
-                oldest = Some(n.clone());
-            }
-            keep
-        });
-        if let Some(oldest) = oldest {
+        let (kept, given_up): (HashSet<Notification>, HashSet<Notification>) =
+            std::mem::take(&mut self.kept)
+                .into_iter()
+                .partition(|n| n.when.at().is_none_or(|at| at >= oldest_held));
+        self.kept = kept;
+        if let Some(oldest) = given_up.iter().min_by(|a, b| a.when.cmp(&b.when)) {
             warn!(
                 "gave up sending {} refused change(s) again, the oldest of bug {} changed {}: \
                  the broker refused them for {} s (every queue but the refusing one has them); \
                  the watermark moves on",
-                before - self.kept.len(),
+                given_up.len(),
                 oldest.bug,
                 oldest.when,
                 KEPT_HOLD_SECS
@@ -328,20 +324,9 @@ impl Source for Bugs<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::ffi::OsString;
-
+    use super::super::test_config;
     use super::*;
-    use crate::config::{Config, Invocation};
     use crate::notification::BugId;
-
-    fn config() -> PollerConfig {
-        let env = [("BZPUSH_DATABASE_URL", "mysql://bzpush@db.example/bugs")]
-            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
-        match crate::config::parse([OsString::from("run")], env) {
-            Ok(Invocation::Start(Config::Run(c))) => c.poller,
-            other => panic!("expected run, got {other:?}"),
-        }
-    }
 
     fn change(bug: u32, when: &str) -> Notification {
         Notification {
@@ -353,7 +338,7 @@ mod tests {
     #[test]
     fn a_change_refused_for_longer_than_the_hold_is_given_up() {
         let metrics = Metrics::default();
-        let mut bugs = Bugs::new(&config(), &metrics);
+        let mut bugs = Bugs::new(&test_config("bugs"), &metrics);
         // Now 12:00:00; the hold reaches back to 11:50:00.
         let (old, recent) = (
             change(1, "2026-12-06T11:49:59"),

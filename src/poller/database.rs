@@ -179,22 +179,8 @@ pub fn lock_holder(db: &mut Conn, id: u64) -> LockHolder {
 
 #[cfg(test)]
 mod tests {
-    use std::ffi::OsString;
-
+    use super::super::test_config as config;
     use super::*;
-    use crate::config::{Config, Invocation};
-
-    fn config(source: &str) -> PollerConfig {
-        let env = [
-            ("BZPUSH_SOURCE", source),
-            ("BZPUSH_DATABASE_URL", "mysql://bzpush@db.example/bugs"),
-        ]
-        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
-        match crate::config::parse([OsString::from("run")], env) {
-            Ok(Invocation::Start(Config::Run(c))) => c.poller,
-            other => panic!("expected run, got {other:?}"),
-        }
-    }
 
     fn server_error(code: u16) -> mysql::Error {
         mysql::Error::MySqlError(mysql::MySqlError {

@@ -57,6 +57,24 @@ use database::{Database, MariaDb, Session};
 use pipeline::{Failure, Pipeline, Source};
 use state::Reporter;
 
+/// The poller settings of `bzpush run` with source `source` on a database
+/// at db.example: a test's.
+#[cfg(test)]
+fn test_config(source: &str) -> PollerConfig {
+    use crate::config::{Config, Invocation};
+    use std::ffi::OsString;
+
+    let env = [
+        ("BZPUSH_SOURCE", source),
+        ("BZPUSH_DATABASE_URL", "mysql://bzpush@db.example/bugs"),
+    ]
+    .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+    match crate::config::parse([OsString::from("run")], env) {
+        Ok(Invocation::Start(Config::Run(c))) => c.poller,
+        other => panic!("expected run, got {other:?}"),
+    }
+}
+
 /// How long one `GET_LOCK` attempt waits: bounds how late a standby notices
 /// shutdown, and how often it asks.
 const LOCK_WAIT_SECS: u32 = 1;

@@ -149,7 +149,7 @@ fn spawn_stale_log(metrics: &Arc<Metrics>, shutdown: &Shutdown) -> io::Result<Jo
         .spawn(move || {
             let mut was_stale = false;
             while !shutdown.sleep(Duration::from_secs(1)) {
-                let stale = metrics.stale();
+                let stale = metrics.stale(metrics.freshness.lag().as_ref());
                 match (&stale, was_stale) {
                     (Some(why), false) => warn!("stale: {why}"),
                     (None, true) => info!("no longer stale: every change owed is handed on"),
